@@ -1,0 +1,37 @@
+"""The contract a VLM family fulfils so that every action head can sit on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText
+
+
+class BackboneAdapter:
+    """Defaults fit transformers' image-text-to-text models; a family overrides what differs."""
+
+    image_token = "<image>"
+    image_wrapper = ("", "")  # text around the expanded image tokens, e.g. vision start/end markers
+
+    def build(self, vlm_config) -> nn.Module:
+        return AutoModelForImageTextToText.from_config(vlm_config)
+
+    def text_config(self, vlm_config):
+        return vlm_config.get_text_config()
+
+    def hidden_size(self, vlm_config) -> int:
+        return self.text_config(vlm_config).hidden_size
+
+    def num_layers(self, vlm_config) -> int:
+        return self.text_config(vlm_config).num_hidden_layers
+
+    def language_model(self, vlm: nn.Module) -> nn.Module:
+        return vlm.model.language_model
+
+    def encode(self, vlm: nn.Module, **inputs) -> "transformers.modeling_outputs.BaseModelOutputWithPast":  # noqa: F821
+        """Runs the VLM without its LM head; returns hidden states (and the KV cache when `use_cache=True`)."""
+        return vlm.model(**inputs)
+
+    def image_token_counts(self, image_inputs: dict, merge_size: int) -> torch.Tensor:
+        """Number of placeholder tokens each image occupies after the vision encoder."""
+        raise NotImplementedError

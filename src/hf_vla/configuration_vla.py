@@ -1,0 +1,71 @@
+"""VLAConfig: the fields every VLA variant shares — a VLM backbone sub-config and the action/state interface."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class VLAConfig(PreTrainedConfig):
+    r"""
+    Base configuration of a vision-language-action model: a VLM backbone plus an action head.
+
+    Args:
+        vlm_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the VLM backbone, any family with an adapter in `hf_vla.backbones` (Qwen2.5-VL by
+            default). Saved nested in `config.json`, as transformers' PI0 does.
+        action_dim (`int`, *optional*, defaults to 7):
+            Dimension of one action step (e.g. xyz delta, rpy delta, gripper).
+        action_horizon (`int`, *optional*, defaults to 16):
+            Number of future action steps predicted per call (the chunk length).
+        state_dim (`int`, *optional*, defaults to 0):
+            Dimension of the proprioceptive state; 0 means the model takes no state.
+        state_in_prompt (`bool`, *optional*, defaults to `False`):
+            Whether the processor writes the state into the prompt as 256 uniform bins between `[STATE]` and
+            `[ACTION]` (StarVLA's OFT and PI_v3) instead of passing it to a state encoder.
+        prompt_template (`str`, *optional*, defaults to `"{instruction}"`):
+            Text of the user turn; `{instruction}` is replaced by the instruction (plus state text and action-query
+            suffix where the variant uses them). StarVLA's released recipes use a chain-of-thought template here.
+        base_vlm (`str`, *optional*):
+            Hub id or path of the VLM the backbone was initialised from (recorded by `from_vlm`, used as the model
+            card's `base_model`).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of the head's linear layers.
+    """
+
+    model_type = "vla"
+    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")}
+
+    vlm_config: dict | PreTrainedConfig | None = None
+    action_dim: int = 7
+    action_horizon: int = 16
+    state_dim: int = 0
+    state_in_prompt: bool = False
+    prompt_template: str = "{instruction}"
+    base_vlm: str | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Weights tied inside the backbone (Qwen2.5-VL-3B, Qwen3-VL-4B) stay tied in the VLA.
+        self.tie_word_embeddings = bool(getattr(self.vlm_config.get_text_config(), "tie_word_embeddings", False))
+
+    def validate_architecture(self):
+        for name in ("action_dim", "action_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.state_dim < 0:
+            raise ValueError(f"state_dim must be >= 0, got {self.state_dim}")
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{instruction}}', got {self.prompt_template!r}")
+
+    @property
+    def variant(self) -> str:
+        """The model_type without its `vla_` prefix (what `AutoModelForVLA.from_vlm(variant=...)` takes)."""
+        return self.model_type.removeprefix("vla_")
+
+
+__all__ = ["VLAConfig"]

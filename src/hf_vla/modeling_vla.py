@@ -1,0 +1,103 @@
+"""VLAPreTrainedModel: a VLM backbone plus an action head, as one transformers model.
+
+Every variant keeps the backbone under `self.vlm` (the family's own `*ForConditionalGeneration`, so its weights load
+and save like the VLM's) and its head under `self.action_head`. A variant implements `forward` (training, returns
+`.loss`) and `predict_action` (inference, returns a normalised chunk `[B, T, D]`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .backbones import get_backbone_adapter
+from .configuration_vla import VLAConfig
+
+# Inputs the processor produces for the backbone; variants pass exactly these to the VLM.
+VLM_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+@dataclass
+class VLAOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor`, *optional*): the training loss (action loss, plus weighted auxiliary losses).
+    action_loss (`torch.FloatTensor`, *optional*): the action loss alone, for logging.
+    actions (`torch.FloatTensor` of shape `(batch, action_horizon, action_dim)`, *optional*):
+        the head's prediction in normalised action space (for flow heads: the predicted velocity).
+    """
+
+    loss: torch.FloatTensor | None = None
+    action_loss: torch.FloatTensor | None = None
+    actions: torch.FloatTensor | None = None
+
+
+class VLAPreTrainedModel(PreTrainedModel):
+    config_class = VLAConfig
+    base_model_prefix = "vla"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+    # The action loss is a per-batch mean: Trainer must divide it by the gradient-accumulation steps itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: VLAConfig):
+        super().__init__(config)
+        self.backbone = get_backbone_adapter(config.vlm_config)
+        self.vlm = self.backbone.build(config.vlm_config)
+
+    def get_input_embeddings(self):
+        return self.vlm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.vlm.set_input_embeddings(value)
+
+    @property
+    def vlm_hidden_size(self) -> int:
+        return self.backbone.hidden_size(self.config.vlm_config)
+
+    def encode(self, **vlm_inputs):
+        """Runs the backbone (no LM head) on the processor's multimodal inputs."""
+        inputs = {k: v for k, v in vlm_inputs.items() if k in VLM_INPUT_NAMES and v is not None}
+        return self.backbone.encode(self.vlm, **inputs)
+
+    def check_actions(self, actions: torch.Tensor) -> None:
+        expected = (self.config.action_horizon, self.config.action_dim)
+        if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(f"actions: expected shape [B, {expected[0]}, {expected[1]}], got {list(actions.shape)}")
+
+    def predict_action(self, **inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def config_kwargs_from_tokenizer(cls, tokenizer, config_kwargs: dict) -> dict:
+        """Hook for variants whose config names token ids (e.g. OFT's action-query token)."""
+        return config_kwargs
+
+    @classmethod
+    def from_vlm(cls, vlm_name_or_path: str, dtype: torch.dtype | str | None = None, **config_kwargs):
+        """A new VLA around pretrained VLM weights: the backbone is loaded, the head freshly initialised."""
+        vlm = AutoModelForImageTextToText.from_pretrained(vlm_name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
+        config_kwargs = cls.config_kwargs_from_tokenizer(tokenizer, dict(config_kwargs))
+        config_kwargs.setdefault("base_vlm", str(vlm_name_or_path))
+        config = cls.config_class(vlm_config=vlm.config, **config_kwargs)
+        with torch.device("meta"):
+            model = cls(config)
+        model.vlm = vlm  # keep the loaded backbone; materialise and initialise everything else
+        device = next(vlm.parameters()).device
+        for name, child in model.named_children():
+            if name == "vlm":
+                continue
+            child.to_empty(device=device)
+            for module in child.modules():
+                model._init_weights(module)
+        if dtype is not None:
+            model.to(vlm.dtype)
+        return model.eval()

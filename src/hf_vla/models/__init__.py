@@ -1,0 +1,1 @@
+"""Variants: one backbone adapter + one action head each, in small configuration/modeling file pairs."""

@@ -1,0 +1,90 @@
+"""VLAPolicy: raw observations in, robot-unit action chunks out. Shared by the server, the Space and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .processing_vla import VLAProcessor
+
+
+class VLAPolicy:
+    """The processor and the model in one object.
+
+    An observation is batch-first, as openpi / RLinf clients send it:
+        {"images": {camera: uint8 [B, H, W, 3]}, "instruction": [str] * B, "state": float [B, S]}
+    A single unbatched observation ({camera: [H, W, 3]}, one string, state [S]) is accepted too; its result is [T, D]
+    instead of [B, T, D]. `prompt` is accepted as a synonym of `instruction`.
+    """
+
+    def __init__(self, model, processor: VLAProcessor, unnorm_key: str | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.unnorm_key = unnorm_key
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str, dtype=None, device=None, unnorm_key: str | None = None, **kwargs):
+        from .auto import AutoModelForVLA
+
+        model = AutoModelForVLA.from_pretrained(path_or_repo, dtype=dtype, **kwargs)
+        if device is not None:
+            model.to(device)
+        processor = VLAProcessor.from_pretrained(path_or_repo)
+        return cls(model, processor, unnorm_key=unnorm_key)
+
+    def _batch(self, obs: Mapping) -> tuple[dict, bool]:
+        if not isinstance(obs, Mapping):
+            raise ValueError(f"observation: expected a dict, got {type(obs).__name__}")
+        images = obs.get("images")
+        if not isinstance(images, Mapping):
+            raise ValueError(f"images: expected a dict camera -> uint8 array, got {type(images).__name__}")
+        cameras = self.processor.camera_names
+        missing, unknown = [c for c in cameras if c not in images], [c for c in images if c not in cameras]
+        if missing or unknown:
+            raise ValueError(f"images: expected cameras {cameras}, missing {missing}, unknown {unknown}")
+        arrays = {}
+        for camera in cameras:
+            array = images[camera]
+            if not isinstance(array, np.ndarray):
+                raise ValueError(f"images[{camera!r}]: expected a uint8 numpy array, got {type(array).__name__}")
+            if array.ndim not in (3, 4):
+                raise ValueError(f"images[{camera!r}]: expected [B, H, W, 3] or [H, W, 3], got {list(array.shape)}")
+            arrays[camera] = array
+        ranks = {a.ndim for a in arrays.values()}
+        if len(ranks) != 1:
+            raise ValueError("images: mix of batched [B, H, W, 3] and unbatched [H, W, 3] views")
+        unbatched = ranks == {3}
+        if unbatched:
+            arrays = {c: a[None] for c, a in arrays.items()}
+        sizes = {c: a.shape[0] for c, a in arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"images: cameras have different batch sizes {sizes}")
+        batch_size = next(iter(sizes.values()))
+
+        instruction = obs.get("instruction", obs.get("prompt"))
+        if isinstance(instruction, str) and (unbatched or batch_size == 1):
+            instruction = [instruction]
+        if not isinstance(instruction, (list, tuple)) or len(instruction) != batch_size:
+            raise ValueError(f"instruction: expected {batch_size} string(s), got {instruction!r:.80}")
+
+        state = obs.get("state")
+        if state is not None:
+            state = np.asarray(state)
+            if unbatched and state.ndim == 1:
+                state = state[None]
+        views = [[arrays[c][b] for c in cameras] for b in range(batch_size)]
+        return {"images": views, "text": list(instruction), "state": state}, unbatched
+
+    @torch.no_grad()
+    def predict(self, obs: Mapping, unnorm_key: str | None = None, **predict_kwargs) -> np.ndarray:
+        """Action chunk in robot units: `np.float32 [B, T, D]` (or `[T, D]` for an unbatched observation)."""
+        batch, unbatched = self._batch(obs)
+        key = unnorm_key or self.unnorm_key
+        inputs = self.processor(**batch, embodiment=key).to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        normalized = self.model.predict_action(**inputs, **predict_kwargs)
+        actions = self.processor.decode_actions(normalized, unnorm_key=key)
+        return actions[0] if unbatched else actions

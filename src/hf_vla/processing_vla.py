@@ -1,0 +1,305 @@
+"""VLAProcessor: raw samples ↔ model inputs.
+
+In: per sample one image per camera, an instruction, optionally the robot state and a target action chunk.
+Out: the backbone's chat prompt (image tokens expanded), pixel tensors, and state/actions normalised with the
+embodiment's statistics. Back: `decode_actions` maps a predicted chunk to robot units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .backbones import get_backbone_adapter
+from .normalization import compute_stats, normalize, unnormalize, validate_feature_stats
+
+STATE_BINS = np.linspace(-1.0, 1.0, 257)[:-1]  # 256 uniform bins over [-1, 1] (StarVLA's state text)
+
+
+def state_to_text(normalized_state: np.ndarray) -> str:
+    """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index (values below -1 give -1)."""
+    bins = np.digitize(normalized_state, STATE_BINS) - 1
+    return "[STATE] " + " ".join(str(int(b)) for b in bins) + " [ACTION]"
+
+
+class VLAProcessor(ProcessorMixin):
+    r"""
+    Args:
+        image_processor: the backbone's image processor (e.g. `Qwen2VLImageProcessorPil`).
+        tokenizer: the backbone's tokenizer; its chat template builds the prompt unless `chat_template` is given.
+        chat_template (`str`, *optional*): a Jinja chat template overriding the tokenizer's.
+        norm_stats (`dict`, *optional*): per-embodiment statistics, `{key: {"action": {...}, "state": {...}}}`
+            (format in `hf_vla.normalization`).
+        camera_names (`list[str]`): the camera views each sample carries, in prompt order.
+        image_size (`list[int]`): `[height, width]` every view is resized to before the image processor.
+        action_dim, action_horizon, state_dim, state_in_prompt, prompt_template: as in `VLAConfig`.
+        action_query_token / action_query_suffix: OFT's placeholder token and the text that carries it.
+        backbone (`str`): the VLM's model_type, which picks the image-token layout.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        norm_stats: dict | None = None,
+        camera_names: Sequence[str] = ("primary",),
+        image_size: Sequence[int] = (224, 224),
+        action_dim: int = 7,
+        action_horizon: int = 16,
+        state_dim: int = 0,
+        state_in_prompt: bool = False,
+        prompt_template: str = "{instruction}",
+        action_query_token: str | None = None,
+        action_query_suffix: str | None = None,
+        backbone: str = "qwen2_5_vl",
+        **kwargs,
+    ):
+        self.norm_stats = {}
+        self.camera_names = list(camera_names)
+        self.image_size = [int(s) for s in image_size]
+        self.action_dim = int(action_dim)
+        self.action_horizon = int(action_horizon)
+        self.state_dim = int(state_dim)
+        self.state_in_prompt = bool(state_in_prompt)
+        self.prompt_template = prompt_template
+        self.action_query_token = action_query_token
+        self.action_query_suffix = action_query_suffix
+        self.backbone = backbone
+        if len(self.image_size) != 2:
+            raise ValueError(f"image_size: expected [height, width], got {image_size}")
+        if not self.camera_names:
+            raise ValueError("camera_names: at least one camera is required")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None))
+        for key, stats in (norm_stats or {}).items():
+            self.set_norm_stats(key, stats)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_vlm(cls, vlm_name_or_path: str, config, **kwargs) -> VLAProcessor:
+        """The processor matching `config` (a VLAConfig) on top of a VLM's tokenizer and image processor."""
+        settings = dict(
+            action_dim=config.action_dim,
+            action_horizon=config.action_horizon,
+            state_dim=config.state_dim,
+            state_in_prompt=config.state_in_prompt,
+            prompt_template=config.prompt_template,
+            action_query_token=getattr(config, "action_token", None),
+            action_query_suffix=getattr(config, "action_query_suffix", None),
+            backbone=config.vlm_config.model_type,
+        )
+        settings.update(kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
+        image_processor = AutoImageProcessor.from_pretrained(vlm_name_or_path)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
+
+    # ------------------------------------------------------------------ statistics
+
+    def set_norm_stats(self, key: str, stats: Mapping) -> None:
+        """Registers one embodiment's statistics (`{"action": {...}, "state": {...}}`) after checking dimensions."""
+        if "action" not in stats:
+            raise ValueError(f"norm_stats[{key!r}]: missing 'action' statistics")
+        dims = {"action": self.action_dim, "state": self.state_dim}
+        for feature in ("action", "state"):
+            if feature in stats:
+                got = validate_feature_stats(stats[feature], f"norm_stats[{key!r}][{feature!r}]")
+                if got != dims[feature]:
+                    raise ValueError(f"norm_stats[{key!r}][{feature!r}]: expected {dims[feature]} dimensions, got {got}")
+        self.norm_stats[key] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in stats.items()}
+
+    def compute_norm_stats(self, key: str, actions, states=None, action_mode="q99", state_mode="q99") -> dict:
+        """Computes and registers statistics from arrays: actions `[N, D]` (or `[N, T, D]`), states `[N, S]`."""
+        actions = np.asarray(actions, dtype=np.float64).reshape(-1, self.action_dim)
+        stats = {"action": compute_stats(actions, action_mode), "num_transitions": int(actions.shape[0])}
+        if states is not None:
+            stats["state"] = compute_stats(np.asarray(states, dtype=np.float64).reshape(-1, self.state_dim), state_mode)
+        self.set_norm_stats(key, stats)
+        return stats
+
+    def _stats_for(self, key: str | None, field: str) -> dict:
+        if not self.norm_stats:
+            raise ValueError(f"{field}: this processor has no normalisation statistics; add them with "
+                             "processor.compute_norm_stats(key, actions, states) or set_norm_stats(key, stats)")
+        if key is None:
+            if len(self.norm_stats) > 1:
+                raise ValueError(f"{field}: several embodiments are known, name one of {sorted(self.norm_stats)}")
+            key = next(iter(self.norm_stats))
+        if key not in self.norm_stats:
+            raise ValueError(f"{field}: unknown key {key!r}; known keys: {sorted(self.norm_stats)}")
+        return self.norm_stats[key]
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check_views(self, images, batch_size: int) -> list[list[Image.Image]]:
+        if not isinstance(images, (list, tuple)) or len(images) != batch_size:
+            got = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
+            raise ValueError(f"images: expected a list of {batch_size} samples (one per text), got {got}")
+        height, width = self.image_size
+        samples = []
+        for b, views in enumerate(images):
+            if not isinstance(views, (list, tuple)):
+                views = [views]
+            if len(views) != len(self.camera_names):
+                raise ValueError(f"images[{b}]: expected {len(self.camera_names)} camera views "
+                                 f"{self.camera_names}, got {len(views)}")
+            resized = []
+            for v, view in enumerate(views):
+                image = self._to_pil(view, f"images[{b}][{v}]")
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.BILINEAR)
+                resized.append(image)
+            samples.append(resized)
+        return samples
+
+    @staticmethod
+    def _to_pil(view, field: str) -> Image.Image:
+        if isinstance(view, Image.Image):
+            if view.mode != "RGB":
+                raise ValueError(f"{field}: expected an RGB image, got PIL mode {view.mode!r}")
+            return view
+        if not isinstance(view, np.ndarray):
+            raise ValueError(f"{field}: expected a uint8 numpy array [H, W, 3] or a PIL image, got {type(view).__name__}")
+        if view.dtype != np.uint8:
+            raise ValueError(f"{field}: expected dtype uint8, got {view.dtype}")
+        if view.ndim != 3 or view.shape[-1] != 3:
+            raise ValueError(f"{field}: expected shape [H, W, 3], got {list(view.shape)}")
+        return Image.fromarray(view)
+
+    def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
+        """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""
+        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
+        if array.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, array.shape)):
+            expected = "[" + ", ".join("B" if e is None else str(e) for e in shape) + "]"
+            raise ValueError(f"{field}: expected shape {expected}, got {list(array.shape)}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{field}: contains NaN or inf")
+        return array.astype(np.float32)
+
+    def _instruction_text(self, instruction: str, normalized_state: np.ndarray | None, b: int) -> str:
+        if not isinstance(instruction, str):
+            raise ValueError(f"text[{b}]: expected str, got {type(instruction).__name__}")
+        for token in (self.action_query_token, get_backbone_adapter(self.backbone).image_token):
+            if token and token in instruction:
+                raise ValueError(f"text[{b}]: the instruction may not contain the reserved token {token!r}")
+        text = instruction
+        if normalized_state is not None and self.state_in_prompt:
+            text += " " + state_to_text(normalized_state)
+        if self.action_query_token:
+            text += self.action_query_suffix.format(
+                horizon=self.action_horizon, queries=self.action_query_token * self.action_horizon
+            )
+        return self.prompt_template.replace("{instruction}", text)
+
+    def build_prompt(self, text: str, num_views: int) -> str:
+        content = [{"type": "image"} for _ in range(num_views)] + [{"type": "text", "text": text}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        state=None,
+        actions=None,
+        action_mask=None,
+        embodiment: str | None = None,
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            images: per sample, a list with one view per camera (`uint8 [H, W, 3]` arrays or RGB PIL images).
+            text: the instructions, one per sample (a single string for a batch of one).
+            state: raw robot state `[B, state_dim]`, optional.
+            actions: raw target chunks `[B, action_horizon, action_dim]` (training).
+            action_mask: `[B, action_horizon]`, 1 for valid steps (training).
+            embodiment: which statistics normalise state and actions (optional when only one is known).
+        Returns a BatchFeature with `input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids`,
+        plus `state`, `actions`, `action_mask` when given.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        if isinstance(text, str):
+            text = [text]
+        if not isinstance(text, (list, tuple)) or not text:
+            raise ValueError(f"text: expected a non-empty list of instructions, got {type(text).__name__}")
+        batch_size = len(text)
+        views = self._check_views(images, batch_size)
+
+        extra = {}
+        normalized_state = None
+        if state is not None:
+            if self.state_dim == 0:
+                raise ValueError("state: this model takes no state (state_dim=0)")
+            raw = self._check_array(state, "state", (batch_size, self.state_dim))
+            normalized_state = normalize(raw, self._stats_for(embodiment, "state")["state"])
+            extra["state"] = torch.from_numpy(normalized_state)
+        if actions is not None:
+            raw = self._check_array(actions, "actions", (batch_size, self.action_horizon, self.action_dim))
+            extra["actions"] = torch.from_numpy(normalize(raw, self._stats_for(embodiment, "actions")["action"]))
+        if action_mask is not None:
+            mask = self._check_array(action_mask, "action_mask", (batch_size, self.action_horizon))
+            extra["action_mask"] = torch.from_numpy(mask)
+
+        prompts = [
+            self.build_prompt(
+                self._instruction_text(
+                    instruction, None if normalized_state is None else normalized_state[b], b
+                ),
+                len(self.camera_names),
+            )
+            for b, instruction in enumerate(text)
+        ]
+        flat_views = [image for sample in views for image in sample]
+        image_inputs = self.image_processor(images=flat_views, return_tensors="pt")
+        prompts = self._expand_image_tokens(prompts, image_inputs)
+        text_inputs = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+        image_token_id = self.tokenizer.convert_tokens_to_ids(get_backbone_adapter(self.backbone).image_token)
+        text_inputs["mm_token_type_ids"] = (text_inputs["input_ids"] == image_token_id).int()
+        return BatchFeature({**text_inputs, **image_inputs, **extra})
+
+    def _expand_image_tokens(self, prompts: list[str], image_inputs) -> list[str]:
+        adapter = get_backbone_adapter(self.backbone)
+        counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
+        token = adapter.image_token
+        expanded, index = [], 0
+        for prompt in prompts:
+            parts = prompt.split(token)
+            out = parts[0]
+            for part in parts[1:]:
+                out += token * counts[index] + part
+                index += 1
+            expanded.append(out)
+        if index != len(counts):
+            raise ValueError(f"images: the prompts hold {index} image slots but {len(counts)} images were given")
+        return expanded
+
+    # ------------------------------------------------------------------ outputs
+
+    def decode_actions(self, actions, unnorm_key: str | None = None) -> np.ndarray:
+        """Normalised chunk (`torch` or numpy, `[..., action_dim]`) → robot units, `np.float32` of the same shape."""
+        if isinstance(actions, torch.Tensor):
+            actions = actions.detach().to("cpu", torch.float32).numpy()
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape[-1] != self.action_dim:
+            raise ValueError(f"actions: expected last dimension {self.action_dim}, got shape {list(actions.shape)}")
+        return unnormalize(actions, self._stats_for(unnorm_key, "unnorm_key")["action"])
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "state"]
+
+
+__all__ = ["VLAProcessor", "state_to_text"]
