@@ -115,12 +115,20 @@ class VLAProcessor(ProcessorMixin):
 
     def compute_norm_stats(self, key: str, actions, states=None, action_mode="q99", state_mode="q99") -> dict:
         """Computes and registers statistics from arrays: actions `[N, D]` (or `[N, T, D]`), states `[N, S]`."""
-        actions = np.asarray(actions, dtype=np.float64).reshape(-1, self.action_dim)
+        actions = self._flatten_rows(actions, self.action_dim, f"compute_norm_stats({key!r}).actions")
         stats = {"action": compute_stats(actions, action_mode), "num_transitions": int(actions.shape[0])}
         if states is not None:
-            stats["state"] = compute_stats(np.asarray(states, dtype=np.float64).reshape(-1, self.state_dim), state_mode)
+            states = self._flatten_rows(states, self.state_dim, f"compute_norm_stats({key!r}).states")
+            stats["state"] = compute_stats(states, state_mode)
         self.set_norm_stats(key, stats)
         return stats
+
+    @staticmethod
+    def _flatten_rows(values, dim: int, field: str) -> np.ndarray:
+        array = np.asarray(values, dtype=np.float64)
+        if array.ndim < 2 or array.shape[-1] != dim:
+            raise ValueError(f"{field}: expected shape [N, {dim}] or [N, T, {dim}], got {list(array.shape)}")
+        return array.reshape(-1, dim)
 
     def _stats_for(self, key: str | None, field: str) -> dict:
         if not self.norm_stats:

@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine (Python 3.11 + package registries):
+#   make test   create .venv, install hf_vla with the tested pins, run the test suite
+#   make demo   same environment, run the main job on the embedded default model
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.py requirements/constraints.txt | cksum | cut -d' ' -f1)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export GRADIO_ANALYTICS_ENABLED := False
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(STAMP): setup.py requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/hf-vla demo
+
+bench: install
+	$(BIN)/python benchmarks/predict_latency.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,47 @@
+"""The `hf-vla` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def demo(args) -> int:
+    from .defaults import default_model_dir, example_observation
+    from .policy import VLAPolicy
+
+    path = args.model or default_model_dir()
+    policy = VLAPolicy.from_pretrained(path)
+    obs = example_observation()
+    if args.instruction:
+        obs["instruction"] = args.instruction
+    actions = policy.predict(obs, unnorm_key=args.unnorm_key)
+    print(f"model: {path} ({type(policy.model).__name__})")
+    if not args.model:
+        print("note: the default model has random (untrained) weights; its actions show the pipeline, not a policy")
+    print(f"instruction: {obs['instruction']!r}; cameras: {list(obs['images'])}")
+    print(f"action chunk [T={actions.shape[0]}, D={actions.shape[1]}] in robot units:")
+    with np.printoptions(precision=4, suppress=True, linewidth=120):
+        print(actions)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-vla", description="Vision-language-action policies on Hugging Face")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("demo", help="predict an action chunk for the bundled example observation")
+    p.add_argument("--model", help="model directory or hub id (default: the embedded tiny model)")
+    p.add_argument("--instruction", help="override the example instruction")
+    p.add_argument("--unnorm-key", help="embodiment statistics to decode with")
+    p.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

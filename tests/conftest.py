@@ -1,0 +1,49 @@
+import os
+import tempfile
+
+# Tests never touch the network, and module/cache writes stay out of the user's home.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_scratch = tempfile.mkdtemp(prefix="hf_vla_tests_")
+os.environ.setdefault("HF_HOME", os.path.join(_scratch, "hf_home"))
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(_scratch, "modules"))
+os.environ.setdefault("HF_VLA_HOME", os.path.join(_scratch, "hf_vla_home"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dirs(tmp_path_factory):
+    """One tiny random backbone directory per supported family, built once per session."""
+    from hf_vla.testing import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: build_tiny_vlm(root / family, family=family) for family in FAMILIES}
+
+
+def random_views(rng, batch, cameras=2, size=48):
+    return [[rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(cameras)] for _ in range(batch)]
+
+
+def make_oft(vlm_dir, action_dim=7, action_horizon=4, state_dim=6, seed=0):
+    """A tiny OFT model and its processor (two cameras, 56 px views) with statistics for embodiment 'bridge'."""
+    from hf_vla import AutoModelForVLA, VLAProcessor
+
+    torch.manual_seed(seed)
+    model = AutoModelForVLA.from_vlm(
+        vlm_dir, variant="oft", action_dim=action_dim, action_horizon=action_horizon, state_dim=state_dim
+    )
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[56, 56])
+    rng = np.random.default_rng(seed)
+    processor.compute_norm_stats(
+        "bridge", rng.normal(size=(256, action_dim)), rng.normal(size=(256, state_dim)) if state_dim else None
+    )
+    return model, processor

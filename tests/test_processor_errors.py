@@ -1,0 +1,113 @@
+"""Bad input gets a ValueError naming the field, the expected and the received value."""
+
+import numpy as np
+import pytest
+from conftest import make_oft, random_views
+
+from hf_vla import VLAPolicy
+
+
+@pytest.fixture(scope="module")
+def oft(tiny_vlm_dirs):
+    return make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+
+
+def call(processor, **overrides):
+    rng = np.random.default_rng(0)
+    kwargs = dict(images=random_views(rng, 2), text=["a", "b"], state=np.zeros((2, processor.state_dim)))
+    kwargs.update(overrides)
+    return processor(**kwargs)
+
+
+def test_wrong_number_of_camera_views(oft):
+    _, processor = oft
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"images\[1\]: expected 2 camera views \['primary', 'wrist'\], got 1"):
+        call(processor, images=[random_views(rng, 1)[0], random_views(rng, 1, cameras=1)[0]])
+    with pytest.raises(ValueError, match=r"images: expected a list of 2 samples"):
+        call(processor, images=random_views(rng, 3))
+
+
+def test_wrong_image_dtype_and_rank(oft):
+    _, processor = oft
+    views = random_views(np.random.default_rng(0), 2)
+    views[0][1] = views[0][1].astype(np.float32)
+    with pytest.raises(ValueError, match=r"images\[0\]\[1\]: expected dtype uint8, got float32"):
+        call(processor, images=views)
+    views = random_views(np.random.default_rng(0), 2)
+    views[1][0] = views[1][0][..., 0]
+    with pytest.raises(ValueError, match=r"images\[1\]\[0\]: expected shape \[H, W, 3\], got \[48, 48\]"):
+        call(processor, images=views)
+    views = random_views(np.random.default_rng(0), 2)
+    views[1][0] = "not an image"
+    with pytest.raises(ValueError, match=r"images\[1\]\[0\]: expected a uint8 numpy array .* got str"):
+        call(processor, images=views)
+
+
+def test_wrong_state_and_action_dimensions(oft):
+    _, processor = oft
+    with pytest.raises(ValueError, match=r"state: expected shape \[2, 6\], got \[2, 5\]"):
+        call(processor, state=np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"actions: expected shape \[2, 4, 7\], got \[2, 4, 6\]"):
+        call(processor, actions=np.zeros((2, 4, 6)))
+    with pytest.raises(ValueError, match=r"actions: expected shape \[2, 4, 7\], got \[2, 3, 7\]"):
+        call(processor, actions=np.zeros((2, 3, 7)))
+
+
+def test_nan_in_state(oft):
+    _, processor = oft
+    state = np.zeros((2, 6))
+    state[1, 3] = np.nan
+    with pytest.raises(ValueError, match="state: contains NaN or inf"):
+        call(processor, state=state)
+
+
+def test_unknown_unnorm_key_lists_known_keys(oft):
+    _, processor = oft
+    processor.compute_norm_stats("libero", np.ones((4, 7)), np.ones((4, 6)))
+    try:
+        with pytest.raises(ValueError, match=r"unnorm_key: unknown key 'widowx'; known keys: \['bridge', 'libero'\]"):
+            processor.decode_actions(np.zeros((1, 4, 7)), unnorm_key="widowx")
+        with pytest.raises(ValueError, match=r"several embodiments are known, name one of \['bridge', 'libero'\]"):
+            processor.decode_actions(np.zeros((1, 4, 7)))
+    finally:
+        del processor.norm_stats["libero"]
+
+
+def test_reserved_tokens_and_bad_stats(oft):
+    _, processor = oft
+    with pytest.raises(ValueError, match=r"text\[0\]: the instruction may not contain the reserved token '<\|fim_pad\|>'"):
+        call(processor, text=["go <|fim_pad|>", "b"])
+    with pytest.raises(ValueError, match=r"compute_norm_stats\('x'\).actions: expected shape \[N, 7\] .* got \[4, 3\]"):
+        processor.compute_norm_stats("x", np.zeros((4, 3)))
+    bad = processor.compute_norm_stats("x", np.zeros((4, 7)))
+    del processor.norm_stats["x"]
+    bad["action"] = {k: v[:3] for k, v in bad["action"].items()}
+    with pytest.raises(ValueError, match=r"norm_stats\['x'\]\['action'\]: expected 7 dimensions, got 3"):
+        processor.set_norm_stats("x", bad)
+    with pytest.raises(ValueError, match=r"unknown normalisation mode\(s\) \['bogus'\]"):
+        processor.compute_norm_stats("x", np.zeros((4, 7)), action_mode="bogus")
+
+
+def test_model_rejects_wrong_query_count_and_action_shape(oft):
+    model, processor = oft
+    inputs = call(processor)
+    inputs["input_ids"][0, inputs["input_ids"][0] == model.config.action_token_id] = 0
+    with pytest.raises(ValueError, match=r"input_ids: expected 4 action-query tokens .* found \[0, 4\]"):
+        model.predict_action(**inputs)
+    inputs = call(processor)
+    with pytest.raises(ValueError, match=r"actions: expected shape \[B, 4, 7\], got \[2, 4, 3\]"):
+        model(**inputs, actions=inputs["state"].new_zeros(2, 4, 3))
+
+
+def test_policy_observation_errors(oft):
+    model, processor = oft
+    policy = VLAPolicy(model, processor)
+    image = np.zeros((48, 48, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"images: expected cameras \['primary', 'wrist'\], missing \['wrist'\], unknown \['top'\]"):
+        policy.predict({"images": {"primary": image, "top": image}, "instruction": "go", "state": np.zeros(6)})
+    with pytest.raises(ValueError, match=r"instruction: expected 2 string\(s\)"):
+        batch = np.zeros((2, 48, 48, 3), np.uint8)
+        policy.predict({"images": {"primary": batch, "wrist": batch}, "instruction": "go", "state": np.zeros((2, 6))})
+    with pytest.raises(ValueError, match=r"images\['wrist'\]: expected \[B, H, W, 3\] or \[H, W, 3\], got \[48, 48\]"):
+        policy.predict({"images": {"primary": image, "wrist": image[..., 0]}, "instruction": "go"})

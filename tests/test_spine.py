@@ -1,0 +1,213 @@
+"""The HF-native spine on both backbones: Auto* dispatch, exact save/load, bf16, overfitting, sensitivity, policy."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, make_oft, random_views
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+from hf_vla import AutoModelForVLA, VLAOFTConfig, VLAOFTForActionPrediction, VLAPolicy, VLAProcessor
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def oft(request, tiny_vlm_dirs):
+    model, processor = make_oft(tiny_vlm_dirs[request.param])
+    return request.param, model, processor
+
+
+def sample_inputs(processor, batch=2, seed=0, with_actions=False):
+    rng = np.random.default_rng(seed)
+    kwargs = dict(
+        images=random_views(rng, batch),
+        text=["put the carrot on the plate", "open the drawer"][:batch] + ["push the button"] * max(0, batch - 2),
+        state=rng.normal(size=(batch, processor.state_dim)),
+    )
+    if with_actions:
+        kwargs["actions"] = rng.normal(size=(batch, processor.action_horizon, processor.action_dim))
+    return processor(**kwargs, return_tensors="pt")
+
+
+def test_save_load_is_exact_and_dispatches(oft, tmp_path):
+    family, model, processor = oft
+    inputs = sample_inputs(processor)
+    expected = model.predict_action(**inputs)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    assert type(AutoConfig.from_pretrained(tmp_path)) is VLAOFTConfig
+    assert type(AutoProcessor.from_pretrained(tmp_path)) is VLAProcessor
+    for auto in (AutoModelForVLA, AutoModel):
+        loaded = auto.from_pretrained(tmp_path)
+        assert type(loaded) is VLAOFTForActionPrediction
+        assert loaded.config.vlm_config.model_type == family
+        assert torch.equal(loaded.predict_action(**inputs), expected)
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    head_keys = {k for k in model.state_dict() if k.startswith("action_head.")}
+    assert head_keys and head_keys <= saved
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for key in head_keys:
+            assert torch.equal(f.get_tensor(key), model.state_dict()[key])
+
+
+def test_processor_round_trip_is_exact(oft, tmp_path):
+    _, _, processor = oft
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.norm_stats == processor.norm_stats
+    for field in ("camera_names", "image_size", "action_dim", "action_horizon", "state_dim", "state_in_prompt",
+                  "prompt_template", "action_query_token", "action_query_suffix", "backbone"):  # fmt: skip
+        assert getattr(loaded, field) == getattr(processor, field), field
+    a, b = sample_inputs(processor, with_actions=True), sample_inputs(loaded, with_actions=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_loading(oft, tmp_path):
+    _, model, processor = oft
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    policy = VLAPolicy.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in policy.model.parameters()} == {torch.bfloat16}
+    rng = np.random.default_rng(1)
+    obs = {
+        "images": {"primary": rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8),
+                   "wrist": rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)},
+        "instruction": ["open the drawer", "close the door"],
+        "state": rng.normal(size=(2, processor.state_dim)),
+    }  # fmt: skip
+    low = policy.predict(obs)
+    full = VLAPolicy(model, processor).predict(obs)
+    assert low.dtype == np.float32 and low.shape == full.shape == (2, 4, 7)
+    assert np.isfinite(low).all()
+    scale = np.abs(full).max()
+    assert np.abs(low - full).max() < 0.1 * scale + 1e-3
+
+
+def test_overfitting_a_batch_distinguishes_images_and_instructions(tiny_vlm_dirs):
+    """Four samples: two images × two instructions, each with its own target chunk. Driving the L1 loss down 10×
+    is only possible if both the image and the instruction reach the action head."""
+    model, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"], state_dim=0, seed=1)
+    rng = np.random.default_rng(3)
+    image_a, image_b = random_views(rng, 2)
+    targets = rng.uniform(-1, 1, size=(4, processor.action_horizon, processor.action_dim))
+    raw_targets = processor.decode_actions(targets, unnorm_key="bridge")
+    batch = processor(
+        images=[image_a, image_b, image_a, image_b],
+        text=["open the drawer", "open the drawer", "close the door", "close the door"],
+        actions=raw_targets,
+        return_tensors="pt",
+    )
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    predicted = model.predict_action(**{k: v for k, v in batch.items() if k != "actions"})
+    assert torch.allclose(predicted, batch["actions"], atol=0.3)
+
+
+def test_untrained_predictions_depend_on_image_and_instruction(oft):
+    _, model, processor = oft
+    rng = np.random.default_rng(0)
+    views = random_views(rng, 1)
+    other_views = random_views(rng, 1)
+    state = np.zeros((1, processor.state_dim))
+    base = model.predict_action(**processor(images=views, text=["open the drawer"], state=state))
+    new_image = model.predict_action(**processor(images=other_views, text=["open the drawer"], state=state))
+    new_text = model.predict_action(**processor(images=views, text=["close the door"], state=state))
+    assert (base - new_image).abs().max() > 1e-5
+    assert (base - new_text).abs().max() > 1e-5
+
+
+def test_batched_and_unbatched_policy_match_the_manual_pipeline(oft):
+    _, model, processor = oft
+    policy = VLAPolicy(model, processor)
+    rng = np.random.default_rng(5)
+    primary = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    wrist = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    state = rng.normal(size=(3, processor.state_dim))
+    text = ["open the drawer", "close the door", "push the button"]
+    batched = policy.predict({"images": {"primary": primary, "wrist": wrist}, "instruction": text, "state": state})
+    manual = processor.decode_actions(
+        model.predict_action(**processor(images=[[primary[i], wrist[i]] for i in range(3)], text=text, state=state)),
+        unnorm_key="bridge",
+    )
+    assert batched.shape == (3, 4, 7) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, manual, rtol=1e-5, atol=1e-6)
+    single = policy.predict({"images": {"primary": primary[1], "wrist": wrist[1]}, "prompt": text[1], "state": state[1]})
+    assert single.shape == (4, 7)
+    np.testing.assert_allclose(single, batched[1], rtol=1e-4, atol=1e-5)
+
+
+def test_design_snippet_runs_as_written(tiny_vlm_dirs, tmp_path):
+    """shared/design.md §1 with a local directory in place of the hub id."""
+    from PIL import Image
+
+    vlm = tiny_vlm_dirs["qwen3_vl"]
+    model = AutoModelForVLA.from_vlm(vlm, variant="oft", action_dim=7, action_horizon=16, state_dim=7)
+    processor = VLAProcessor.from_vlm(vlm, model.config, camera_names=["primary", "wrist"])
+    rng = np.random.default_rng(0)
+    processor.compute_norm_stats("bridge", rng.normal(size=(64, 7)), rng.normal(size=(64, 7)))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    path = str(tmp_path)
+
+    primary = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    wrist = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    state = rng.normal(size=7)
+    chunks = rng.normal(size=(1, 16, 7))
+
+    model = AutoModelForVLA.from_pretrained(path, dtype=torch.bfloat16)
+    processor = AutoProcessor.from_pretrained(path)
+    inputs = processor(images=[[primary, wrist]], text=["put the carrot on the plate"], state=[state], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    normalized = model.predict_action(**inputs)
+    actions = processor.decode_actions(normalized, unnorm_key="bridge")
+    assert normalized.shape == (1, 16, 7) and actions.shape == (1, 16, 7) and actions.dtype == np.float32
+
+    policy = VLAPolicy.from_pretrained(path)
+    img = np.asarray(primary)
+    actions = policy.predict({"images": {"primary": img, "wrist": np.asarray(wrist)}, "instruction": "...", "state": state})
+    assert actions.shape == (16, 7)
+
+    batch = processor(images=[[primary, wrist]], text=["go"], state=[state], actions=chunks, return_tensors="pt")
+    model = AutoModelForVLA.from_pretrained(path)
+    loss = model(**batch).loss
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_for_model_and_meta_from_config(tiny_vlm_dirs):
+    vlm_config = AutoConfig.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"])
+    config = AutoConfig.for_model("vla_oft", vlm_config=vlm_config.to_dict(), action_dim=5)
+    assert type(config) is VLAOFTConfig and config.vlm_config.model_type == "qwen2_5_vl"
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+    assert type(model) is VLAOFTForActionPrediction
+    assert model.action_head.fc2.weight.shape == (5, 128)
+
+
+def test_from_vlm_loads_backbone_weights_and_initialises_the_head(tiny_vlm_dirs):
+    from transformers import AutoModelForImageTextToText
+
+    vlm_dir = tiny_vlm_dirs["qwen2_5_vl"]
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant="oft", action_dim=3, action_horizon=2)
+    reference = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.vlm.state_dict()[key], value), key
+    head = dict(model.action_head.named_parameters())
+    assert all(torch.isfinite(p).all() for p in head.values())
+    assert head["fc1.weight"].std().item() == pytest.approx(model.config.initializer_range, rel=0.2)
+    assert torch.equal(head["layer_norm1.weight"], torch.ones_like(head["layer_norm1.weight"]))
+    assert model.config.base_vlm == vlm_dir
+    with pytest.raises(ValueError, match="unknown variant 'nope'.*oft"):
+        AutoModelForVLA.from_vlm(vlm_dir, variant="nope")
