@@ -79,6 +79,11 @@ def _check_family(family: str) -> None:
 
 
 def _wrap_qwen_tokenizer(vocab: dict, merges: list, family: str) -> Qwen2Tokenizer:
+    # Give the special tokens their ids right after the BPE vocabulary up front; adding them afterwards would
+    # number them in the order the tokenizer registers eos/pad, not in Qwen's order.
+    vocab = dict(vocab)
+    for token in _special_tokens(family):
+        vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
     )

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from hf_vla.normalization import compute_stats, normalize, unnormalize
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=[0.0, 5.0, -2.0, 0.0, 3.0], scale=[1.0, 0.1, 3.0, 1.0, 1.0], size=(2000, 5)).astype(np.float32)
+    x[:, 3] = rng.integers(0, 2, 2000)  # gripper
+    x[:, 4] = 3.0  # constant dimension
+    return x
+
+
+def test_stats_match_numpy(data):
+    stats = compute_stats(data, "mean_std")
+    np.testing.assert_allclose(stats["mean"], data.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["std"], data.std(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["q01"], np.quantile(data, 0.01, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats["q99"], np.quantile(data, 0.99, axis=0), rtol=1e-5)
+    assert stats["min"] == data.min(0).tolist() and stats["max"] == data.max(0).tolist()
+    assert stats["mode"] == ["mean_std"] * 5
+
+
+def test_each_mode(data):
+    stats = compute_stats(data, ["q99", "min_max", "mean_std", "binary", "identity"])
+    y = normalize(data, stats)
+    q01, q99 = np.quantile(data[:, 0], [0.01, 0.99])
+    np.testing.assert_allclose(y[:, 0], np.clip(2 * (data[:, 0] - q01) / (q99 - q01) - 1, -1, 1), rtol=1e-5, atol=1e-5)
+    assert y[:, 0].min() == -1.0 and y[:, 0].max() == 1.0  # clamped outside [q01, q99]
+    assert y[:, 1].min() == pytest.approx(-1.0) and y[:, 1].max() == pytest.approx(1.0)
+    np.testing.assert_allclose(y[:, 2], (data[:, 2] - data[:, 2].mean()) / data[:, 2].std(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(y[:, 3], data[:, 3])
+    np.testing.assert_array_equal(y[:, 4], data[:, 4])
+
+    back = unnormalize(y, stats)
+    inside = (data[:, 0] >= q01) & (data[:, 0] <= q99)
+    np.testing.assert_allclose(back[inside, 0], data[inside, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(back[:, 1:], data[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_constant_dimension_normalises_to_zero_and_decodes_to_its_value(data):
+    for mode in ("q99", "min_max", "mean_std"):
+        stats = compute_stats(data, mode)
+        y = normalize(data, stats)
+        assert np.all(y[:, 4] == 0.0)
+        np.testing.assert_allclose(unnormalize(y, stats)[:, 4], 3.0)
+
+
+def test_binary_uses_the_midpoint_and_decodes_to_the_extremes():
+    x = np.array([[-1.0], [1.0], [0.2], [-0.3]], np.float32)
+    stats = compute_stats(x, "binary")
+    np.testing.assert_array_equal(normalize(x, stats)[:, 0], [0, 1, 1, 0])
+    np.testing.assert_array_equal(unnormalize(np.array([[0.2], [0.7]]), stats)[:, 0], [-1.0, 1.0])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="contain NaN"):
+        compute_stats(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match=r"expected 2 per-dimension modes, got 1"):
+        compute_stats(np.zeros((3, 2)), ["q99"])
+    with pytest.raises(ValueError, match=r"expected a non-empty \[N, D\] array, got shape \(0, 2\)"):
+        compute_stats(np.zeros((0, 2)))

@@ -1,0 +1,96 @@
+"""At StarVLA's published configurations the OFT head has QwenOFT's modules and shapes (meta device, no weights).
+
+Backbone configs below are the published Qwen2.5-VL-3B-Instruct and Qwen3-VL-4B-Instruct `config.json` values.
+StarVLA's QwenOFT head (starVLA/model/framework/VLM4A/QwenOFT.py → L1RegressionActionHead → MLPResNet) is built with
+input_dim = hidden_dim_vlm, hidden_dim = 2 · hidden_dim_vlm, action_dim = 7, num_blocks = 2.
+"""
+
+import pytest
+import torch
+from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+
+from hf_vla import AutoModelForVLA
+
+QWEN2_5_VL_3B = Qwen2_5_VLConfig(
+    text_config=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+QWEN3_VL_4B = Qwen3VLConfig(
+    text_config=dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+    ),
+    vision_config=dict(
+        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
+    ),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=True,
+)  # fmt: skip
+
+# StarVLA's OFT head keys (starvla.md §10), below `action_model.model.`
+STARVLA_OFT_HEAD_KEYS = {
+    f"{module}.{p}"
+    for module in ["layer_norm1", "fc1", "mlp_resnet_blocks.0.ffn.0", "mlp_resnet_blocks.0.ffn.1",
+                   "mlp_resnet_blocks.1.ffn.0", "mlp_resnet_blocks.1.ffn.1", "layer_norm2", "fc2"]
+    for p in ("weight", "bias")
+}  # fmt: skip
+
+
+def oft_head_parameter_counts(h: int, action_dim: int = 7) -> dict[str, int]:
+    """Per-module parameter counts of StarVLA's MLPResNet head for VLM hidden size h (hidden width 2h)."""
+    w = 2 * h
+    return {
+        "layer_norm1": 2 * h,  # LayerNorm(h): weight + bias
+        "fc1": h * w + w,  # Linear(h → 2h)
+        "mlp_resnet_blocks.0": (2 * w) + (w * w + w),  # LayerNorm(2h) + Linear(2h → 2h)
+        "mlp_resnet_blocks.1": (2 * w) + (w * w + w),
+        "layer_norm2": 2 * w,
+        "fc2": w * action_dim + action_dim,  # Linear(2h → 7)
+    }
+
+
+@pytest.mark.parametrize(
+    "vlm_config, hidden, expected_total",
+    [
+        # 4,096 + 8,392,704 + 2 · 16,789,504 + 8,192 + 28,679 = 42,012,679
+        (QWEN2_5_VL_3B, 2048, 42_012_679),
+        # 5,120 + 13,112,320 + 2 · 26,229,760 + 10,240 + 35,847 = 65,623,047
+        (QWEN3_VL_4B, 2560, 65_623_047),
+    ],
+    ids=["qwen2.5-vl-3b", "qwen3-vl-4b"],
+)
+def test_oft_head_matches_starvla_at_published_config(vlm_config, hidden, expected_total):
+    config = AutoConfig.for_model("vla_oft", vlm_config=vlm_config.to_dict(), action_dim=7, action_horizon=16)
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+
+    head = model.action_head
+    assert {k for k, _ in head.named_parameters()} == STARVLA_OFT_HEAD_KEYS
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in head.named_children() if name != "relu"}
+    counts.update({f"mlp_resnet_blocks.{i}": sum(p.numel() for p in b.parameters()) for i, b in enumerate(head.mlp_resnet_blocks)})
+    del counts["mlp_resnet_blocks"]
+    assert counts == oft_head_parameter_counts(hidden)
+    assert sum(counts.values()) == expected_total
+    assert head.fc1.weight.shape == (2 * hidden, hidden) and head.fc2.weight.shape == (7, 2 * hidden)
+
+    # The backbone is the family's own ForConditionalGeneration, tied like the published model, so StarVLA's
+    # `qwen_vl_interface.model.*` keys map onto `vlm.*` one to one.
+    assert model.config.tie_word_embeddings
+    assert model.all_tied_weights_keys == {"vlm.lm_head.weight": "vlm.model.language_model.embed_tokens.weight"}
+    keys = set(model.state_dict())
+    assert {"vlm.lm_head.weight", "vlm.model.language_model.embed_tokens.weight"} <= keys
+    assert any(k.startswith("vlm.model.visual.") for k in keys)
+    assert model.vlm.model.language_model.embed_tokens.weight.shape == (151936, hidden)

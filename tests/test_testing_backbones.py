@@ -1,0 +1,56 @@
+"""The offline backbones load like hub repos, and the real Qwen vocabulary lands on the published ids."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from hf_vla.testing import build_qwen_tokenizer, build_tiny_tokenizer, build_tiny_vlm
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_tiny_vlm_directory_loads_with_plain_from_pretrained(tiny_vlm_dirs, family):
+    path = tiny_vlm_dirs[family]
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    assert model.config.model_type == family
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert type(image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    assert "<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n" in prompt
+    assert prompt.startswith("<|im_start|>system") == (family == "qwen2_5_vl")
+
+
+def test_tiny_vlm_is_deterministic_for_a_seed(tmp_path):
+    a = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "a", seed=3)).state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "b", seed=3)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_special_tokens_never_split():
+    tokenizer = build_tiny_tokenizer("qwen3_vl")
+    for token in ("<|fim_pad|>", "<|image_pad|>", "<think>"):
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
+
+
+def test_real_qwen_vocabulary_has_published_ids():
+    tokenizer = build_qwen_tokenizer("qwen2_5_vl")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|vision_start|>", "<|image_pad|>", "<|fim_pad|>")}
+    assert ids == {"<|endoftext|>": 151643, "<|vision_start|>": 151652, "<|image_pad|>": 151655, "<|fim_pad|>": 151662}
+    assert tokenizer.encode("Hello", add_special_tokens=False) == [9707]
+    assert len(build_qwen_tokenizer("qwen3_vl")) == 151669  # FAST's -Action range starts right after
+
+
+def test_demo_prints_a_chunk(capsys):
+    from hf_vla.cli import main
+
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "action chunk [T=8, D=7] in robot units" in out and "untrained" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith("[")]
+    values = np.array([[float(v) for v in row.strip(" []").split()] for row in rows])
+    assert values.shape == (8, 7) and set(np.unique(values[:, 6])) <= {0.0, 1.0}
