@@ -144,7 +144,8 @@ class VLAProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ inputs
 
-    def _check_views(self, images, batch_size: int) -> list[list[Image.Image]]:
+    def _check_views(self, images, batch_size: int) -> list[list[np.ndarray]]:
+        """Validates the per-sample camera views and returns them as uint8 [H, W, 3] arrays at `image_size`."""
         if not isinstance(images, (list, tuple)) or len(images) != batch_size:
             got = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
             raise ValueError(f"images: expected a list of {batch_size} samples (one per text), got {got}")
@@ -156,28 +157,25 @@ class VLAProcessor(ProcessorMixin):
             if len(views) != len(self.camera_names):
                 raise ValueError(f"images[{b}]: expected {len(self.camera_names)} camera views "
                                  f"{self.camera_names}, got {len(views)}")
-            resized = []
-            for v, view in enumerate(views):
-                image = self._to_pil(view, f"images[{b}][{v}]")
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.BILINEAR)
-                resized.append(image)
-            samples.append(resized)
+            samples.append([self._resized(view, f"images[{b}][{v}]", height, width) for v, view in enumerate(views)])
         return samples
 
     @staticmethod
-    def _to_pil(view, field: str) -> Image.Image:
+    def _resized(view, field: str, height: int, width: int) -> np.ndarray:
         if isinstance(view, Image.Image):
             if view.mode != "RGB":
                 raise ValueError(f"{field}: expected an RGB image, got PIL mode {view.mode!r}")
-            return view
-        if not isinstance(view, np.ndarray):
+        elif not isinstance(view, np.ndarray):
             raise ValueError(f"{field}: expected a uint8 numpy array [H, W, 3] or a PIL image, got {type(view).__name__}")
-        if view.dtype != np.uint8:
+        elif view.dtype != np.uint8:
             raise ValueError(f"{field}: expected dtype uint8, got {view.dtype}")
-        if view.ndim != 3 or view.shape[-1] != 3:
+        elif view.ndim != 3 or view.shape[-1] != 3:
             raise ValueError(f"{field}: expected shape [H, W, 3], got {list(view.shape)}")
-        return Image.fromarray(view)
+        size = view.size if isinstance(view, Image.Image) else (view.shape[1], view.shape[0])
+        if size != (width, height):
+            image = view if isinstance(view, Image.Image) else Image.fromarray(view)
+            return np.asarray(image.resize((width, height), Image.BILINEAR))
+        return np.asarray(view)
 
     def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
         """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""

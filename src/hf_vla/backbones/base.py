@@ -35,3 +35,4 @@ class BackboneAdapter:
     def image_token_counts(self, image_inputs: dict, merge_size: int) -> torch.Tensor:
         """Number of placeholder tokens each image occupies after the vision encoder."""
         raise NotImplementedError
+

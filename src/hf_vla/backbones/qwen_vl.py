@@ -14,3 +14,4 @@ class QwenVLAdapter(BackboneAdapter):
     def image_token_counts(self, image_inputs: dict, merge_size: int) -> torch.Tensor:
         # Each image is a (t, h, w) grid of patches; spatial merging folds merge_size² patches into one token.
         return torch.as_tensor(image_inputs["image_grid_thw"]).prod(-1) // (merge_size**2)
+
