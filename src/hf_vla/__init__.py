@@ -3,7 +3,10 @@
 from .auto import AutoModelForVLA
 from .configuration_vla import VLAConfig
 from .modeling_vla import VLAOutput, VLAPreTrainedModel
+from .models.gr00t import VLAGR00TConfig, VLAGR00TForActionPrediction
 from .models.oft import VLAOFTConfig, VLAOFTForActionPrediction
+from .models.pi import VLAPIConfig, VLAPIForActionPrediction
+from .models.pi_v3 import VLAPIv3Config, VLAPIv3ForActionPrediction
 from .normalization import NORM_MODES, compute_stats
 from .policy import VLAPolicy
 from .processing_vla import VLAProcessor
@@ -14,6 +17,12 @@ __all__ = [
     "AutoModelForVLA",
     "NORM_MODES",
     "VLAConfig",
+    "VLAGR00TConfig",
+    "VLAGR00TForActionPrediction",
+    "VLAPIConfig",
+    "VLAPIForActionPrediction",
+    "VLAPIv3Config",
+    "VLAPIv3ForActionPrediction",
     "VLAOFTConfig",
     "VLAOFTForActionPrediction",
     "VLAOutput",

@@ -12,11 +12,17 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping, auto_class_update
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
+from .models.gr00t import VLAGR00TConfig, VLAGR00TForActionPrediction
 from .models.oft import VLAOFTConfig, VLAOFTForActionPrediction
+from .models.pi import VLAPIConfig, VLAPIForActionPrediction
+from .models.pi_v3 import VLAPIv3Config, VLAPIv3ForActionPrediction
 from .processing_vla import VLAProcessor
 
 VARIANTS = {
     "vla_oft": (VLAOFTConfig, VLAOFTForActionPrediction),
+    "vla_gr00t": (VLAGR00TConfig, VLAGR00TForActionPrediction),
+    "vla_pi": (VLAPIConfig, VLAPIForActionPrediction),
+    "vla_pi_v3": (VLAPIv3Config, VLAPIv3ForActionPrediction),
 }
 
 MODEL_FOR_VLA_MAPPING = _LazyAutoMapping(CONFIG_MAPPING_NAMES, OrderedDict())

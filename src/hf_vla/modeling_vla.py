@@ -62,10 +62,10 @@ class VLAPreTrainedModel(PreTrainedModel):
     def vlm_hidden_size(self) -> int:
         return self.backbone.hidden_size(self.config.vlm_config)
 
-    def encode(self, **vlm_inputs):
+    def encode(self, output_hidden_states: bool = False, **vlm_inputs):
         """Runs the backbone (no LM head) on the processor's multimodal inputs."""
         inputs = {k: v for k, v in vlm_inputs.items() if k in VLM_INPUT_NAMES and v is not None}
-        return self.backbone.encode(self.vlm, **inputs)
+        return self.backbone.encode(self.vlm, output_hidden_states=output_hidden_states, **inputs)
 
     def check_actions(self, actions: torch.Tensor) -> None:
         expected = (self.config.action_horizon, self.config.action_dim)

@@ -1,5 +1,7 @@
 """Action heads, backbone-agnostic: they see condition tensors, never a VLM."""
 
+from .dit import DiT
+from .flow_matching import FlowMatchingActionHead
 from .mlp_resnet import MLPResNet, MLPResNetBlock
 
-__all__ = ["MLPResNet", "MLPResNetBlock"]
+__all__ = ["DiT", "FlowMatchingActionHead", "MLPResNet", "MLPResNetBlock"]

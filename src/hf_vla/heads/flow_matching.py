@@ -1,0 +1,413 @@
+"""Flow-matching action head: a DiT that turns noise into an action chunk, conditioned on vision-language features.
+
+One class covers StarVLA's three flow-matching heads (and GR00T N1.5's, without embodiment-specific layers):
+
+- GR00T form (`layerwise=False`, StarVLA `QwenGR00T`): `conditions` is one tensor `[B, L, H_vlm]` (typically the last
+  VLM layer); cross-attention blocks read it with k/v width `cross_attention_dim = H_vlm`; the DiT's
+  timestep-modulated output (`proj_out_1`, `proj_out_2` → `output_dim`) is decoded by `action_decoder`
+  (`output_dim → hidden → action_dim`).
+- Layer-wise form (`layerwise=True`, StarVLA `QwenPI`): `conditions` is a sequence of `num_layers` tensors, one per VLM
+  layer, and block `i` reads condition `i`; `action_decoder` (`D → hidden → action_dim`) reads the last block's hidden
+  states directly, so `proj_out_1/2` exist (for checkpoint compatibility) but are unused.
+- Compressed layer-wise form (`project_condition_dim=H_vlm`, StarVLA `QwenPI_v3`): each condition first goes through its
+  own `project_layers[i] = LayerNorm(H_vlm) → Linear(H_vlm → D)`, so the DiT can be narrower than the VLM.
+
+Flow-matching convention (t = 1 is clean data): `x_t = (1 − t)·noise + t·action`, target velocity `action − noise`,
+training time `t = (s − u)/s` with `u ~ Beta(α, β)` clamped to `u ≤ s`, discrete bucket `floor(t · 1000)` fed to the
+DiT's timestep encoder and the action encoder. Sampling integrates `x += v̂ / N` from `x_0 ~ N(0, I)` at `t = k/N`.
+
+The DiT sees `[state token(s) (if state is given), future tokens, action tokens]`; the prediction is read at the last
+`action_horizon` positions. Parameter names follow StarVLA (`model.*`, `action_encoder.layer{1,2,3}`,
+`state_encoder.layer{1,2}`, `action_decoder.layer{1,2}`, `future_tokens`, `position_embedding`, `project_layers`).
+In StarVLA checkpoints `project_layers.*` sits at the framework level, not under `action_model.`; a converter maps it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dit import DiT
+
+Conditions = torch.Tensor | Sequence[torch.Tensor]
+
+
+def action_time_sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """GR00T's action-encoder time features: `[sin(t·f_k), cos(t·f_k)]` with `f_k = exp(−ln(1e4) · k / (dim/2))`.
+
+    Args:
+        timesteps: `[...]` timesteps (the discrete flow-matching bucket).
+    Returns:
+        float32 `[..., dim]`.
+    """
+    half = dim // 2
+    frequencies = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(10000.0) / half)
+    )
+    angles = timesteps.float().unsqueeze(-1) * frequencies
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class ActionEncoder(nn.Module):
+    """Noisy action `[B, H, A]` + time bucket `[B]` → action tokens `[B, H, D]`.
+
+    `layer3(swish(layer2(concat[layer1(a), sinusoid(t)])))`.
+    """
+
+    def __init__(self, action_dim: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layer1 = nn.Linear(action_dim, hidden_size)
+        self.layer2 = nn.Linear(2 * hidden_size, hidden_size)
+        self.layer3 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, actions: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        action_features = self.layer1(actions)
+        time_features = action_time_sinusoidal_embedding(timesteps, self.hidden_size).to(action_features.dtype)
+        time_features = time_features[:, None, :].expand(-1, actions.shape[1], -1)
+        hidden = F.silu(self.layer2(torch.cat([action_features, time_features], dim=-1)))
+        return self.layer3(hidden)
+
+
+class MLP(nn.Module):
+    """`layer2(relu(layer1(x)))`."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int):
+        super().__init__()
+        self.layer1 = nn.Linear(input_dim, hidden_dim)
+        self.layer2 = nn.Linear(hidden_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(F.relu(self.layer1(x)))
+
+
+class FlowMatchingActionHead(nn.Module):
+    """Flow-matching DiT action head; backbone-agnostic (it sees condition tensors, never a VLM).
+
+    All arguments are keyword-only.
+
+    Args:
+        action_dim: A, width of one action step.
+        action_horizon: H, number of action steps predicted by `sample`.
+        state_dim: width of the proprioceptive state; None builds no `state_encoder` (state then cannot be given).
+        dit_hidden_size: D, width of the DiT and of every token it processes (768 GR00T DiT-B, H_vlm for QwenPI,
+            1024 for QwenPI_v3).
+        num_layers: DiT blocks (16 for GR00T; the number of VLM layers for the layer-wise forms).
+        attention_head_dim: width of one attention head (64).
+        num_attention_heads: defaults to `dit_hidden_size // attention_head_dim`; their product must equal D.
+        cross_attention_dim: width of the condition tokens as the DiT sees them; defaults to D (the layer-wise forms
+            require D). For GR00T set it to H_vlm.
+        output_dim: width of the DiT's `proj_out_2` (GR00T 1024; present but unused in the layer-wise forms, 26 there).
+        mlp_hidden_size: hidden width of `state_encoder` and `action_decoder` (StarVLA `hidden_size`, 1024).
+        dropout, final_dropout: DiT dropout (StarVLA 0.2, True).
+        interleave_self_attention: odd DiT blocks self-attend; False = every block cross-attends.
+        layerwise: conditions are one tensor per DiT block and the decoder reads the DiT's pre-output hidden states.
+        project_condition_dim: layer-wise only: H_vlm of the conditions; builds `project_layers` (one
+            LayerNorm(H_vlm) → Linear(H_vlm → D) per block; Identity when H_vlm == D).
+        num_future_tokens: learned tokens between state and action tokens (32).
+        max_seq_len: size of the learned action position embedding (1024); the horizon must not exceed it.
+        repeated_diffusion_steps: R; `forward` repeats every sample R times with fresh noise and time.
+        num_inference_steps: default number of Euler steps of `sample` (4).
+        num_timestep_buckets: time discretisation (1000).
+        time_beta_alpha, time_beta_beta, time_noise_s: training time `t = (s − u)/s`, `u ~ Beta(α, β)`, `u ≤ s`.
+    """
+
+    def __init__(
+        self,
+        *,
+        action_dim: int,
+        action_horizon: int,
+        state_dim: int | None = None,
+        dit_hidden_size: int = 768,
+        num_layers: int = 16,
+        attention_head_dim: int = 64,
+        num_attention_heads: int | None = None,
+        cross_attention_dim: int | None = None,
+        output_dim: int = 1024,
+        mlp_hidden_size: int = 1024,
+        dropout: float = 0.2,
+        final_dropout: bool = True,
+        interleave_self_attention: bool = True,
+        layerwise: bool = False,
+        project_condition_dim: int | None = None,
+        num_future_tokens: int = 32,
+        max_seq_len: int = 1024,
+        repeated_diffusion_steps: int = 1,
+        num_inference_steps: int = 4,
+        num_timestep_buckets: int = 1000,
+        time_beta_alpha: float = 1.5,
+        time_beta_beta: float = 1.0,
+        time_noise_s: float = 0.999,
+    ):
+        super().__init__()
+        if num_attention_heads is None:
+            num_attention_heads = dit_hidden_size // attention_head_dim
+        if num_attention_heads * attention_head_dim != dit_hidden_size:
+            raise ValueError(
+                f"num_attention_heads ({num_attention_heads}) x attention_head_dim ({attention_head_dim}) must equal "
+                f"dit_hidden_size ({dit_hidden_size})."
+            )
+        if project_condition_dim is not None and not layerwise:
+            raise ValueError("project_condition_dim (per-layer condition projection) needs layerwise=True.")
+        if layerwise and cross_attention_dim not in (None, dit_hidden_size):
+            raise ValueError(
+                "Layer-wise heads cross-attend at the DiT width: cross_attention_dim must be dit_hidden_size."
+            )
+        if action_horizon > max_seq_len:
+            raise ValueError(f"action_horizon ({action_horizon}) exceeds max_seq_len ({max_seq_len}).")
+        if repeated_diffusion_steps < 1 or num_inference_steps < 1:
+            raise ValueError("repeated_diffusion_steps and num_inference_steps must be >= 1.")
+
+        self.action_dim = action_dim
+        self.action_horizon = action_horizon
+        self.state_dim = state_dim
+        self.hidden_size = dit_hidden_size
+        self.num_layers = num_layers
+        self.layerwise = layerwise
+        self.repeated_diffusion_steps = repeated_diffusion_steps
+        self.num_inference_steps = num_inference_steps
+        self.num_timestep_buckets = num_timestep_buckets
+        self.time_beta_alpha = time_beta_alpha
+        self.time_beta_beta = time_beta_beta
+        self.time_noise_s = time_noise_s
+
+        self.model = DiT(
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            num_layers=num_layers,
+            output_dim=output_dim,
+            cross_attention_dim=cross_attention_dim,
+            dropout=dropout,
+            final_dropout=final_dropout,
+            interleave_self_attention=interleave_self_attention,
+        )
+        self.state_encoder = MLP(state_dim, mlp_hidden_size, dit_hidden_size) if state_dim else None
+        self.action_encoder = ActionEncoder(action_dim, dit_hidden_size)
+        decoder_input_dim = dit_hidden_size if layerwise else output_dim
+        self.action_decoder = MLP(decoder_input_dim, mlp_hidden_size, action_dim)
+        self.future_tokens = nn.Embedding(num_future_tokens, dit_hidden_size)
+        self.position_embedding = nn.Embedding(max_seq_len, dit_hidden_size)
+        nn.init.normal_(self.future_tokens.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, mean=0.0, std=0.02)
+
+        self.project_layers = None
+        if project_condition_dim is not None:
+            self.project_layers = nn.ModuleList(
+                nn.Identity()
+                if project_condition_dim == dit_hidden_size
+                else nn.Sequential(
+                    nn.LayerNorm(project_condition_dim), nn.Linear(project_condition_dim, dit_hidden_size)
+                )
+                for _ in range(num_layers)
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.action_encoder.layer1.weight.dtype
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Pieces shared by training and sampling
+
+    def prepare_conditions(self, conditions: Conditions) -> torch.Tensor | list[torch.Tensor]:
+        """Check the condition form, cast to the head's dtype and (compressed layer-wise form) project each layer."""
+        if self.layerwise:
+            if isinstance(conditions, torch.Tensor) or len(conditions) != self.num_layers:
+                got = "a tensor" if isinstance(conditions, torch.Tensor) else f"{len(conditions)} tensors"
+                raise ValueError(
+                    f"This layer-wise head needs a sequence of {self.num_layers} condition tensors, got {got}."
+                )
+            prepared = [condition.to(self.dtype) for condition in conditions]
+            if self.project_layers is not None:
+                prepared = [project(condition) for project, condition in zip(self.project_layers, prepared)]
+            return prepared
+        if not isinstance(conditions, torch.Tensor):
+            raise ValueError(
+                "This head cross-attends to one condition tensor [B, L, H]; got a sequence (layerwise=False)."
+            )
+        return conditions.to(self.dtype)
+
+    def encode_state(self, state: torch.Tensor | None) -> torch.Tensor | None:
+        """State `[B, S]` or `[B, k, S]` → state tokens `[B, 1 or k, D]` (None passes through)."""
+        if state is None:
+            return None
+        if self.state_encoder is None:
+            raise ValueError("This head was built without a state encoder (state_dim=None) but a state was given.")
+        if state.dim() == 2:
+            state = state[:, None, :]
+        return self.state_encoder(state.to(self.dtype))
+
+    def sample_time(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Training times `t = (s − u)/s`, `u ~ Beta(α, β)` clamped to `u ≤ s`, as float32 `[batch_size]` in [0, 1]."""
+        beta = torch.distributions.Beta(
+            torch.tensor(self.time_beta_alpha, device=device), torch.tensor(self.time_beta_beta, device=device)
+        )
+        u = beta.sample((batch_size,)).clamp(max=self.time_noise_s)
+        return (self.time_noise_s - u) / self.time_noise_s
+
+    def time_to_bucket(self, time: torch.Tensor) -> torch.Tensor:
+        """Continuous time in [0, 1] → discrete timestep `floor(t · num_timestep_buckets)` (long)."""
+        return torch.floor(time.float() * self.num_timestep_buckets).long()
+
+    def predict_velocity(
+        self,
+        noisy_actions: torch.Tensor,
+        timestep_buckets: torch.Tensor,
+        conditions: torch.Tensor | list[torch.Tensor],
+        condition_mask: torch.Tensor | None = None,
+        state_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One DiT evaluation: velocity `[B, H, A]` at `noisy_actions` `[B, H, A]` and `timestep_buckets` `[B]`.
+
+        `conditions` must come from `prepare_conditions` and `state_tokens` from `encode_state`.
+        """
+        batch, horizon, _ = noisy_actions.shape
+        action_tokens = self.action_encoder(noisy_actions.to(self.dtype), timestep_buckets)
+        action_tokens = action_tokens + self.position_embedding.weight[:horizon][None]
+        tokens = [self.future_tokens.weight[None].expand(batch, -1, -1), action_tokens]
+        if state_tokens is not None:
+            tokens.insert(0, state_tokens)
+        hidden_states = self.model(
+            torch.cat(tokens, dim=1),
+            timestep_buckets,
+            conditions,
+            encoder_attention_mask=condition_mask,
+            project_output=not self.layerwise,
+        )
+        return self.action_decoder(hidden_states[:, -horizon:])
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training and inference
+
+    def forward(
+        self,
+        conditions: Conditions,
+        condition_mask: torch.Tensor | None,
+        actions: torch.Tensor,
+        state: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        time: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow-matching training loss (scalar, float32).
+
+        Every sample is repeated `R = repeated_diffusion_steps` times along the batch (tiled: copy `r` of sample `b`
+        sits at row `r·B + b`), each copy with its own noise and time.
+
+        Args:
+            conditions: `[B, L, C]` (GR00T form) or a sequence of `num_layers` tensors `[B, L, H]` (layer-wise form).
+            condition_mask: `[B, L]` key padding mask of the condition tokens (True / 1 = real token), or None.
+            actions: `[B, H, A]` target action chunk (normalised).
+            state: `[B, S]` or `[B, k, S]` proprioceptive state, or None.
+            action_mask: `[B, H]` (or `[B, H, A]`) mask of valid steps; the loss is the mean over valid entries.
+            noise: `[R·B, H, A]` initial noise; drawn from N(0, I) when None.
+            time: `[R·B]` times in [0, 1] (1 = clean); drawn from the Beta schedule when None.
+        """
+        repeats = self.repeated_diffusion_steps
+        conditions = self.prepare_conditions(conditions)
+        state_tokens = self.encode_state(state)
+        if repeats > 1:
+            if isinstance(conditions, list):
+                conditions = [condition.repeat(repeats, 1, 1) for condition in conditions]
+            else:
+                conditions = conditions.repeat(repeats, 1, 1)
+            condition_mask = None if condition_mask is None else condition_mask.repeat(repeats, 1)
+            state_tokens = None if state_tokens is None else state_tokens.repeat(repeats, 1, 1)
+            actions = actions.repeat(repeats, 1, 1)
+            if action_mask is not None:
+                action_mask = action_mask.repeat(repeats, *([1] * (action_mask.dim() - 1)))
+
+        actions = actions.to(self.dtype)
+        batch = actions.shape[0]
+        noise = torch.randn_like(actions) if noise is None else noise.to(actions)
+        time = self.sample_time(batch, actions.device) if time is None else time.to(actions.device)
+        if noise.shape != actions.shape or time.shape != (batch,):
+            raise ValueError(
+                f"noise must be {tuple(actions.shape)} and time ({batch},) (batch x repeated_diffusion_steps); "
+                f"got {tuple(noise.shape)} and {tuple(time.shape)}."
+            )
+        t = time.to(actions.dtype)[:, None, None]
+        noisy_actions = (1 - t) * noise + t * actions
+        target_velocity = actions - noise
+
+        predicted = self.predict_velocity(
+            noisy_actions, self.time_to_bucket(time), conditions, condition_mask, state_tokens
+        )
+        squared_error = (predicted.float() - target_velocity.float()).pow(2)
+        if action_mask is None:
+            return squared_error.mean()
+        mask = action_mask.to(squared_error.dtype)
+        if mask.dim() == 2:
+            mask = mask[..., None]
+        mask = mask.expand_as(squared_error)
+        return (squared_error * mask).sum() / mask.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        conditions: Conditions,
+        condition_mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Euler integration of the learned velocity from noise (t = 0) to actions (t = 1).
+
+        The conditions are computed once by the caller; each of the `num_steps` steps runs only the head (one DiT call).
+
+        Args:
+            conditions, condition_mask, state: as in `forward`.
+            noise: `[B, H, A]` starting point x_0; drawn from N(0, I) when None.
+            num_steps: Euler steps N (default `num_inference_steps`); step k evaluates at `t = k/N`.
+        Returns:
+            `[B, action_horizon, action_dim]` normalised actions.
+        """
+        num_steps = self.num_inference_steps if num_steps is None else num_steps
+        conditions = self.prepare_conditions(conditions)
+        state_tokens = self.encode_state(state)
+        first = conditions[0] if isinstance(conditions, list) else conditions
+        batch, device = first.shape[0], first.device
+        shape = (batch, self.action_horizon, self.action_dim)
+        if noise is None:
+            actions = torch.randn(shape, device=device, dtype=self.dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}.")
+        else:
+            actions = noise.to(device=device, dtype=self.dtype)
+
+        step = 1.0 / num_steps
+        for k in range(num_steps):
+            bucket = int(k / num_steps * self.num_timestep_buckets)
+            buckets = torch.full((batch,), bucket, dtype=torch.long, device=device)
+            velocity = self.predict_velocity(actions, buckets, conditions, condition_mask, state_tokens)
+            actions = actions + step * velocity
+        return actions
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    batch, horizon, action_dim, state_dim, vlm_dim, length = 2, 8, 7, 5, 48, 12
+    actions, state = torch.randn(batch, horizon, action_dim), torch.randn(batch, state_dim)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, :4] = False  # left padding
+
+    gr00t = FlowMatchingActionHead(
+        action_dim=action_dim, action_horizon=horizon, state_dim=state_dim, dit_hidden_size=32, num_layers=4,
+        attention_head_dim=16, cross_attention_dim=vlm_dim, output_dim=40, mlp_hidden_size=64,
+        repeated_diffusion_steps=2,
+    )  # fmt: skip
+    condition = torch.randn(batch, length, vlm_dim)
+    print("GR00T      loss", gr00t(condition, mask, actions, state=state).item(),
+          "sample", tuple(gr00t.eval().sample(condition, mask, state=state).shape))  # fmt: skip
+
+    layerwise = FlowMatchingActionHead(
+        action_dim=action_dim, action_horizon=horizon, state_dim=state_dim, dit_hidden_size=32, num_layers=4,
+        attention_head_dim=16, output_dim=26, mlp_hidden_size=64, layerwise=True, project_condition_dim=vlm_dim,
+        interleave_self_attention=False,
+    )  # fmt: skip
+    layers = [torch.randn(batch, length, vlm_dim) for _ in range(4)]
+    print("layer-wise loss", layerwise(layers, mask, actions).item(),
+          "sample", tuple(layerwise.eval().sample(layers, mask, num_steps=2).shape))  # fmt: skip

@@ -1,0 +1,41 @@
+"""Head fields shared by the flow-matching variants' configurations (StarVLA's defaults)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+
+from ..configuration_vla import VLAConfig
+
+
+@strict
+class VLAFlowMatchingConfig(VLAConfig):
+    r"""
+    Args:
+        dit_hidden_size (`int`, *optional*): width D of the DiT (None: the VLM hidden size, as QwenPI).
+        num_dit_layers (`int`, *optional*): number of DiT blocks (None: the number of VLM layers, layer-wise heads).
+        attention_head_dim (`int`, *optional*, defaults to 64): width of one attention head.
+        dit_output_dim (`int`, *optional*, defaults to 1024): width of the DiT's `proj_out_2`.
+        head_hidden_size (`int`, *optional*, defaults to 1024): hidden width of the state encoder and action decoder.
+        dropout (`float`, *optional*, defaults to 0.2) / final_dropout (`bool`, defaults to `True`): DiT dropout.
+        interleave_self_attention (`bool`): odd blocks self-attend; False makes every block cross-attend.
+        num_future_tokens (`int`, defaults to 32), max_seq_len (`int`, defaults to 1024): learned tokens.
+        repeated_diffusion_steps (`int`): copies of each sample per training step, each with its own noise and time.
+        num_inference_steps (`int`, defaults to 4): Euler steps of `predict_action`.
+        time_beta_alpha / time_beta_beta / time_noise_s: training time t = (s − u)/s, u ~ Beta(α, β).
+    """
+
+    dit_hidden_size: int | None = None
+    num_dit_layers: int | None = None
+    attention_head_dim: int = 64
+    dit_output_dim: int = 1024
+    head_hidden_size: int = 1024
+    dropout: float = 0.2
+    final_dropout: bool = True
+    interleave_self_attention: bool = True
+    num_future_tokens: int = 32
+    max_seq_len: int = 1024
+    repeated_diffusion_steps: int = 1
+    num_inference_steps: int = 4
+    time_beta_alpha: float = 1.5
+    time_beta_beta: float = 1.0
+    time_noise_s: float = 0.999

@@ -1,0 +1,103 @@
+"""What the flow-matching variants (GR00T, PI, PI_v3) share: the VLM runs once, the DiT head runs per step.
+
+A variant only says which backbone features condition the head (`conditions`) and how the head is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..heads.flow_matching import FlowMatchingActionHead
+from ..modeling_vla import VLAOutput, VLAPreTrainedModel
+
+
+class VLAFlowMatchingModel(VLAPreTrainedModel):
+    layerwise = False  # True: block i of the DiT reads VLM layer i
+
+    def build_action_head(self, config, **head_kwargs) -> FlowMatchingActionHead:
+        return FlowMatchingActionHead(
+            action_dim=config.action_dim,
+            action_horizon=config.action_horizon,
+            state_dim=config.state_dim or None,
+            attention_head_dim=config.attention_head_dim,
+            output_dim=config.dit_output_dim,
+            mlp_hidden_size=config.head_hidden_size,
+            dropout=config.dropout,
+            final_dropout=config.final_dropout,
+            interleave_self_attention=config.interleave_self_attention,
+            num_future_tokens=config.num_future_tokens,
+            max_seq_len=config.max_seq_len,
+            repeated_diffusion_steps=config.repeated_diffusion_steps,
+            num_inference_steps=config.num_inference_steps,
+            time_beta_alpha=config.time_beta_alpha,
+            time_beta_beta=config.time_beta_beta,
+            time_noise_s=config.time_noise_s,
+            **head_kwargs,
+        )
+
+    def conditions(self, **vlm_inputs) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
+        """Backbone features the head cross-attends to, and their key padding mask."""
+        outputs = self.encode(**vlm_inputs, output_hidden_states=self.layerwise)
+        mask = vlm_inputs.get("attention_mask")
+        mask = None if mask is None else mask.bool()
+        if self.layerwise:
+            # The last N hidden states are the outputs of the N decoder layers (the first is the embedding output).
+            return list(outputs.hidden_states[-self.action_head.num_layers :]), mask
+        return outputs.last_hidden_state, mask
+
+    def head_state(self, state: torch.Tensor | None) -> torch.Tensor | None:
+        # Variants that write the state into the prompt (state_in_prompt) do not also encode it.
+        if state is None or self.config.state_in_prompt or self.action_head.state_encoder is None:
+            return None
+        return state
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        state: torch.Tensor | None = None,
+        actions: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        time: torch.Tensor | None = None,
+        **kwargs,
+    ) -> VLAOutput:
+        r"""
+        state (`torch.Tensor` of shape `(batch, state_dim)`, *optional*): normalised proprioceptive state.
+        actions (`torch.Tensor` of shape `(batch, action_horizon, action_dim)`): normalised target chunk.
+        action_mask (`torch.Tensor` of shape `(batch, action_horizon)`, *optional*): 1 for valid steps.
+        noise (`torch.Tensor` of shape `(repeats · batch, action_horizon, action_dim)`, *optional*) and
+        time (`torch.Tensor` of shape `(repeats · batch,)`, *optional*, 1 = clean actions): fix the flow-matching
+            sample so a loss can be reproduced exactly; drawn at random when omitted.
+        """
+        if actions is None:
+            raise ValueError("actions: flow-matching training needs target actions; use predict_action for inference")
+        self.check_actions(actions)
+        conditions, mask = self.conditions(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+        )
+        loss = self.action_head(
+            conditions, mask, actions, state=self.head_state(state), action_mask=action_mask, noise=noise, time=time
+        )
+        return VLAOutput(loss=loss, action_loss=loss)
+
+    @torch.no_grad()
+    def predict_action(
+        self,
+        state: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        **inputs,
+    ) -> torch.Tensor:
+        """Normalised chunk `[B, action_horizon, action_dim]`: one backbone pass, then `num_steps` Euler steps of the
+        head alone (default `config.num_inference_steps`), starting from `noise` (drawn when omitted)."""
+        vlm_inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask")}
+        conditions, mask = self.conditions(**vlm_inputs)
+        return self.action_head.sample(conditions, mask, state=self.head_state(state), noise=noise, num_steps=num_steps)

@@ -1,0 +1,191 @@
+"""GR00T, PI and PI_v3 as transformers models on both backbones, and at StarVLA's published configurations."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, random_views
+from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
+from transformers import AutoConfig, AutoModel
+
+from hf_vla import AutoModelForVLA, VLAProcessor
+
+TINY_HEADS = {
+    "gr00t": dict(dit_hidden_size=32, num_dit_layers=2, attention_head_dim=16, dit_output_dim=24, head_hidden_size=48),
+    "pi": dict(attention_head_dim=16, head_hidden_size=48),  # D = VLM width (64), one block per VLM layer
+    "pi_v3": dict(dit_hidden_size=32, attention_head_dim=16, head_hidden_size=48),
+}
+VARIANTS = list(TINY_HEADS)
+
+
+def make_flow(vlm_dir, variant, seed=0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = dict(action_dim=7, action_horizon=4, state_dim=6, dropout=0.0, **TINY_HEADS[variant])
+    kwargs.update(overrides)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **kwargs)
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[56, 56])
+    rng = np.random.default_rng(seed)
+    processor.compute_norm_stats("bridge", rng.normal(size=(256, 7)), rng.normal(size=(256, 6)))
+    return model, processor
+
+
+@pytest.fixture(scope="module", params=[(f, v) for f in FAMILIES for v in VARIANTS], ids=lambda p: f"{p[0]}-{p[1]}")
+def flow(request, tiny_vlm_dirs):
+    family, variant = request.param
+    return (family, variant, *make_flow(tiny_vlm_dirs[family], variant))
+
+
+def batch_for(processor, seed=0, batch=2, actions=False):
+    rng = np.random.default_rng(seed)
+    kwargs = dict(images=random_views(rng, batch), text=["open the drawer", "close the door"][:batch],
+                  state=rng.normal(size=(batch, 6)))  # fmt: skip
+    if actions:
+        kwargs["actions"] = rng.normal(size=(batch, 4, 7))
+    return processor(**kwargs)
+
+
+def test_save_load_exact_given_noise(flow, tmp_path):
+    family, variant, model, processor = flow
+    inputs = batch_for(processor, actions=True)
+    noise = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
+    expected = model.predict_action(**inputs, noise=noise)
+    repeats = model.config.repeated_diffusion_steps
+    train_noise = torch.randn(repeats * 2, 4, 7)
+    time = torch.rand(repeats * 2)
+    expected_loss = model(**inputs, noise=train_noise, time=time).loss
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).model_type == f"vla_{variant}"
+    for auto in (AutoModelForVLA, AutoModel):
+        loaded = auto.from_pretrained(tmp_path)
+        assert type(loaded) is type(model)
+        assert torch.equal(loaded.predict_action(**inputs, noise=noise), expected)
+        assert torch.equal(loaded(**inputs, noise=train_noise, time=time).loss, expected_loss)
+    assert not torch.equal(model.predict_action(**inputs), model.predict_action(**inputs))  # fresh noise each call
+
+
+def test_backbone_runs_once_per_predict_action(flow):
+    _, _, model, processor = flow
+    inputs = batch_for(processor)
+    calls = {"vlm": 0, "dit": 0}
+    hooks = [
+        model.vlm.model.register_forward_hook(lambda *a: calls.__setitem__("vlm", calls["vlm"] + 1)),
+        model.action_head.model.register_forward_hook(lambda *a: calls.__setitem__("dit", calls["dit"] + 1)),
+    ]
+    try:
+        for steps in (1, 4, 10):
+            calls.update(vlm=0, dit=0)
+            model.predict_action(**inputs, num_steps=steps)
+            assert calls == {"vlm": 1, "dit": steps}
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_predictions_depend_on_image_instruction_and_state(flow):
+    _, variant, model, processor = flow
+    rng = np.random.default_rng(1)
+    views, other = random_views(rng, 1), random_views(rng, 1)
+    state = np.zeros((1, 6))
+    noise = torch.randn(1, 4, 7)
+
+    def predict(images, text, state):
+        return model.predict_action(**processor(images=images, text=text, state=state), noise=noise)
+
+    base = predict(views, ["open the drawer"], state)
+    assert (base - predict(other, ["open the drawer"], state)).abs().max() > 1e-6
+    assert (base - predict(views, ["close the door"], state)).abs().max() > 1e-6
+    assert (base - predict(views, ["open the drawer"], np.ones((1, 6)))).abs().max() > 1e-6
+
+
+def test_overfitting_a_batch(tiny_vlm_dirs):
+    for family, variant in [("qwen2_5_vl", "gr00t"), ("qwen3_vl", "pi"), ("qwen2_5_vl", "pi_v3")]:
+        model, processor = make_flow(tiny_vlm_dirs[family], variant, seed=2, repeated_diffusion_steps=2)
+        inputs = batch_for(processor, seed=3, actions=True)
+        generator = torch.Generator().manual_seed(0)
+        noise, time = torch.randn(4, 4, 7, generator=generator), torch.rand(4, generator=generator)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(150):
+            loss = model(**inputs, noise=noise, time=time).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] / 10, (variant, losses[0], losses[-1])
+
+
+def test_bad_inputs(tiny_vlm_dirs):
+    model, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "gr00t")
+    inputs = batch_for(processor)
+    with pytest.raises(ValueError, match=r"actions: expected shape \[B, 4, 7\], got \[2, 4, 5\]"):
+        model(**inputs, actions=torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="actions: flow-matching training needs target actions"):
+        model(**inputs)
+    with pytest.raises(ValueError, match=r"noise must be \(2, 4, 7\), got \(2, 4, 6\)"):
+        model.predict_action(**inputs, noise=torch.zeros(2, 4, 6))
+    with pytest.raises(ValueError, match="dit_hidden_size: the PI head runs at the VLM width 64, got 32"):
+        make_flow(tiny_vlm_dirs["qwen2_5_vl"], "pi", dit_hidden_size=32)
+
+
+def test_pi_v3_writes_state_into_the_prompt_and_pi_does_not(tiny_vlm_dirs):
+    for variant, in_prompt in (("pi_v3", True), ("pi", False), ("gr00t", False)):
+        _, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], variant)
+        text = processor.tokenizer.decode(batch_for(processor)["input_ids"][0])
+        assert ("[STATE]" in text and "[ACTION]" in text) == in_prompt, variant
+
+
+def test_attention_modes_share_shapes_but_not_outputs(tiny_vlm_dirs):
+    interleaved, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "pi_v3", interleave_self_attention=True)
+    all_cross, _ = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "pi_v3", interleave_self_attention=False)
+    all_cross.load_state_dict(interleaved.state_dict())
+    inputs, noise = batch_for(processor), torch.randn(2, 4, 7)
+    assert not torch.allclose(interleaved.predict_action(**inputs, noise=noise), all_cross.predict_action(**inputs, noise=noise))
+
+
+def dit_block_params(d, kv_dim):
+    """One DiT block: AdaLN linear (temb D → 2D), q/out (D×D), k/v (kv_dim → D), feed-forward D → 4D → D."""
+    return (d * 2 * d + 2 * d) + 2 * (d * d + d) + 2 * (kv_dim * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+
+
+def flow_head_params(d, blocks, kv_dims, output_dim, vlm_hidden=None, action_dim=7, state_dim=7, mlp=1024):
+    dit = (256 * d + d) + (d * d + d) + sum(dit_block_params(d, kv) for kv in kv_dims) + (d * 2 * d + 2 * d) + (d * output_dim + output_dim)
+    decoder_in = output_dim if vlm_hidden is None else d
+    counts = {
+        "model": dit,  # timestep MLP 256 → D → D, blocks, proj_out_1 (D → 2D), proj_out_2 (D → output_dim)
+        "state_encoder": (state_dim * mlp + mlp) + (mlp * d + d),
+        "action_encoder": (action_dim * d + d) + (2 * d * d + d) + (d * d + d),
+        "action_decoder": (decoder_in * mlp + mlp) + (mlp * action_dim + action_dim),
+        "future_tokens": 32 * d,
+        "position_embedding": 1024 * d,
+    }
+    return counts
+
+
+@pytest.mark.parametrize(
+    "variant, vlm_config, expected",
+    [
+        # GR00T: DiT-B (D 768), 16 blocks interleaved: even blocks k/v from the VLM (2048), odd from D; output 1024
+        ("gr00t", QWEN2_5_VL_3B, flow_head_params(768, 16, [2048, 768] * 8, 1024)),
+        # PI: D = 2048, 36 blocks (one per LLM layer), k/v at D; proj_out_2 → 26 unused; decoder reads D
+        ("pi", QWEN2_5_VL_3B, flow_head_params(2048, 36, [2048] * 36, 26, vlm_hidden=2048)),
+        # PI_v3: D = 1024 (16 heads × 64), 36 blocks on Qwen3-VL-4B, plus 36 × (LayerNorm(2560) + Linear 2560 → 1024)
+        ("pi_v3", QWEN3_VL_4B, {**flow_head_params(1024, 36, [1024] * 36, 26, vlm_hidden=2560),
+                                "project_layers": 36 * ((2 * 2560) + (2560 * 1024 + 1024))}),  # fmt: skip
+    ],
+)
+def test_head_matches_starvla_at_published_config(variant, vlm_config, expected):
+    config = AutoConfig.for_model(f"vla_{variant}", vlm_config=vlm_config.to_dict(), action_dim=7, action_horizon=16, state_dim=7)
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.action_head.named_children()}
+    assert counts == expected
+    keys = {k for k, _ in model.action_head.named_parameters()}
+    for key in ["model.timestep_encoder.timestep_embedder.linear_1.weight", "model.transformer_blocks.0.norm1.linear.weight",
+                "model.transformer_blocks.0.attn1.to_k.weight", "model.transformer_blocks.0.attn1.to_out.0.bias",
+                "model.transformer_blocks.0.ff.net.0.proj.weight", "model.transformer_blocks.0.ff.net.2.weight",
+                "model.proj_out_1.weight", "model.proj_out_2.weight", "action_encoder.layer3.weight",
+                "action_decoder.layer2.weight", "state_encoder.layer1.weight", "future_tokens.weight",
+                "position_embedding.weight"]:  # fmt: skip
+        assert key in keys, key
+    assert model.config.state_in_prompt == (variant == "pi_v3")
