@@ -3,6 +3,8 @@
 from .auto import AutoModelForVLA
 from .configuration_vla import VLAConfig
 from .modeling_vla import VLAOutput, VLAPreTrainedModel
+from .models.bins import VLABinsConfig, VLABinsForActionPrediction
+from .models.fast import VLAFASTConfig, VLAFASTForActionPrediction
 from .models.gr00t import VLAGR00TConfig, VLAGR00TForActionPrediction
 from .models.oft import VLAOFTConfig, VLAOFTForActionPrediction
 from .models.pi import VLAPIConfig, VLAPIForActionPrediction
@@ -16,7 +18,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoModelForVLA",
     "NORM_MODES",
+    "VLABinsConfig",
+    "VLABinsForActionPrediction",
     "VLAConfig",
+    "VLAFASTConfig",
+    "VLAFASTForActionPrediction",
     "VLAGR00TConfig",
     "VLAGR00TForActionPrediction",
     "VLAPIConfig",

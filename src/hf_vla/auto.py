@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping, auto_class_update
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
+from .models.bins import VLABinsConfig, VLABinsForActionPrediction
+from .models.fast import VLAFASTConfig, VLAFASTForActionPrediction
 from .models.gr00t import VLAGR00TConfig, VLAGR00TForActionPrediction
 from .models.oft import VLAOFTConfig, VLAOFTForActionPrediction
 from .models.pi import VLAPIConfig, VLAPIForActionPrediction
@@ -23,6 +25,8 @@ VARIANTS = {
     "vla_gr00t": (VLAGR00TConfig, VLAGR00TForActionPrediction),
     "vla_pi": (VLAPIConfig, VLAPIForActionPrediction),
     "vla_pi_v3": (VLAPIv3Config, VLAPIv3ForActionPrediction),
+    "vla_fast": (VLAFASTConfig, VLAFASTForActionPrediction),
+    "vla_bins": (VLABinsConfig, VLABinsForActionPrediction),
 }
 
 MODEL_FOR_VLA_MAPPING = _LazyAutoMapping(CONFIG_MAPPING_NAMES, OrderedDict())

@@ -81,11 +81,16 @@ class VLAPreTrainedModel(PreTrainedModel):
         return config_kwargs
 
     @classmethod
+    def adapt_backbone(cls, vlm, tokenizer, config_kwargs: dict) -> None:
+        """Hook for variants that change the backbone before the head is built (e.g. action tokens in the vocabulary)."""
+
+    @classmethod
     def from_vlm(cls, vlm_name_or_path: str, dtype: torch.dtype | str | None = None, **config_kwargs):
         """A new VLA around pretrained VLM weights: the backbone is loaded, the head freshly initialised."""
         vlm = AutoModelForImageTextToText.from_pretrained(vlm_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
         config_kwargs = cls.config_kwargs_from_tokenizer(tokenizer, dict(config_kwargs))
+        cls.adapt_backbone(vlm, tokenizer, config_kwargs)
         config_kwargs.setdefault("base_vlm", str(vlm_name_or_path))
         config = cls.config_class(vlm_config=vlm.config, **config_kwargs)
         with torch.device("meta"):

@@ -21,9 +21,12 @@ from .normalization import compute_stats, normalize, unnormalize, validate_featu
 STATE_BINS = np.linspace(-1.0, 1.0, 257)[:-1]  # 256 uniform bins over [-1, 1] (StarVLA's state text)
 
 
-def state_to_text(normalized_state: np.ndarray) -> str:
-    """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index (values below -1 give -1)."""
+def state_to_text(normalized_state: np.ndarray, token_template: str | None = None) -> str:
+    """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index (StarVLA: values below -1 give
+    -1), or, with `token_template` (e.g. "<robot_action_{}>"), as action tokens of the clipped bins [0, 255]."""
     bins = np.digitize(normalized_state, STATE_BINS) - 1
+    if token_template is not None:
+        return "[STATE] " + "".join(token_template.format(int(b)) for b in np.clip(bins, 0, 255)) + " [ACTION]"
     return "[STATE] " + " ".join(str(int(b)) for b in bins) + " [ACTION]"
 
 
@@ -39,6 +42,8 @@ class VLAProcessor(ProcessorMixin):
         image_size (`list[int]`): `[height, width]` every view is resized to before the image processor.
         action_dim, action_horizon, state_dim, state_in_prompt, prompt_template: as in `VLAConfig`.
         action_query_token / action_query_suffix: OFT's placeholder token and the text that carries it.
+        state_token_template (`str`, *optional*): write state bins as these tokens (bins variant) instead of numbers.
+        concat_views (`bool`): stack the camera views vertically into one image (LLaVA-VLA).
         backbone (`str`): the VLM's model_type, which picks the image-token layout.
     """
 
@@ -57,6 +62,8 @@ class VLAProcessor(ProcessorMixin):
         prompt_template: str = "{instruction}",
         action_query_token: str | None = None,
         action_query_suffix: str | None = None,
+        state_token_template: str | None = None,
+        concat_views: bool = False,
         backbone: str = "qwen2_5_vl",
         **kwargs,
     ):
@@ -70,6 +77,8 @@ class VLAProcessor(ProcessorMixin):
         self.prompt_template = prompt_template
         self.action_query_token = action_query_token
         self.action_query_suffix = action_query_suffix
+        self.state_token_template = state_token_template
+        self.concat_views = bool(concat_views)
         self.backbone = backbone
         if len(self.image_size) != 2:
             raise ValueError(f"image_size: expected [height, width], got {image_size}")
@@ -92,10 +101,21 @@ class VLAProcessor(ProcessorMixin):
             prompt_template=config.prompt_template,
             action_query_token=getattr(config, "action_token", None),
             action_query_suffix=getattr(config, "action_query_suffix", None),
+            state_token_template=(
+                config.action_token_template if getattr(config, "state_as_action_tokens", False) else None
+            ),
+            concat_views=getattr(config, "concat_views", False),
             backbone=config.vlm_config.model_type,
         )
         settings.update(kwargs)
         tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
+        if getattr(config, "num_action_tokens", None):  # token heads: the same action tokens as the model's vocabulary
+            from .models.token_actions import add_action_tokens
+
+            offset = add_action_tokens(tokenizer, config.action_token_template, config.num_action_tokens)
+            if config.action_token_offset not in (None, offset):
+                raise ValueError(f"action_token_offset: the model expects {config.action_token_offset}, "
+                                 f"the tokenizer gives {offset}")
         image_processor = AutoImageProcessor.from_pretrained(vlm_name_or_path)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
@@ -157,7 +177,8 @@ class VLAProcessor(ProcessorMixin):
             if len(views) != len(self.camera_names):
                 raise ValueError(f"images[{b}]: expected {len(self.camera_names)} camera views "
                                  f"{self.camera_names}, got {len(views)}")
-            samples.append([self._resized(view, f"images[{b}][{v}]", height, width) for v, view in enumerate(views)])
+            resized = [self._resized(view, f"images[{b}][{v}]", height, width) for v, view in enumerate(views)]
+            samples.append([np.concatenate(resized, axis=0)] if self.concat_views else resized)
         return samples
 
     @staticmethod
@@ -197,7 +218,7 @@ class VLAProcessor(ProcessorMixin):
                 raise ValueError(f"text[{b}]: the instruction may not contain the reserved token {token!r}")
         text = instruction
         if normalized_state is not None and self.state_in_prompt:
-            text += " " + state_to_text(normalized_state)
+            text += " " + state_to_text(normalized_state, self.state_token_template)
         if self.action_query_token:
             text += self.action_query_suffix.format(
                 horizon=self.action_horizon, queries=self.action_query_token * self.action_horizon
@@ -264,7 +285,7 @@ class VLAProcessor(ProcessorMixin):
                 self._instruction_text(
                     instruction, None if normalized_state is None else normalized_state[b], b
                 ),
-                len(self.camera_names),
+                1 if self.concat_views else len(self.camera_names),
             )
             for b, instruction in enumerate(text)
         ]

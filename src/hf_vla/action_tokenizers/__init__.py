@@ -2,10 +2,12 @@
 
 from typing import TYPE_CHECKING
 
+from .bins import UniformBins
+
 if TYPE_CHECKING:
     from .fast import FASTTokenizer
 
-__all__ = ["FASTTokenizer"]
+__all__ = ["FASTTokenizer", "UniformBins"]
 
 
 def __getattr__(name: str):

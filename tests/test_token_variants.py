@@ -1,0 +1,179 @@
+"""FAST and bins: actions as VLM tokens, causal-LM loss on the reply, constrained KV-cached decoding."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, random_views
+from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from hf_vla import AutoModelForVLA, VLABinsForActionPrediction, VLAFASTForActionPrediction, VLAProcessor
+from hf_vla.action_tokenizers import FASTTokenizer
+
+T, D = 4, 3
+
+
+def smooth_chunks(rng, n):
+    t = np.linspace(0, 1, T)[None, :, None]
+    return (rng.uniform(0.1, 0.6, (n, 1, D)) * np.sin(2 * np.pi * (t + rng.uniform(0, 1, (n, 1, D))))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fast_tokenizer():
+    return FASTTokenizer.fit(smooth_chunks(np.random.default_rng(0), 500), scale=10, vocab_size=64)
+
+
+def make_token_model(vlm_dir, variant, fast_tokenizer, seed=0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = dict(action_dim=D, action_horizon=T, state_dim=2, **overrides)
+    if variant == "fast":
+        kwargs.update(action_tokenizer=fast_tokenizer, max_action_tokens=24)
+    else:
+        kwargs.setdefault("num_action_tokens", 32)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **kwargs)
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[56, 56])
+    # identity statistics: normalised = raw, so targets can be given directly in [-1, 1]
+    stats = {"action": {"mean": [0.0] * D, "std": [1.0] * D, "min": [-1.0] * D, "max": [1.0] * D,
+                        "q01": [-1.0] * D, "q99": [1.0] * D, "mode": ["identity"] * D},
+             "state": {"mean": [0.0] * 2, "std": [1.0] * 2, "min": [-1.0] * 2, "max": [1.0] * 2,
+                       "q01": [-1.0] * 2, "q99": [1.0] * 2, "mode": ["identity"] * 2}}  # fmt: skip
+    processor.set_norm_stats("sim", stats)
+    return model, processor
+
+
+@pytest.fixture(scope="module", params=[(f, v) for f in FAMILIES for v in ("fast", "bins")], ids=lambda p: f"{p[0]}-{p[1]}")
+def token_model(request, tiny_vlm_dirs, fast_tokenizer):
+    family, variant = request.param
+    return (family, variant, *make_token_model(tiny_vlm_dirs[family], variant, fast_tokenizer))
+
+
+def batch(processor, rng, n=2, actions=None):
+    return processor(images=random_views(rng, n), text=["open the drawer", "close the door"][:n],
+                     state=rng.uniform(-1, 1, (n, 2)), actions=actions)  # fmt: skip
+
+
+def test_vocabulary_grows_like_starvla_action_models(tiny_vlm_dirs, token_model):
+    family, variant, model, processor = token_model
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dirs[family])
+    base_rows = base.get_input_embeddings().weight.shape[0]
+    n = model.config.num_action_tokens
+    assert model.get_input_embeddings().weight.shape[0] == base_rows + n
+    assert model.config.action_token_offset == processor.tokenizer.convert_tokens_to_ids("<robot_action_0>")
+    assert processor.tokenizer.convert_tokens_to_ids(f"<robot_action_{n - 1}>") == model.config.action_token_offset + n - 1
+    for key, value in base.state_dict().items():
+        if "embed_tokens" not in key and "lm_head" not in key:
+            assert torch.equal(model.vlm.state_dict()[key], value), key
+
+
+def test_save_load_exact(token_model, tmp_path):
+    _, variant, model, processor = token_model
+    rng = np.random.default_rng(0)
+    inputs = batch(processor, rng, actions=smooth_chunks(rng, 2))
+    loss = model(**inputs).loss
+    predicted = model.predict_action(**inputs)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    for auto in (AutoModelForVLA, AutoModel):
+        loaded = auto.from_pretrained(tmp_path)
+        assert type(loaded) is type(model)
+        assert torch.equal(loaded(**inputs).loss, loss)
+        assert torch.allclose(loaded.predict_action(**inputs), predicted, equal_nan=True)
+    if variant == "fast":
+        assert (tmp_path / "action_tokenizer" / "processor_config.json").is_file()
+        assert loaded.action_tokenizer(smooth_chunks(rng, 3)) is not None
+
+
+def test_overfit_then_decode_through_the_kv_cache(tiny_vlm_dirs, fast_tokenizer):
+    """After overfitting two samples, constrained greedy decoding reproduces their chunks: FAST within the
+    quantisation bound, bins as bin centres. With and without the KV cache the tokens are identical."""
+    rng = np.random.default_rng(4)
+    for family, variant in (("qwen2_5_vl", "fast"), ("qwen3_vl", "bins")):
+        model, processor = make_token_model(tiny_vlm_dirs[family], variant, fast_tokenizer, seed=1)
+        targets = smooth_chunks(rng, 2)
+        inputs = batch(processor, rng, actions=targets)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(80):
+            loss = model(**inputs).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        model.eval()
+        assert losses[-1] < losses[0] / 10, (variant, losses[0], losses[-1])
+        cached = model.generate_actions(**inputs)
+        uncached = model.generate_actions(**inputs, use_cache=False)
+        assert cached.action_token_ids == uncached.action_token_ids
+        assert cached.valid.all()
+        if variant == "fast":
+            assert cached.action_token_ids == fast_tokenizer(targets)
+            bound = np.sqrt(T) * 0.5 / fast_tokenizer.scale
+            error = np.linalg.norm(cached.actions.numpy() - targets, axis=1)
+            assert (error <= bound + 1e-5).all()
+        else:
+            expected = model.bins.centres(model.bins.encode(targets))
+            np.testing.assert_allclose(cached.actions.numpy(), expected, atol=1e-6)
+
+
+def test_undecodable_sequences_are_flagged(token_model):
+    _, variant, model, _ = token_model
+    good = model.encode_actions(smooth_chunks(np.random.default_rng(0), 1))[0]
+    actions, valid = model.decode_action_tokens([good, good[:-1] if variant == "bins" else good[:1], []])
+    assert valid.tolist() == [True, False, False]
+    assert np.isfinite(actions[0]).all() and np.isnan(actions[1:]).all()
+
+
+def test_loss_depends_on_image_and_instruction(token_model):
+    _, _, model, processor = token_model
+    rng = np.random.default_rng(2)
+    views, other = random_views(rng, 1), random_views(rng, 1)
+    target, state = smooth_chunks(rng, 1), np.zeros((1, 2))
+
+    def loss(images, text):
+        return model(**processor(images=images, text=text, state=state, actions=target)).loss.item()
+
+    base = loss(views, ["open the drawer"])
+    assert abs(base - loss(other, ["open the drawer"])) > 1e-6
+    assert abs(base - loss(views, ["close the door"])) > 1e-6
+
+
+def test_bins_prompt_carries_state_tokens_and_one_stacked_image(tiny_vlm_dirs, fast_tokenizer):
+    model, processor = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "bins", fast_tokenizer, concat_views=True)
+    inputs = processor(images=random_views(np.random.default_rng(0), 1), text=["go"], state=[[-1.0, 0.999]])
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert "[STATE] <robot_action_0><robot_action_255> [ACTION]" in text
+    assert text.count("<|vision_start|>") == 1 and inputs["image_grid_thw"].tolist() == [[1, 8, 4]]
+
+
+def test_bad_inputs(tiny_vlm_dirs, fast_tokenizer):
+    vlm = tiny_vlm_dirs["qwen2_5_vl"]
+    model = AutoModelForVLA.from_vlm(vlm, variant="fast", action_dim=D, action_horizon=T, num_action_tokens=64)
+    processor = VLAProcessor.from_vlm(vlm, model.config, image_size=[56, 56])
+    inputs = processor(images=random_views(np.random.default_rng(0), 1, cameras=1), text=["go"])
+    with pytest.raises(ValueError, match="action_tokenizer: this FAST model has no FAST tokenizer"):
+        model(**inputs, actions=torch.zeros(1, T, D))
+    with pytest.raises(ValueError, match=r"action_tokenizer: its vocabulary \(64\) exceeds the model's num_action_tokens \(32\)"):
+        AutoModelForVLA.from_vlm(vlm, variant="fast", action_tokenizer=fast_tokenizer, num_action_tokens=32,
+                                 action_dim=D, action_horizon=T)  # fmt: skip
+    with pytest.raises(ValueError, match=r"action_tokenizer.action_dim: expected 5 \(the model's\), got 3"):
+        AutoModelForVLA.from_vlm(vlm, variant="fast", action_tokenizer=fast_tokenizer, action_dim=5, action_horizon=T)
+    model.set_action_tokenizer(fast_tokenizer)
+    with pytest.raises(ValueError, match=r"actions: expected shape \[B, 4, 3\], got \[1, 4, 2\]"):
+        model(**inputs, actions=torch.zeros(1, T, 2))
+
+
+@pytest.mark.parametrize("vlm_config", [QWEN2_5_VL_3B, QWEN3_VL_4B], ids=["qwen2.5-vl-3b", "qwen3-vl-4b"])
+@pytest.mark.parametrize("variant", ["fast", "bins"])
+def test_token_variants_add_no_parameters_at_published_config(vlm_config, variant):
+    """StarVLA's QwenFast has no head parameters: the action vocabulary is 2048 extra embedding / lm_head rows of the
+    -Action backbone (base rows 151,936 + 2,048 = 153,984)."""
+    action_vlm = vlm_config.to_dict()
+    action_vlm["text_config"]["vocab_size"] = 151936 + 2048
+    config = AutoConfig.for_model(f"vla_{variant}", vlm_config=action_vlm, action_dim=7, num_action_tokens=2048)
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+        backbone = AutoModelForImageTextToText.from_config(model.config.vlm_config)
+    assert isinstance(model, VLAFASTForActionPrediction if variant == "fast" else VLABinsForActionPrediction)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in backbone.parameters())
+    assert model.vlm.lm_head.weight.shape[0] == 153984
