@@ -97,22 +97,23 @@ def test_predictions_depend_on_image_instruction_and_state(flow):
     assert (base - predict(views, ["open the drawer"], np.ones((1, 6)))).abs().max() > 1e-6
 
 
-def test_overfitting_a_batch(tiny_vlm_dirs):
-    for family, variant in [("qwen2_5_vl", "gr00t"), ("qwen3_vl", "pi"), ("qwen2_5_vl", "pi_v3")]:
-        model, processor = make_flow(tiny_vlm_dirs[family], variant, seed=2, repeated_diffusion_steps=2)
-        inputs = batch_for(processor, seed=3, actions=True)
-        generator = torch.Generator().manual_seed(0)
-        noise, time = torch.randn(4, 4, 7, generator=generator), torch.rand(4, generator=generator)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(150):
-            loss = model(**inputs, noise=noise, time=time).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        assert losses[-1] < losses[0] / 10, (variant, losses[0], losses[-1])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_overfitting_a_batch(tiny_vlm_dirs, family, variant):
+    model, processor = make_flow(tiny_vlm_dirs[family], variant, seed=2, repeated_diffusion_steps=2)
+    inputs = batch_for(processor, seed=3, actions=True)
+    generator = torch.Generator().manual_seed(0)
+    noise, time = torch.randn(4, 4, 7, generator=generator), torch.rand(4, generator=generator)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = model(**inputs, noise=noise, time=time).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (variant, losses[0], losses[-1])
 
 
 def test_bad_inputs(tiny_vlm_dirs):

@@ -87,7 +87,7 @@ def test_overfit_then_decode_through_the_kv_cache(tiny_vlm_dirs, fast_tokenizer)
     """After overfitting two samples, constrained greedy decoding reproduces their chunks: FAST within the
     quantisation bound, bins as bin centres. With and without the KV cache the tokens are identical."""
     rng = np.random.default_rng(4)
-    for family, variant in (("qwen2_5_vl", "fast"), ("qwen3_vl", "bins")):
+    for family, variant in [(f, v) for f in FAMILIES for v in ("fast", "bins")]:
         model, processor = make_token_model(tiny_vlm_dirs[family], variant, fast_tokenizer, seed=1)
         targets = smooth_chunks(rng, 2)
         inputs = batch(processor, rng, actions=targets)
