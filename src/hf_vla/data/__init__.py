@@ -1,0 +1,30 @@
+"""Robot datasets on disk: LeRobot v3.0 / v2.1 reading and writing without the `lerobot` package, and video decoding.
+
+Names are imported lazily so that `python -m hf_vla.data.<module>` runs each module cleanly.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ACTION_MODES": "lerobot",
+    "LeRobotDataset": "lerobot",
+    "apply_action_mode": "lerobot",
+    "load_lerobot": "lerobot",
+    "LeRobotWriter": "lerobot_writer",
+    "write_lerobot_dataset": "lerobot_writer",
+    "PyAVDecoder": "video",
+    "VideoDecodeError": "video",
+    "VideoDecoder": "video",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,407 @@
+"""Reads LeRobot-format datasets (v3.0, and v2.1/v2.0) from disk, without the `lerobot` package.
+
+`load_lerobot(root, action_horizon=T)` gives a map-style dataset (torch `Dataset`) with one raw sample per frame:
+
+    {"images": {camera: uint8 [H, W, 3]}, "instruction": str, "state": float32 [S] (when the dataset has one),
+     "actions": float32 [T, D], "action_mask": bool [T], "episode_index": int, "frame_index": int}
+
+`actions` holds the frame's action and the next T-1 of the same episode. Steps past the episode end are padded by
+repeating the last valid action (in raw space, before the action_mode transform, as StarVLA's GR00T-derived loader
+does) and are False in `action_mask`. action_mode: "abs" raw; "rel" a_t - s_0; "delta" a_0 - s_0, then a_t - a_{t-1}
+(padded steps are therefore zero deltas).
+
+All numeric columns are loaded once into numpy; images come from the videos through a pluggable decoder
+(`hf_vla.data.video`) or from PNG bytes embedded in the parquet (image-mode datasets).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.data import Dataset
+
+from ..normalization import compute_stats as compute_feature_stats
+from .video import as_decoder
+
+ACTION_MODES = ("abs", "delta", "rel")
+CAMERA_DTYPES = ("video", "image")
+_IMAGE_FILES_CACHED = 4  # image-mode parquet files whose image columns stay in memory per process
+
+
+def load_lerobot(
+    root,
+    action_horizon: int = 1,
+    cameras: Sequence[str] | None = None,
+    state_key: str | None = "observation.state",
+    action_key: str = "action",
+    action_mode: str = "abs",
+    camera_rename: Mapping[str, str] | None = None,
+    decoder=None,
+) -> LeRobotDataset:
+    """Opens the LeRobot dataset at `root` (a local directory); see `LeRobotDataset`."""
+    return LeRobotDataset(root, action_horizon, cameras, state_key, action_key, action_mode, camera_rename, decoder)
+
+
+class LeRobotDataset(Dataset):
+    """One sample per frame of a local LeRobot dataset (see the module docstring for the sample layout).
+
+    Args:
+        root: dataset directory (holds meta/info.json).
+        action_horizon: T, the number of actions per sample.
+        cameras: camera feature keys to return, in this order; all video/image features when None.
+        state_key: the state feature; samples have no "state" when it is None or absent from the dataset.
+        action_key: the action feature.
+        action_mode: "abs", "delta" or "rel" (the last two need a state of the action's dimension).
+        camera_rename: {feature key: output name} for the "images" dict.
+        decoder: a video decoder (object with `decode(path, timestamps)` or such a callable); PyAV when None.
+    """
+
+    def __init__(
+        self,
+        root,
+        action_horizon: int = 1,
+        cameras: Sequence[str] | None = None,
+        state_key: str | None = "observation.state",
+        action_key: str = "action",
+        action_mode: str = "abs",
+        camera_rename: Mapping[str, str] | None = None,
+        decoder=None,
+    ):
+        self.root = Path(root)
+        self.info = _read_json(self.root / "meta" / "info.json")
+        self.version = str(self.info.get("codebase_version", ""))
+        self.fps = self.info["fps"]
+        self.features: dict[str, dict] = self.info["features"]
+        if action_horizon < 1:
+            raise ValueError(f"action_horizon: expected a positive integer, got {action_horizon}")
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {action_mode!r}")
+        self.action_horizon, self.action_mode = action_horizon, action_mode
+        self.action_key = action_key
+        if action_key not in self.features:
+            raise ValueError(f"action_key {action_key!r} is not a feature of {self.root}; "
+                             f"available: {self._numeric_keys()}")
+        self.state_key = state_key if state_key in self.features else None
+        self.cameras = self._select_cameras(cameras)
+        self.camera_names = self._rename_cameras(camera_rename or {})
+        self.decoder = as_decoder(decoder)
+
+        if self.version == "v3.0":
+            self.tasks, self.episodes = _read_v3_meta(self.root, self.info)
+        elif self.version.startswith("v2"):
+            self.tasks, self.episodes = _read_v2_meta(self.root, self.info)
+        else:
+            raise ValueError(f"{self.root / 'meta' / 'info.json'}: unsupported codebase_version {self.version!r} "
+                             "(expected v3.0, v2.1 or v2.0)")
+        self._load_columns()
+        self._check_action_mode()
+        self._image_tables: OrderedDict[int, dict] = OrderedDict()
+
+    # ---- setup ----
+    def _numeric_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f["dtype"] not in CAMERA_DTYPES + ("string",)]
+
+    def _select_cameras(self, cameras) -> list[str]:
+        available = [k for k, f in self.features.items() if f["dtype"] in CAMERA_DTYPES]
+        if cameras is None:
+            return available
+        unknown = [c for c in cameras if c not in available]
+        if unknown:
+            raise ValueError(f"unknown camera(s) {unknown} in {self.root}; available cameras: {available}")
+        return list(cameras)
+
+    def _rename_cameras(self, rename: Mapping[str, str]) -> list[str]:
+        unknown = [k for k in rename if k not in self.cameras]
+        if unknown:
+            raise ValueError(f"camera_rename: {unknown} not among the selected cameras {self.cameras}")
+        names = [rename.get(k, k) for k in self.cameras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"camera_rename: output names collide: {names}")
+        return names
+
+    def _check_action_mode(self):
+        if self.action_mode == "abs":
+            return
+        action_dim = self._actions.shape[1]
+        if self.state_key is None:
+            raise ValueError(f"action_mode={self.action_mode!r} needs a state, but {self.root} has no state feature "
+                             f"(action {self.action_key!r} dim {action_dim}, state dim 0)")
+        state_dim = self._states.shape[1]
+        if state_dim != action_dim:
+            raise ValueError(f"action_mode={self.action_mode!r} needs state and action of the same dimension: "
+                             f"state {self.state_key!r} has dim {state_dim}, action {self.action_key!r} has dim "
+                             f"{action_dim}")
+
+    def _load_columns(self):
+        """Reads every numeric column needed from the data parquet files into flat per-row numpy arrays."""
+        files = list(dict.fromkeys(ep["data_file"] for ep in self.episodes.values()))
+        wanted = ["episode_index", "frame_index", "timestamp", "task_index", self.action_key]
+        if self.state_key:
+            wanted.append(self.state_key)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
+        file_ids, rows_in_file = [], []
+        for file_id, relative in enumerate(files):
+            path = self.root / relative
+            table = _read_parquet(path, wanted)
+            for key in wanted:
+                parts[key].append(_column_to_numpy(table.column(key), path, key))
+            file_ids.append(np.full(table.num_rows, file_id, dtype=np.int32))
+            rows_in_file.append(np.arange(table.num_rows, dtype=np.int64))
+        columns = {k: np.concatenate(v) for k, v in parts.items()}
+        self._data_files = files
+        self._row_file = np.concatenate(file_ids)
+        self._row_in_file = np.concatenate(rows_in_file)
+        self._episode_index = columns["episode_index"].reshape(-1).astype(np.int64)
+        self._frame_index = columns["frame_index"].reshape(-1).astype(np.int64)
+        self._timestamp = columns["timestamp"].reshape(-1).astype(np.float64)
+        self._task_index = columns["task_index"].reshape(-1).astype(np.int64)
+        self._actions = columns[self.action_key].reshape(len(self._episode_index), -1).astype(np.float32)
+        self._states = None
+        if self.state_key:
+            self._states = columns[self.state_key].reshape(len(self._episode_index), -1).astype(np.float32)
+        self._episode_bounds()
+
+    def _episode_bounds(self):
+        """Per row: the first row of its episode and one past its last (rows of an episode are contiguous)."""
+        n = len(self._episode_index)
+        starts = np.flatnonzero(np.diff(self._episode_index, prepend=-1) != 0)
+        ends = np.append(starts[1:], n)
+        seen = self._episode_index[starts]
+        if len(set(seen.tolist())) != len(seen):
+            raise ValueError(f"{self.root}: an episode's rows are not contiguous in the data files")
+        for episode, start, end in zip(seen.tolist(), starts, ends):
+            meta = self.episodes.get(episode)
+            if meta is None:
+                raise ValueError(f"{self.root / self._data_files[self._row_file[start]]}: rows of episode {episode} "
+                                 "that the episode metadata does not list")
+            if meta["length"] != end - start:
+                raise ValueError(f"{self.root / meta['data_file']}: episode {episode} has {end - start} rows, "
+                                 f"metadata says {meta['length']}")
+        lengths = ends - starts
+        self._row_start = np.repeat(starts, lengths)
+        self._row_end = np.repeat(ends, lengths)
+        self.num_episodes = len(starts)
+
+    # ---- samples ----
+    def __len__(self) -> int:
+        return len(self._episode_index)
+
+    def __getitem__(self, index: int) -> dict:
+        row = int(index) + len(self) if int(index) < 0 else int(index)
+        if not 0 <= row < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} frames")
+        steps = row + np.arange(self.action_horizon)
+        end = self._row_end[row]
+        mask = steps < end
+        actions = self._actions[np.minimum(steps, end - 1)]
+        sample = {
+            "images": self._images(row),
+            "instruction": self.tasks[int(self._task_index[row])],
+        }
+        if self._states is not None:
+            sample["state"] = self._states[row].copy()
+            actions = apply_action_mode(actions, self._states[row], self.action_mode)
+        sample["actions"] = np.ascontiguousarray(actions, dtype=np.float32)
+        sample["action_mask"] = mask
+        sample["episode_index"] = int(self._episode_index[row])
+        sample["frame_index"] = int(self._frame_index[row])
+        return sample
+
+    def _images(self, row: int) -> dict[str, np.ndarray]:
+        images = {}
+        episode = self.episodes[int(self._episode_index[row])]
+        for key, name in zip(self.cameras, self.camera_names):
+            if self.features[key]["dtype"] == "image":
+                images[name] = self._embedded_image(row, key)
+                continue
+            path, offset = episode["videos"][key]
+            frames = self.decoder.decode(self.root / path, [offset + self._timestamp[row]])
+            images[name] = np.asarray(frames[0])
+        return images
+
+    def _embedded_image(self, row: int, key: str) -> np.ndarray:
+        from PIL import Image
+
+        file_id = int(self._row_file[row])
+        tables = self._image_tables.get(file_id)
+        if tables is None:
+            keys = [k for k in self.cameras if self.features[k]["dtype"] == "image"]
+            tables = _read_parquet(self.root / self._data_files[file_id], keys)
+            self._image_tables[file_id] = tables
+            while len(self._image_tables) > _IMAGE_FILES_CACHED:
+                self._image_tables.popitem(last=False)
+        cell = tables.column(key)[int(self._row_in_file[row])].as_py()
+        data = cell.get("bytes") if isinstance(cell, dict) else None
+        if data is None:  # image stored as a path next to the dataset instead of embedded bytes
+            return np.asarray(Image.open(self.root / cell["path"]).convert("RGB"))
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_image_tables"] = OrderedDict()
+        return state
+
+    # ---- statistics ----
+    def compute_stats(self, action_mode="q99", state_mode="q99") -> dict:
+        """Normalisation statistics in the processor's format, from the parquet columns (no video decoding).
+
+        `action_mode` / `state_mode` are normalisation modes (hf_vla.normalization.NORM_MODES, one or one per
+        dimension), not the dataset's action_mode. Action statistics describe the actions as samples return them:
+        raw actions for "abs"; for "delta"/"rel" every valid (unpadded) step of every frame's chunk.
+        """
+        stats = {"action": compute_feature_stats(self._action_values_for_stats(), action_mode)}
+        if self._states is not None:
+            stats["state"] = compute_feature_stats(self._states, state_mode)
+        stats["num_transitions"] = len(self)
+        stats["num_trajectories"] = self.num_episodes
+        return stats
+
+    def _action_values_for_stats(self, block: int = 65536) -> np.ndarray:
+        if self.action_mode == "abs":
+            return self._actions
+        values = []
+        for first in range(0, len(self), block):
+            rows = np.arange(first, min(first + block, len(self)))
+            steps = rows[:, None] + np.arange(self.action_horizon)
+            ends = self._row_end[rows][:, None]
+            chunks = self._actions[np.minimum(steps, ends - 1)]
+            transformed = apply_action_mode(chunks, self._states[rows], self.action_mode)
+            values.append(transformed[steps < ends])
+        return np.concatenate(values)
+
+    def __repr__(self) -> str:
+        state_dim = 0 if self._states is None else self._states.shape[1]
+        return (f"LeRobotDataset({self.root}, {self.version}, {self.num_episodes} episodes, {len(self)} frames, "
+                f"fps={self.fps}, cameras={dict(zip(self.cameras, self.camera_names))}, state_dim={state_dim}, "
+                f"action_dim={self._actions.shape[1]}, action_horizon={self.action_horizon}, "
+                f"action_mode={self.action_mode!r})")
+
+
+def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
+    """actions [..., T, D] and state [..., D] → actions in `mode` ("abs", "rel" a_t - s_0, "delta" see module doc)."""
+    if mode == "abs":
+        return actions
+    state = np.asarray(state, dtype=np.float32)[..., None, :]
+    if mode == "rel":
+        return actions - state
+    if mode == "delta":
+        return np.diff(actions, axis=-2, prepend=state)
+    raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
+
+
+# ---- metadata readers ----
+def _read_v3_meta(root: Path, info: dict) -> tuple[dict[int, str], dict[int, dict]]:
+    tasks_table = _read_parquet(root / "meta" / "tasks.parquet")
+    # lerobot 0.6 names the task column "task"; 0.4 left it an unnamed pandas index
+    task_column = "task" if "task" in tasks_table.column_names else "__index_level_0__"
+    tasks = dict(zip(tasks_table.column("task_index").to_pylist(), tasks_table.column(task_column).to_pylist()))
+
+    episode_files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    if not episode_files:
+        raise FileNotFoundError(f"no episode metadata under {root / 'meta' / 'episodes'}")
+    episodes = {}
+    for path in episode_files:
+        names = pq.ParquetFile(path).schema_arrow.names
+        table = _read_parquet(path, [n for n in names if not n.startswith("stats/")])
+        for row in table.to_pylist():
+            data_file = info["data_path"].format(chunk_index=row["data/chunk_index"],
+                                                 file_index=row["data/file_index"])
+            videos = {}
+            for key, feature in info["features"].items():
+                if feature["dtype"] == "video":
+                    video_file = info["video_path"].format(video_key=key, chunk_index=row[f"videos/{key}/chunk_index"],
+                                                           file_index=row[f"videos/{key}/file_index"])
+                    videos[key] = (video_file, float(row[f"videos/{key}/from_timestamp"]))
+            episodes[row["episode_index"]] = {"length": row["length"], "data_file": data_file, "videos": videos}
+    return tasks, dict(sorted(episodes.items()))
+
+
+def _read_v2_meta(root: Path, info: dict) -> tuple[dict[int, str], dict[int, dict]]:
+    tasks = {row["task_index"]: row["task"] for row in _read_jsonl(root / "meta" / "tasks.jsonl")}
+    chunks_size = info.get("chunks_size", 1000)
+    episodes = {}
+    for row in _read_jsonl(root / "meta" / "episodes.jsonl"):
+        index = row["episode_index"]
+        chunk = index // chunks_size
+        videos = {
+            key: (info["video_path"].format(episode_chunk=chunk, video_key=key, episode_index=index), 0.0)
+            for key, feature in info["features"].items()
+            if feature["dtype"] == "video"
+        }
+        data_file = info["data_path"].format(episode_chunk=chunk, episode_index=index)
+        episodes[index] = {"length": row["length"], "data_file": data_file, "videos": videos}
+    return tasks, dict(sorted(episodes.items()))
+
+
+# ---- file helpers ----
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"LeRobot metadata file not found: {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"LeRobot metadata file not found: {path}")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    if not path.is_file():
+        raise FileNotFoundError(f"LeRobot parquet file not found: {path}")
+    try:
+        available = pq.ParquetFile(path).schema_arrow.names
+        missing = [c for c in columns or [] if c not in available]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; has {available}")
+        return pq.read_table(path, columns=columns)
+    except pa.ArrowException as err:
+        raise ValueError(f"cannot read parquet file {path}: {err}") from err
+
+
+def _column_to_numpy(column: pa.ChunkedArray, path: Path, key: str) -> np.ndarray:
+    """Scalar column → [N]; fixed-size or variable list column → [N, D]."""
+    column = column.combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or \
+            pa.types.is_fixed_size_list(column.type):
+        if column.null_count:
+            raise ValueError(f"{path}: column {key!r} has null rows")
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        if len(column) and len(flat) % len(column):
+            raise ValueError(f"{path}: column {key!r} has rows of different lengths")
+        return flat.reshape(len(column), -1)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _summary(dataset: LeRobotDataset, index: int = 0) -> str:
+    sample = dataset[index]
+    lines = [repr(dataset), f"sample {index}:"]
+    for key, value in sample.items():
+        if key == "images":
+            for name, image in value.items():
+                lines.append(f"  images[{name!r}]: {image.dtype} {list(image.shape)} mean={image.mean():.1f}")
+        elif isinstance(value, np.ndarray):
+            lines.append(f"  {key}: {value.dtype} {list(value.shape)}")
+        else:
+            lines.append(f"  {key}: {value!r}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print a summary of a local LeRobot dataset and one sample.")
+    parser.add_argument("root")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--action-horizon", type=int, default=4)
+    parser.add_argument("--action-mode", default="abs", choices=ACTION_MODES)
+    args = parser.parse_args()
+    print(_summary(load_lerobot(args.root, action_horizon=args.action_horizon, action_mode=args.action_mode),
+                   args.index))

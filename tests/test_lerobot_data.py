@@ -1,0 +1,257 @@
+"""LeRobot v3.0 / v2.1 datasets written by our writer and read back by our reader (no `lerobot` package)."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hf_vla.data import LeRobotWriter, PyAVDecoder, VideoDecodeError, load_lerobot, write_lerobot_dataset
+from hf_vla.data.lerobot_writer import pixel_value, synthetic_episodes
+from hf_vla.data.video import decode_frames_naively
+
+FPS = 10
+FRONT, WRIST = "observation.images.front", "observation.images.wrist"
+H264_TOLERANCE = 3.0  # mean pixel error of a flat 32x32 frame after h264 at crf 23
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    return synthetic_episodes(num_episodes=3, length=12)  # lengths 12, 13, 14
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, episodes):
+    base = tmp_path_factory.mktemp("lerobot")
+    image_episodes = synthetic_episodes(num_episodes=3, length=12, state_dim=3, cameras=("front",))
+    return {
+        "v3": write_lerobot_dataset(base / "v3", episodes, FPS, robot_type="synthetic"),
+        "v2.1": write_lerobot_dataset(base / "v21", episodes, FPS, version="v2.1"),
+        "v3_split": write_lerobot_dataset(base / "v3_split", episodes, FPS, episodes_per_file=2),
+        "v3_av1": write_lerobot_dataset(base / "v3_av1", episodes, FPS, codec="av1"),
+        "image": write_lerobot_dataset(base / "image", image_episodes, FPS, video=False),
+        "image_v2.1": write_lerobot_dataset(base / "image21", image_episodes, FPS, video=False, version="v2.1"),
+    }
+
+
+def all_frames(episodes, key):
+    return np.concatenate([ep["frames"][key] for ep in episodes])
+
+
+def row_of(episodes, episode, frame):
+    return sum(len(ep["frames"]["action"]) for ep in episodes[:episode]) + frame
+
+
+def test_v3_layout_matches_lerobot(roots):
+    root = roots["v3"]
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 3 and info["total_frames"] == 39
+    assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    assert "total_chunks" not in info and info["splits"] == {"train": "0:3"}
+    assert info["features"][FRONT]["info"]["video.codec"] == "h264"
+    assert info["features"]["frame_index"] == {"dtype": "int64", "shape": [1], "names": None}
+    data = pq.read_table(root / "data/chunk-000/file-000.parquet")
+    assert data.column_names == ["observation.state", "action", "timestamp", "frame_index", "episode_index", "index",
+                                 "task_index"]
+    assert str(data.schema.field("action").type).startswith("fixed_size_list")
+    assert b"huggingface" in data.schema.metadata
+    assert data.column("index").to_pylist() == list(range(39))
+    tasks = pd.read_parquet(root / "meta/tasks.parquet")
+    assert tasks.index.name == "task" and tasks.loc["task number 1", "task_index"] == 1
+    meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pandas()
+    assert meta["dataset_to_index"].tolist() == [12, 25, 39]
+    assert meta[f"videos/{FRONT}/from_timestamp"].tolist() == [0.0, 1.2, 2.5]
+    assert "stats/action/q99" in meta and "meta/episodes/file_index" in meta
+    assert sorted(p.name for p in (root / "videos").rglob("*.mp4")) == ["file-000.mp4"] * 2
+    stats = json.loads((root / "meta/stats.json").read_text())
+    assert set(stats["action"]) == {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
+    assert np.asarray(stats[FRONT]["mean"]).shape == (3, 1, 1) and stats["index"]["count"] == [39]
+
+
+def test_tasks_written_by_lerobot_0_4_are_read(roots, tmp_path):
+    # lerobot 0.4.4 keeps the task strings in an unnamed pandas index (physical column "__index_level_0__")
+    root = shutil.copytree(roots["v3"], tmp_path / "old_tasks")
+    pd.DataFrame({"task_index": [0, 1]}, index=["task number 0", "task number 1"]).to_parquet(root / "meta/tasks.parquet")
+    assert "__index_level_0__" in pq.read_table(root / "meta/tasks.parquet").column_names
+    assert load_lerobot(root, cameras=[])[20]["instruction"] == "task number 1"
+
+
+def test_v21_layout(roots):
+    root = roots["v2.1"]
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v2.1" and info["total_chunks"] == 1 and info["total_videos"] == 6
+    assert (root / f"videos/chunk-000/{FRONT}/episode_000002.mp4").is_file()
+    assert (root / "data/chunk-000/episode_000001.parquet").is_file()
+    lines = (root / "meta/episodes_stats.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[1])["stats"]["action"]["count"] == [13]
+
+
+@pytest.mark.parametrize("name", ["v3", "v2.1", "v3_split", "image", "image_v2.1"])
+def test_numeric_values_and_instructions_read_back(roots, episodes, name):
+    source = synthetic_episodes(3, 12, state_dim=3, cameras=("front",)) if name.startswith("image") else episodes
+    ds = load_lerobot(roots[name], action_horizon=1)
+    assert len(ds) == 39 and ds.num_episodes == 3
+    states, actions = all_frames(source, "observation.state"), all_frames(source, "action")
+    for row in (0, 11, 12, 24, 25, 38):
+        sample = ds[row]
+        assert sample["state"].dtype == np.float32 and np.array_equal(sample["state"], states[row])
+        assert np.array_equal(sample["actions"][0], actions[row])
+        assert sample["instruction"] == f"task number {sample['episode_index'] % 2}"
+    assert (ds[25]["episode_index"], ds[25]["frame_index"]) == (2, 0)
+
+
+def test_action_chunk_is_padded_and_masked_at_episode_end(roots, episodes):
+    ds = load_lerobot(roots["v3"], action_horizon=5, cameras=[])
+    actions = episodes[0]["frames"]["action"]
+    sample = ds[9]  # frames 9, 10, 11 exist in episode 0 (length 12), then two padded steps
+    assert sample["actions"].shape == (5, 4)
+    assert sample["action_mask"].tolist() == [True, True, True, False, False]
+    assert np.array_equal(sample["actions"], actions[[9, 10, 11, 11, 11]])
+    assert ds[0]["action_mask"].all() and ds[38]["action_mask"].tolist() == [True] + [False] * 4
+
+
+def test_action_modes_against_hand_computation(roots, episodes):
+    frames = episodes[1]["frames"]
+    s0, a = frames["observation.state"][3], frames["action"][3:6]
+    by_mode = {mode: load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=mode)[row_of(episodes, 1, 3)]
+               for mode in ("abs", "delta", "rel")}
+    np.testing.assert_allclose(by_mode["abs"]["actions"], a)
+    np.testing.assert_allclose(by_mode["rel"]["actions"], a - s0, rtol=1e-6)
+    np.testing.assert_allclose(by_mode["delta"]["actions"], np.stack([a[0] - s0, a[1] - a[0], a[2] - a[1]]), rtol=1e-6)
+    # delta padding happens in raw space, so padded steps are zero deltas
+    end = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode="delta")[row_of(episodes, 1, 12)]
+    assert end["action_mask"].tolist() == [True, False, False] and not end["actions"][1:].any()
+
+
+def test_delta_and_rel_need_a_state_of_action_dim(roots):
+    with pytest.raises(ValueError, match=r"state 'observation.state' has dim 3, action 'action' has dim 4"):
+        load_lerobot(roots["image"], action_mode="delta")
+    with pytest.raises(ValueError, match=r"needs a state.*action 'action' dim 4"):
+        load_lerobot(roots["v3"], action_mode="rel", state_key=None)
+
+
+@pytest.mark.parametrize("name", ["v3", "v2.1", "v3_split", "v3_av1"])
+def test_decoded_frames_match_their_episode_and_frame(roots, name):
+    ds = load_lerobot(roots[name], action_horizon=1)
+    for row in range(len(ds)):  # includes frames of the 2nd and 3rd episode of a concatenated v3 video
+        sample = ds[row]
+        episode, frame = sample["episode_index"], sample["frame_index"]
+        for camera, key in enumerate((FRONT, WRIST)):
+            image = sample["images"][key]
+            assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+            assert abs(image.mean() - pixel_value(episode, frame, camera)) < H264_TOLERANCE, (name, row, key)
+
+
+def test_image_mode_is_exact(roots):
+    source = synthetic_episodes(3, 12, state_dim=3, cameras=("front",))
+    for name in ("image", "image_v2.1"):
+        ds = load_lerobot(roots[name], cameras=[FRONT], camera_rename={FRONT: "primary"})
+        assert np.array_equal(ds[30]["images"]["primary"], source[2]["frames"][FRONT][5])
+
+
+def test_camera_selection_order_and_rename(roots):
+    ds = load_lerobot(roots["v3"], cameras=[WRIST, FRONT], camera_rename={FRONT: "primary"})
+    assert list(ds[0]["images"]) == [WRIST, "primary"]
+    assert list(load_lerobot(roots["v3"])[0]["images"]) == [FRONT, WRIST]
+    with pytest.raises(ValueError, match=r"unknown camera\(s\) \['observation.images.top'\].*" + WRIST):
+        load_lerobot(roots["v3"], cameras=["observation.images.top"])
+
+
+def test_stats_match_numpy(roots, episodes):
+    ds = load_lerobot(roots["v3"], action_horizon=2, cameras=[])
+    stats = ds.compute_stats(action_mode="min_max", state_mode="mean_std")
+    actions, states = all_frames(episodes, "action"), all_frames(episodes, "observation.state")
+    assert stats["num_transitions"] == 39 and stats["num_trajectories"] == 3
+    assert stats["action"]["mode"] == ["min_max"] * 4 and stats["state"]["mode"] == ["mean_std"] * 4
+    np.testing.assert_allclose(stats["action"]["mean"], actions.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(actions, 0.99, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats["state"]["std"], states.std(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["state"]["min"], states.min(0))
+    # delta statistics cover every valid chunk step: each frame's a_t - s_t plus a_{t+1} - a_t inside the episode
+    delta = load_lerobot(roots["v3"], action_horizon=2, cameras=[], action_mode="delta").compute_stats()
+    expected = [ep["frames"]["action"] - ep["frames"]["observation.state"] for ep in episodes]
+    expected += [np.diff(ep["frames"]["action"], axis=0) for ep in episodes]
+    expected = np.concatenate(expected)
+    np.testing.assert_allclose(delta["action"]["mean"], expected.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(delta["action"]["max"], expected.max(0), rtol=1e-6)
+
+
+def test_corrupt_or_missing_video_names_the_file(roots, tmp_path):
+    root = shutil.copytree(roots["v3"], tmp_path / "corrupt")
+    video = root / f"videos/{FRONT}/chunk-000/file-000.mp4"
+    video.write_bytes(b"this is not an mp4 file" * 50)
+    ds = load_lerobot(root, cameras=[FRONT])
+    with pytest.raises(VideoDecodeError, match=str(video)):
+        ds[0]
+    video.unlink()
+    with pytest.raises(FileNotFoundError, match=str(video)):
+        load_lerobot(root, cameras=[FRONT])[0]
+
+
+def test_missing_parquet_names_the_file(roots, tmp_path):
+    root = shutil.copytree(roots["v2.1"], tmp_path / "missing")
+    data = root / "data/chunk-000/episode_000001.parquet"
+    data.unlink()
+    with pytest.raises(FileNotFoundError, match=str(data)):
+        load_lerobot(root)
+
+
+def test_decoder_seeks_once_per_call_and_not_at_all_when_reading_on(roots):
+    video = roots["v3"] / f"videos/{FRONT}/chunk-000/file-000.mp4"
+    timestamps = [1.5, 1.2, 1.9, 1.3]  # unsorted on purpose; returned in this order
+    decoder = PyAVDecoder()
+    frames = decoder.decode(video, timestamps)
+    assert decoder.seeks == 1
+    assert np.array_equal(frames, decode_frames_naively(video, timestamps))
+    for t in (2.0, 2.1, 2.2, 2.3):
+        decoder.decode(video, [t])
+    assert decoder.seeks == 1
+    decoder.decode(video, [0.1])  # backwards: needs a seek
+    assert decoder.seeks == 2
+
+
+def test_custom_decoder_is_used(roots):
+    calls = []
+
+    def fake_decoder(path, timestamps):
+        calls.append((str(path), list(timestamps)))
+        return np.zeros((len(timestamps), 8, 8, 3), dtype=np.uint8)
+
+    sample = load_lerobot(roots["v3"], cameras=[FRONT], decoder=fake_decoder)[13]
+    assert sample["images"][FRONT].shape == (8, 8, 3)
+    assert calls[0][0].endswith(f"{FRONT}/chunk-000/file-000.mp4") and calls[0][1] == pytest.approx([1.3])
+
+
+def test_streaming_writer_matches_episode_writer(tmp_path, episodes):
+    with LeRobotWriter(tmp_path / "streamed", FPS, video=False) as writer:
+        for episode in episodes[:2]:
+            for i in range(len(episode["frames"]["action"])):
+                writer.add_frame({key: value[i] for key, value in episode["frames"].items()}, episode["task"])
+            writer.save_episode()
+    ds = load_lerobot(tmp_path / "streamed", action_horizon=2)
+    assert len(ds) == 25 and ds[20]["instruction"] == "task number 1"
+    assert np.array_equal(ds[20]["images"][WRIST], episodes[1]["frames"][WRIST][8])
+
+
+def test_torch_dataloader_iterates(roots):
+    ds = load_lerobot(roots["v3"], action_horizon=4, camera_rename={FRONT: "primary"})
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0))
+    assert len(batches) == 5 and sum(len(b["instruction"]) for b in batches) == 39
+    first = batches[0]
+    assert first["images"]["primary"].shape == (8, 32, 32, 3) and first["images"]["primary"].dtype == torch.uint8
+    assert first["actions"].shape == (8, 4, 4) and first["action_mask"].dtype == torch.bool
+    assert first["episode_index"].tolist() == [0] * 8
+
+
+def test_forked_workers_after_the_parent_decoded(roots):
+    # regression: a worker freeing the container it inherited from the parent used to block forever in FFmpeg
+    ds = load_lerobot(roots["v3"], cameras=[FRONT])
+    parent_image = ds[20]["images"][FRONT]
+    loader = torch.utils.data.DataLoader(ds, batch_size=13, num_workers=1, timeout=60,
+                                         multiprocessing_context="fork")
+    images = torch.cat([batch["images"][FRONT] for batch in loader])
+    assert images.shape == (39, 32, 32, 3) and np.array_equal(images[20].numpy(), parent_image)
