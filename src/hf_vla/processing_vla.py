@@ -150,6 +150,17 @@ class VLAProcessor(ProcessorMixin):
             raise ValueError(f"{field}: expected shape [N, {dim}] or [N, T, {dim}], got {list(array.shape)}")
         return array.reshape(-1, dim)
 
+    def _normalize_rows(self, raw: np.ndarray, keys: list, feature: str, field: str) -> np.ndarray:
+        """Normalises each sample with its embodiment's statistics (one call per distinct key)."""
+        out = np.empty_like(raw)
+        for key in dict.fromkeys(keys):
+            rows = [b for b, k in enumerate(keys) if k == key]
+            stats = self._stats_for(key, field)
+            if feature not in stats:
+                raise ValueError(f"{field}: embodiment {key!r} has no {feature!r} statistics")
+            out[rows] = normalize(raw[rows], stats[feature])
+        return out
+
     def _stats_for(self, key: str | None, field: str) -> dict:
         if not self.norm_stats:
             raise ValueError(f"{field}: this processor has no normalisation statistics; add them with "
@@ -201,7 +212,7 @@ class VLAProcessor(ProcessorMixin):
     def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
         """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
             raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
         if array.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, array.shape)):
             expected = "[" + ", ".join("B" if e is None else str(e) for e in shape) + "]"
@@ -251,8 +262,10 @@ class VLAProcessor(ProcessorMixin):
             text: the instructions, one per sample (a single string for a batch of one).
             state: raw robot state `[B, state_dim]`, optional.
             actions: raw target chunks `[B, action_horizon, action_dim]` (training).
-            action_mask: `[B, action_horizon]`, 1 for valid steps (training).
-            embodiment: which statistics normalise state and actions (optional when only one is known).
+            embodiment: which statistics normalise state and actions: one key, or one per sample for mixed batches
+                (optional when only one is known).
+            action_mask: `[B, action_horizon]` valid steps, or `[B, action_horizon, action_dim]` valid entries
+                (padded dimensions of a cross-embodiment mixture).
         Returns a BatchFeature with `input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids`,
         plus `state`, `actions`, `action_mask` when given.
         """
@@ -265,19 +278,28 @@ class VLAProcessor(ProcessorMixin):
         batch_size = len(text)
         views = self._check_views(images, batch_size)
 
+        if isinstance(embodiment, (list, tuple)):
+            if len(embodiment) != batch_size:
+                raise ValueError(f"embodiment: expected one key per sample ({batch_size}), got {len(embodiment)}")
+            keys = list(embodiment)
+        else:
+            keys = [embodiment] * batch_size
+
         extra = {}
         normalized_state = None
         if state is not None:
             if self.state_dim == 0:
                 raise ValueError("state: this model takes no state (state_dim=0)")
             raw = self._check_array(state, "state", (batch_size, self.state_dim))
-            normalized_state = normalize(raw, self._stats_for(embodiment, "state")["state"])
+            normalized_state = self._normalize_rows(raw, keys, "state", "state")
             extra["state"] = torch.from_numpy(normalized_state)
         if actions is not None:
             raw = self._check_array(actions, "actions", (batch_size, self.action_horizon, self.action_dim))
-            extra["actions"] = torch.from_numpy(normalize(raw, self._stats_for(embodiment, "actions")["action"]))
+            extra["actions"] = torch.from_numpy(self._normalize_rows(raw, keys, "action", "actions"))
         if action_mask is not None:
-            mask = self._check_array(action_mask, "action_mask", (batch_size, self.action_horizon))
+            full = (batch_size, self.action_horizon, self.action_dim)
+            mask = np.asarray(action_mask)
+            mask = self._check_array(mask, "action_mask", full if mask.ndim == 3 else full[:2])
             extra["action_mask"] = torch.from_numpy(mask)
 
         prompts = [

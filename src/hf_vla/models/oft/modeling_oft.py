@@ -60,8 +60,8 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
         r"""
         actions (`torch.Tensor` of shape `(batch, action_horizon, action_dim)`, *optional*):
             Normalised target chunk; when given, the L1 loss is returned.
-        action_mask (`torch.Tensor` of shape `(batch, action_horizon)`, *optional*):
-            1 for valid steps, 0 for steps past an episode's end (excluded from the loss).
+        action_mask (`torch.Tensor` of shape `(batch, action_horizon)` or `(batch, action_horizon, action_dim)`, *optional*):
+            1 for valid steps (or entries), 0 for steps past an episode's end or padded dimensions (excluded from the loss).
         """
         hidden = self.encode(
             input_ids=input_ids,
@@ -80,7 +80,8 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
             if action_mask is None:
                 loss = error.mean()
             else:
-                weights = action_mask.to(error.dtype)[..., None].expand_as(error)
+                weights = action_mask.to(error.dtype)
+                weights = (weights[..., None] if weights.ndim == 2 else weights).expand_as(error)
                 loss = (error * weights).sum() / weights.sum().clamp_min(1.0)
         return VLAOutput(loss=loss, action_loss=loss, actions=predicted)
 
