@@ -32,7 +32,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"hf_vla": ["assets/*"]},
+    package_data={"hf_vla": ["assets/*"], "hf_vla.hub": ["*.md"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

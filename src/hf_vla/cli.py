@@ -28,6 +28,15 @@ def demo(args) -> int:
     return 0
 
 
+def push(args) -> int:
+    from .hub import push_model
+
+    url = push_model(args.model_dir, args.repo_id, private=args.private, license=args.license,
+                     datasets=args.dataset or None, revision=args.revision)  # fmt: skip
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-vla", description="Vision-language-action policies on Hugging Face")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +45,14 @@ def main(argv=None) -> int:
     p.add_argument("--instruction", help="override the example instruction")
     p.add_argument("--unnorm-key", help="embodiment statistics to decode with")
     p.set_defaults(func=demo)
+    p = commands.add_parser("push", help="upload a model directory with a generated model card to the Hub")
+    p.add_argument("model_dir")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--license", default="apache-2.0")
+    p.add_argument("--dataset", action="append", help="hub id of a training dataset (repeatable)")
+    p.add_argument("--revision")
+    p.set_defaults(func=push)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,145 @@
+"""Model cards rendered from `model_cards/` templates with facts read from a model directory."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+
+STARVLA_NAMES = {"oft": "StarVLA QwenOFT", "gr00t": "StarVLA QwenGR00T", "pi": "StarVLA QwenPI",
+                 "pi_v3": "StarVLA QwenPI_v3", "fast": "StarVLA QwenFast", "bins": "OpenVLA-style bins"}  # fmt: skip
+HEADS = {
+    "oft": "an MLPResNet that regresses every action step from its action-query token in one forward pass (L1)",
+    "gr00t": "a flow-matching DiT that cross-attends to the last VLM layer",
+    "pi": "a layer-wise flow-matching DiT whose block i cross-attends to VLM layer i",
+    "pi_v3": "a compressed layer-wise flow-matching DiT (per-layer LayerNorm + Linear projectors)",
+    "fast": "FAST action tokens (DCT + BPE) decoded autoregressively from the VLM's own vocabulary",
+    "bins": "uniform per-dimension action bins decoded as tokens of the VLM's vocabulary",
+}
+RELEASE_FILES = ("training_recipe.yaml", "eval_results.json")
+
+
+def template_path() -> Path:
+    """The card template shipped with the package (a copy of model_cards/vla_model_card.md)."""
+    return Path(str(resources.files("hf_vla.hub").joinpath("vla_model_card.md")))
+
+
+def parameter_table(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """Parameters per top-level block: vision tower, language model, LM head, and each action-head child."""
+    rows = []
+    for name, module in model.named_children():
+        if name == "vlm":
+            rows += [(f"vlm.model.{n}", sum(p.numel() for p in m.parameters())) for n, m in module.model.named_children()]
+            lm_head = module.get_output_embeddings()
+            tied = lm_head is not None and lm_head.weight is module.get_input_embeddings().weight
+            if lm_head is not None and not tied:
+                rows.append(("vlm.lm_head", lm_head.weight.numel()))
+        else:
+            children = list(module.named_children()) or [("", module)]
+            rows += [(f"{name}.{n}".rstrip("."), sum(p.numel() for p in m.parameters())) for n, m in children]
+    return [(n, c) for n, c in rows if c]
+
+
+def build_model_card(
+    model_dir: str | Path,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    template: str | Path | None = None,
+) -> ModelCard:
+    """Renders the card of a saved model directory (config, processor and optional recipe/evaluation files)."""
+    from ..auto import AutoModelForVLA
+    from ..processing_vla import VLAProcessor
+
+    model_dir = Path(model_dir)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+    table = parameter_table(model)
+    processor = VLAProcessor.from_pretrained(model_dir)
+    recipe = (model_dir / "training_recipe.yaml").read_text() if (model_dir / "training_recipe.yaml").exists() else None
+    evaluation = _evaluation_rows(model_dir / "eval_results.json")
+    datasets = list(datasets or _recipe_datasets(recipe))
+    variant = config.variant
+    repo_id = repo_id or model_dir.name
+    card_data = ModelCardData(
+        library_name="hf_vla",
+        pipeline_tag="robotics",
+        license=license,
+        base_model=config.base_vlm if _looks_like_hub_id(config.base_vlm) else None,
+        datasets=[d for d in datasets if _looks_like_hub_id(d)] or None,
+        tags=sorted({"robotics", "vision-language-action", "hf_vla", f"vla_{variant}", *(tags or [])}),
+    )
+    normalisation = [
+        {"key": key, "action_modes": _modes(stats.get("action")), "state_modes": _modes(stats.get("state")),
+         "transitions": stats.get("num_transitions", "–")}
+        for key, stats in processor.norm_stats.items()
+    ]  # fmt: skip
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template or template_path()),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        variant=f"vla_{variant}",
+        starvla_name=STARVLA_NAMES.get(variant, variant),
+        head_description=HEADS.get(variant, "an action head"),
+        backbone=config.vlm_config.model_type,
+        base_model=card_data.base_model,
+        action_horizon=config.action_horizon,
+        action_dim=config.action_dim,
+        state_dim=config.state_dim,
+        state_in_prompt=config.state_in_prompt,
+        prompt_template=config.prompt_template,
+        cameras=processor.camera_names,
+        image_size=processor.image_size,
+        normalisation=normalisation,
+        default_unnorm_key=next(iter(processor.norm_stats), "…"),
+        parameter_table=table,
+        total_parameters=sum(c for _, c in table),
+        datasets=datasets,
+        recipe=recipe.strip() if recipe else None,
+        evaluation=evaluation,
+        remote_code=bool(config.auto_map) if hasattr(config, "auto_map") else False,
+    )
+
+
+def _modes(stats) -> str:
+    if not stats:
+        return "–"
+    modes = stats["mode"]
+    return modes[0] if len(set(modes)) == 1 else ", ".join(modes)
+
+
+def _looks_like_hub_id(value) -> bool:
+    return isinstance(value, str) and value.count("/") == 1 and not value.startswith((".", "/")) and not Path(value).exists()
+
+
+def _recipe_datasets(recipe: str | None) -> list[str]:
+    if not recipe:
+        return []
+    import yaml
+
+    data = (yaml.safe_load(recipe) or {}).get("data", {}) or {}
+    found = data.get("datasets") or data.get("dataset") or data.get("path") or []
+    found = [found] if isinstance(found, (str, dict)) else found
+    return [d["path"] if isinstance(d, dict) else str(d) for d in found]
+
+
+def _evaluation_rows(path: Path) -> list[dict]:
+    """Rows of an `eval_results.json` (`{"tasks": {name: {"success_rate", "episodes", "ci95": [lo, hi]}}}`)."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    rows = []
+    for task, result in report.get("tasks", {}).items():
+        low, high = result.get("ci95", [None, None])
+        interval = f"{100 * low:.1f}–{100 * high:.1f}%" if low is not None else "–"
+        rows.append({"task": task, "success_rate": result["success_rate"], "episodes": result["episodes"],
+                     "interval": interval})  # fmt: skip
+    return rows

@@ -1,0 +1,90 @@
+"""Releases through the real huggingface_hub client against a local fake Hub (tests/fake_hub.py)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_oft
+from fake_hub import FakeHub
+
+from hf_vla.hub import build_model_card
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_vlm_dirs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("release")
+    model, processor = make_oft(tiny_vlm_dirs["qwen3_vl"])
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "training_recipe.yaml").write_text("model:\n  variant: oft\ndata:\n  datasets: [lerobot/bridge]\n")
+    report = {"tasks": {"drawer-open": {"success_rate": 0.9, "episodes": 20, "ci95": [0.7, 0.97]}}}
+    (path / "eval_results.json").write_text(json.dumps(report))
+    return path
+
+
+def test_card_carries_metadata_and_computed_sections(model_dir):
+    card = build_model_card(model_dir, repo_id="tester/tiny-oft")
+    data = card.data.to_dict()
+    assert data["library_name"] == "hf_vla" and data["pipeline_tag"] == "robotics"
+    assert data["datasets"] == ["lerobot/bridge"] and "vla_oft" in data["tags"]
+    text = card.text
+    assert "| `action_head.fc1` | 8,320 |" in text  # Linear(64 → 128): 64·128 + 128
+    assert "| drawer-open | 90.0% | 20 | 70.0–97.0% |" in text
+    assert "variant: oft" in text and "| `bridge` | q99 | q99 | 256 |" in text
+    assert 'AutoModelForVLA.from_pretrained("tester/tiny-oft"' in text
+
+
+def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np, torch
+        from pathlib import Path
+        from huggingface_hub import ModelCard, snapshot_download
+        from hf_vla import AutoModelForVLA, VLAProcessor
+        from hf_vla.hub import push_model
+        from transformers import AutoProcessor
+
+        source = Path({str(model_dir)!r})
+        push_model(source, "tester/tiny-oft")
+        ModelCard.load("tester/tiny-oft").validate()
+        local = Path(snapshot_download("tester/tiny-oft", cache_dir={str(tmp_path / "clean_cache")!r}))
+        shipped = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        identical = all((local / f).read_bytes() == (source / f).read_bytes() for f in shipped)
+
+        model = AutoModelForVLA.from_pretrained("tester/tiny-oft")
+        processor = AutoProcessor.from_pretrained("tester/tiny-oft")
+        reference = AutoModelForVLA.from_pretrained(source)
+        rng = np.random.default_rng(0)
+        views = [[rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(2)]]
+        inputs = processor(images=views, text=["open the drawer"], state=np.zeros((1, 6)))
+        same = torch.equal(model.predict_action(**inputs), reference.predict_action(**inputs))
+
+        model.push_to_hub("tester/via-transformers")      # the transformers methods keep working
+        processor.push_to_hub("tester/via-transformers")
+        again = AutoModelForVLA.from_pretrained("tester/via-transformers")
+        same_again = torch.equal(again.predict_action(**inputs), reference.predict_action(**inputs))
+        print(json.dumps({{"shipped": shipped, "identical": identical, "same": same, "same_again": same_again}}))
+    """)
+    port = free_port()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    with FakeHub(port):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["identical"] and report["same"] and report["same_again"]
+    for expected in ("README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                     "chat_template.jinja", "training_recipe.yaml", "eval_results.json"):  # fmt: skip
+        assert expected in report["shipped"], expected
