@@ -56,7 +56,7 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
         from transformers import AutoProcessor
 
         source = Path({str(model_dir)!r})
-        push_model(source, "tester/tiny-oft")
+        push_model(source, "tester/tiny-oft", remote_code=True)
         ModelCard.load("tester/tiny-oft").validate()
         local = Path(snapshot_download("tester/tiny-oft", cache_dir={str(tmp_path / "clean_cache")!r}))
         shipped = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
@@ -86,5 +86,6 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["identical"] and report["same"] and report["same_again"]
     for expected in ("README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-                     "chat_template.jinja", "training_recipe.yaml", "eval_results.json"):  # fmt: skip
+                     "chat_template.jinja", "training_recipe.yaml", "eval_results.json", "modeling_oft.py",
+                     "processing_vla.py"):  # fmt: skip
         assert expected in report["shipped"], expected

@@ -32,7 +32,7 @@ def push(args) -> int:
     from .hub import push_model
 
     url = push_model(args.model_dir, args.repo_id, private=args.private, license=args.license,
-                     datasets=args.dataset or None, revision=args.revision)  # fmt: skip
+                     datasets=args.dataset or None, revision=args.revision, remote_code=args.remote_code)  # fmt: skip
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
     return 0
 
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--license", default="apache-2.0")
     p.add_argument("--dataset", action="append", help="hub id of a training dataset (repeatable)")
     p.add_argument("--revision")
+    p.add_argument("--remote-code", action="store_true", help="also ship self-contained modules (trust_remote_code)")
     p.set_defaults(func=push)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

@@ -1,0 +1,75 @@
+"""Releases load where hf_vla is not installed: generated flat modules + auto_map, trust_remote_code=True."""
+
+import json
+import re
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_oft, random_views
+from test_flow_variants import make_flow
+from test_token_variants import make_token_model
+
+from transformers import AutoModel
+
+from hf_vla import AutoModelForVLA
+from hf_vla.action_tokenizers import FASTTokenizer
+from hf_vla.hub.remote_code import export_remote_code
+
+
+def build(variant, vlm_dirs):
+    if variant == "oft":
+        return make_oft(vlm_dirs["qwen2_5_vl"])
+    if variant == "fast":
+        chunks = np.random.default_rng(0).uniform(-0.5, 0.5, (200, 4, 3)).cumsum(1) / 4
+        return make_token_model(vlm_dirs["qwen3_vl"], "fast", FASTTokenizer.fit(chunks, vocab_size=64))
+    return make_flow(vlm_dirs["qwen3_vl"] if variant == "pi_v3" else vlm_dirs["qwen2_5_vl"], variant)
+
+
+@pytest.mark.parametrize("variant", ["oft", "gr00t", "pi_v3", "fast"])
+def test_release_loads_without_hf_vla(tiny_vlm_dirs, tmp_path, variant):
+    model, processor = build(variant, tiny_vlm_dirs)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    written = export_remote_code(tmp_path)
+    assert "processing_vla.py" in written
+    for name in written:
+        source = (tmp_path / name).read_text()
+        assert not re.search(r"^\s*(from|import)\s+(hf_vla|\.\.)", source, re.M), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"}
+    # with hf_vla installed, the Auto classes keep using the package's own classes
+    assert type(AutoModel.from_pretrained(tmp_path)) is type(model)
+    assert type(AutoModelForVLA.from_pretrained(tmp_path)) is type(model)
+
+    rng = np.random.default_rng(0)
+    state_dim = processor.state_dim
+    inputs = processor(images=random_views(rng, 1), text=["open the drawer"], state=rng.normal(size=(1, state_dim)))
+    noise = torch.randn(1, model.config.action_horizon, model.config.action_dim)
+    kwargs = {"noise": noise} if variant in ("gr00t", "pi_v3") else {}
+    expected = model.predict_action(**inputs, **kwargs)
+    torch.save({"inputs": dict(inputs), "kwargs": kwargs, "expected": expected}, tmp_path / "reference.pt")
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_vla"] = None   # hf_vla is not installed here
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        path = {str(tmp_path)!r}
+        model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        reference = torch.load(path + "/reference.pt", weights_only=False)
+        out = model.predict_action(**reference["inputs"], **reference["kwargs"])
+        assert torch.allclose(out, reference["expected"], equal_nan=True), (out, reference["expected"])
+        actions = processor.decode_actions(out)
+        print("ok", type(model).__name__, type(processor).__name__, actions.shape)
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith("ok " + type(model).__name__ + " VLAProcessor")
