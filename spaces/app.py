@@ -1,0 +1,166 @@
+"""hf_vla Space: interactive action prediction.
+
+Pick a model (a local directory or a hub id; the embedded default when empty), give one image per camera, an
+instruction and the robot state, press Predict: the action chunk comes back in robot units as per-dimension plots,
+a 3-D end-effector path (cumulative xyz deltas) and a table you can download.
+
+    python spaces/app.py [--model PATH_OR_ID] [--port 7860]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from functools import lru_cache
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from hf_vla import VLAPolicy
+from hf_vla.defaults import DEFAULT_INSTRUCTION, default_model_dir, example_image
+
+MAX_CAMERAS = 4
+MAX_STATE = 16
+AXES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
+
+
+@lru_cache(maxsize=4)
+def load_policy(model: str) -> VLAPolicy:
+    return VLAPolicy.from_pretrained(model or default_model_dir())
+
+
+def dimension_names(action_dim: int) -> list[str]:
+    return AXES[:action_dim] if action_dim == len(AXES) else [f"a{i}" for i in range(action_dim)]
+
+
+def control_settings(model: str) -> tuple[str, dict, list[dict], list[dict]]:
+    """Description, embodiment choices, camera inputs and state sliders for a model."""
+    policy = load_policy(model)
+    processor = policy.processor
+    keys = sorted(processor.norm_stats)
+    stats = processor.norm_stats[keys[0]].get("state") if keys else None
+    names = processor.camera_names
+    cameras = [{"visible": i < len(names), "label": f"Camera: {names[i]}" if i < len(names) else f"Camera {i}"}
+               for i in range(MAX_CAMERAS)]  # fmt: skip
+    sliders = []
+    for i in range(MAX_STATE):
+        if i < processor.state_dim and stats is not None:
+            low, high = float(stats["min"][i]), float(stats["max"][i])
+            low, high = (low - 1.0, high + 1.0) if low == high else (low, high)
+            sliders.append({"visible": True, "minimum": low, "maximum": high, "value": float(np.clip(0.0, low, high)),
+                            "label": f"state[{i}]"})  # fmt: skip
+        else:
+            sliders.append({"visible": False})
+    config = policy.model.config
+    info = (f"**{type(policy.model).__name__}** · backbone `{config.vlm_config.model_type}` · cameras {names} · "
+            f"state {processor.state_dim} · actions {config.action_horizon}×{config.action_dim}")
+    if not model:
+        info += " · embedded default model"
+    return info, {"choices": keys, "value": keys[0] if keys else None}, cameras, sliders
+
+
+def model_controls(model: str):
+    """UI updates for a (re)loaded model."""
+    info, embodiments, cameras, sliders = control_settings(model)
+    return [info, gr.update(**embodiments), *(gr.update(**c) for c in cameras), *(gr.update(**s) for s in sliders)]
+
+
+def predict(model: str, unnorm_key: str | None, instruction: str, *inputs):
+    policy = load_policy(model)
+    processor = policy.processor
+    images, state_values = inputs[:MAX_CAMERAS], inputs[MAX_CAMERAS:]
+    views = {}
+    for name, image in zip(processor.camera_names, images):
+        if image is None:
+            raise gr.Error(f"Add an image for camera '{name}'.")
+        views[name] = np.asarray(image, dtype=np.uint8)[..., :3]
+    if not instruction or not instruction.strip():
+        raise gr.Error("Type an instruction.")
+    obs = {"images": views, "instruction": instruction.strip()}
+    if processor.state_dim:
+        obs["state"] = np.asarray(state_values[: processor.state_dim], dtype=np.float32)
+    try:
+        actions = policy.predict(obs, unnorm_key=unnorm_key or None)
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+
+    names = dimension_names(actions.shape[1])
+    table = pd.DataFrame(actions, columns=names)
+    table.insert(0, "step", np.arange(len(actions)))
+    long = table.melt(id_vars="step", var_name="dimension", value_name="value")
+    csv = os.path.join(tempfile.mkdtemp(prefix="hf_vla_"), "actions.csv")
+    table.to_csv(csv, index=False)
+    summary = (f"{actions.shape[0]} steps × {actions.shape[1]} dims ({unnorm_key or 'default'} units); first step: "
+               + ", ".join(f"{n}={v:+.4f}" for n, v in zip(names, actions[0])))  # fmt: skip
+    return summary, long, end_effector_path(actions), table.round(5), csv
+
+
+def end_effector_path(actions: np.ndarray) -> go.Figure:
+    """The path the first three action dimensions trace when read as xyz deltas from the origin."""
+    figure = go.Figure()
+    if actions.shape[1] >= 3:
+        path = np.vstack([np.zeros(3), np.cumsum(actions[:, :3], axis=0)])
+        figure.add_trace(go.Scatter3d(x=path[:, 0], y=path[:, 1], z=path[:, 2], mode="lines+markers",
+                                      marker={"size": 3, "color": np.arange(len(path)), "colorscale": "Viridis"}))  # fmt: skip
+    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0}, title="end-effector path (cumulative xyz)",
+                         scene={"xaxis_title": "x", "yaxis_title": "y", "zaxis_title": "z"})  # fmt: skip
+    return figure
+
+
+def build_demo(model: str | None = None) -> gr.Blocks:
+    model = model or ""
+    with gr.Blocks(title="hf_vla: vision-language-action policies") as demo:
+        gr.Markdown("# hf_vla action prediction\nGive each camera an image, an instruction and the robot state; "
+                    "the policy returns an action chunk in robot units.")  # fmt: skip
+        with gr.Row():
+            model_box = gr.Textbox(value=model, label="Model (local directory or hub id; empty = embedded default)",
+                                   elem_id="model-box", scale=4)  # fmt: skip
+            load_button = gr.Button("Load model", scale=1)
+        description, embodiments, camera_settings, slider_settings = control_settings(model)
+        info = gr.Markdown(description, elem_id="model-info")
+        with gr.Row():
+            cameras = [gr.Image(type="numpy", elem_id=f"camera-{i}", sources=["upload", "webcam", "clipboard"],
+                                **settings) for i, settings in enumerate(camera_settings)]  # fmt: skip
+        with gr.Row():
+            instruction = gr.Textbox(label="Instruction", value=DEFAULT_INSTRUCTION, elem_id="instruction", scale=3)
+            unnorm_key = gr.Dropdown(label="Embodiment (unnorm_key)", elem_id="unnorm-key", scale=1,
+                                     allow_custom_value=True, **embodiments)  # fmt: skip
+        with gr.Accordion("Robot state", open=False):
+            sliders = [gr.Slider(**{"minimum": -1, "maximum": 1, "value": 0, "label": f"state[{i}]", **settings})
+                       for i, settings in enumerate(slider_settings)]  # fmt: skip
+        predict_button = gr.Button("Predict", variant="primary", elem_id="predict-btn")
+        summary = gr.Textbox(label="Summary", elem_id="summary")
+        with gr.Row():
+            plot = gr.LinePlot(x="step", y="value", color="dimension", label="Actions per dimension",
+                               elem_id="action-plot")  # fmt: skip
+            path = gr.Plot(label="End-effector path", elem_id="path-plot")
+        table = gr.Dataframe(label="Action chunk", elem_id="action-table")
+        download = gr.File(label="Download (CSV)", elem_id="download")
+        gr.Examples([[example_image(), DEFAULT_INSTRUCTION], [example_image(), "push the red block to the left"]],
+                    inputs=[cameras[0], instruction])  # fmt: skip
+
+        controls = [info, unnorm_key, *cameras, *sliders]
+        load_button.click(model_controls, inputs=model_box, outputs=controls)
+        predict_button.click(
+            predict,
+            inputs=[model_box, unnorm_key, instruction, *cameras, *sliders],
+            outputs=[summary, plot, path, table, download],
+            api_name="predict",
+        )
+    return demo
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.environ.get("HF_VLA_MODEL", ""))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    build_demo(args.model).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

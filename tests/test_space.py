@@ -1,0 +1,59 @@
+"""The Gradio Space, driven through gradio_client (and a real browser in tests/test_space_browser.py)."""
+
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spaces"))
+gr = pytest.importorskip("gradio")
+from app import build_demo  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+
+from hf_vla.defaults import default_model_dir, example_image  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def space():
+    demo = build_demo(default_model_dir())
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def test_predict_through_gradio_client(space, tmp_path):
+    from hf_vla import VLAPolicy
+
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(example_image()).save(image_path)
+    client = Client(space, verbose=False)
+    assert "/predict" in client.view_api(return_format="dict")["named_endpoints"]
+    state = [0.1] * 7 + [0.0] * 9
+    summary, plot, path, table, csv = client.predict(
+        default_model_dir(), "bridge", "put the carrot on the plate", handle_file(str(image_path)), None, None, None,
+        *state, api_name="/predict",
+    )  # fmt: skip
+    assert summary.startswith("8 steps × 7 dims (bridge units)")
+    expected = VLAPolicy.from_pretrained(default_model_dir()).predict(
+        {"images": {"primary": example_image()}, "instruction": "put the carrot on the plate",
+         "state": np.full(7, 0.1, np.float32)}  # fmt: skip
+    )
+    rows = np.array([[row[1 + d] for d in range(7)] for row in table["data"]], dtype=np.float32)
+    np.testing.assert_allclose(rows, expected, atol=1e-4)
+    assert Path(csv).read_text().splitlines()[0] == "step,x,y,z,roll,pitch,yaw,gripper"
+    assert len(plot["data"]) == 8 * 7
+
+
+def test_missing_image_is_reported(space):
+    client = Client(space, verbose=False)
+    with pytest.raises(Exception, match="Add an image for camera 'primary'"):
+        client.predict(default_model_dir(), "bridge", "go", None, None, None, None, *([0.0] * 16), api_name="/predict")
