@@ -335,6 +335,79 @@ class VLAProcessor(ProcessorMixin):
             raise ValueError(f"images: the prompts hold {index} image slots but {len(counts)} images were given")
         return expanded
 
+    def encode_chat(self, samples: list[dict], max_length: int | None = None) -> BatchFeature:
+        """VLM chat samples (`{"images": [...], "messages": [...]}`, see `hf_vla.data.vlm_chat`) → a right-padded
+        training batch: `input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels`.
+
+        Labels are -100 except on each assistant reply and its end-of-turn token. Images are resized to
+        `image_size`; a batch without images has no pixel tensors. `max_length` truncates, and raises rather than
+        cut into a sample's image tokens.
+        """
+        from .data.vlm_chat import render_with_reply_spans, spans_after_expansion
+
+        if not isinstance(samples, (list, tuple)) or not samples:
+            raise ValueError("encode_chat: expected a non-empty list of chat samples")
+        adapter = get_backbone_adapter(self.backbone)
+        height, width = self.image_size
+
+        def render(messages, add_generation_prompt):
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+
+        texts, spans, images, images_per_sample = [], [], [], []
+        for b, sample in enumerate(samples):
+            text, reply_spans = render_with_reply_spans(sample["messages"], render)
+            views = list(sample.get("images") or [])
+            if text.count(adapter.image_token) != len(views):
+                raise ValueError(f"samples[{b}]: {len(views)} image(s) for {text.count(adapter.image_token)} "
+                                 "image placeholder(s) in the messages")
+            images += [self._resized(view, f"samples[{b}]['images'][{k}]", height, width)
+                       for k, view in enumerate(views)]
+            texts.append(text)
+            spans.append(reply_spans)
+            images_per_sample.append(len(views))
+
+        image_inputs = {}
+        if images:
+            image_inputs = self.image_processor(images=images, return_tensors="pt")
+            counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
+            firsts = np.cumsum([0] + images_per_sample)
+            spans = [spans_after_expansion(text, reply_spans, adapter.image_token, counts[firsts[b]:firsts[b + 1]])
+                     for b, (text, reply_spans) in enumerate(zip(texts, spans))]
+            texts = self._expand_image_tokens(texts, image_inputs)
+
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
+        rows = []
+        for b, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+            labels = [
+                token if token != image_token_id and any(lo <= start < hi for lo, hi in spans[b]) else -100
+                for token, (start, _) in zip(ids, offsets)
+            ]
+            if max_length is not None and len(ids) > max_length:
+                if image_token_id in ids[max_length:]:
+                    raise ValueError(f"samples[{b}]: max_length={max_length} would cut into its image tokens (the "
+                                     f"sample has {len(ids)} tokens); raise max_length or drop the sample")
+                ids, labels = ids[:max_length], labels[:max_length]
+            rows.append((ids, labels))
+
+        length = max(len(ids) for ids, _ in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, row_labels) in enumerate(rows):
+            input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[b, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+            attention_mask[b, : len(ids)] = 1
+        return BatchFeature({
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            **image_inputs,
+            "mm_token_type_ids": (input_ids == image_token_id).int(),
+            "labels": labels,
+        })
+
     # ------------------------------------------------------------------ outputs
 
     def decode_actions(self, actions, unnorm_key: str | None = None) -> np.ndarray:

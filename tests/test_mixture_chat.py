@@ -1,0 +1,392 @@
+"""Weighted cross-embodiment mixtures (sampling, alignment, YAML, statistics) and LLaVA-style VLM chat data."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from hf_vla import VLAProcessor
+from hf_vla.data import MixtureEntry, VLAMixture, VLMChatCollator, load_lerobot, load_mixture, load_vlm_chat
+from hf_vla.data.lerobot_writer import synthetic_episodes, write_lerobot_dataset
+from hf_vla.normalization import normalize
+
+HORIZON = 4
+FRONT, TOP = "observation.images.front", "observation.images.top"
+
+
+# ---------------------------------------------------------------- fixtures: tiny LeRobot datasets (image mode)
+
+@pytest.fixture(scope="module")
+def robots(tmp_path_factory):
+    """Folder with four datasets: arm7 (33 frames, action 7, state 7), arm7b (17, 7, 7), arm4 (13, 4, 3) and
+    nostate (9, action 2, no state); returns (folder, {name: episodes})."""
+    base = tmp_path_factory.mktemp("robots")
+    episodes = {
+        "arm7": synthetic_episodes(3, 10, size=8, state_dim=7, action_dim=7, cameras=("front",), seed=0),
+        "arm7b": synthetic_episodes(2, 8, size=8, state_dim=7, action_dim=7, cameras=("front",), seed=2),
+        "arm4": synthetic_episodes(2, 6, size=8, state_dim=3, action_dim=4, cameras=("top",), seed=1),
+        "nostate": synthetic_episodes(2, 4, size=8, action_dim=2, cameras=("front",), seed=3),
+    }
+    for episode in episodes["nostate"]:
+        del episode["frames"]["observation.state"]
+    for name, eps in episodes.items():
+        write_lerobot_dataset(base / name, eps, fps=10, video=False)
+    return base, episodes
+
+
+def entry(base, name, weight=1.0, embodiment=None, normalization=None, horizon=HORIZON):
+    return MixtureEntry(load_lerobot(base / name, action_horizon=horizon), weight, embodiment or name, normalization)
+
+
+def all_values(episodes, key):
+    return np.concatenate([episode["frames"][key] for episode in episodes])
+
+
+@pytest.fixture(scope="module")
+def mixed(robots):
+    """arm7 + arm4 + nostate from a dict spec, every camera renamed to "primary"."""
+    base, _ = robots
+    return load_mixture({"seed": 3, "datasets": [
+        {"path": str(base / "arm7"), "weight": 2.0, "embodiment": "arm7", "cameras": {FRONT: "primary"}},
+        {"path": str(base / "arm4"), "weight": 1.0, "embodiment": "arm4", "cameras": {TOP: "primary"}},
+        {"path": str(base / "nostate"), "weight": 1.0, "embodiment": "nostate", "cameras": {FRONT: "primary"}},
+    ]}, action_horizon=HORIZON)
+
+
+# ---------------------------------------------------------------- sampling
+
+def draws(mixture, total):
+    out = []
+    for epoch in range(math.ceil(total / len(mixture))):
+        mixture.set_epoch(epoch)
+        out += [mixture.draw(i) for i in range(len(mixture))]
+    mixture.set_epoch(0)
+    return out[:total]
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_sampling_frequencies_follow_weights(robots, balance):
+    base, _ = robots
+    mixture = VLAMixture([entry(base, "arm7", 3.0), entry(base, "arm4", 1.0)], seed=0, balance_by_length=balance)
+    expected = np.array([3 * 33, 13]) / (3 * 33 + 13) if balance else np.array([0.75, 0.25])
+    np.testing.assert_allclose(mixture.probabilities, expected)
+    picks = draws(mixture, 4000)
+    frequencies = np.bincount([k for k, _ in picks], minlength=2) / len(picks)
+    np.testing.assert_allclose(frequencies, expected, atol=0.03)
+    frames = [frame for k, frame in picks if k == 0]
+    assert set(frames) == set(range(33))  # uniform frames: every one is reached
+    assert max(np.bincount(frames)) / min(np.bincount(frames)) < 2.5
+
+
+def test_epoch_length(robots):
+    base, _ = robots
+    assert len(VLAMixture([entry(base, "arm7", 3.0), entry(base, "arm4", 1.0)])) == 52  # max(33/.75, 13/.25)
+    assert len(VLAMixture([entry(base, "arm7"), entry(base, "arm4")])) == 66  # max(33/.5, 13/.5)
+    assert len(VLAMixture([entry(base, "arm7")])) == 33
+    # balanced: p = (3*33, 13) / 112, so max(ceil(33 * 112 / 99), 13 * 112 / 13) = 112
+    assert len(VLAMixture([entry(base, "arm7", 3.0), entry(base, "arm4", 1.0)], balance_by_length=True)) == 112
+
+
+def test_draws_are_deterministic_and_change_with_epoch(robots):
+    base, _ = robots
+    make = lambda seed: VLAMixture([entry(base, "arm7", 2.0), entry(base, "arm4", 1.0)], seed=seed)  # noqa: E731
+    a, b = make(0), make(0)
+    first = [a.draw(i) for i in range(len(a))]
+    assert first == [b.draw(i) for i in range(len(b))]
+    assert first != [make(1).draw(i) for i in range(len(a))]
+    a.set_epoch(1)
+    second = [a.draw(i) for i in range(len(a))]
+    assert second != first and second == [a.draw(i) for i in range(len(a))]
+    a.set_epoch(0)
+    assert [a.draw(i) for i in range(len(a))] == first
+    for i in (0, 7, len(a) - 1):  # the sample is the drawn frame, padded
+        k, frame = a.draw(i)
+        raw = a.entries[k].dataset[frame]
+        sample = a[i]
+        assert sample["embodiment"] == ("arm7", "arm4")[k] and sample["frame_index"] == raw["frame_index"]
+        np.testing.assert_array_equal(sample["actions"][:, : raw["actions"].shape[1]], raw["actions"])
+    with pytest.raises(IndexError):
+        a[len(a)]
+
+
+def test_padding_and_masks_across_embodiments(mixed):
+    assert (mixed.action_dim, mixed.state_dim, mixed.action_dims, mixed.state_dims) == (7, 7, [7, 4, 2], [7, 3, 0])
+    seen_dims, seen_episode_end = set(), False
+    for i in range(len(mixed)):
+        k, frame = mixed.draw(i)
+        raw, sample = mixed.entries[k].dataset[frame], mixed[i]
+        action_dim, state_dim = mixed.action_dims[k], mixed.state_dims[k]
+        assert sample["actions"].shape == (HORIZON, 7) and sample["action_mask"].shape == (HORIZON, 7)
+        assert sample["action_mask"].dtype == bool and sample["state_dim_mask"].dtype == bool
+        np.testing.assert_array_equal(sample["actions"][:, :action_dim], raw["actions"])
+        assert not sample["actions"][:, action_dim:].any()
+        expected_mask = raw["action_mask"][:, None] & (np.arange(7) < action_dim)
+        np.testing.assert_array_equal(sample["action_mask"], expected_mask)
+        np.testing.assert_array_equal(sample["state_dim_mask"], np.arange(7) < state_dim)
+        np.testing.assert_array_equal(sample["state"][:state_dim], raw.get("state", np.zeros(0)))
+        assert sample["state"].shape == (7,) and not sample["state"][state_dim:].any()
+        assert list(sample["images"]) == ["primary"]
+        seen_dims.add(action_dim)
+        seen_episode_end |= not raw["action_mask"].all()
+    assert seen_dims == {7, 4, 2} and seen_episode_end
+
+
+def test_mixture_errors(robots):
+    base, _ = robots
+    with pytest.raises(ValueError, match="action horizons"):
+        VLAMixture([entry(base, "arm7"), entry(base, "arm4", horizon=2)])
+    with pytest.raises(ValueError, match=r"datasets\[1\]\.weight"):
+        VLAMixture([entry(base, "arm7"), entry(base, "arm4", weight=0.0)])
+    with pytest.raises(ValueError, match=r"datasets\[0\]\.normalization\.action: expected 7"):
+        VLAMixture([entry(base, "arm7", normalization={"action": ["q99", "binary"]})])
+    with pytest.raises(ValueError, match="unknown normalisation mode"):
+        VLAMixture([entry(base, "arm4", normalization={"state": "q98"})])
+    clash = VLAMixture([entry(base, "arm7", embodiment="arm"), entry(base, "arm4", embodiment="arm")])
+    with pytest.raises(ValueError, match="embodiment 'arm'.*different dimensions"):
+        clash.compute_norm_stats()
+
+
+# ---------------------------------------------------------------- YAML
+
+def test_load_mixture_yaml(robots):
+    base, _ = robots
+    (base / "mix.yaml").write_text(
+        "seed: 5\n"
+        "datasets:\n"
+        "  - path: arm7\n"
+        "    weight: 3\n"
+        "    embodiment: panda\n"
+        "    cameras: {observation.images.front: primary}\n"
+        "    action_mode: delta\n"
+        "    normalization: {action: [q99, q99, q99, q99, q99, q99, binary], state: min_max}\n"
+        "  - path: ./arm4\n"
+        "    cameras: [observation.images.top]\n"
+    )
+    mixture = load_mixture(base / "mix.yaml", action_horizon=HORIZON)
+    assert mixture.seed == 5 and mixture.embodiments == ["panda", "arm4"]  # default embodiment: the folder name
+    np.testing.assert_allclose(mixture.weights, [0.75, 0.25])
+    panda, arm4 = (e.dataset for e in mixture.entries)
+    assert panda.root == base / "arm7" and panda.action_mode == "delta" and panda.camera_names == ["primary"]
+    assert arm4.action_mode == "abs" and arm4.camera_names == [TOP]
+    stats = mixture.compute_norm_stats()
+    assert stats["panda"]["action"]["mode"] == ["q99"] * 6 + ["binary"]
+    assert stats["panda"]["state"]["mode"] == ["min_max"] * 7
+    assert stats["arm4"]["action"]["mode"] == ["q99"] * 4 + ["identity"] * 3
+    assert stats["arm4"]["state"]["mode"] == ["q99"] * 3 + ["identity"] * 4
+    np.testing.assert_allclose(stats["panda"]["action"]["q99"], panda.compute_stats()["action"]["q99"])  # deltas
+
+    (base / "bad.yaml").write_text("datasets:\n  - path: arm7\n  - path: arm4\n    wieght: 2\n")
+    with pytest.raises(ValueError, match=r"datasets\[1\]: unknown key\(s\) \['wieght'\]"):
+        load_mixture(base / "bad.yaml", action_horizon=HORIZON)
+    with pytest.raises(FileNotFoundError, match=r"datasets\[0\].*missing"):
+        load_mixture({"datasets": [{"path": str(base / "missing")}]}, action_horizon=HORIZON)
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_compute_norm_stats_matches_numpy(robots):
+    base, episodes = robots
+    mixture = VLAMixture([entry(base, "arm7", embodiment="arm7"), entry(base, "arm7b", embodiment="arm7"),
+                          entry(base, "arm4"), entry(base, "nostate")])
+    stats = mixture.compute_norm_stats()
+    assert sorted(stats) == ["arm4", "arm7", "nostate"]
+
+    merged = {key: np.concatenate([all_values(episodes["arm7"], key), all_values(episodes["arm7b"], key)])
+              for key in ("action", "observation.state")}
+    for feature, values in (("action", merged["action"]), ("state", merged["observation.state"])):
+        got = stats["arm7"][feature]
+        np.testing.assert_allclose(got["mean"], values.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["std"], values.std(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["q01"], np.quantile(values, 0.01, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["q99"], np.quantile(values, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["min"], values.min(0))
+        np.testing.assert_allclose(got["max"], values.max(0))
+    assert (stats["arm7"]["num_transitions"], stats["arm7"]["num_trajectories"]) == (50, 5)
+
+    arm4 = stats["arm4"]["action"]
+    actions = all_values(episodes["arm4"], "action")
+    np.testing.assert_allclose(arm4["q99"][:4], np.quantile(actions, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+    assert arm4["mode"][4:] == ["identity"] * 3 and arm4["std"][4:] == [1.0] * 3 and arm4["mean"][4:] == [0.0] * 3
+    nostate = stats["nostate"]
+    assert nostate["state"]["mode"] == ["identity"] * 7 and nostate["state"]["q99"] == [0.0] * 7
+    assert (nostate["num_transitions"], nostate["num_trajectories"]) == (9, 2)
+
+    different_modes = VLAMixture([entry(base, "arm7", embodiment="arm7"),
+                                  entry(base, "arm7b", embodiment="arm7", normalization={"action": "min_max"})])
+    with pytest.raises(ValueError, match="different normalisation modes"):
+        different_modes.compute_norm_stats()
+
+
+def test_stats_feed_processor_for_a_mixed_batch(mixed, tiny_vlm_dirs):
+    vlm_dir = tiny_vlm_dirs["qwen2_5_vl"]
+    processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm_dir), AutoTokenizer.from_pretrained(vlm_dir),
+                             image_size=[28, 28], action_dim=mixed.action_dim, action_horizon=HORIZON,
+                             state_dim=mixed.state_dim)
+    stats = mixed.compute_norm_stats()
+    for key, value in stats.items():
+        processor.set_norm_stats(key, value)
+    picked = {}
+    for i in range(len(mixed)):
+        k, _ = mixed.draw(i)
+        picked.setdefault(k, []).append(i)
+    samples = [mixed[i] for k in sorted(picked) for i in picked[k][:2]]
+    batch = processor(
+        images=[[s["images"]["primary"]] for s in samples], text=[s["instruction"] for s in samples],
+        state=np.stack([s["state"] for s in samples]), actions=np.stack([s["actions"] for s in samples]),
+        action_mask=np.stack([s["action_mask"] for s in samples]), embodiment=[s["embodiment"] for s in samples],
+    )
+    assert batch["actions"].shape == (6, HORIZON, 7) and batch["action_mask"].shape == (6, HORIZON, 7)
+    for b, sample in enumerate(samples):
+        own = stats[sample["embodiment"]]
+        np.testing.assert_allclose(batch["actions"][b].numpy(), normalize(sample["actions"], own["action"]), atol=1e-6)
+        np.testing.assert_allclose(batch["state"][b].numpy(), normalize(sample["state"], own["state"]), atol=1e-6)
+        assert not batch["actions"][b][:, ~sample["action_mask"].any(0)].any()  # padded dims stay zero
+    assert {s["embodiment"] for s in samples} == {"arm7", "arm4", "nostate"}
+
+
+# ---------------------------------------------------------------- VLM chat data
+
+CHAT = [
+    {"id": "one", "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is on the table?"}, {"from": "gpt", "value": "A red block."},
+        {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "Next to the bowl."}]},
+    {"images": ["red.png", "gray.png"], "conversations": [
+        {"from": "system", "value": "Answer briefly."},
+        {"from": "human", "value": "Compare <image> with <image> please"}, {"from": "gpt", "value": "Same size."}]},
+    {"image": "wide.png", "conversations": [
+        {"from": "human", "value": "Describe the scene."}, {"from": "gpt", "value": "An open drawer."}]},
+    {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "red.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(root / "gray.png")  # mode L
+    Image.fromarray(rng.integers(0, 256, (24, 64, 3), dtype=np.uint8)).save(root / "wide.png")
+    (root / "chat.json").write_text(json.dumps(CHAT))
+    (root / "lines").mkdir()
+    rows = [{"images": ["wide.png"], "conversations": [{"role": "user", "content": "<image>Hi"},
+                                                       {"role": "assistant", "content": "Hello."}]},
+            {"image": "missing.png", "conversations": CHAT[0]["conversations"]}]
+    (root / "lines" / "chat.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return root
+
+
+def test_load_json_and_jsonl(chat_dir):
+    data = load_vlm_chat(chat_dir / "chat.json")
+    assert len(data) == 4
+    first = data[0]
+    assert [image.shape for image in first["images"]] == [(30, 40, 3)] and first["images"][0].dtype == np.uint8
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert first["messages"][0]["content"] == "<image>\nWhat is on the table?"
+    second = data[1]
+    assert [image.shape for image in second["images"]] == [(30, 40, 3), (20, 20, 3)]  # gray → RGB
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant"]
+    assert data[2]["messages"][0]["content"] == "<image>\nDescribe the scene."  # LLaVA convention
+    assert data[3]["images"] == []
+
+    both = load_vlm_chat([chat_dir / "chat.json", chat_dir / "lines" / "chat.jsonl"], image_root=chat_dir)
+    assert len(both) == 6 and both[4]["images"][0].shape == (24, 64, 3)
+    assert both[4]["messages"] == [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(FileNotFoundError, match=r"missing\.png.*dataset index 5.*chat\.jsonl item 1"):
+        both[5]
+    with pytest.raises(FileNotFoundError, match="wide.png"):  # without image_root: relative to lines/
+        load_vlm_chat(chat_dir / "lines" / "chat.jsonl")[0]
+
+
+def test_chat_format_errors(tmp_path):
+    def load(item):
+        (tmp_path / "bad.json").write_text(json.dumps([CHAT[3], item]))
+        return load_vlm_chat(tmp_path / "bad.json")
+
+    turns = CHAT[0]["conversations"]
+    with pytest.raises(ValueError, match=r"item 1: 1 <image> placeholder\(s\) for 2 image\(s\)"):
+        load({"images": ["a.png", "b.png"], "conversations": turns})
+    with pytest.raises(ValueError, match=r"item 1 conversations\[0\]: unknown role 'robot'"):
+        load({"conversations": [{"from": "robot", "value": "x"}]})
+    with pytest.raises(ValueError, match="no assistant"):
+        load({"conversations": turns[:1]})
+
+
+def chat_processor(vlm_dir, image_size=(56, 56)):
+    return VLAProcessor(AutoImageProcessor.from_pretrained(vlm_dir), AutoTokenizer.from_pretrained(vlm_dir),
+                        image_size=list(image_size))
+
+
+def labelled_runs(labels):
+    """Contiguous runs of labelled positions, as token id lists."""
+    runs, current = [], []
+    for token in labels.tolist() + [-100]:
+        if token == -100:
+            runs, current = (runs + [current] if current else runs), []
+        else:
+            current.append(token)
+    return runs
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_encode_chat_labels_only_assistant_replies(chat_dir, tiny_vlm_dirs, family):
+    processor = chat_processor(tiny_vlm_dirs[family])
+    tokenizer = processor.tokenizer
+    data = load_vlm_chat(chat_dir / "chat.json")
+    samples = [data[i] for i in range(len(data))]
+    batch = VLMChatCollator(processor)(samples)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "labels"}
+
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    merge = processor.image_processor.merge_size
+    grid_tokens = (batch["image_grid_thw"].prod(-1) // merge**2).tolist()
+    assert batch["image_grid_thw"].shape[0] == 4 and batch["pixel_values"].shape[0] == sum(
+        batch["image_grid_thw"].prod(-1).tolist())
+    per_sample = [grid_tokens[0], grid_tokens[1] + grid_tokens[2], grid_tokens[3], 0]
+    assert (batch["input_ids"] == image_id).sum(-1).tolist() == per_sample
+    assert batch["mm_token_type_ids"].sum(-1).tolist() == per_sample
+
+    for b, sample in enumerate(samples):
+        mask = batch["attention_mask"][b]
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # right padding
+        labels = batch["labels"][b]
+        assert (labels[length:] == -100).all() and (labels[batch["input_ids"][b] == image_id] == -100).all()
+        replies = [m["content"] + "<|im_end|>" for m in sample["messages"] if m["role"] == "assistant"]
+        assert [tokenizer.decode(run) for run in labelled_runs(labels)] == replies
+        unpadded = tokenizer.decode(batch["input_ids"][b][:length])
+        assert unpadded.count("<|im_start|>assistant\n") == len(replies)
+        for message in sample["messages"]:
+            assert message["content"].replace("<image>", "") in unpadded.replace("<|image_pad|>", "").replace(
+                "<|vision_start|>", "").replace("<|vision_end|>", "")
+
+
+def test_encode_chat_truncation(chat_dir, tiny_vlm_dirs):
+    processor = chat_processor(tiny_vlm_dirs["qwen2_5_vl"])
+    sample = load_vlm_chat(chat_dir / "chat.json")[0]
+    full = processor.encode_chat([sample])
+    last_image = int((full["input_ids"][0] == full["input_ids"].new_tensor(
+        processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))).nonzero().max())
+    cut = processor.encode_chat([sample], max_length=last_image + 8)
+    assert cut["input_ids"].shape == (1, last_image + 8)
+    torch.testing.assert_close(cut["labels"][0], full["labels"][0, : last_image + 8])
+    with pytest.raises(ValueError, match=r"samples\[0\]: max_length=.*image tokens"):
+        processor.encode_chat([sample], max_length=last_image)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vlm_forward_on_chat_batch_gives_finite_loss(chat_dir, tiny_vlm_dirs, family):
+    processor = chat_processor(tiny_vlm_dirs[family])
+    data = load_vlm_chat(chat_dir / "chat.json")
+    batch = VLMChatCollator(processor, max_length=256)([data[i] for i in range(len(data))])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dirs[family])
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss > 0
+    text_only = processor.encode_chat([data[3]])
+    assert "pixel_values" not in text_only
+    with torch.no_grad():
+        assert torch.isfinite(model(**text_only).loss)
