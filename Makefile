@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install browser test demo space bench clean
 
 $(STAMP): setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,18 @@ $(STAMP): setup.py requirements/constraints.txt
 
 install: $(STAMP)
 
-test: install
+# Headless Chromium for the Space's browser test (Debian's package; the test skips, saying why, if it is missing)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium: the browser test will be skipped"
+
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/hf-vla demo
+
+space: install
+	$(BIN)/python spaces/app.py
 
 bench: install
 	$(BIN)/python benchmarks/predict_latency.py

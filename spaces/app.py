@@ -88,7 +88,7 @@ def predict(model: str, unnorm_key: str | None, instruction: str, *inputs):
         raise gr.Error(str(error)) from error
 
     names = dimension_names(actions.shape[1])
-    table = pd.DataFrame(actions, columns=names)
+    table = pd.DataFrame(actions.astype(np.float64), columns=names)
     table.insert(0, "step", np.arange(len(actions)))
     long = table.melt(id_vars="step", var_name="dimension", value_name="value")
     csv = os.path.join(tempfile.mkdtemp(prefix="hf_vla_"), "actions.csv")
