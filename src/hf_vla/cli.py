@@ -38,6 +38,11 @@ def push(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert-starvla"]:  # its own argument parser
+        from .hub.convert_starvla import main as convert_main
+
+        return convert_main(argv[1:])
     parser = argparse.ArgumentParser(prog="hf-vla", description="Vision-language-action policies on Hugging Face")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="predict an action chunk for the bundled example observation")
@@ -54,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--revision")
     p.add_argument("--remote-code", action="store_true", help="also ship self-contained modules (trust_remote_code)")
     p.set_defaults(func=push)
+    commands.add_parser("convert-starvla", help="convert a StarVLA run directory or checkpoint (see --help there)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,427 @@
+"""`convert_starvla`: StarVLA run directories → hf_vla model directories computing exactly what the run's weights do.
+
+Every run here is written the way StarVLA writes one (starvla.md §6, §10): `config.yaml` with StarVLA's fields,
+`dataset_statistics.json` without modes, and `checkpoints/steps_N_pytorch_model.pt` holding a flat state dict under
+StarVLA's names. The weights are a freshly built hf_vla model's, renamed by `to_starvla` below, which is written from
+the reference's key list and shares nothing with the converter. Converting must give back the very same tensors,
+StarVLA's prompt text (written out by hand), and the same losses and predictions.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.action_tokenizers import FASTTokenizer
+from hf_vla.auto import VARIANTS
+from hf_vla.hub.convert_starvla import (
+    StarVLAConversionError,
+    build_config,
+    choose_action_modes,
+    choose_attention_mode,
+    choose_cameras,
+    convert_starvla,
+    main,
+    map_key,
+)
+from hf_vla.testing import build_tiny_vlm
+
+COT = ("Your task is {instruction}. To identify the key objects for your task. "
+       "Locate their bounding boxes in [x1,y1,x2,y2] format.")  # the released OXE / LIBERO CoT_prompt
+H, A, S = 4, 7, 5  # horizon, action dim, state dim
+STATE = np.array([[0.0, 0.5, -1.0, 1.0, -0.25]])  # with q01 = -1, q99 = 1 normalised = raw: bins 128 192 0 255 96
+STATE_TEXT = "[STATE] 128 192 0 255 96 [ACTION]"
+
+
+def pads(n):
+    return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory):
+    """Tiny backbones named like StarVLA's base_vlm paths. Qwen2.5-VL: untied, rows padded past the tokenizer (as
+    Qwen's are) and "🔍" added as one token (the real Qwen vocabulary has it; the tiny BPE would split it).
+    Qwen3-VL: tied embeddings (as Qwen3-VL-4B), so StarVLA's checkpoint holds the lm_head duplicate."""
+    root = tmp_path_factory.mktemp("Pretrained_models")
+    q25 = build_tiny_vlm(root / "Qwen2.5-VL-tiny-Instruct", family="qwen2_5_vl", vocab_size=544)
+    tokenizer = AutoTokenizer.from_pretrained(q25)
+    tokenizer.add_tokens(["🔍"])
+    tokenizer.save_pretrained(q25)
+    q3 = build_tiny_vlm(root / "Qwen3-VL-tiny-Instruct", family="qwen3_vl", tie_word_embeddings=True)
+    config = json.loads((root / "Qwen3-VL-tiny-Instruct" / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (root / "Qwen3-VL-tiny-Instruct" / "config.json").write_text(json.dumps(config))
+    vlm = AutoModelForImageTextToText.from_pretrained(q3)  # lm_head was saved untied: tie it and save again
+    vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
+    vlm.save_pretrained(q3)
+    return {"qwen2_5_vl": q25, "qwen3_vl": q3}
+
+
+def to_starvla(state: dict, variant: str, legacy_layout: bool = False) -> dict:
+    """hf_vla names → StarVLA's (starvla.md §10). `legacy_layout`: transformers < 4.52 Qwen2.5-VL names."""
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith("vlm.lm_head."):
+            new = "qwen_vl_interface.model.lm_head." + key[len("vlm.lm_head."):]
+        elif key.startswith("vlm.model.visual.") and legacy_layout:
+            new = "qwen_vl_interface.model.visual." + key[len("vlm.model.visual."):]
+        elif key.startswith("vlm.model.language_model.") and legacy_layout:
+            new = "qwen_vl_interface.model.model." + key[len("vlm.model.language_model."):]
+        elif key.startswith("vlm.model."):
+            new = "qwen_vl_interface.model.model." + key[len("vlm.model."):]
+        elif key.startswith("action_head.project_layers."):
+            new = "project_layers." + key[len("action_head.project_layers."):]
+        elif key.startswith("action_head."):
+            new = ("action_model.model." if variant == "oft" else "action_model.") + key[len("action_head."):]
+        else:
+            raise AssertionError(f"unexpected hf_vla key {key}")
+        out[new] = tensor.detach().clone()
+    return out
+
+
+def statistics(mask=None):
+    def feature(dim):
+        return {"mean": [0.0] * dim, "std": [1.0] * dim, "max": [2.0] * dim, "min": [-2.0] * dim,
+                "q01": [-1.0] * dim, "q99": [1.0] * dim}  # fmt: skip
+
+    action = {**feature(A), "mask": mask or [True] * (A - 1) + [False]}
+    return {"franka": {"action": action, "state": feature(S), "num_transitions": 100, "num_trajectories": 3}}
+
+
+def write_run(run_dir, framework, base_vlm, state_dict, action_model, vla_data=None, fmt="pt", **top):
+    """A StarVLA run directory: config.yaml, dataset_statistics.json, checkpoints/steps_10_*, an older steps_5."""
+    config = {
+        "run_id": top.pop("run_id", "starvla_test"), "seed": 42, "version_id": "0.21",
+        "framework": {"name": framework, "qwenvl": {"base_vlm": str(base_vlm), "attn_implementation": "sdpa"},
+                      "action_model": action_model},
+        "datasets": {"vla_data": {"dataset_py": "lerobot_datasets", "per_device_batch_size": 2, **(vla_data or {})}},
+        "trainer": {"max_train_steps": 10, **top.pop("trainer", {})},
+    }  # fmt: skip
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    (run_dir / "dataset_statistics.json").write_text(json.dumps(statistics()))
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir()
+    torch.save({"stale": torch.zeros(1)}, checkpoints / "steps_5_pytorch_model.pt")  # older: must not be picked
+    if fmt == "pt":
+        torch.save(state_dict, checkpoints / "steps_10_pytorch_model.pt")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(checkpoints / "steps_10_model.safetensors"))
+    return run_dir
+
+
+def views(seed, cameras, size):
+    rng = np.random.default_rng(seed)
+    return [[rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(cameras)]]
+
+
+def assert_same_weights(original, converted):
+    expected, got = original.state_dict(), converted.state_dict()
+    assert set(expected) == set(got)
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
+
+
+def prompt_of(processor, inputs):
+    return processor.tokenizer.decode(inputs["input_ids"][0])
+
+
+# ---------------------------------------------------------------------------------------------------- OFT
+
+
+@pytest.mark.parametrize("legacy_layout", [False, True], ids=["transformers-4.57-layout", "pre-4.52-layout"])
+def test_oft_round_trip(vlms, tmp_path, legacy_layout):
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,
+                                        state_dim=S, action_token="🔍", prompt_template=COT)  # fmt: skip
+    run = write_run(
+        tmp_path / "run", "QwenOFT", vlms["qwen2_5_vl"], to_starvla(original.state_dict(), "oft", legacy_layout),
+        {"action_dim": A, "state_dim": S, "future_action_window_size": H - 1},
+        {"CoT_prompt": COT, "obs_image_size": [56, 56], "include_state": True, "data_mix": "libero_goal"},
+    )  # fmt: skip
+    out = convert_starvla(run, tmp_path / "out")
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["sources"]["checkpoint"].endswith("steps_10_pytorch_model.pt")
+    assert report["keys"]["checkpoint"] == report["keys"]["loaded"] == len(original.state_dict())
+    # LIBERO's DataConfig: min_max for xyz/rpy, gripper unnormalised; two views, primary first.
+    assert report["normalization_modes"]["franka"] == {"action": ["min_max"] * 6 + ["identity"], "state": ["q99"] * S}
+    assert report["cameras"] == ["primary", "wrist"]
+
+    model = AutoModelForVLA.from_pretrained(out)
+    processor = VLAProcessor.from_pretrained(out)
+    assert_same_weights(original, model)
+    assert model.config.action_token == "🔍" and model.config.action_token_id == original.config.action_token_id
+
+    inputs = processor(images=views(0, 2, 56), text=["open the drawer"], state=STATE, actions=np.zeros((1, H, A)))
+    # StarVLA (§3.1): system turn, images first, instruction + state bins + OFT suffix substituted into CoT_prompt.
+    assert prompt_of(processor, inputs) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + pads(4) + pads(4)
+        + "Your task is open the drawer " + STATE_TEXT
+        + " Please predict the next 4 robot actions: <action>🔍🔍🔍🔍<action>.. To identify the key objects for your "
+        "task. Locate their bounding boxes in [x1,y1,x2,y2] format.<|im_end|>\n<|im_start|>assistant\n"
+    )  # fmt: skip
+    assert torch.equal(model.predict_action(**inputs), original.predict_action(**inputs))
+    assert torch.equal(model(**inputs).loss, original(**inputs).loss)
+
+
+def test_refuses_checkpoints_that_do_not_map_exactly(vlms, tmp_path):
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,
+                                        action_token="🔍")  # fmt: skip
+    good = to_starvla(original.state_dict(), "oft")
+    missing = {k: v for k, v in good.items() if k != "action_model.model.fc2.bias"}
+    extra = {**good, "dino_encoder.body.cls_token": torch.zeros(1, 1, 8)}
+    wrong = {**good, "action_model.model.fc2.weight": torch.zeros(A + 1, 128)}
+    cases = [
+        ("missing", missing, "action_head.fc2.bias"),
+        ("extra", extra, "dino_encoder.body.cls_token"),
+        ("shape", wrong, "action_model.model.fc2.weight -> action_head.fc2.weight: checkpoint [8, 128]"),
+    ]
+    for name, state, needle in cases:
+        run = write_run(tmp_path / name, "QwenOFT", vlms["qwen2_5_vl"], state, {"action_dim": A, "action_horizon": H})
+        with pytest.raises(StarVLAConversionError, match="refusing to convert") as err:
+            convert_starvla(run, tmp_path / f"out_{name}")
+        assert needle in str(err.value)
+        assert not (tmp_path / f"out_{name}").exists()
+    assert err.value.report["mismatched"] and not err.value.report["missing"]
+
+
+def test_refuses_unsupported_framework_and_split_placeholder(vlms, tmp_path, capsys):
+    run = write_run(tmp_path / "dual", "QwenDual", vlms["qwen2_5_vl"], {}, {"action_dim": A})
+    with pytest.raises(StarVLAConversionError, match=r"unsupported framework 'QwenDual'.*QwenFast.*QwenOFT"):
+        convert_starvla(run, tmp_path / "out")
+    assert main([str(run), str(tmp_path / "out")]) == 1
+    assert "unsupported framework" in capsys.readouterr().err
+    # The tiny Qwen3-VL tokenizer splits "🔍": an OFT checkpoint trained with one placeholder token cannot be served.
+    run = write_run(tmp_path / "oft3", "QwenOFT", vlms["qwen3_vl"], {}, {"action_dim": A})
+    with pytest.raises(StarVLAConversionError, match="placeholder '🔍' is [2-9] tokens"):
+        convert_starvla(run, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------- flow heads
+
+TINY_GR00T = {
+    "action_model_type": "DiT-B", "hidden_size": 48, "repeated_diffusion_steps": 2, "num_inference_timesteps": 3,
+    "diffusion_model_cfg": {"input_embedding_dim": 32, "attention_head_dim": 16, "num_attention_heads": 2,
+                            "num_layers": 2, "output_dim": 24, "cross_attention_dim": 64, "dropout": 0.2,
+                            "final_dropout": True, "interleave_self_attention": True},
+}  # fmt: skip
+FLOW_CASES = {
+    # name: (framework, family, hf_vla kwargs of the original, StarVLA action_model, vla_data extra, top-level extra)
+    "gr00t": ("QwenGR00T", "qwen2_5_vl",
+              dict(dit_hidden_size=32, attention_head_dim=16, num_dit_layers=2, dit_output_dim=24, head_hidden_size=48,
+                   repeated_diffusion_steps=2, num_inference_steps=3, prompt_template=COT),
+              TINY_GR00T, {"CoT_prompt": COT, "obs_image_size": [56, 56], "obs": ["image_0"]}, {}),
+    # Before PR #373 (run date in the run id) every layer-wise block cross-attends, whatever the config says.
+    "pi": ("QwenPI", "qwen3_vl",
+           dict(head_hidden_size=1024, dit_output_dim=26, interleave_self_attention=False, repeated_diffusion_steps=2),
+           {"diffusion_model_cfg": {"interleave_self_attention": True}},
+           {"CoT_prompt": "Describe the scene.", "obs_image_size": [64, 64]}, {"run_id": "qwenpi_libero_20260301"}),
+    "pi_v3": ("QwenPI_v3", "qwen3_vl",
+              dict(dit_hidden_size=32, attention_head_dim=2, head_hidden_size=1024, dit_output_dim=26,
+                   interleave_self_attention=True, repeated_diffusion_steps=3, prompt_template=COT),
+              {"diffusion_model_cfg": {"action_dit_hidden_dim": 32, "interleave_self_attention": True,
+                                       "use_canonical_forward": True}},
+              {"CoT_prompt": COT, "obs_image_size": [64, 64], "include_state": True},
+              {"trainer": {"repeated_diffusion_steps": 3}}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FLOW_CASES))
+def test_flow_round_trip(vlms, tmp_path, case):
+    framework, family, kwargs, action_model, vla_data, top = FLOW_CASES[case]
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(
+        vlms[family], variant=case, action_dim=A, action_horizon=H, state_dim=S, **kwargs
+    )
+    fmt = "safetensors" if case == "gr00t" else "pt"
+    action_model = {"action_dim": A, "state_dim": S, "action_horizon": H, **action_model}
+    run = write_run(tmp_path / "run", framework, vlms[family], to_starvla(original.state_dict(), case), action_model,
+                    vla_data, fmt=fmt, **top)  # fmt: skip
+    if case == "gr00t":  # through the command line
+        assert main([str(run), str(tmp_path / "out")]) == 0
+        out = tmp_path / "out"
+    else:
+        out = convert_starvla(run, tmp_path / "out")
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["attention_mode"] == ("interleaved" if kwargs.get("interleave_self_attention", True) else "all_cross")
+    assert report["keys"]["tied_duplicates"] == (1 if family == "qwen3_vl" else 0)
+
+    model = AutoModelForVLA.from_pretrained(out)
+    processor = VLAProcessor.from_pretrained(out)
+    assert type(model) is type(original)
+    assert_same_weights(original, model)
+    for field in ("interleave_self_attention", "repeated_diffusion_steps", "num_inference_steps", "dit_output_dim",
+                  "head_hidden_size", "state_in_prompt", "prompt_template"):  # fmt: skip
+        assert getattr(model.config, field) == getattr(original.config, field), field
+
+    size = processor.image_size[0]
+    inputs = processor(images=views(1, 1, size), text=["open the drawer"], state=STATE, actions=np.zeros((1, H, A)))
+    expected_text = {
+        "gr00t": "Your task is open the drawer. To identify the key objects for your task. Locate their bounding "
+                 "boxes in [x1,y1,x2,y2] format.",
+        "pi": "open the drawer",  # CoT_prompt without {instruction}: StarVLA sends the raw instruction
+        "pi_v3": "Your task is open the drawer " + STATE_TEXT + ". To identify the key objects for your task. "
+                 "Locate their bounding boxes in [x1,y1,x2,y2] format.",
+    }[case]  # fmt: skip
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" if family == "qwen2_5_vl" else ""
+    assert prompt_of(processor, inputs) == (
+        system + "<|im_start|>user\n" + pads(4) + expected_text + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, H, A, generator=generator)
+    repeats = model.config.repeated_diffusion_steps
+    train_noise, time = torch.randn(repeats, H, A, generator=generator), torch.rand(repeats, generator=generator)
+    predicted = model.predict_action(**inputs, noise=noise)
+    assert torch.equal(predicted, original.predict_action(**inputs, noise=noise))
+    assert torch.equal(model(**inputs, noise=train_noise, time=time).loss,
+                       original(**inputs, noise=train_noise, time=time).loss)  # fmt: skip
+
+    # StarVLA's layer-wise head never masks the condition (its GR00T head only in training); for an unpadded
+    # prompt the mask hf_vla passes is all ones, so sampling without it gives the same chunk.
+    vlm_inputs = {k: v for k, v in inputs.items() if k not in ("state", "actions")}
+    conditions, mask = model.conditions(**vlm_inputs)
+    assert bool(mask.all())
+    unmasked = model.action_head.sample(conditions, None, state=model.head_state(inputs["state"]), noise=noise)
+    assert torch.equal(unmasked, predicted)
+
+
+# ---------------------------------------------------------------------------------------------------- FAST
+
+
+def test_fast_round_trip(vlms, tmp_path):
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, H)[None, :, None]
+    phase = rng.uniform(0, 1, (300, 1, A))
+    chunks = (rng.uniform(0.1, 0.6, (300, 1, A)) * np.sin(2 * np.pi * (t + phase))).astype(np.float32)
+    fast = FASTTokenizer.fit(chunks, scale=10, vocab_size=64)
+    fast.save_pretrained(tmp_path / "fast")
+    torch.manual_seed(0)
+    # StarVLA's -Action models add 2048 action tokens after the vocabulary: the checkpoint's rows differ from the base.
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="fast", action_dim=A, action_horizon=H,
+                                        num_action_tokens=2048, action_tokenizer=fast, prompt_template=COT)  # fmt: skip
+    run = write_run(tmp_path / "run", "QwenFast", vlms["qwen2_5_vl"], to_starvla(original.state_dict(), "fast"),
+                    {"action_dim": A, "future_action_window_size": H - 1},
+                    {"CoT_prompt": COT, "obs_image_size": [56, 56]})  # fmt: skip
+    out = convert_starvla(run, tmp_path / "out", fast_tokenizer=tmp_path / "fast")
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["vocab_rows"] == {"base": 544, "checkpoint": 544 + 2048}
+
+    model = AutoModelForVLA.from_pretrained(out)
+    processor = VLAProcessor.from_pretrained(out)
+    assert_same_weights(original, model)
+    assert model.config.action_token_offset == original.config.action_token_offset
+    inputs = processor(images=views(2, 1, 56), text=["open the drawer"], actions=chunks[:1])
+    assert torch.equal(model(**inputs).loss, original(**inputs).loss)
+    del inputs["actions"]
+    model.config.max_action_tokens = original.config.max_action_tokens = 8  # a short greedy reply is enough
+    assert model.generate_actions(**inputs).action_token_ids == original.generate_actions(**inputs).action_token_ids
+
+
+# ---------------------------------------------------------------------------------------------------- decisions
+
+
+def test_attention_mode_decision():
+    def decide(variant, diffusion=None, override=None, **top):
+        config = {"framework": {"action_model": {"diffusion_model_cfg": diffusion or {}}}, **top}
+        return choose_attention_mode(variant, config, None, override)[0]
+
+    assert decide("pi", {"interleave_self_attention": True}) is False  # no evidence of post-#373 code
+    assert decide("pi", {"interleave_self_attention": True}, run_id="run_2026-07-01") is True
+    assert decide("pi", {}, run_id="20260615_pi") is False
+    assert decide("pi", {"interleave_self_attention": True, "use_canonical_forward": True}) is True
+    assert decide("pi", {"interleave_self_attention": True, "use_canonical_forward": False}) is False
+    assert decide("pi", {"use_canonical_forward": True}) is True  # QwenPI's default: interleaved
+    assert decide("pi_v3", {"use_canonical_forward": True}) is False  # QwenPI_v3's default since #434: all-cross
+    assert decide("pi_v3", {"interleave_self_attention": False}, run_id="run_20260801") is False
+    assert decide("pi", {"interleave_self_attention": True}, override=True) is True
+    assert decide("pi_v3", {"use_canonical_forward": True, "interleave_self_attention": True}, override=False) is False
+    assert decide("gr00t", {"interleave_self_attention": True}) is True  # GR00T always honoured the flag
+    assert decide("oft") is None
+
+
+def test_normalisation_modes_and_cameras():
+    stats = statistics()["franka"]["action"]
+    config = {"datasets": {"vla_data": {"data_mix": "bridge_rt_1"}}}
+    assert choose_action_modes(stats, config)[0] == ["q99"] * 6 + ["binary"]  # mask=False ↔ binary (OXE)
+    libero = {"datasets": {"vla_data": {"data_mix": "libero_all", "obs": ["image_0"]}}}
+    assert choose_action_modes(stats, libero)[0] == ["min_max"] * 6 + ["identity"]
+    assert choose_action_modes(stats, libero, "q99")[0] == ["q99"] * 7
+    modes = "mean_std,mean_std,mean_std,q99,q99,q99,binary"
+    assert choose_action_modes(stats, config, modes)[0] == modes.split(",")
+    with pytest.raises(StarVLAConversionError, match="7 comma-separated modes"):
+        choose_action_modes(stats, config, "q99,binary")
+    assert choose_cameras(config)[0] == ["primary"]
+    assert choose_cameras({"datasets": {"vla_data": {"data_mix": "libero_goal"}}})[0] == ["primary", "wrist"]
+    assert choose_cameras(libero)[0] == ["image_0"]  # the run's own observation keys win over the mixture table
+    assert choose_cameras(libero, ["front", "wrist"])[0] == ["front", "wrist"]
+
+
+# ---------------------------------------------------------------------------------------------------- published sizes
+
+
+def starvla_head_shapes(variant: str, vlm_hidden: int, vlm_layers: int) -> dict[str, tuple]:
+    """StarVLA's head parameters at its published configurations (starvla.md §1.4, §1.5, §10), weights and biases."""
+    width = {"gr00t": 768, "pi": vlm_hidden, "pi_v3": 1024}[variant]
+    blocks = 16 if variant == "gr00t" else vlm_layers
+    linears = {  # name: (out, in)
+        "action_model.model.timestep_encoder.timestep_embedder.linear_1": (width, 256),
+        "action_model.model.timestep_encoder.timestep_embedder.linear_2": (width, width),
+        "action_model.model.proj_out_1": (2 * width, width),
+        "action_model.model.proj_out_2": (1024 if variant == "gr00t" else 26, width),
+        "action_model.state_encoder.layer1": (1024, 7),
+        "action_model.state_encoder.layer2": (width, 1024),
+        "action_model.action_encoder.layer1": (width, 7),
+        "action_model.action_encoder.layer2": (width, 2 * width),
+        "action_model.action_encoder.layer3": (width, width),
+        "action_model.action_decoder.layer1": (1024, 1024 if variant == "gr00t" else width),
+        "action_model.action_decoder.layer2": (7, 1024),
+    }
+    for i in range(blocks):
+        block = f"action_model.model.transformer_blocks.{i}."
+        kv = vlm_hidden if variant == "gr00t" and i % 2 == 0 else width  # GR00T: even blocks read the VLM
+        linears.update({block + "norm1.linear": (2 * width, width), block + "attn1.to_q": (width, width),
+                        block + "attn1.to_k": (width, kv), block + "attn1.to_v": (width, kv),
+                        block + "attn1.to_out.0": (width, width), block + "ff.net.0.proj": (4 * width, width),
+                        block + "ff.net.2": (width, 4 * width)})  # fmt: skip
+        if variant == "pi_v3":
+            linears[f"project_layers.{i}.1"] = (width, vlm_hidden)
+    shapes = {f"{name}.{p}": shape if p == "weight" else shape[:1] for name, shape in linears.items()
+              for p in ("weight", "bias")}  # fmt: skip
+    shapes["action_model.future_tokens.weight"] = (32, width)
+    shapes["action_model.position_embedding.weight"] = (1024, width)
+    if variant == "pi_v3":
+        shapes.update({f"project_layers.{i}.0.{p}": (vlm_hidden,) for i in range(blocks) for p in ("weight", "bias")})
+    return shapes
+
+
+@pytest.mark.parametrize("variant", ["gr00t", "pi", "pi_v3"])
+def test_published_head_sizes_map_exactly(tmp_path, variant):
+    """From released-style config.yaml fields, the converter's config gives StarVLA's head shapes key for key."""
+    name, vlm_config = ("Qwen2.5-VL-3B-Instruct", QWEN2_5_VL_3B)
+    if variant == "pi_v3":  # the released QwenPI_v3 sits on Qwen3-VL-4B
+        name, vlm_config = ("Qwen3-VL-4B-Instruct", QWEN3_VL_4B)
+    vlm_config.save_pretrained(tmp_path / name)
+    text = vlm_config.get_text_config()
+    starvla = starvla_head_shapes(variant, text.hidden_size, text.num_hidden_layers)
+    action_model = {"action_dim": 7, "state_dim": 7, "future_action_window_size": 15, "diffusion_model_cfg": {}}
+    if variant == "gr00t":  # examples/LIBERO/train_files/starvla_cotrain_libero.yaml
+        action_model.update(action_model_type="DiT-B", hidden_size=1024, diffusion_model_cfg={
+            "cross_attention_dim": 2048, "dropout": 0.2, "final_dropout": True, "interleave_self_attention": True,
+            "num_layers": 16, "output_dim": 1024})  # fmt: skip
+    config = {"framework": {"name": variant, "qwenvl": {"base_vlm": f"./playground/Pretrained_models/{name}"},
+                            "action_model": action_model}}  # fmt: skip
+    state = {k: torch.empty(shape, device="meta") for k, shape in starvla.items()}
+    model_config, info = build_config(variant, config, state, str(tmp_path / name), None)
+    with torch.device("meta"):
+        model = VARIANTS[f"vla_{variant}"][1](model_config)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("action_head.")}
+    assert {map_key(k, variant): shape for k, shape in starvla.items()} == ours
