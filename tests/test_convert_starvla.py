@@ -285,11 +285,14 @@ def test_flow_round_trip(vlms, tmp_path, case):
     assert torch.equal(model(**inputs, noise=train_noise, time=time).loss,
                        original(**inputs, noise=train_noise, time=time).loss)  # fmt: skip
 
-    # StarVLA's layer-wise head never masks the condition (its GR00T head only in training); for an unpadded
-    # prompt the mask hf_vla passes is all ones, so sampling without it gives the same chunk.
+    # StarVLA's layer-wise head never masks padded prompt tokens, its GR00T head only in training: the converted
+    # config records that, so left-padded batches are treated as StarVLA treats them too.
+    assert model.config.condition_mask == ("training" if case == "gr00t" else "never")
     vlm_inputs = {k: v for k, v in inputs.items() if k not in ("state", "actions")}
     conditions, mask = model.conditions(**vlm_inputs)
-    assert bool(mask.all())
+    assert mask is None
+    _, training_mask = model.conditions(training=True, **vlm_inputs)
+    assert (training_mask is not None) == (case == "gr00t")
     unmasked = model.action_head.sample(conditions, None, state=model.head_state(inputs["state"]), noise=noise)
     assert torch.equal(unmasked, predicted)
 

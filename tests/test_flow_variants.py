@@ -190,3 +190,17 @@ def test_head_matches_starvla_at_published_config(variant, vlm_config, expected)
                 "position_embedding.weight"]:  # fmt: skip
         assert key in keys, key
     assert model.config.state_in_prompt == (variant == "pi_v3")
+
+
+def test_padded_batch_matches_single_samples_when_masking(flow):
+    """With condition_mask="always" (the default), left padding does not change a sample's chunk."""
+    _, _, model, processor = flow
+    rng = np.random.default_rng(7)
+    views, state = random_views(rng, 2), rng.normal(size=(2, 6))
+    text = ["open", "open the top drawer of the cabinet slowly"]
+    noise = torch.randn(2, 4, 7)
+    batched = model.predict_action(**processor(images=views, text=text, state=state), noise=noise)
+    for i in range(2):
+        single = model.predict_action(**processor(images=views[i : i + 1], text=text[i : i + 1], state=state[i : i + 1]),
+                                      noise=noise[i : i + 1])  # fmt: skip
+        torch.testing.assert_close(batched[i : i + 1], single, atol=1e-4, rtol=1e-4)

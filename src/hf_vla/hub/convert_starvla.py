@@ -423,6 +423,8 @@ def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir
         interleave = odd is not None and odd.shape[1] == fields["dit_hidden_size"] != text_config.hidden_size
     if interleave is not None:
         fields["interleave_self_attention"] = interleave
+    if variant in ("gr00t", "pi", "pi_v3"):  # StarVLA masks padded prompt tokens only in GR00T training
+        fields["condition_mask"] = "training" if variant == "gr00t" else "never"
 
     config_class, model_class = VARIANTS[f"vla_{variant}"]
     if variant in ("oft", "fast"):

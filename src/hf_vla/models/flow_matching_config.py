@@ -22,6 +22,9 @@ class VLAFlowMatchingConfig(VLAConfig):
         repeated_diffusion_steps (`int`): copies of each sample per training step, each with its own noise and time.
         num_inference_steps (`int`, defaults to 4): Euler steps of `predict_action`.
         time_beta_alpha / time_beta_beta / time_noise_s: training time t = (s − u)/s, u ~ Beta(α, β).
+        condition_mask (`str`, *optional*, defaults to `"always"`): when the prompt's padding mask hides padded
+            condition tokens from the DiT: `"always"`, `"training"` (StarVLA's GR00T head) or `"never"` (StarVLA's
+            layer-wise heads). Only left-padded batches differ; converted StarVLA checkpoints set their behaviour.
     """
 
     dit_hidden_size: int | None = None
@@ -39,3 +42,9 @@ class VLAFlowMatchingConfig(VLAConfig):
     time_beta_alpha: float = 1.5
     time_beta_beta: float = 1.0
     time_noise_s: float = 0.999
+    condition_mask: str = "always"
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if self.condition_mask not in ("always", "training", "never"):
+            raise ValueError(f"condition_mask: expected 'always', 'training' or 'never', got {self.condition_mask!r}")

@@ -35,11 +35,12 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
             **head_kwargs,
         )
 
-    def conditions(self, **vlm_inputs) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
-        """Backbone features the head cross-attends to, and their key padding mask."""
+    def conditions(self, training: bool = False, **vlm_inputs) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
+        """Backbone features the head cross-attends to, and their key padding mask (per `config.condition_mask`)."""
         outputs = self.encode(**vlm_inputs, output_hidden_states=self.layerwise)
         mask = vlm_inputs.get("attention_mask")
-        mask = None if mask is None else mask.bool()
+        use_mask = self.config.condition_mask == "always" or (self.config.condition_mask == "training" and training)
+        mask = mask.bool() if mask is not None and use_mask else None
         if self.layerwise:
             # The last N hidden states are the outputs of the N decoder layers (the first is the embedding output).
             return list(outputs.hidden_states[-self.action_head.num_layers :]), mask
@@ -77,6 +78,7 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
             raise ValueError("actions: flow-matching training needs target actions; use predict_action for inference")
         self.check_actions(actions)
         conditions, mask = self.conditions(
+            training=True,
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
