@@ -1,0 +1,228 @@
+"""Flow-matching step scaling: does `predict_action(num_steps=10)` cost what the FLOPs say it should?
+
+    python benchmarks/flow_steps.py [--repeats 30] [--threads N]
+
+(from the repository root, with the package importable, e.g. `PYTHONPATH=src`). Runs offline on CPU in ~1-2 minutes.
+
+The flow-matching variants (`vla_gr00t`, `vla_pi`, `vla_pi_v3`) run the VLM once per call (the "prefix") and the DiT
+head once per Euler step. For each variant, at a small-but-not-trivial configuration (a random Qwen2.5-VL backbone
+256 wide × 4 layers, MLP 1024; two 224×224 views + instruction + state, ~170 prefix tokens; batch 1, horizon 16), it
+measures:
+
+1. FLOPs, counted with `torch.utils.flop_counter.FlopCounterMode`, of
+   - the prefix: `model.conditions(...)` (VLM forward, vision tower included) plus the head's once-per-call work
+     (`prepare_conditions` — PI_v3's per-layer projectors — and `encode_state`);
+   - one head step: one `action_head.predict_velocity(...)` call on those prepared conditions;
+   and the predicted time ratio  R_pred = (F_prefix + 10·F_step) / (F_prefix + F_step).
+   CPU SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which the stock counter does not know;
+   it is counted here with the same formula as the GPU SDPA kernels. The sum F_prefix + k·F_step is checked against
+   a direct count of `predict_action(num_steps=k)`.
+2. The measured ratio R_meas = median wall time of `predict_action(num_steps=10)` ÷ median of
+   `predict_action(num_steps=1)`, timed side by side (alternating, after a warm-up, torch.no_grad, fixed noise).
+   The deviation |R_meas − R_pred| / R_pred has a 10% target.
+
+Since FLOPs do not capture per-op overheads (Python, aten dispatch and thread fork/join, paid per op whatever its size,
+on a head that runs on ~50 tokens; the lower efficiency of its small matmuls), the same loop also times the prefix
+alone and one head step alone, and reports the ratio predicted from those measured times,
+R_time = (T_prefix + 10·T_step) / (T_prefix + T_step), plus the throughput (GFLOP/s) each part achieves, the step time
+its FLOPs do not explain at the prefix's throughput ("excess"), how many aten ops one step dispatches (excess per op ≈
+the fixed per-op CPU cost), and how much the prefix and one step speed up from 1 thread to the run's thread count
+(overhead-bound work does not).
+
+Timings on a shared machine are only meaningful when it is otherwise idle: another busy process on 2 cores can slow
+multi-threaded ops several-fold (try `--threads 1` there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.defaults import example_image, synthetic_statistics
+from hf_vla.testing import build_tiny_vlm
+
+VLM = dict(hidden_size=256, num_layers=4, intermediate_size=1024)
+COMMON = dict(action_dim=7, action_horizon=16, state_dim=7, dropout=0.0)
+HEADS = {
+    "gr00t": dict(dit_hidden_size=256, num_dit_layers=8, attention_head_dim=64, dit_output_dim=256,
+                  head_hidden_size=256),
+    "pi": dict(attention_head_dim=64, head_hidden_size=256),  # D = VLM width, one block per VLM layer
+    "pi_v3": dict(dit_hidden_size=128, attention_head_dim=64, head_hidden_size=256),  # projected to D = 128
+}  # fmt: skip
+STEPS = (1, 10)
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a call dispatches (each pays a roughly fixed CPU overhead that FLOPs do not see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> int:
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
+def build(vlm_dir: str, variant: str):
+    torch.manual_seed(0)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **COMMON, **HEADS[variant]).eval()
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[224, 224])
+    processor.compute_norm_stats("bridge", *synthetic_statistics())
+    image = example_image()
+    inputs = processor(
+        images=[[image, image[::-1].copy()]], text=["put the carrot on the plate"], state=np.zeros((1, 7), np.float32)
+    )
+    return model, dict(inputs)
+
+
+def measure(model, inputs: dict, repeats: int) -> dict:
+    head = model.action_head
+    noise = torch.randn(1, COMMON["action_horizon"], COMMON["action_dim"], generator=torch.Generator().manual_seed(0))
+    vlm_inputs = {k: v for k, v in inputs.items() if k != "state"}
+    bucket = torch.zeros(1, dtype=torch.long)
+
+    def prefix():  # everything predict_action does once per call
+        conditions, mask = model.conditions(**vlm_inputs)
+        return head.prepare_conditions(conditions), mask, head.encode_state(model.head_state(inputs.get("state")))
+
+    with torch.no_grad():
+        conditions, mask, state_tokens = prefix()
+
+        def step():
+            return head.predict_velocity(noise, bucket, conditions, mask, state_tokens)
+
+        calls = {f"k={k}": (lambda k=k: model.predict_action(**inputs, noise=noise, num_steps=k)) for k in STEPS}
+        calls.update(prefix=prefix, step=step)
+
+        flops = {"prefix": count_flops(prefix), "step": count_flops(step)}
+        flops.update({name: count_flops(calls[name]) for name in (f"k={k}" for k in STEPS)})
+        ops = {"prefix": count_ops(prefix), "step": count_ops(step)}
+
+        times = time_alternating(calls, repeats)
+        # Thread scaling of the prefix and of one step alone: work bound by FLOPs speeds up with threads, work bound
+        # by per-op overhead (dispatch, Python, thread sync on tiny tensors) does not.
+        threads = torch.get_num_threads()
+        single = {}
+        if threads > 1:
+            torch.set_num_threads(1)
+            try:
+                single = time_alternating({"prefix": prefix, "step": step}, max(5, repeats // 2))
+            finally:
+                torch.set_num_threads(threads)
+    return {"flops": flops, "ops": ops, "time": times, "time_1thread": single}
+
+
+def time_alternating(calls: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of each call, timed side by side: round-robin, the order reversed every other round."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for i in range(repeats):
+        for name in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each kind per variant (>= 15)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"VLM Qwen2.5-VL {VLM['hidden_size']}×{VLM['num_layers']} (MLP {VLM['intermediate_size']}), "
+          f"two 224×224 views, batch 1, horizon {COMMON['action_horizon']}, {args.repeats} repeats")  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        vlm_dir = build_tiny_vlm(root, family="qwen2_5_vl", **VLM)
+        for variant in HEADS:
+            model, inputs = build(vlm_dir, variant)
+            result = measure(model, inputs, args.repeats)
+            result.update(
+                variant=variant,
+                tokens=inputs["input_ids"].shape[1],
+                params=sum(p.numel() for p in model.parameters()),
+                head_params=sum(p.numel() for p in model.action_head.parameters()),
+            )
+            rows.append(result)
+            del model
+
+    k1, k10 = (f"k={k}" for k in STEPS)
+    n = STEPS[1]
+    print()
+    print(f"{'variant':>8} {'params':>8} {'head':>7} {'tokens':>6} {'prefix GF':>9} {'step GF':>8} "
+          f"{'R_pred':>7} {'R_meas':>7} {'dev':>6} {'R_time':>7} {'dev':>6}")  # fmt: skip
+    for r in rows:
+        f, t = r["flops"], r["time"]
+        r_pred = (f["prefix"] + n * f["step"]) / (f["prefix"] + f["step"])
+        r_meas = t[k10] / t[k1]
+        r_time = (t["prefix"] + n * t["step"]) / (t["prefix"] + t["step"])
+        print(f"{r['variant']:>8} {r['params'] / 1e6:>7.1f}M {r['head_params'] / 1e6:>6.2f}M {r['tokens']:>6} "
+              f"{f['prefix'] / 1e9:>9.3f} {f['step'] / 1e9:>8.3f} {r_pred:>7.3f} {r_meas:>7.3f} "
+              f"{abs(r_meas - r_pred) / r_pred:>6.1%} {r_time:>7.3f} "
+              f"{abs(r_meas - r_time) / r_time:>6.1%}")  # fmt: skip
+
+    print()
+    print(f"{'variant':>8} {'k=1 ms':>8} {'k=10 ms':>8} {'prefix ms':>9} {'step ms':>8} {'Δstep ms':>8} "
+          f"{'prefix GF/s':>11} {'step GF/s':>9} {'excess ms':>9} {'ops/step':>8} {'µs/op':>6} "
+          f"{'prefix ×thr':>11} {'step ×thr':>9} {'FLOP check':>10}")  # fmt: skip
+    for r in rows:
+        f, t = r["flops"], r["time"]
+        marginal = (t[k10] - t[k1]) / (n - 1)  # per-step cost seen inside predict_action
+        # step time beyond what its FLOPs would take at the prefix's throughput, and that excess per dispatched op
+        excess = t["step"] - f["step"] * t["prefix"] / f["prefix"]
+        speedup = lambda part: f"{r['time_1thread'][part] / t[part]:.2f}" if r["time_1thread"] else "-"  # noqa: E731
+        exact = all(f[f"k={k}"] == f["prefix"] + k * f["step"] for k in STEPS)
+        print(f"{r['variant']:>8} {t[k1] * 1e3:>8.2f} {t[k10] * 1e3:>8.2f} {t['prefix'] * 1e3:>9.2f} "
+              f"{t['step'] * 1e3:>8.2f} {marginal * 1e3:>8.2f} {f['prefix'] / t['prefix'] / 1e9:>11.1f} "
+              f"{f['step'] / t['step'] / 1e9:>9.1f} {excess * 1e3:>9.2f} {r['ops']['step']:>8} "
+              f"{excess / r['ops']['step'] * 1e6:>6.1f} {speedup('prefix'):>11} {speedup('step'):>9} "
+              f"{'exact' if exact else 'MISMATCH':>10}")  # fmt: skip
+    print()
+    print("R_pred = (F_prefix + 10·F_step) / (F_prefix + F_step) from FLOPs; R_meas = T(k=10) / T(k=1) measured;")
+    print("R_time = the same ratio from the prefix and one step timed alone (its dev is |R_meas − R_time| / R_time);")
+    print("Δstep = (T(k=10) − T(k=1)) / 9; excess = T_step − F_step / (prefix GF/s), the step time FLOPs do not")
+    print("explain, and µs/op = excess per aten op of one step; FLOP check: predict_action(k) counted directly equals")
+    print("F_prefix + k·F_step; ×thr = time at 1 thread ÷ time at the run's thread count (prefix and step alone).")
+
+
+if __name__ == "__main__":
+    main()
