@@ -394,3 +394,22 @@ def test_repeated_diffusion_steps_multiply_batch():
     torch.testing.assert_close(loss, single(tiled[0], None, tiled[1], state=tiled[2], noise=noise, time=time))
     with pytest.raises(ValueError, match="repeated_diffusion_steps"):
         head(conditions, None, actions, noise=noise[:B], time=time[:B])
+
+
+def test_sampling_with_projected_contexts_equals_recomputing_them():
+    """`sample` projects the conditions' keys/values once; stepping with the raw conditions gives the same chunk."""
+    torch.manual_seed(0)
+    for layerwise in (False, True):
+        head = FlowMatchingActionHead(
+            action_dim=3, action_horizon=4, state_dim=None, dit_hidden_size=32, num_layers=4, attention_head_dim=16,
+            cross_attention_dim=None if layerwise else 24, output_dim=16, mlp_hidden_size=32, layerwise=layerwise,
+            project_condition_dim=24 if layerwise else None, dropout=0.0,
+        ).eval()  # fmt: skip
+        conditions = [torch.randn(2, 5, 24) for _ in range(4)] if layerwise else torch.randn(2, 5, 24)
+        mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+        noise = torch.randn(2, 4, 3)
+        actions, prepared = noise.clone(), head.prepare_conditions(conditions)
+        for k in range(3):
+            buckets = torch.full((2,), int(k / 3 * 1000), dtype=torch.long)
+            actions = actions + head.predict_velocity(actions, buckets, prepared, mask) / 3
+        torch.testing.assert_close(head.sample(conditions, mask, noise=noise, num_steps=3), actions, rtol=0, atol=1e-6)

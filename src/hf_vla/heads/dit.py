@@ -143,22 +143,27 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, heads, L, head_dim]` of `context` `[B, L, kv_dim]`."""
+        return self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: `[B, T, query_dim]`.
-            encoder_hidden_states: `[B, L, kv_dim]` or None for self-attention.
+            encoder_hidden_states: `[B, L, kv_dim]`, its already projected `(key, value)`, or None for self-attention.
             key_padding_mask: `[B, L]`, True (or 1) for tokens to attend to; only meaningful for cross-attention.
         """
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self._split_heads(self.to_q(hidden_states))
-        key = self._split_heads(self.to_k(context))
-        value = self._split_heads(self.to_v(context))
+        if isinstance(encoder_hidden_states, tuple):  # keys and values projected once per sample (see DiT.project_contexts)
+            key, value = encoder_hidden_states
+        else:
+            key, value = self.project_context(hidden_states if encoder_hidden_states is None else encoder_hidden_states)
         attn_mask = None if key_padding_mask is None else _attention_mask_from_key_padding(key_padding_mask)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         out = out.transpose(1, 2).flatten(2)
@@ -295,6 +300,17 @@ class DiT(nn.Module):
     def block_cross_attends(self, index: int) -> bool:
         return not (self.interleave_self_attention and index % 2 == 1)
 
+    def project_contexts(self, encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor]) -> list:
+        """Each cross-attention block's keys and values of the conditions, computed once: the conditions are fixed
+        across denoising steps, so `forward` can take this list in place of `encoder_hidden_states`."""
+        per_block = isinstance(encoder_hidden_states, (list, tuple))
+        return [
+            block.attn1.project_context(encoder_hidden_states[index] if per_block else encoder_hidden_states)
+            if self.block_cross_attends(index)
+            else None
+            for index, block in enumerate(self.transformer_blocks)
+        ]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -308,7 +324,8 @@ class DiT(nn.Module):
             hidden_states: `[B, T, D]` action-side tokens.
             timestep: `[B]` discrete timesteps (flow-matching time bucket).
             encoder_hidden_states: `[B, L, C]` read by every cross-attention block, or a sequence of `num_layers`
-                tensors `[B, L_i, C]` of which block `i` reads the `i`-th (entries of self-attention blocks are unused).
+                tensors `[B, L_i, C]` of which block `i` reads the `i`-th (entries of self-attention blocks are unused),
+                or the output of `project_contexts`.
             encoder_attention_mask: `[B, L]` key padding mask of the condition tokens (True = real token), shared by
                 every cross-attention block.
             project_output: apply the timestep-modulated output norm and `proj_out_2` (`[B, T, output_dim]`); when

@@ -262,7 +262,8 @@ class FlowMatchingActionHead(nn.Module):
     ) -> torch.Tensor:
         """One DiT evaluation: velocity `[B, H, A]` at `noisy_actions` `[B, H, A]` and `timestep_buckets` `[B]`.
 
-        `conditions` must come from `prepare_conditions` and `state_tokens` from `encode_state`.
+        `conditions` must come from `prepare_conditions` (or `model.project_contexts` of those) and `state_tokens`
+        from `encode_state`.
         """
         batch, horizon, _ = noisy_actions.shape
         action_tokens = self.action_encoder(noisy_actions.to(self.dtype), timestep_buckets)
@@ -356,7 +357,8 @@ class FlowMatchingActionHead(nn.Module):
     ) -> torch.Tensor:
         """Euler integration of the learned velocity from noise (t = 0) to actions (t = 1).
 
-        The conditions are computed once by the caller; each of the `num_steps` steps runs only the head (one DiT call).
+        The conditions are computed once by the caller and their cross-attention keys/values once here; each of the
+        `num_steps` steps runs only the rest of the head (one DiT call).
 
         Args:
             conditions, condition_mask, state: as in `forward`.
@@ -378,11 +380,12 @@ class FlowMatchingActionHead(nn.Module):
         else:
             actions = noise.to(device=device, dtype=self.dtype)
 
+        contexts = self.model.project_contexts(conditions)  # the conditions' keys/values, shared by every step
         step = 1.0 / num_steps
         for k in range(num_steps):
             bucket = int(k / num_steps * self.num_timestep_buckets)
             buckets = torch.full((batch,), bucket, dtype=torch.long, device=device)
-            velocity = self.predict_velocity(actions, buckets, conditions, condition_mask, state_tokens)
+            velocity = self.predict_velocity(actions, buckets, contexts, condition_mask, state_tokens)
             actions = actions + step * velocity
         return actions
 
