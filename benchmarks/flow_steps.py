@@ -11,8 +11,9 @@ measures:
 
 1. FLOPs, counted with `torch.utils.flop_counter.FlopCounterMode`, of
    - the prefix: `model.conditions(...)` (VLM forward, vision tower included) plus the head's once-per-call work
-     (`prepare_conditions` — PI_v3's per-layer projectors — and `encode_state`);
-   - one head step: one `action_head.predict_velocity(...)` call on those prepared conditions;
+     (`prepare_conditions` — PI_v3's per-layer projectors —, the cross-attention keys/values of the conditions
+     (`project_contexts`) and `encode_state`);
+   - one head step: one `action_head.predict_velocity(...)` call on those projected contexts;
    and the predicted time ratio  R_pred = (F_prefix + 10·F_step) / (F_prefix + F_step).
    CPU SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which the stock counter does not know;
    it is counted here with the same formula as the GPU SDPA kernels. The sum F_prefix + k·F_step is checked against
@@ -112,7 +113,8 @@ def measure(model, inputs: dict, repeats: int) -> dict:
 
     def prefix():  # everything predict_action does once per call
         conditions, mask = model.conditions(**vlm_inputs)
-        return head.prepare_conditions(conditions), mask, head.encode_state(model.head_state(inputs.get("state")))
+        contexts = head.model.project_contexts(head.prepare_conditions(conditions))
+        return contexts, mask, head.encode_state(model.head_state(inputs.get("state")))
 
     with torch.no_grad():
         conditions, mask, state_tokens = prefix()
