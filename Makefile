@@ -18,6 +18,8 @@ $(STAMP): setup.py requirements/constraints.txt
 	# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	# openpi's own client, for the protocol tests: its numpy<2 pin is stale, so no dependency resolution
+	$(BIN)/pip install -q --no-deps openpi-client==0.1.2
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)

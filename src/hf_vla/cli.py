@@ -59,6 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--revision")
     p.add_argument("--remote-code", action="store_true", help="also ship self-contained modules (trust_remote_code)")
     p.set_defaults(func=push)
+    from .serving.server import add_arguments, run_from_args
+
+    p = commands.add_parser("serve", help="serve a model over openpi's websocket protocol")
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
     commands.add_parser("convert-starvla", help="convert a StarVLA run directory or checkpoint (see --help there)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

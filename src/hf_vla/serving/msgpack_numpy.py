@@ -1,0 +1,116 @@
+"""msgpack with numpy arrays, byte-compatible with openpi-client's `msgpack_numpy`.
+
+Wire format (plain msgpack maps, no ext types; marker keys are msgpack *bin*, the dtype is a *str*):
+
+    ndarray      -> {b"__ndarray__": True, b"data": <C-order bytes>, b"dtype": arr.dtype.str, b"shape": [..]}
+    numpy scalar -> {b"__npgeneric__": True, b"data": x.item(), b"dtype": x.dtype.str}
+
+Object, void (structured) and complex dtypes are refused both ways: an object array cannot travel as raw bytes,
+and decoding one from the wire would read arbitrary memory. Decoded arrays are read-only views of the received
+frame (no copy); copy them before writing in place.
+
+`unpackb` checks every array it decodes (dtype, shape against the byte count, an optional size limit) and names
+the offending field, e.g. `payload.examples[0].image[1]: ...`, in the ValueError it raises.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
+import msgpack
+import numpy as np
+
+__all__ = ["packb", "unpackb", "Packer"]
+
+_ARRAY, _SCALAR = b"__ndarray__", b"__npgeneric__"
+_REFUSED_KINDS = {"O": "object", "V": "void/structured", "c": "complex"}
+
+
+def _checked_dtype(spec: Any, field: str) -> np.dtype:
+    if not isinstance(spec, str):
+        raise ValueError(f"{field}: dtype must be a string, got {type(spec).__name__}")
+    try:
+        dtype = np.dtype(spec)
+    except (TypeError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{field}: unknown dtype {reprlib.repr(spec)}") from error
+    if dtype.kind in _REFUSED_KINDS:
+        raise ValueError(f"{field}: {_REFUSED_KINDS[dtype.kind]} dtype {spec!r} is not supported")
+    return dtype
+
+
+def _encode(obj: Any) -> Any:
+    """`default` hook for msgpack: numpy objects to marker maps."""
+    if isinstance(obj, (np.ndarray, np.generic)) and obj.dtype.kind in _REFUSED_KINDS:
+        raise ValueError(f"cannot pack {_REFUSED_KINDS[obj.dtype.kind]} dtype {obj.dtype}")
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return {_SCALAR: True, b"data": obj.item(), b"dtype": obj.dtype.str}
+    raise TypeError(f"cannot pack object of type {type(obj).__name__}")
+
+
+def packb(obj: Any) -> bytes:
+    """Serialises `obj` (dicts, lists, str, bytes, numbers, None, numpy arrays and scalars) to msgpack bytes."""
+    return msgpack.packb(obj, default=_encode)
+
+
+class Packer:
+    """Reusable packer with the same output as `packb` (mirrors openpi-client's `Packer().pack(obj)`)."""
+
+    def __init__(self):
+        self._packer = msgpack.Packer(default=_encode)
+
+    def pack(self, obj: Any) -> bytes:
+        return self._packer.pack(obj)
+
+
+def _decode_array(node: dict, field: str, max_array_bytes: int | None) -> np.ndarray:
+    data, shape = node.get(b"data"), node.get(b"shape")
+    dtype = _checked_dtype(node.get(b"dtype"), field)
+    if not isinstance(data, bytes):
+        raise ValueError(f"{field}: array data must be bytes, got {type(data).__name__}")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"{field}: array shape must be a list of non-negative ints, got {reprlib.repr(shape)}")
+    if max_array_bytes is not None and len(data) > max_array_bytes:
+        raise ValueError(f"{field}: array of {len(data)} bytes exceeds the limit of {max_array_bytes} bytes")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(data):
+        raise ValueError(f"{field}: shape {list(shape)} of dtype {dtype.str} needs {expected} bytes, got {len(data)}")
+    return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
+
+
+def _decode_scalar(node: dict, field: str) -> np.generic:
+    dtype = _checked_dtype(node.get(b"dtype"), field)
+    try:
+        return dtype.type(node.get(b"data"))
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"{field}: cannot read a {dtype} scalar from {reprlib.repr(node.get(b'data'))}") from error
+
+
+def _field(parent: str, key: Any) -> str:
+    name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+    return f"{parent}.{name}" if parent else name
+
+
+def _decode(node: Any, field: str, max_array_bytes: int | None) -> Any:
+    if isinstance(node, dict):
+        if node.get(_ARRAY) is True:
+            return _decode_array(node, field or "<root>", max_array_bytes)
+        if node.get(_SCALAR) is True:
+            return _decode_scalar(node, field or "<root>")
+        return {key: _decode(value, _field(field, key), max_array_bytes) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_decode(value, f"{field}[{i}]", max_array_bytes) for i, value in enumerate(node)]
+    return node
+
+
+def unpackb(data: bytes, max_array_bytes: int | None = None) -> Any:
+    """Inverse of `packb`. Raises ValueError for bytes that are not one well-formed message."""
+    try:
+        tree = msgpack.unpackb(data, raw=False)
+    except Exception as error:  # msgpack raises several unrelated types for bad input
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(f"frame: not a valid msgpack message ({detail})"[:300]) from None
+    return _decode(tree, "", max_array_bytes)

@@ -1,0 +1,405 @@
+"""The websocket policy server: protocols (openpi, StarVLA), auth, robustness, micro-batching, post-processing.
+
+Loopback only, a tiny OFT model, bounded loops. The openpi-client check needs `pip install --no-deps
+openpi-client==0.1.2`; the same paths are also covered with our own client.
+"""
+
+import argparse
+import http.client
+import re
+import threading
+
+import numpy as np
+import pytest
+from conftest import make_oft
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from hf_vla import VLAPolicy
+from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
+from hf_vla.serving.server import ClientActivity, add_arguments, options_from_args
+
+CAMERAS = ("primary", "wrist")
+TIMEOUT = 30
+# openpi-client 0.1.2 connects without a context manager, which websockets ≥ 17.1 flags.
+OPENPI_CONNECT_WARNING = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_vlm_dirs):
+    model, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"], action_dim=7, action_horizon=4, state_dim=6)
+    rng = np.random.default_rng(1)
+    processor.compute_norm_stats("other", rng.normal(2.0, 3.0, size=(256, 7)), rng.normal(size=(256, 6)))
+    return VLAPolicy(model, processor, unnorm_key="bridge")
+
+
+@pytest.fixture(scope="module")
+def server(policy):
+    limits = Limits(max_frame_bytes=1_000_000, max_array_bytes=100_000, max_request_rows=8)
+    with PolicyServer(policy, port=0, unnorm_key="bridge", batch_window_ms=200, limits=limits) as server:
+        yield server
+
+
+def client_for(server, **kwargs):
+    return PolicyClient("127.0.0.1", server.port, timeout=TIMEOUT, **kwargs)
+
+
+def make_obs(seed, batch=None, size=48, prompt=None):
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    images = {c: rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8) for c in CAMERAS}
+    words = ["pick", "place", "open", "close", "push", "the red", "blue", "cup", "drawer"]
+    text = prompt or " ".join(rng.choice(words, size=3))
+    instruction = text if batch is None else [f"{text} {b}" for b in range(batch)]
+    return {"images": images, "instruction": instruction, "state": rng.normal(size=(*lead, 6)).astype(np.float32)}
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def test_msgpack_numpy_round_trip_and_refusals():
+    message = {
+        "image": np.arange(24, dtype=np.uint8).reshape(2, 4, 3),
+        "state": np.linspace(0, 1, 5, dtype=np.float32)[::2],  # non-contiguous
+        "mask": np.array([True, False]),
+        "names": np.array(["ab", "c"]),
+        "step": np.int64(3),
+        "scale": np.float32(0.5),
+        "nested": [{"x": np.zeros((0, 3), np.int16)}, "text", b"bytes", None, 1.5],
+    }
+    decoded = unpackb(packb(message))
+    for key in ("image", "state", "mask", "names"):
+        np.testing.assert_array_equal(decoded[key], message[key])
+        assert decoded[key].dtype == message[key].dtype
+    assert not decoded["image"].flags.writeable
+    assert decoded["step"] == 3 and decoded["step"].dtype == np.int64 and decoded["scale"].dtype == np.float32
+    assert decoded["nested"][0]["x"].shape == (0, 3) and decoded["nested"][1:] == ["text", b"bytes", None, 1.5]
+
+    for bad in (np.zeros(2, np.complex64), np.array([{}], dtype=object), np.zeros(2, dtype="i4,i4")):
+        with pytest.raises(ValueError, match="not supported|cannot pack"):
+            packb(bad)
+
+    def frame(dtype, shape, data):
+        return packb({"obs": {"img": {b"__ndarray__": True, b"data": data, b"dtype": dtype, b"shape": shape}}})
+
+    for crafted, match in [
+        (frame("|O", [1], b"\0" * 8), "obs.img: object dtype"),
+        (frame("|V8", [1], b"\0" * 8), "obs.img: void"),
+        (frame("<c8", [1], b"\0" * 8), "obs.img: complex"),
+        (frame("<f4", [3], b"\0" * 8), r"obs.img: shape \[3\] of dtype <f4 needs 12 bytes, got 8"),
+        (frame("<f4", [-1], b""), "obs.img: array shape"),
+        (frame("nonsense", [1], b"\0"), "obs.img: unknown dtype"),
+        (frame("|u1", [2000], b"\0" * 2000), "obs.img: array of 2000 bytes exceeds the limit of 1000"),
+        (b"\xc1", "frame: not a valid msgpack message"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            unpackb(crafted, max_array_bytes=1000)
+
+
+def test_msgpack_numpy_matches_openpi_client_bytes():
+    openpi_msgpack = pytest.importorskip("openpi_client.msgpack_numpy")
+    message = {"observation/image": np.ones((4, 4, 3), np.uint8), "prompt": "hi", "step": np.int64(2)}
+    ours = packb(message)
+    assert ours == openpi_msgpack.Packer().pack(message)
+    theirs = openpi_msgpack.unpackb(ours)
+    np.testing.assert_array_equal(theirs["observation/image"], message["observation/image"])
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def test_metadata_frame(server, policy):
+    with client_for(server) as client:
+        meta = client.metadata
+    assert meta["action_chunk_size"] == meta["action_horizon"] == 4
+    assert (meta["action_dim"], meta["state_dim"]) == (7, 6)
+    assert meta["cameras"] == list(CAMERAS) and meta["model_type"] == policy.model.config.model_type
+    assert meta["available_unnorm_keys"] == ["bridge", "other"] and meta["default_unnorm_key"] == "bridge"
+    assert meta["training_obs_image_size"] == [56, 56]
+    assert meta["batching"]["enabled"] and meta["limits"]["max_array_bytes"] == 100_000
+
+
+def test_openpi_forms_match_in_process_predict(server, policy):
+    obs, batched = make_obs(0), make_obs(1, batch=3)
+    flat = {f"observation/{c}": obs["images"][c] for c in CAMERAS}
+    forms = [
+        (obs, obs, None),
+        ({**flat, "prompt": obs["instruction"], "observation/state": obs["state"], "step": np.int64(5)}, obs, None),
+        ({**obs["images"], "prompt": obs["instruction"], "state": obs["state"]}, obs, None),
+        ({**{f"observation.images.{c}": obs["images"][c] for c in CAMERAS}, "instruction": obs["instruction"],
+          "observation.state": obs["state"]}, obs, None),
+        ({**obs, "unnorm_key": "other"}, obs, "other"),
+        (batched, batched, None),
+    ]
+    with client_for(server) as client:
+        for sent, reference, key in forms:
+            reply = client.infer(sent)
+            expected = policy.predict(reference, unnorm_key=key or "bridge")
+            assert reply["actions"].dtype == np.float32 and reply["actions"].shape == expected.shape
+            np.testing.assert_allclose(reply["actions"], expected, atol=1e-5)
+            assert reply["server_timing"]["infer_ms"] > 0
+        assert "prev_total_ms" in reply["server_timing"]
+    other = policy.predict(obs, unnorm_key="other")
+    assert not np.allclose(other, policy.predict(obs, unnorm_key="bridge"))
+
+
+@OPENPI_CONNECT_WARNING
+def test_real_openpi_client_round_trip(server, policy):
+    websocket_policy = pytest.importorskip("openpi_client.websocket_client_policy")
+    client = websocket_policy.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    try:
+        assert client.get_server_metadata()["action_chunk_size"] == 4
+        for seed in (2, 3):
+            obs = make_obs(seed)
+            sent = {f"observation/{c}": obs["images"][c] for c in CAMERAS}
+            sent.update({"observation/state": obs["state"], "prompt": obs["instruction"]})
+            reply = client.infer(sent)
+            np.testing.assert_allclose(reply["actions"], policy.predict(obs), atol=1e-5)
+        assert "error" in client.infer({"prompt": "no images"})
+    finally:
+        client._ws.close()
+
+
+def test_starvla_request_shapes(server, policy):
+    obs = make_obs(4, batch=2)
+    examples = [
+        {"image": [obs["images"][c][b] for c in CAMERAS], "lang": obs["instruction"][b], "state": obs["state"][b]}
+        for b in range(2)
+    ]
+    expected = policy.predict(obs, unnorm_key="other")
+    with client_for(server) as client:
+        reply = client.request({"type": "infer", "request_id": "r1", "payload": {"examples": examples,
+                                                                                 "unnorm_key": "other"}})
+        assert (reply["status"], reply["ok"], reply["type"], reply["request_id"]) == ("ok", True,
+                                                                                      "inference_result", "r1")
+        np.testing.assert_allclose(reply["data"]["actions"], expected, atol=1e-5)
+        flat = client.request({"type": "predict_action", "examples": examples[:1], "unnorm_key": "other",
+                               "do_sample": False})
+        np.testing.assert_allclose(flat["data"]["actions"], expected[:1], atol=1e-5)
+        assert client.request({"type": "ping", "request_id": 9}) == {"status": "ok", "ok": True, "type": "ping",
+                                                                     "request_id": 9}
+        error = client.request({"type": "infer", "request_id": "r2", "payload": {"examples": [{"lang": "x"}]}})
+        assert (error["status"], error["ok"], error["request_id"]) == ("error", False, "r2")
+        assert error["error"]["message"].startswith("payload.examples[0].image:")
+        assert "unknown request type" in client.request({"type": "train"})["error"]["message"]
+
+
+@OPENPI_CONNECT_WARNING
+def test_healthz_and_api_key(policy):
+    key = "s3cret"
+    with PolicyServer(policy, port=0, api_key=key) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"OK\n")
+        conn.close()
+
+        obs = make_obs(5)
+        with client_for(server, api_key=key) as client:  # Authorization: Bearer
+            assert client.infer(obs)["actions"].shape == (4, 7)
+        uri = f"ws://127.0.0.1:{server.port}"
+        with connect(uri, additional_headers={"x-api-key": key}, open_timeout=TIMEOUT) as ws:
+            assert "action_dim" in unpackb(ws.recv(timeout=TIMEOUT))
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
+            with pytest.raises(InvalidStatus) as excinfo:
+                connect(uri, additional_headers=headers, open_timeout=TIMEOUT)
+            assert excinfo.value.response.status_code == 401
+        try:
+            from openpi_client.websocket_client_policy import WebsocketClientPolicy
+        except ImportError:
+            return
+        client = WebsocketClientPolicy("127.0.0.1", server.port, api_key=key)  # Authorization: Api-Key
+        assert client.infer({**obs["images"], "prompt": obs["instruction"], "state": obs["state"]})["actions"].shape \
+            == (4, 7)
+        client._ws.close()
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(server, policy):
+    good = make_obs(6)
+    image = good["images"]["primary"]
+    cases = [
+        (b"\x92\x01\x02", "message: expected a map, got list"),
+        (b"\xc1\xc1garbage", "frame: not a valid msgpack message"),
+        ("a text frame", "frame: text frames are not accepted"),
+        (packb({"prompt": "no images"}), "images.primary: missing"),
+        (packb({"images": [image]}), "images: expected a map"),
+        (packb({**good, "images": {"primary": image}}), "images.wrist: missing"),
+        (packb({**good, "images": {**good["images"], "top": image}}), "images: unknown camera(s) ['top']"),
+        (packb({**good, "images": {**good["images"], "wrist": image.astype(np.float32)}}),
+         "images.wrist: expected dtype uint8"),
+        (packb({**good, "images": {**good["images"], "wrist": image[..., 0]}}), "images.wrist: expected shape"),
+        (packb({**good, "images": {**good["images"], "wrist": image[None]}}), "images: mix of batched"),
+        (packb({**good, "images": {**good["images"], "wrist": "pixels"}}), "images.wrist: expected a uint8 numpy"),
+        (packb({**good, "instruction": 42}), "instruction: expected a string"),
+        (packb({"images": good["images"]}), "prompt: missing"),
+        (packb({**good, "state": np.zeros(3, np.float32)}), "state: expected 6 values"),
+        (packb({**good, "state": np.array([np.nan] * 6)}), "state: contains NaN"),
+        (packb({**good, "state": np.array(["a"] * 6)}), "state: expected a float array"),
+        (packb({**good, "unnorm_key": "mars"}), "unnorm_key: unknown key 'mars'"),
+        (packb({**good, "images": {c: np.zeros((200, 200, 3), np.uint8) for c in CAMERAS}}),
+         "images.primary: array of 120000 bytes exceeds the limit of 100000"),
+        (packb({"images": {c: np.zeros((9, 8, 8, 3), np.uint8) for c in CAMERAS}, "prompt": "x"}),
+         "images: 9 samples exceed the server's max_request_rows=8"),
+        (packb({"images": {b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "|O", b"shape": [1]}}),
+         "images: object dtype"),
+        (packb({**good, "instruction": "pick <|image_pad|>"}), "reserved token"),  # caught by the processor
+    ]
+    expected = policy.predict(good)
+    with client_for(server) as client:
+        for frame, message in cases:
+            reply = client.send_frame(frame)
+            assert message in reply.get("error", ""), (message, reply)
+            np.testing.assert_allclose(client.infer(good)["actions"], expected, atol=1e-5)
+        with pytest.raises(ServerError, match="prompt: missing"):
+            client.infer({"images": good["images"]})
+
+    # A frame over max_frame_bytes is refused by websockets (close 1009); the server keeps serving.
+    with client_for(server) as client:
+        with pytest.raises(ConnectionClosed) as excinfo:
+            client.send_frame(b"\0" * 1_100_000)
+        assert excinfo.value.rcvd.code == 1009
+    with client_for(server) as client:
+        np.testing.assert_allclose(client.infer(good)["actions"], expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- micro-batching
+
+
+def run_clients(server, requests_per_client):
+    """One thread and connection per client; all clients send round r together. Returns replies per client."""
+    n = len(requests_per_client)
+    barrier, replies, failures = threading.Barrier(n, timeout=TIMEOUT), [[] for _ in range(n)], []
+
+    def work(i):
+        try:
+            with client_for(server) as client:
+                for request in requests_per_client[i]:
+                    barrier.wait()
+                    replies[i].append(client.request(request))
+        except Exception as error:  # re-raised in the main thread
+            failures.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 2)
+    assert not failures, failures
+    return replies
+
+
+def test_concurrent_clients_get_their_own_rows_and_requests_are_batched(server, policy):
+    rounds = 3
+    requests, expected = [], []
+    for i in range(8):
+        obs_list = [make_obs(100 + 10 * i + r, batch=2 if i == 7 else None, size=40 if i == 6 else 48)
+                    for r in range(rounds)]
+        key = "other" if i == 5 else "bridge"
+        requests.append([{**obs, "unnorm_key": key} for obs in obs_list])
+        expected.append([policy.predict(obs, unnorm_key=key) for obs in obs_list])
+    flat = [chunk for row in expected for e in row for chunk in e.reshape(-1, 4, 7)]
+    assert min(np.abs(a - b).max() for k, a in enumerate(flat) for b in flat[k + 1:]) > 1e-4  # mixing would show
+
+    before = server.stats
+    replies = run_clients(server, requests)
+    after = server.stats
+    for i in range(8):
+        for r in range(rounds):
+            np.testing.assert_allclose(replies[i][r]["actions"], expected[i][r], atol=1e-5, err_msg=f"client {i}")
+    assert after["requests"] - before["requests"] == 8 * rounds
+    assert after["batched_calls"] > before["batched_calls"]
+    assert after["predict_calls"] - before["predict_calls"] < 8 * rounds
+    assert after["largest_batch"] >= 4
+
+
+def test_a_failing_sample_does_not_fail_its_batch_mates(server, policy):
+    good = [make_obs(200 + i) for i in range(3)]
+    bad = {**make_obs(203), "instruction": "pick <|image_pad|>"}
+    before = server.stats["fallbacks"]
+    replies = run_clients(server, [[obs] for obs in good] + [[bad]])
+    for obs, (reply,) in zip(good, replies):
+        np.testing.assert_allclose(reply["actions"], policy.predict(obs), atol=1e-5)
+    assert "reserved token" in replies[3][0]["error"]
+    assert server.stats["fallbacks"] > before
+
+
+def test_the_batcher_waits_only_for_connections_likely_to_send():
+    window = 0.005
+    fresh = ClientActivity(last_reply=0.0)  # metadata frame sent at t=0
+    assert fresh.expected_by(deadline=0.006, now=0.001, window_s=window)
+    assert not fresh.expected_by(deadline=1.005, now=1.0, window_s=window)  # connected long ago, never sent
+    steady = ClientActivity(0.0)
+    steady.request_arrived(0.002)  # 2 ms between a reply and its next request
+    steady.replied(0.030)
+    assert steady.expected_by(deadline=0.036, now=0.031, window_s=window)
+    assert not steady.expected_by(deadline=0.0305, now=0.0301, window_s=window)  # not due before the deadline
+    assert not steady.expected_by(deadline=10.005, now=10.0, window_s=window)  # idle for seconds
+    steady.request_arrived(0.033)
+    assert not steady.expected_by(deadline=0.036, now=0.034, window_s=window)  # already queued
+
+
+def test_batching_can_be_disabled(policy):
+    obs = [make_obs(300 + i) for i in range(4)]
+    with PolicyServer(policy, port=0, batching=False) as server:
+        replies = run_clients(server, [[o] for o in obs])
+        stats = server.stats
+    for o, (reply,) in zip(obs, replies):
+        np.testing.assert_allclose(reply["actions"], policy.predict(o), atol=1e-5)
+    assert (stats["batched_calls"], stats["predict_calls"], stats["largest_batch"]) == (0, 4, 1)
+
+
+# ---------------------------------------------------------------- post-processing
+
+
+def test_post_processing_per_connection(server, policy):
+    obs = make_obs(7)
+    raw = policy.predict(obs)
+    with client_for(server) as client:
+        config = client.configure(execute_steps=2, delta_dims=[0, 1, 2], gripper_dims=[6], gripper_threshold=0.0,
+                                  gripper_low=-1.0, gripper_high=1.0)["post_processing"]
+        assert config["execute_steps"] == 2 and config["delta_dims"] == [0, 1, 2]
+        actions = client.infer(obs)["actions"]
+        assert actions.shape == (2, 7)
+        np.testing.assert_allclose(actions[:, :3], obs["state"][:3] + np.cumsum(raw[:2, :3], axis=0), atol=1e-5)
+        np.testing.assert_allclose(actions[:, 3:6], raw[:2, 3:6], atol=1e-5)
+        np.testing.assert_array_equal(actions[:, 6], np.where(raw[:2, 6] > 0, 1.0, -1.0))
+
+        with pytest.raises(ServerError, match="state: missing"):
+            client.infer({"images": obs["images"], "prompt": obs["instruction"]})
+        for options, message in [
+            ({"execute_steps": 0}, "execute_steps: expected 1..4"),
+            ({"gripper_dims": [9]}, "gripper_dims: indices [9] out of range"),
+            ({"delta_state_dims": [0]}, "delta_state_dims: expected 3 indices"),
+            ({"warp": 1}, "configure: unknown option(s) ['warp']"),
+            ({"gripper_high": "yes"}, "gripper_high: expected a number"),
+        ]:
+            with pytest.raises(ServerError, match=re.escape(message)):
+                client.configure(**options)
+        reset = client.configure(execute_steps=None, delta_dims=None, gripper_dims=None)["post_processing"]
+        assert reset["execute_steps"] is None and reset["delta_dims"] == []
+        np.testing.assert_allclose(client.infer(obs)["actions"], raw, atol=1e-5)
+    with client_for(server) as client:  # configuration is per connection
+        np.testing.assert_allclose(client.infer(obs)["actions"], raw, atol=1e-5)
+
+
+def test_server_flags_set_default_post_processing(policy):
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--port", "0", "--execute-steps", "3", "--gripper-dims", "6", "--max-batch", "4", "--no-batching"]
+    )
+    options = options_from_args(args)
+    assert options["postprocess"] == PostProcess(execute_steps=3, gripper_dims=(6,))
+    assert (options["batching"], options["max_batch"], options["host"]) == (False, 4, "127.0.0.1")
+    obs = make_obs(8)
+    served = {k: v for k, v in options.items() if k not in ("dtype", "device", "host", "port")}
+    with PolicyServer(policy, port=0, **served) as server, client_for(server) as client:
+        assert client.metadata["post_processing"]["execute_steps"] == 3
+        actions = client.infer(obs)["actions"]
+    assert actions.shape == (3, 7) and set(np.unique(actions[:, 6])) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="execute_steps: expected 1..4"):
+        PolicyServer(policy, port=0, postprocess=PostProcess(execute_steps=9))
+    with pytest.raises(ValueError, match="unknown default key 'mars'"):
+        PolicyServer(policy, port=0, unnorm_key="mars")
