@@ -20,6 +20,8 @@ $(STAMP): setup.py requirements/constraints.txt
 	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
 	# openpi's own client, for the protocol tests: its numpy<2 pin is stale, so no dependency resolution
 	$(BIN)/pip install -q --no-deps openpi-client==0.1.2
+	# DeepSpeed as a pure-python wheel; its CPU ops compile on first use (the ZeRO-2 test)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c requirements/constraints.txt deepspeed
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)

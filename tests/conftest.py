@@ -47,3 +47,7 @@ def make_oft(vlm_dir, action_dim=7, action_horizon=4, state_dim=6, seed=0):
         "bridge", rng.normal(size=(256, action_dim)), rng.normal(size=(256, state_dim)) if state_dim else None
     )
     return model, processor
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deepspeed: needs the deepspeed package (installed by `make test`)")

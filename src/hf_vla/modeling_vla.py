@@ -75,6 +75,10 @@ class VLAPreTrainedModel(PreTrainedModel):
     def predict_action(self, **inputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def vlm_loss(self, **chat_batch) -> torch.Tensor:
+        """The backbone's own causal-LM loss on a VLM chat batch (co-training: `input_ids`, ..., `labels`)."""
+        return self.vlm(**chat_batch).loss
+
     @classmethod
     def config_kwargs_from_tokenizer(cls, tokenizer, config_kwargs: dict) -> dict:
         """Hook for variants whose config names token ids (e.g. OFT's action-query token)."""

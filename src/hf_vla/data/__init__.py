@@ -6,12 +6,20 @@ Names are imported lazily so that `python -m hf_vla.data.<module>` runs each mod
 from importlib import import_module
 
 _EXPORTS = {
+    "CoTrainingCollator": "collators",
+    "VLACollator": "collators",
     "ACTION_MODES": "lerobot",
     "LeRobotDataset": "lerobot",
     "apply_action_mode": "lerobot",
     "load_lerobot": "lerobot",
     "LeRobotWriter": "lerobot_writer",
     "write_lerobot_dataset": "lerobot_writer",
+    "MixtureEntry": "mixture",
+    "VLAMixture": "mixture",
+    "load_mixture": "mixture",
+    "VLMChatCollator": "vlm_chat",
+    "VLMChatDataset": "vlm_chat",
+    "load_vlm_chat": "vlm_chat",
     "PyAVDecoder": "video",
     "VideoDecodeError": "video",
     "VideoDecoder": "video",

@@ -1,0 +1,130 @@
+"""Collators: lists of raw samples → model batches, the only place a Trainer's DataLoader meets the processor.
+
+`VLACollator` turns raw VLA samples (what `load_lerobot` and mixtures yield) into the processor's BatchFeature. Besides
+the model inputs, each batch carries the targets in robot units (`raw_actions`) and the per-sample `embodiment`, so
+evaluation can score predictions in robot units; `VLATrainer` strips both before calling the model.
+
+`CoTrainingCollator` implements StarVLA's co-training step: every batch holds one VLA batch plus one VLM chat batch
+under `"vlm_batch"`. The VLA dataset defines the epoch (the Trainer's sampler walks it as usual); chat samples are
+drawn from a shuffled cycle over the chat dataset that restarts whenever it runs out, so chat data never ends an
+epoch and is repeated or only partly seen depending on the relative sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+
+# Batch entries that are not model inputs; `VLATrainer` removes them before `model(**batch)`.
+METADATA_KEYS = ("raw_actions", "embodiment")
+VLM_BATCH_KEY = "vlm_batch"
+
+
+class VLACollator:
+    """Raw VLA samples → the processor's BatchFeature (plus `raw_actions` and `embodiment` when targets are present).
+
+    Args:
+        processor (`VLAProcessor`): builds prompts and pixel tensors, and normalises state and actions.
+        embodiment (`str`, *optional*): statistics key for samples without an `"embodiment"` entry; with None, such
+            samples use the processor's only embodiment (an error when it knows several).
+    """
+
+    def __init__(self, processor, embodiment: str | None = None):
+        self.processor = processor
+        self.embodiment = embodiment
+
+    def __call__(self, samples: Sequence[Mapping]) -> BatchFeature:
+        if not samples:
+            raise ValueError("VLACollator: received an empty list of samples")
+        cameras = self.processor.camera_names
+        images = [[self._view(sample, b, camera) for camera in cameras] for b, sample in enumerate(samples)]
+        embodiments = [sample.get("embodiment", self.embodiment) for sample in samples]
+        if embodiments[0] is None and len(self.processor.norm_stats) == 1:
+            embodiments = [next(iter(self.processor.norm_stats))] * len(samples)
+        kwargs = {}
+        if "state" in samples[0] and self.processor.state_dim > 0:
+            kwargs["state"] = np.stack([sample["state"] for sample in samples])
+        has_actions = "actions" in samples[0]
+        if has_actions:
+            kwargs["actions"] = np.stack([sample["actions"] for sample in samples])
+            if "action_mask" in samples[0]:
+                kwargs["action_mask"] = np.stack([sample["action_mask"] for sample in samples])
+        batch = self.processor(
+            images=images,
+            text=[sample["instruction"] for sample in samples],
+            embodiment=embodiments,
+            **kwargs,
+        )
+        if has_actions:
+            batch["raw_actions"] = torch.from_numpy(np.asarray(kwargs["actions"], dtype=np.float32))
+            batch["embodiment"] = embodiments
+        return batch
+
+    def _view(self, sample: Mapping, index: int, camera: str):
+        views = sample.get("images", {})
+        if camera not in views:
+            raise KeyError(
+                f"VLACollator: sample {index} has no image for camera {camera!r} (the processor expects "
+                f"{self.processor.camera_names}; the sample has {sorted(views)}). Select or rename cameras when "
+                "loading the data (cameras=..., camera_rename=...) to match processor.camera_names."
+            )
+        return views[camera]
+
+
+class CoTrainingCollator:
+    """One VLA batch plus one VLM chat batch per step (StarVLA's co-training); see the module docstring.
+
+    Args:
+        vla_collator: collates the VLA samples the Trainer's sampler hands over (e.g. a `VLACollator`).
+        chat_dataset: a map-style dataset of chat samples (e.g. `load_vlm_chat(path)`).
+        chat_collator: collates a list of chat samples into the VLM batch (e.g. `VLMChatCollator(processor)`).
+        chat_batch_size (`int`): chat samples per step.
+        seed (`int`, *optional*): seed of the chat order; by default derived from torch's seed, so runs under
+            `TrainingArguments(seed=...)` are reproducible. Each DataLoader worker and each distributed rank draws
+            its own order.
+    """
+
+    def __init__(
+        self,
+        vla_collator: Callable,
+        chat_dataset,
+        chat_collator: Callable,
+        chat_batch_size: int = 1,
+        seed: int | None = None,
+    ):
+        if len(chat_dataset) == 0:
+            raise ValueError("CoTrainingCollator: the chat dataset is empty")
+        if chat_batch_size < 1:
+            raise ValueError(f"chat_batch_size: expected a positive integer, got {chat_batch_size}")
+        self.vla_collator = vla_collator
+        self.chat_dataset = chat_dataset
+        self.chat_collator = chat_collator
+        self.chat_batch_size = chat_batch_size
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+        self._order: list[int] = []
+
+    def __call__(self, samples: Sequence[Mapping]) -> BatchFeature:
+        batch = self.vla_collator(samples)
+        batch[VLM_BATCH_KEY] = self.chat_collator([self._next_chat_sample() for _ in range(self.chat_batch_size)])
+        return batch
+
+    def _next_chat_sample(self):
+        if not self._order:
+            if self._rng is None:  # created lazily, inside the DataLoader worker that uses it
+                self._rng = np.random.default_rng(self._stream_seed())
+            self._order = self._rng.permutation(len(self.chat_dataset)).tolist()
+        return self.chat_dataset[self._order.pop()]
+
+    def _stream_seed(self) -> list[int]:
+        worker = torch.utils.data.get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        base = self.seed if self.seed is not None else torch.initial_seed()
+        # In a worker torch.initial_seed() already differs per worker; the worker id keeps explicit seeds apart too.
+        return [int(base) % 2**63, rank, 0 if worker is None else worker.id]
+
+
+__all__ = ["CoTrainingCollator", "METADATA_KEYS", "VLACollator", "VLM_BATCH_KEY"]

@@ -1,0 +1,304 @@
+"""VLATrainer: transformers' Trainer for VLA policies.
+
+What it adds to `Trainer` (everything else — DDP, FSDP, DeepSpeed, bf16, gradient accumulation and checkpointing,
+checkpoints, resuming, logging integrations — is Trainer's own):
+
+* per-module learning rates (`learning_rates={"vlm.model.visual": 1e-5, "action_head": 1e-3}`, longest matching
+  path wins, the rest at `args.learning_rate`, each group split into decay / no decay) and freezing
+  (`freeze=["vlm.model.visual"]`), paths as in `hf_vla.training.param_groups`;
+* co-training (StarVLA): when a batch carries `"vlm_batch"` (see `CoTrainingCollator`), the loss is
+  `loss_scale["vla"] · action loss + loss_scale["vlm"] · model.vlm_loss(**vlm_batch)`, one backward, one step;
+  `action_loss` and `vlm_loss` are logged beside `loss`;
+* evaluation in robot units: `evaluate()` runs `predict_action`, decodes with the processor's statistics of each
+  sample's embodiment and reports `eval_action_l1` / `eval_action_mse` against the un-normalised targets over the
+  valid steps (and `eval_action_valid_fraction`: token heads may emit a chunk that does not decode);
+* the processor is the Trainer's `processing_class`, so `save_model()` and every `checkpoint-N` hold a loadable model
+  directory (weights, config, processor files) next to Trainer's optimizer / scheduler / RNG state;
+* resuming (and `load_best_model_at_end`) reads checkpoint weights through `from_pretrained`. `save_pretrained` writes
+  the backbone's original key names (Qwen2.5-VL: `visual.*`, not `model.visual.*`), which Trainer's own loader feeds
+  to a plain non-strict `load_state_dict`: the backbone would silently keep its pre-checkpoint weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+
+from ..data.collators import METADATA_KEYS, VLM_BATCH_KEY, CoTrainingCollator, VLACollator
+from .param_groups import build_param_groups, check_paths, freeze_modules
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_LOSS_SCALE = {"vla": 1.0, "vlm": 0.1}  # StarVLA's co-training defaults
+MIN_LR_SCHEDULERS = (SchedulerType.COSINE_WITH_MIN_LR, SchedulerType.COSINE_WARMUP_WITH_MIN_LR)
+
+
+def action_error_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
+    """Masked L1 / MSE between predicted and target chunks in robot units.
+
+    `predictions`: `[N, T, D]` decoded predictions (NaN rows for chunks a token head could not decode);
+    `label_ids`: (`[N, T, D]` targets, `[N, T, D]` validity weights). Undecodable rows are left out of the errors
+    and counted in `action_valid_fraction`; when no chunk decodes, the errors are NaN.
+    """
+    predicted = np.asarray(eval_prediction.predictions, dtype=np.float64)
+    target, mask = (np.asarray(x, dtype=np.float64) for x in eval_prediction.label_ids)
+    decoded = np.isfinite(predicted).all(axis=(1, 2))
+    valid_fraction = float(decoded.mean()) if len(decoded) else 0.0
+    weights = mask * decoded[:, None, None]
+    total = weights.sum()
+    if total == 0:  # nothing decoded (e.g. an untrained token head): no error to report, rather than an error of 0
+        return {"action_l1": float("nan"), "action_mse": float("nan"), "action_valid_fraction": valid_fraction}
+    error = np.where(weights > 0, np.nan_to_num(predicted) - target, 0.0)
+    return {
+        "action_l1": float((np.abs(error) * weights).sum() / total),
+        "action_mse": float((error**2 * weights).sum() / total),
+        "action_valid_fraction": valid_fraction,
+    }
+
+
+class VLATrainer(Trainer):
+    r"""
+    `Trainer` for `VLAPreTrainedModel`s; see the module docstring.
+
+    Args (beyond `Trainer`'s):
+        learning_rates (`dict[str, float]`, *optional*): module path → learning rate; other trainable parameters use
+            `args.learning_rate`.
+        freeze (`list[str]`, *optional*): module paths whose parameters get `requires_grad=False` (and stay out of the
+            optimizer).
+        loss_scale (`dict`, *optional*): `{"vla": w_vla, "vlm": w_vlm}` weights of the co-training loss terms
+            (defaults 1.0 and 0.1, StarVLA's).
+
+    `processing_class` is the `VLAProcessor` (taken from the collator when omitted); it is needed for evaluation and
+    saved with every checkpoint. `data_collator` defaults to `VLACollator(processing_class)`. The Trainer sets
+    `args.remove_unused_columns=False` (raw-sample collators need every column) and, unless given,
+    `args.ddp_find_unused_parameters`: True for plain VLA training (the regression and flow heads leave the VLM's
+    `lm_head` unused), False for co-training (the VLM loss runs outside DDP's forward, so DDP must not search that
+    forward's graph for unused parameters; every parameter is reached by one of the two losses).
+
+    With `lr_scheduler_type="cosine_with_min_lr"` and `lr_scheduler_kwargs={"min_lr": x}`, the base group decays to
+    `x` and every other group to the same fraction (`x / args.learning_rate`) of its own peak rate.
+    """
+
+    # The action loss is a per-batch mean; Trainer must divide it by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        learning_rates: Mapping[str, float] | None = None,
+        freeze: Sequence[str] | None = None,
+        loss_scale: Mapping[str, float] | None = None,
+        compute_metrics=None,
+        **kwargs,
+    ):
+        if processing_class is None:
+            processing_class = _processor_of(data_collator)
+        if processing_class is None:
+            raise ValueError("VLATrainer: pass the VLAProcessor as processing_class= (it decodes actions for "
+                             "evaluation and is saved beside the weights)")
+        if data_collator is None:
+            data_collator = VLACollator(processing_class)
+        self.learning_rates = dict(learning_rates or {})
+        if "base" in self.learning_rates:
+            raise ValueError("learning_rates: set the rate of the remaining parameters with args.learning_rate, not "
+                             "a 'base' entry")
+        self.loss_scale = {**DEFAULT_LOSS_SCALE, **(loss_scale or {})}
+        unknown = sorted(set(self.loss_scale) - set(DEFAULT_LOSS_SCALE))
+        if unknown:
+            raise ValueError(f"loss_scale: unknown keys {unknown}; expected {sorted(DEFAULT_LOSS_SCALE)}")
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer")
+        if args.remove_unused_columns:
+            logger.info("VLATrainer: setting remove_unused_columns=False (collators read raw-sample columns)")
+            args.remove_unused_columns = False
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = not isinstance(data_collator, CoTrainingCollator)
+        if model is not None:
+            check_paths(model, self.learning_rates, "learning_rates")
+            if freeze:
+                frozen = freeze_modules(model, freeze)
+                logger.info(f"VLATrainer: froze {frozen:,} parameters under {list(freeze)}")
+        self._loss_parts: torch.Tensor | None = None  # running sums of (action loss, vlm loss, micro-batches, vlm ones)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or action_error_metrics,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ optimisation
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            groups = build_param_groups(
+                opt_model,
+                base_learning_rate=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                decay_parameter_names=self.get_decay_parameter_names(opt_model),
+                learning_rates=self.learning_rates,
+            )
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            # Each group carries its own "lr"; the optimizer's default stays args.learning_rate (the base rate).
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """As Trainer's, with `lr_scheduler_kwargs={"min_lr": x}` given to the scheduler as `min_lr_rate =
+        x / args.learning_rate`: what transformers computes from `optimizer.defaults["lr"]`, which DeepSpeed's
+        optimizer wrapper does not have. Every group decays to that fraction of its own peak rate."""
+        kwargs = self.args.lr_scheduler_kwargs
+        if (
+            self.lr_scheduler is not None
+            or SchedulerType(self.args.lr_scheduler_type) not in MIN_LR_SCHEDULERS
+            or not isinstance(kwargs, dict)
+            or "min_lr" not in kwargs
+        ):
+            return super().create_scheduler(num_training_steps, optimizer)
+        rate_kwargs = {k: v for k, v in kwargs.items() if k != "min_lr"}
+        rate_kwargs["min_lr_rate"] = float(kwargs["min_lr"]) / self.args.learning_rate
+        self.args.lr_scheduler_kwargs = rate_kwargs
+        try:
+            return super().create_scheduler(num_training_steps, optimizer)
+        finally:
+            self.args.lr_scheduler_kwargs = kwargs
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        vlm_batch = inputs.get(VLM_BATCH_KEY)
+        model_inputs = {k: v for k, v in inputs.items() if k not in METADATA_KEYS and k != VLM_BATCH_KEY}
+        outputs = model(**model_inputs)
+        action_loss = outputs.action_loss if outputs.action_loss is not None else outputs.loss
+        loss = self.loss_scale["vla"] * outputs.loss
+        vlm_loss = None
+        if vlm_batch is not None and model.training:
+            with self.accelerator.autocast():  # accelerate patches only forward() with autocast
+                vlm_loss = self.accelerator.unwrap_model(model).vlm_loss(**vlm_batch)
+            loss = loss + self.loss_scale["vlm"] * vlm_loss
+        if model.training:
+            self._record_loss_parts(action_loss, vlm_loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_loss_parts(self, action_loss: torch.Tensor, vlm_loss: torch.Tensor | None) -> None:
+        zero = action_loss.new_zeros(())
+        part = torch.stack([
+            action_loss.detach().float(),
+            zero if vlm_loss is None else vlm_loss.detach().float(),
+            zero + 1,
+            zero + (vlm_loss is not None),
+        ])  # fmt: skip
+        self._loss_parts = part if self._loss_parts is None else self._loss_parts + part
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry "loss"; every rank logs at the same steps, so the reduction below is collective-safe.
+        if "loss" in logs and self._loss_parts is not None:
+            parts = self._loss_parts
+            if self.args.world_size > 1:
+                parts = self.accelerator.reduce(parts.to(self.args.device), reduction="sum")
+            action_sum, vlm_sum, count, vlm_count = parts.tolist()
+            if count:
+                logs["action_loss"] = action_sum / count
+            if vlm_count:
+                logs["vlm_loss"] = vlm_sum / vlm_count
+            self._loss_parts = None
+            self._log_group_learning_rates(logs)
+        super().log(logs, start_time)
+
+    def _log_group_learning_rates(self, logs: dict) -> None:
+        if not self.learning_rates or self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            name = group.get("name", "")
+            if name in self.learning_rates:  # decay groups; their no-decay twins share the rate
+                logs[f"learning_rate/{name}"] = float(group["lr"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._load_checkpoint_weights(resume_from_checkpoint, self.model if model is None else model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if not self._load_checkpoint_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _load_checkpoint_weights(self, checkpoint: str, model) -> bool:
+        """Loads a checkpoint's safetensors the way `from_pretrained` does (key renaming included), strictly.
+        False where Trainer's own path applies: DeepSpeed / FSDP states, PEFT adapters, other weight formats."""
+        weight_files = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+        saved = any(os.path.isfile(os.path.join(checkpoint, name)) for name in weight_files)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, PreTrainedModel) or not saved:
+            return False
+        logger.info(f"Loading model weights from {checkpoint} with {type(model).__name__}.from_pretrained")
+        reloaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        model.load_state_dict(reloaded.state_dict())
+        return True
+
+    # ------------------------------------------------------------------ evaluation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss on the batch and, unless `prediction_loss_only`, (decoded predictions, (targets, weights)), all in
+        robot units and shaped `[B, T, D]`."""
+        inputs = self._prepare_inputs(inputs)
+        inputs = {k: v for k, v in inputs.items() if k != VLM_BATCH_KEY}
+        has_targets = inputs.get("actions") is not None
+        with torch.no_grad():
+            loss = None
+            if has_targets:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, inputs).detach().mean()
+            if prediction_loss_only or inputs.get("raw_actions") is None:
+                return loss, None, None
+            model_inputs = {k: v for k, v in inputs.items() if k not in METADATA_KEYS}
+            with self.accelerator.autocast():
+                predicted = self.accelerator.unwrap_model(model).predict_action(**model_inputs)
+        decoded = self._decode(predicted, inputs["embodiment"])
+        target = inputs["raw_actions"].float()
+        return loss, decoded.to(target.device), (target, _expanded_mask(inputs.get("action_mask"), target))
+
+    def _decode(self, predicted: torch.Tensor, embodiments: Sequence[str | None]) -> torch.Tensor:
+        predicted = predicted.detach().float().cpu().numpy()
+        decoded = np.empty_like(predicted)
+        for key in dict.fromkeys(embodiments):
+            rows = [b for b, k in enumerate(embodiments) if k == key]
+            decoded[rows] = self.processing_class.decode_actions(predicted[rows], unnorm_key=key)
+        return torch.from_numpy(decoded)
+
+
+def _expanded_mask(action_mask: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    """Validity weights `[B, T, D]` from a `[B, T]` / `[B, T, D]` mask (all ones when absent)."""
+    if action_mask is None:
+        return torch.ones_like(target)
+    mask = action_mask.to(target.dtype)
+    return (mask[..., None] if mask.ndim == 2 else mask).expand_as(target).contiguous()
+
+
+def _processor_of(collator):
+    for candidate in (collator, getattr(collator, "vla_collator", None)):
+        processor = getattr(candidate, "processor", None)
+        if processor is not None:
+            return processor
+    return None
+
+
+__all__ = ["DEFAULT_LOSS_SCALE", "VLATrainer", "action_error_metrics"]

@@ -1,0 +1,383 @@
+"""VLATrainer on CPU: losses fall for each head family, per-module learning rates and freezing, cosine_with_min_lr,
+exact resume, loadable checkpoints, evaluation in robot units, co-training, and the train_vla.py recipe script."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoProcessor, TrainingArguments
+
+from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.data import load_lerobot, write_lerobot_dataset
+from hf_vla.data.collators import CoTrainingCollator, VLACollator
+from hf_vla.normalization import normalize
+from hf_vla.training import VLATrainer
+from hf_vla.training.recipe import load_recipe, split_trainer_section
+
+REPO = Path(__file__).resolve().parents[1]
+CAMERAS = {"observation.images.front": "primary", "observation.images.wrist": "wrist"}
+HORIZON, ACTION_DIM, STATE_DIM = 4, 3, 3
+TINY_HEADS = {
+    "oft": {},
+    "gr00t": dict(dit_hidden_size=32, num_dit_layers=2, attention_head_dim=16, dit_output_dim=24, head_hidden_size=48,
+                  dropout=0.0, repeated_diffusion_steps=2),
+    "bins": dict(num_action_tokens=32),
+    "fast": dict(max_action_tokens=16),
+}  # fmt: skip
+
+
+def toy_episodes(num_episodes=3, length=8, size=32):
+    """Smooth state/action trajectories; each frame's pixels encode (episode, frame) so images carry the signal."""
+    episodes = []
+    for e in range(num_episodes):
+        t = np.arange(length, dtype=np.float32)
+        state = np.stack([np.sin(t / 3 + e), np.cos(t / 3 + e), np.full_like(t, e / 3)], axis=1)
+        action = 0.5 * state + 0.1 * np.stack([t / length, -t / length, np.full_like(t, e)], axis=1)
+        front = np.broadcast_to((40 * e + 20 * t).astype(np.uint8)[:, None, None, None], (length, size, size, 3))
+        wrist = np.broadcast_to((200 - 30 * e - 10 * t).astype(np.uint8)[:, None, None, None], (length, size, size, 3))
+        frames = {"observation.images.front": front.copy(), "observation.images.wrist": wrist.copy(),
+                  "observation.state": state.astype(np.float32), "action": action.astype(np.float32)}  # fmt: skip
+        episodes.append({"task": f"move the cube {'left' if e % 2 else 'right'}", "frames": frames})
+    return episodes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train much faster on one intra-op thread, and far more steadily on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lerobot") / "toy"
+    return write_lerobot_dataset(root, toy_episodes(), fps=10, robot_type="toy", video=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(dataset_root):
+    return load_lerobot(dataset_root, action_horizon=HORIZON, camera_rename=CAMERAS)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tiny_vlm_dirs):
+    return tiny_vlm_dirs["qwen2_5_vl"]
+
+
+def make_model(vlm_dir, dataset, variant="oft", seed=0):
+    stats = dataset.compute_stats()
+    kwargs = dict(action_dim=ACTION_DIM, action_horizon=HORIZON, state_dim=STATE_DIM, **TINY_HEADS[variant])
+    if variant == "fast":
+        from hf_vla.action_tokenizers import FASTTokenizer
+
+        chunks = np.stack([normalize(dataset[i]["actions"], stats["action"]) for i in range(len(dataset))])
+        kwargs["action_tokenizer"] = FASTTokenizer.fit(chunks, scale=10, vocab_size=256)
+    torch.manual_seed(seed)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **kwargs)
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[28, 28])
+    processor.set_norm_stats("toy", stats)
+    return model, processor
+
+
+def training_args(output_dir, **overrides):
+    settings = dict(
+        per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=12, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return TrainingArguments(str(output_dir), **settings)
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+# (base learning rate, action-head rate, required after/before ratio of the training-set loss after 20 steps).
+# The flow-matching loss has a large irreducible part (it regresses noise - action at random times), so it falls
+# slowly; the before/after losses use the same noise draws, so even a few percent is a real decrease.
+LOSS_FALLS = {
+    "oft": (3e-3, 1e-2, 0.9), "gr00t": (1e-3, 1e-2, 0.97), "bins": (3e-3, None, 0.8), "fast": (3e-3, None, 0.8),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(LOSS_FALLS))
+def test_loss_falls_with_cosine_with_min_lr(variant, vlm_dir, dataset, tmp_path):
+    base_rate, head_rate, ratio = LOSS_FALLS[variant]
+    model, processor = make_model(vlm_dir, dataset, variant)
+    args = training_args(tmp_path, max_steps=20, learning_rate=base_rate, lr_scheduler_type="cosine_with_min_lr",
+                         lr_scheduler_kwargs={"min_lr": 1e-5}, prediction_loss_only=True)
+    trainer = VLATrainer(model, args, train_dataset=dataset, eval_dataset=dataset, processing_class=processor,
+                         learning_rates={"action_head": head_rate} if head_rate else None)
+
+    def dataset_loss():
+        torch.manual_seed(0)  # flow heads draw noise: the same draws before and after training
+        return trainer.evaluate()["eval_loss"]
+
+    before = dataset_loss()
+    trainer.train()
+    after = dataset_loss()
+    assert after < ratio * before, (before, after)
+    losses = logged(trainer, "loss")
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert logged(trainer, "action_loss") == pytest.approx(losses)  # no auxiliary terms: the action loss is the loss
+    # after the last step the cosine sits at min_lr for the base group, other groups at the same fraction of peak
+    rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert rates["base"] == pytest.approx(1e-5)
+    if head_rate:
+        assert rates["action_head"] == pytest.approx(1e-5 * head_rate / base_rate)
+
+
+def test_learning_rate_groups_and_freezing(vlm_dir, dataset, tmp_path):
+    model, processor = make_model(vlm_dir, dataset)
+    rates = {"vlm.model.visual": 1e-5, "vlm.model.language_model": 1e-4, "vlm.model.language_model.layers.1": 3e-4,
+             "action_head": 1e-3}  # fmt: skip
+    trainer = VLATrainer(model, training_args(tmp_path, learning_rate=5e-5, weight_decay=0.1),
+                         train_dataset=dataset, processing_class=processor,
+                         learning_rates=rates, freeze=["vlm.model.visual.blocks.0"])  # fmt: skip
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert {name.removesuffix(" (no decay)") for name in groups} == set(rates) | {"base"}
+    for name, group in groups.items():
+        path = name.removesuffix(" (no decay)")
+        assert group["initial_lr"] == (5e-5 if path == "base" else rates[path])
+        assert group["weight_decay"] == (0.0 if name.endswith("(no decay)") else 0.1)
+
+    owner = {id(p): name for name, group in groups.items() for p in group["params"]}
+    decays = set(trainer.get_decay_parameter_names(model))
+    for name, param in model.named_parameters():
+        if name.startswith("vlm.model.visual.blocks.0."):
+            assert not param.requires_grad and id(param) not in owner, name
+            continue
+        assert param.requires_grad
+        expected = ("vlm.model.language_model.layers.1" if name.startswith("vlm.model.language_model.layers.1.")
+                    else next((p for p in rates if name.startswith(p + ".")), "base"))  # fmt: skip
+        assert owner[id(param)].removesuffix(" (no decay)") == expected, name
+        assert owner[id(param)].endswith("(no decay)") == (name not in decays), name
+
+    with pytest.raises(ValueError, match="match no parameter"):
+        VLATrainer(model, training_args(tmp_path), processing_class=processor, learning_rates={"vlm.visual": 1e-5})
+    with pytest.raises(ValueError, match="match no parameter"):
+        VLATrainer(model, training_args(tmp_path), processing_class=processor, freeze=["actionhead"])
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_learning_rate_paths_inside_a_peft_model(vlm_dir, dataset, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = make_model(vlm_dir, dataset)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+                      modules_to_save=["action_head"])  # fmt: skip
+    trainer = VLATrainer(get_peft_model(model, lora), training_args(tmp_path), train_dataset=dataset,
+                         processing_class=processor, learning_rates={"action_head": 1e-3, "vlm": 2e-4})
+    trainer.create_optimizer()
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert set(groups) == {"action_head", "action_head (no decay)", "vlm"}  # LoRA A/B matrices, the head copy
+    assert len(groups["vlm"]["params"]) == 8 and groups["vlm"]["lr"] == 2e-4
+
+
+def test_frozen_visual_with_activation_checkpointing_and_bf16(vlm_dir, dataset, tmp_path):
+    model, processor = make_model(vlm_dir, dataset)
+    visual = {k: v.clone() for k, v in model.vlm.model.visual.state_dict().items()}
+    head = {k: v.clone() for k, v in model.action_head.state_dict().items()}
+    args = training_args(tmp_path, max_steps=2, activation_checkpointing=True, bf16=True)
+    trainer = VLATrainer(model, args, train_dataset=dataset, processing_class=processor, freeze=["vlm.model.visual"])
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16" and all(math.isfinite(x) for x in logged(trainer, "loss"))
+    assert model.vlm.model.language_model.gradient_checkpointing
+    assert all(torch.equal(v, visual[k]) for k, v in model.vlm.model.visual.state_dict().items())
+    assert not all(torch.equal(v, head[k]) for k, v in model.action_head.state_dict().items())
+
+
+def test_resume_continues_exactly_and_checkpoints_load(vlm_dir, dataset, tmp_path):
+    def run(output_dir, resume=None):
+        model, processor = make_model(vlm_dir, dataset)
+        args = training_args(output_dir, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-4)
+        trainer = VLATrainer(model, args, train_dataset=dataset, processing_class=processor,
+                             learning_rates={"action_head": 1e-3})
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+    full, full_losses = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    _, resumed_losses = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert set(resumed_losses) >= {3, 4}  # steps 1-2 come from the checkpoint's trainer_state.json
+    assert resumed_losses[3] == full_losses[3] and resumed_losses[4] == full_losses[4]
+
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                 "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):  # fmt: skip
+        assert (checkpoint / name).is_file(), name
+    final = tmp_path / "final"
+    full.save_model(str(final))
+    model = AutoModelForVLA.from_pretrained(final)
+    processor = AutoProcessor.from_pretrained(final)
+    assert isinstance(processor, VLAProcessor) and processor.camera_names == ["primary", "wrist"]
+    batch = VLACollator(processor)([dataset[i] for i in range(3)])
+    inputs = {k: v for k, v in batch.items() if k not in ("raw_actions", "embodiment")}
+    assert torch.equal(model.predict_action(**inputs), full.model.predict_action(**inputs))
+
+
+def test_eval_metrics_in_robot_units(vlm_dir, dataset, tmp_path):
+    model, processor = make_model(vlm_dir, dataset)
+    # the last frames of the first episode: their chunks run past the episode end, so masking matters
+    samples = torch.utils.data.Subset(dataset, range(3, 8))
+    trainer = VLATrainer(model, training_args(tmp_path), eval_dataset=samples, processing_class=processor)
+    metrics = trainer.evaluate()
+
+    raw = [samples[i] for i in range(len(samples))]
+    batch = VLACollator(processor)(raw)
+    inputs = {k: v for k, v in batch.items() if k not in ("raw_actions", "embodiment")}
+    predicted = processor.decode_actions(model.predict_action(**inputs), unnorm_key="toy")
+    target = np.stack([s["actions"] for s in raw])
+    mask = np.stack([s["action_mask"] for s in raw])
+    assert not mask.all()
+    error = (predicted - target)[mask]  # [valid steps, D]
+    assert metrics["eval_action_l1"] == pytest.approx(np.abs(error).mean(), rel=1e-5)
+    assert metrics["eval_action_mse"] == pytest.approx((error**2).mean(), rel=1e-5)
+    assert metrics["eval_action_valid_fraction"] == 1.0
+    assert metrics["eval_loss"] == pytest.approx(model(**inputs).loss.item(), rel=1e-5)
+
+
+def test_action_error_metrics_mask_steps_and_leave_out_undecodable_chunks():
+    from transformers import EvalPrediction
+
+    from hf_vla.training import action_error_metrics
+
+    target = np.zeros((3, 2, 2))
+    predicted = np.stack([np.full((2, 2), 1.0), np.full((2, 2), 3.0), np.full((2, 2), np.nan)])
+    mask = np.ones((3, 2, 2))
+    mask[1, 1] = 0  # the second step of chunk 1 is past the episode end
+    metrics = action_error_metrics(EvalPrediction(predictions=predicted, label_ids=(target, mask)))
+    # valid entries: 4 of chunk 0 (error 1) and 2 of chunk 1 (error 3); chunk 2 did not decode
+    assert metrics == pytest.approx({"action_l1": 10 / 6, "action_mse": 22 / 6, "action_valid_fraction": 2 / 3})
+
+
+def test_collator_names_the_missing_camera(dataset, vlm_dir):
+    _, processor = make_model(vlm_dir, dataset)
+    samples = [dataset[0], dict(dataset[1], images={"primary": dataset[1]["images"]["primary"]})]
+    with pytest.raises(KeyError, match=r"sample 1 has no image for camera 'wrist'"):
+        VLACollator(processor)(samples)
+
+
+# ------------------------------------------------------------------------------------------------ co-training
+
+
+def write_chat_data(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(root / name)
+    items = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is on the table?"},
+                                             {"from": "gpt", "value": "A red block next to the bowl."}]},
+        {"image": "b.png", "conversations": [{"from": "human", "value": "Where is the drawer?"},
+                                             {"from": "gpt", "value": "The drawer is open on the left."}]},
+    ]  # fmt: skip
+    path = root / "chat.json"
+    path.write_text(json.dumps(items), encoding="utf-8")
+    return path
+
+
+def test_co_training_logs_both_losses_and_the_vlm_loss_falls(vlm_dir, dataset, tmp_path):
+    from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
+
+    model, processor = make_model(vlm_dir, dataset)
+    chat = load_vlm_chat(write_chat_data(tmp_path))
+    collator = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor), chat_batch_size=2)
+    args = training_args(tmp_path / "out", max_steps=10, logging_steps=2, learning_rate=2e-3)
+    trainer = VLATrainer(model, args, data_collator=collator, train_dataset=dataset, loss_scale={"vlm": 0.5})
+    assert trainer.processing_class is processor  # taken from the collator
+    trainer.train()
+    losses, action, vlm = logged(trainer, "loss"), logged(trainer, "action_loss"), logged(trainer, "vlm_loss")
+    assert len(losses) == len(action) == len(vlm) == 5
+    assert losses == pytest.approx([a + 0.5 * v for a, v in zip(action, vlm)], rel=1e-5)
+    assert vlm[-1] < 0.9 * vlm[0], vlm
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipe_overrides():
+    recipe = load_recipe(REPO / "trainers" / "recipes" / "oft.yaml", [
+        "--trainer.learning_rate.action_head", "1e-4", "--trainer.learning_rate.vlm.model.visual=2e-6",
+        "--model.variant", "gr00t", "--trainer.freeze", "vlm.model.visual,action_head", "--data.mixture", "mix.yaml",
+    ])  # fmt: skip
+    assert recipe["model"]["variant"] == "gr00t" and recipe["data"]["mixture"] == "mix.yaml"
+    fields, rates, freeze, loss_scale = split_trainer_section(recipe["trainer"])
+    assert rates == {"vlm.model.visual": 2e-6, "action_head": 1e-4}
+    assert fields["learning_rate"] == 1e-4 and fields["lr_scheduler_kwargs"] == {"min_lr": 1e-6}
+    assert freeze == ["vlm.model.visual", "action_head"] and loss_scale == {"vla": 1.0, "vlm": 0.1}
+    with pytest.raises(ValueError, match="must start with"):
+        load_recipe(None, ["--max_steps", "3"])
+
+
+@pytest.fixture(scope="module")
+def train_vla():
+    spec = importlib.util.spec_from_file_location("train_vla", REPO / "trainers" / "train_vla.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("variant", ["oft", "gr00t", "pi", "pi_v3", "fast", "bins"])
+def test_every_recipe_trains_with_its_defaults(variant, train_vla, tmp_path):
+    """Each recipe as shipped (tiny backbone, generated dataset; FAST fits its tokenizer), shortened to 2 steps."""
+    out = tmp_path / variant
+    metrics = train_vla.main([
+        str(REPO / "trainers" / "recipes" / f"{variant}.yaml"), "--trainer.output_dir", str(out),
+        "--trainer.max_steps", "2", "--trainer.save_strategy", "no", "--trainer.disable_tqdm", "true",
+        "--model.image_size", "[28, 28]", "--data.synthetic.num_episodes", "2", "--data.synthetic.length", "8",
+    ])  # fmt: skip
+    assert math.isfinite(metrics["train_loss"]) and "eval_action_l1" in metrics
+    assert AutoModelForVLA.from_pretrained(out).config.model_type == f"vla_{variant}"
+    assert yaml.safe_load((out / "training_recipe.yaml").read_text())["model"]["variant"] == variant
+
+
+def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root):
+    out = tmp_path / "run"
+    metrics = train_vla.main([
+        str(REPO / "trainers" / "recipes" / "oft.yaml"),
+        "--trainer.output_dir", str(out), "--trainer.max_steps", "3", "--trainer.save_steps", "2",
+        "--trainer.disable_tqdm", "true", "--trainer.logging_steps", "1",
+        "--trainer.learning_rate.action_head", "3e-3",
+        "--data.lerobot", str(dataset_root), "--data.embodiment", "toy", "--data.eval_split", "0.2",
+        "--model.action_horizon", "4", "--model.image_size", "[28, 28]",
+    ])  # fmt: skip
+    assert {"train_loss", "eval_action_l1", "eval_action_mse"} <= set(metrics)
+    recipe = yaml.safe_load((out / "training_recipe.yaml").read_text())
+    assert recipe["trainer"]["learning_rate"]["action_head"] == 3e-3
+    assert recipe["model"]["vlm"] == str(out / "tiny_vlm") and recipe["data"]["lerobot"] == str(dataset_root)
+    assert (out / "checkpoint-2" / "processor_config.json").is_file()
+    model = AutoModelForVLA.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.action_horizon == 4 and sorted(processor.norm_stats) == ["toy"]
+    head_rates = [entry["learning_rate/action_head"] for entry in json.loads(
+        (out / "trainer_state.json").read_text())["log_history"] if "learning_rate/action_head" in entry]
+    assert head_rates and max(head_rates) <= 3e-3
+
+
+def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root):
+    cameras = dict(CAMERAS)
+    mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "toy_a", "cameras": cameras},
+                            {"path": str(dataset_root), "embodiment": "toy_b", "cameras": cameras, "weight": 2.0,
+                             "normalization": {"action": "min_max"}}]}  # fmt: skip
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    out = tmp_path / "run"
+    train_vla.main([
+        str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(out),
+        "--trainer.max_steps", "2", "--trainer.save_strategy", "no", "--trainer.disable_tqdm", "true",
+        "--data.mixture", str(tmp_path / "mix.yaml"), "--data.eval_split", "0",
+        "--model.action_horizon", "4", "--model.image_size", "[28, 28]",
+    ])  # fmt: skip
+    processor = AutoProcessor.from_pretrained(out)
+    assert sorted(processor.norm_stats) == ["toy_a", "toy_b"]
+    assert processor.norm_stats["toy_b"]["action"]["mode"] == ["min_max"] * ACTION_DIM

@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Train a VLA policy with transformers' Trainer from a YAML recipe (see trainers/README.md for launch commands).
+
+    python trainers/train_vla.py trainers/recipes/oft.yaml [--section.key value ...]
+
+Recipe sections (defaults in DEFAULTS below; the recipes in trainers/recipes/ document every key):
+  model:   variant, vlm (hub id or path; null builds a tiny random backbone into <output_dir>/tiny_vlm), action_dim /
+           state_dim (null: the dataset's), action_horizon, image_size, dtype, head (variant config fields),
+           action_tokenizer / fast (FAST only: a saved FAST tokenizer, or how to fit one on the training actions)
+  data:    lerobot (one path or a list) or mixture (a mixture YAML), or synthetic (a generated demo dataset when
+           neither is given); cameras / camera_rename / camera_names, action_mode, normalization, embodiment,
+           eval_split; vlm_chat (+ chat_batch_size, chat_max_length) for co-training
+  trainer: TrainingArguments fields, plus learning_rate (number or {base: ..., <module path>: ...}), freeze (module
+           paths) and loss_scale ({vla, vlm})
+
+The output directory ends up as a model directory ready to push: weights + config, processor files, and the
+resolved recipe as training_recipe.yaml (beside Trainer's checkpoint-N folders, logs and metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from torch.utils.data import ConcatDataset, Dataset, Subset
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.data.collators import CoTrainingCollator, VLACollator
+from hf_vla.data.lerobot import load_lerobot
+from hf_vla.normalization import normalize
+from hf_vla.training import VLATrainer
+from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
+
+logger = logging.getLogger("train_vla")
+
+DEFAULTS = {
+    "model": {
+        "variant": "oft",
+        "vlm": None,
+        "tiny_vlm": {"family": "qwen2_5_vl", "hidden_size": 64, "num_layers": 2},
+        "action_dim": None,
+        "action_horizon": 8,
+        "state_dim": None,
+        "image_size": [224, 224],
+        "dtype": None,
+        "head": {},
+        "action_tokenizer": None,
+        "fast": {"scale": 10.0, "vocab_size": 1024, "fit_samples": 2000},
+    },
+    "data": {
+        "lerobot": None,
+        "mixture": None,
+        "synthetic": {"num_episodes": 4, "length": 16, "size": 32, "state_dim": 4, "action_dim": 4},
+        "embodiment": None,
+        "cameras": None,
+        "camera_rename": None,
+        "camera_names": None,
+        "action_mode": "abs",
+        "normalization": {"action": "q99", "state": "q99"},
+        "eval_split": 0.0,
+        "vlm_chat": None,
+        "chat_batch_size": 2,
+        "chat_max_length": None,
+    },
+    "trainer": {"output_dir": "outputs/vla", "report_to": "none"},
+}
+
+
+class WithEmbodiment(Dataset):
+    """Adds the statistics key to every sample of a dataset (to mix several LeRobot datasets of equal dimensions)."""
+
+    def __init__(self, dataset, embodiment: str):
+        self.dataset, self.embodiment = dataset, embodiment
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "embodiment": self.embodiment}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """Builds `target` unless it exists. Every process (one per rank) may build a private copy; the first rename
+    wins. No process group is needed, so this runs before TrainingArguments (whose ZeRO-3 setting would otherwise
+    route every model construction through deepspeed.zero.Init)."""
+    if not target.exists():
+        private = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(private, ignore_errors=True)
+        build(private)
+        try:
+            os.replace(private, target)
+        except OSError:  # another process was first
+            shutil.rmtree(private, ignore_errors=True)
+    return target
+
+
+def lerobot_specs(data: dict, output_dir: Path) -> list[tuple[Path, str]]:
+    """(dataset root, embodiment key) per LeRobot dataset; writes the synthetic demo dataset when none is given."""
+    roots = data["lerobot"]
+    if roots is None:
+        if not data.get("synthetic"):
+            raise ValueError("data: give data.lerobot (dataset path(s)) or data.mixture (a mixture YAML)")
+        roots = [write_synthetic_dataset(output_dir / "synthetic_dataset", data["synthetic"])]
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    names = data["embodiment"]
+    names = [r.name for r in roots] if names is None else ([names] if isinstance(names, str) else list(names))
+    if len(names) != len(roots):
+        raise ValueError(f"data.embodiment: {len(names)} names for {len(roots)} datasets")
+    return list(zip(roots, names))
+
+
+def write_synthetic_dataset(root: Path, settings: dict) -> Path:
+    from hf_vla.data.lerobot_writer import synthetic_episodes, write_lerobot_dataset
+
+    def write(path):
+        write_lerobot_dataset(path, synthetic_episodes(**settings), fps=10, robot_type="synthetic", video=False)
+        logger.info(f"wrote a synthetic demo dataset to {root}")
+
+    return build_once(root, write)
+
+
+def load_lerobot_data(data: dict, model: dict, output_dir: Path):
+    """(train dataset, eval dataset or None, {embodiment: stats}, [(dataset, embodiment)] without cameras)."""
+    norm = data["normalization"] or {}
+    train_parts, eval_parts, stats, action_only, camera_names = [], [], {}, [], []
+    for root, key in lerobot_specs(data, output_dir):
+        settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"])
+        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=data["camera_rename"], **settings)
+        stats[key] = dataset.compute_stats(action_mode=norm.get("action", "q99"), state_mode=norm.get("state", "q99"))
+        action_only.append((load_lerobot(root, cameras=[], **settings), key))
+        camera_names.append(list(dataset.camera_names))
+        tagged = WithEmbodiment(dataset, key)
+        num_eval = int(round(len(dataset) * float(data["eval_split"] or 0.0)))
+        # the tail of the frames is held out: whole episodes except, at most, the one that straddles the cut
+        train_parts.append(Subset(tagged, range(len(dataset) - num_eval)))
+        if num_eval:
+            eval_parts.append(Subset(tagged, range(len(dataset) - num_eval, len(dataset))))
+        logger.info(f"{key}: {dataset}")
+    dims = {(_dim(s, "action"), _dim(s, "state")) for s in stats.values()}
+    if len(dims) > 1:
+        raise ValueError(f"data.lerobot: datasets of different (action, state) dimensions {sorted(dims)}; "
+                         "combine them with a mixture YAML (data.mixture), which pads to the largest")
+    if any(names != camera_names[0] for names in camera_names):
+        raise ValueError(f"data: the datasets name their cameras differently {camera_names}; use data.camera_rename")
+    train = train_parts[0] if len(train_parts) == 1 else ConcatDataset(train_parts)
+    evaluation = None if not eval_parts else eval_parts[0] if len(eval_parts) == 1 else ConcatDataset(eval_parts)
+    return train, evaluation, stats, camera_names[0], action_only
+
+
+def load_mixture_data(data: dict, model: dict):
+    from hf_vla.data.mixture import load_mixture
+
+    if data["eval_split"]:
+        raise ValueError("data.eval_split: only with data.lerobot datasets (a mixture draws frames at random)")
+    mixture = load_mixture(data["mixture"], action_horizon=model["action_horizon"])
+    logger.info(repr(mixture))
+    camera_names = [list(entry.dataset.camera_names) for entry in mixture.entries]
+    if data["camera_names"] is None and any(names != camera_names[0] for names in camera_names):
+        raise ValueError(f"data.mixture: the datasets name their cameras differently {camera_names}; rename them "
+                         "in the mixture YAML (cameras: {feature: name}) or set data.camera_names")
+    return mixture, None, mixture.compute_norm_stats(), camera_names[0], None
+
+
+def _dim(stats: dict, feature: str) -> int:
+    return len(stats[feature]["mean"]) if feature in stats else 0
+
+
+def fit_fast_tokenizer(fast: dict, stats: dict, action_only, train_dataset, seed: int):
+    """A FAST tokenizer fitted on normalised action chunks of the training data (camera-less reads for LeRobot)."""
+    from hf_vla.action_tokenizers import FASTTokenizer
+
+    rng = np.random.default_rng(seed)
+    chunks = []
+    sources = action_only or [(train_dataset, None)]
+    per_source = max(1, int(fast["fit_samples"]) // len(sources))
+    for dataset, key in sources:
+        for index in rng.choice(len(dataset), size=min(per_source, len(dataset)), replace=False):
+            sample = dataset[int(index)]
+            embodiment = key or sample["embodiment"]
+            chunks.append(normalize(sample["actions"], stats[embodiment]["action"]))
+    tokenizer = FASTTokenizer.fit(np.stack(chunks), scale=fast["scale"], vocab_size=int(fast["vocab_size"]))
+    logger.info(f"fitted {tokenizer} on {len(chunks)} chunks")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def resolve_vlm(model: dict, output_dir: Path) -> str:
+    if model["vlm"]:
+        return str(model["vlm"])
+    from hf_vla.testing import build_tiny_vlm
+
+    def build(path):
+        build_tiny_vlm(path, **model["tiny_vlm"])
+        logger.info(f"built a tiny random {model['tiny_vlm']['family']} backbone in {output_dir / 'tiny_vlm'}")
+
+    return str(build_once(output_dir / "tiny_vlm", build))
+
+
+def build_model(model: dict, vlm: str, action_dim: int, state_dim: int, action_tokenizer=None):
+    kwargs = dict(action_dim=action_dim, action_horizon=model["action_horizon"], state_dim=state_dim, **model["head"])
+    if model["variant"] == "fast":
+        kwargs["action_tokenizer"] = action_tokenizer
+    dtype = getattr(torch, model["dtype"]) if isinstance(model["dtype"], str) else model["dtype"]
+    return AutoModelForVLA.from_vlm(vlm, variant=model["variant"], dtype=dtype, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def training_arguments(fields: dict) -> TrainingArguments:
+    fields = dict(fields)
+    if not torch.cuda.is_available():
+        fields.setdefault("use_cpu", True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            fields.setdefault("ddp_backend", "gloo")
+    try:
+        return TrainingArguments(**fields)
+    except TypeError as err:
+        raise TypeError(f"trainer section: {err} (keys other than learning_rate, freeze and loss_scale are "
+                        "TrainingArguments fields)") from err
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe_path = argv[0] if argv and not argv[0].startswith("--") else None
+    recipe = load_recipe(recipe_path, argv[1:] if recipe_path else argv, defaults=DEFAULTS)
+    model_cfg, data, trainer_cfg = recipe["model"], recipe["data"], recipe["trainer"]
+
+    fields, learning_rates, freeze, loss_scale = split_trainer_section(trainer_cfg)
+    resume = fields.pop("resume_from_checkpoint", None)
+    if "output_dir" not in fields:
+        raise ValueError("trainer.output_dir: required")
+    output_dir, seed = Path(fields["output_dir"]), int(fields.get("seed", 42))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+
+    # Data, model and processor come first: TrainingArguments(deepspeed=ZeRO-3) would make every later
+    # from_pretrained / from_config run under deepspeed.zero.Init, which from_vlm's head initialisation cannot take.
+    if data["mixture"]:
+        train, evaluation, stats, camera_names, action_only = load_mixture_data(data, model_cfg)
+    else:
+        train, evaluation, stats, camera_names, action_only = load_lerobot_data(data, model_cfg, output_dir)
+    camera_names = data["camera_names"] or camera_names
+    first = next(iter(stats.values()))
+    if model_cfg["action_dim"] is None:
+        model_cfg["action_dim"] = _dim(first, "action")
+    if model_cfg["state_dim"] is None:
+        model_cfg["state_dim"] = _dim(first, "state")
+    action_dim, state_dim = model_cfg["action_dim"], model_cfg["state_dim"]
+
+    vlm = model_cfg["vlm"] = resolve_vlm(model_cfg, output_dir)
+    set_seed(seed)
+    action_tokenizer = None
+    if model_cfg["variant"] == "fast":
+        action_tokenizer = model_cfg["action_tokenizer"] or fit_fast_tokenizer(
+            model_cfg["fast"], stats, action_only, train, seed
+        )
+    model = build_model(model_cfg, vlm, action_dim, state_dim, action_tokenizer)
+    processor = VLAProcessor.from_vlm(vlm, model.config, camera_names=camera_names, image_size=model_cfg["image_size"])
+    for key, embodiment_stats in stats.items():
+        if state_dim == 0:
+            embodiment_stats = {k: v for k, v in embodiment_stats.items() if k != "state"}
+        processor.set_norm_stats(key, embodiment_stats)
+
+    args = training_arguments(fields)
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+
+    collator = VLACollator(processor)
+    if data["vlm_chat"]:
+        from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
+
+        chat = load_vlm_chat(data["vlm_chat"])
+        collator = CoTrainingCollator(collator, chat, VLMChatCollator(processor, max_length=data["chat_max_length"]),
+                                      chat_batch_size=int(data["chat_batch_size"]), seed=args.seed)
+        logger.info(f"co-training with {chat}")
+    trainer = VLATrainer(
+        model, args, data_collator=collator, train_dataset=train, eval_dataset=evaluation,
+        processing_class=processor, learning_rates=learning_rates, freeze=freeze, loss_scale=loss_scale,
+    )  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters, {trainable:,} trainable; "
+                f"{len(train)} training samples; world size {args.world_size}")
+
+    if resume in (True, "true", "last"):
+        resume = get_last_checkpoint(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    if evaluation is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if args.should_save:
+        dump_recipe(recipe, output_dir / "training_recipe.yaml")
+        logger.info(f"model directory ready: {output_dir}")
+    trainer.end()  # finishes trackers and destroys the process group (gloo/NCCL) so every rank exits cleanly
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
