@@ -36,7 +36,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=300)
-    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--max-steps", type=int, default=2500)
     parser.add_argument("--output", default=str(ROOT / "outputs" / "default-reach"))
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--install", action="store_true")
@@ -53,9 +53,15 @@ def main():
     minutes = (time.time() - start) / 60
 
     policy = VLAPolicy.from_pretrained(str(output))
-    rate = evaluate(lambda obs: policy.predict(obs), episodes=args.eval_episodes, image_size=96)
-    blind = evaluate(lambda obs: policy.predict({**obs, "images": {"primary": np.zeros_like(obs["images"]["primary"])}}),
-                     episodes=args.eval_episodes, image_size=96)  # fmt: skip
+
+    def act(obs, blank=False):
+        obs = {k: v for k, v in obs.items() if k != "state" or policy.processor.state_dim}
+        if blank:
+            obs["images"] = {"primary": np.zeros_like(obs["images"]["primary"])}
+        return policy.predict(obs)
+
+    rate = evaluate(act, episodes=args.eval_episodes, image_size=96)
+    blind = evaluate(lambda obs: act(obs, blank=True), episodes=args.eval_episodes, image_size=96)
     successes = round(rate * args.eval_episodes)
     report = {"tasks": {"synthetic reach": {"success_rate": rate, "episodes": args.eval_episodes,
                                             "ci95": list(wilson(successes, args.eval_episodes))},

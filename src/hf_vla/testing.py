@@ -140,7 +140,9 @@ def build_image_processor(family: str = "qwen2_5_vl", max_pixels: int = 224 * 22
     )
 
 
-def tiny_vlm_config(family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, **text_overrides):
+def tiny_vlm_config(
+    family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_hidden_size: int = 32, **text_overrides
+):
     """A tiny Qwen2.5-VL / Qwen3-VL config whose special-token ids come from `tokenizer`."""
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
@@ -165,7 +167,8 @@ def tiny_vlm_config(family: str, tokenizer, hidden_size: int = 64, num_layers: i
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [half_head - 2 * hw, hw, hw]}
         text.update(text_overrides)
         vision = dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size, patch_size=14,
+            depth=2, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_heads=2,
+            out_hidden_size=hidden_size, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
         )  # fmt: skip
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
@@ -176,7 +179,8 @@ def tiny_vlm_config(family: str, tokenizer, hidden_size: int = 64, num_layers: i
     }
     text.update(text_overrides)
     vision = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size, patch_size=16,
+        depth=2, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_heads=2,
+        out_hidden_size=hidden_size, patch_size=16,
         spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
     )  # fmt: skip
     return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
@@ -189,6 +193,7 @@ def build_tiny_vlm(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    vision_hidden_size: int = 32,
     **text_overrides,
 ) -> str:
     """Writes a tiny random VLM directory (config, safetensors weights, tokenizer, chat template, image processor)
@@ -202,7 +207,9 @@ def build_tiny_vlm(
     if tokenizer not in ("tiny", "qwen"):
         raise ValueError(f"tokenizer: expected 'tiny' or 'qwen', got {tokenizer!r}")
     tok = build_tiny_tokenizer(family) if tokenizer == "tiny" else build_qwen_tokenizer(family)
-    config = tiny_vlm_config(family, tok, hidden_size=hidden_size, num_layers=num_layers, **text_overrides)
+    config = tiny_vlm_config(
+        family, tok, hidden_size=hidden_size, num_layers=num_layers, vision_hidden_size=vision_hidden_size, **text_overrides
+    )
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     out = Path(out_dir)
