@@ -46,11 +46,12 @@ def compute_stats(values: np.ndarray | Sequence, mode: str | Sequence[str] = "q9
         "q99": np.quantile(x, 0.99, axis=0),
     }
     stats = {k: v.astype(np.float32).tolist() for k, v in stats.items()}
-    stats["mode"] = _expand_modes(mode, dim, "mode")
+    stats["mode"] = expand_modes(mode, dim, "mode")
     return stats
 
 
-def _expand_modes(mode: str | Sequence[str], dim: int, field: str) -> list[str]:
+def expand_modes(mode: str | Sequence[str], dim: int, field: str) -> list[str]:
+    """One mode for every dimension, or a checked per-dimension list."""
     modes = [mode] * dim if isinstance(mode, str) else list(mode)
     if len(modes) != dim:
         raise ValueError(f"{field}: expected {dim} per-dimension modes, got {len(modes)}")
@@ -69,7 +70,7 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{field}: statistics have different lengths {lengths}")
     dim = lengths["mode"]
-    _expand_modes(stats["mode"], dim, f"{field}.mode")
+    expand_modes(stats["mode"], dim, f"{field}.mode")
     return dim
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..normalization import NORM_MODES, STAT_NAMES, compute_stats
+from ..normalization import STAT_NAMES, compute_stats, expand_modes
 from .lerobot import LeRobotDataset, load_lerobot
 
 DEFAULT_NORM_MODE = "q99"
@@ -115,8 +115,8 @@ class VLAMixture(Dataset):
         if unknown:
             raise ValueError(f"{field}: unknown key(s) {unknown}; expected 'action' and/or 'state'")
         return (
-            _expand_modes(spec.get("action", DEFAULT_NORM_MODE), self.action_dims[k], f"{field}.action"),
-            _expand_modes(spec.get("state", DEFAULT_NORM_MODE), self.state_dims[k], f"{field}.state"),
+            expand_modes(spec.get("action", DEFAULT_NORM_MODE), self.action_dims[k], f"{field}.action"),
+            expand_modes(spec.get("state", DEFAULT_NORM_MODE), self.state_dims[k], f"{field}.state"),
         )
 
     # ---- sampling ----
@@ -286,16 +286,6 @@ def _feature_dims(dataset) -> tuple[int, int, int]:
     actions = np.asarray(sample["actions"])
     state_dim = int(np.asarray(sample["state"]).size) if "state" in sample else 0
     return int(actions.shape[-1]), state_dim, int(actions.shape[0])
-
-
-def _expand_modes(mode, dim: int, field: str) -> list[str]:
-    modes = [mode] * dim if isinstance(mode, str) else list(mode)
-    if len(modes) != dim:
-        raise ValueError(f"{field}: expected {dim} per-dimension modes, got {len(modes)}")
-    unknown = sorted(set(modes) - set(NORM_MODES))
-    if unknown:
-        raise ValueError(f"{field}: unknown normalisation mode(s) {unknown}; expected one of {list(NORM_MODES)}")
-    return modes
 
 
 def _pad_feature_stats(stats: Mapping | None, dim: int) -> dict:
