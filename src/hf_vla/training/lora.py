@@ -1,0 +1,112 @@
+"""PEFT LoRA on a composed VLA: adapters on the backbone's language model, the action head trained in full.
+
+    model = AutoModelForVLA.from_pretrained(base_dir)   # load from a directory: see the note below
+    peft_model = add_lora(model, r=8, alpha=16)         # LoRA on the LLM layers' attention / MLP projections
+    VLATrainer(peft_model, args, ...).train()
+    peft_model.save_pretrained(adapter_dir)              # adapter_config.json + adapter_model.safetensors
+    PeftModel.from_pretrained(AutoModelForVLA.from_pretrained(base_dir), adapter_dir).merge_and_unload()
+
+`target` is "language_model" (attention q/k/v/o and MLP gate/up/down projections of every LLM layer; the vision
+tower and the merger stay frozen), "attention" (the attention projections only), or any regex PEFT matches with
+`re.fullmatch` against module names. Heads with parameters (OFT's MLP, GR00T's DiT, π's expert, …) become
+`modules_to_save` and train in full; token heads (FAST, bins) have none, so only the adapters train unless
+`train_embeddings=True` makes the input embeddings and `lm_head` (which hold the action-token rows) trainable too.
+
+Note (PEFT): `adapter_config.json` records `base_model_name_or_path` from `model.name_or_path`. A model built with
+`from_vlm` / `from_config` has none, so the adapter cannot later resolve its base. `add_lora` warns; save the base
+with `save_pretrained` and load it back (or pass `base_model_name_or_path=`) before adding the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+LANGUAGE_MODEL_LAYERS = r".*vlm\.model\.language_model\.layers\.\d+\."
+TARGETS = {
+    "language_model": LANGUAGE_MODEL_LAYERS + r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    "attention": LANGUAGE_MODEL_LAYERS + r"self_attn\.(q|k|v|o)_proj",
+}
+# Top-level children of a VLA that are not the backbone: trained in full with `train_head=True`.
+BACKBONE_CHILDREN = ("vlm",)
+
+
+def head_modules(model) -> list[str]:
+    """Names of the VLA's top-level children that are not the backbone and hold parameters (the action head,
+    state projections, …)."""
+    return [name for name, child in model.named_children()
+            if name not in BACKBONE_CHILDREN and any(True for _ in child.parameters())]  # fmt: skip
+
+
+def lora_config(
+    model,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target: str = "language_model",
+    train_head: bool = True,
+    train_embeddings: bool = False,
+    modules_to_save: Sequence[str] | None = None,
+    **kwargs,
+):
+    """The `peft.LoraConfig` that `add_lora` applies (see the module docstring)."""
+    from peft import LoraConfig
+
+    target_modules = TARGETS.get(target, target)
+    saved = list(modules_to_save) if modules_to_save is not None else []
+    if modules_to_save is None and train_head:
+        saved = head_modules(model)
+    if train_embeddings:
+        saved += ["embed_tokens", "lm_head"]
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      modules_to_save=saved or None, **kwargs)  # fmt: skip
+
+
+def add_lora(
+    model,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target: str = "language_model",
+    train_head: bool = True,
+    train_embeddings: bool = False,
+    modules_to_save: Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    **kwargs,
+):
+    """Wraps a VLA (or a plain VLM, whose modules carry no `vlm.` prefix: pass a regex `target`) in a `PeftModel`.
+
+    Returns the `PeftModel`; `peft_model.print_trainable_parameters()` reports what trains. Extra keyword arguments
+    go to `LoraConfig` (e.g. `use_rslora=True`).
+    """
+    from peft import get_peft_model
+
+    config = lora_config(model, r=r, alpha=alpha, dropout=dropout, target=target, train_head=train_head,
+                         train_embeddings=train_embeddings, modules_to_save=modules_to_save, **kwargs)  # fmt: skip
+    if base_model_name_or_path is not None:
+        config.base_model_name_or_path = str(base_model_name_or_path)
+        model.name_or_path = str(base_model_name_or_path)
+    elif not getattr(model, "name_or_path", None):
+        logger.warning("add_lora: the model has no name_or_path (built with from_vlm / from_config?), so the adapter's "
+                       "base_model_name_or_path will be empty; save and reload the base, or pass "
+                       "base_model_name_or_path=")  # fmt: skip
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError
+        if "No modules were targeted" not in str(err):
+            raise
+        raise ValueError(f"add_lora: target {config.target_modules!r} matched no module of {type(model).__name__} "
+                         "(module names look like 'vlm.model.language_model.layers.0.self_attn.q_proj')") from err
+    if not any(True for _ in _lora_parameters(peft_model)):
+        raise ValueError(f"add_lora: target {config.target_modules!r} matched no module of {type(model).__name__}")
+    return peft_model
+
+
+def _lora_parameters(model):
+    return (p for n, p in model.named_parameters() if "lora_" in n)
+
+
+__all__ = ["TARGETS", "add_lora", "head_modules", "lora_config"]

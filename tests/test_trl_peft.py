@@ -1,0 +1,233 @@
+"""PEFT LoRA on a composed VLA, a TRL SFT stage on the backbone alone, and TRL GRPO on a token-head VLA."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_oft, random_views
+from PIL import Image
+from test_token_variants import D, T, make_token_model
+from transformers import AutoModelForImageTextToText, TrainingArguments
+
+from hf_vla import AutoModelForVLA
+from hf_vla.data.vlm_chat import load_vlm_chat
+from hf_vla.training import VLATrainer
+from hf_vla.training.lora import add_lora
+from hf_vla.training.trl import (
+    action_generation_kwargs,
+    action_reward,
+    build_grpo_trainer,
+    decode_completions,
+    grpo_prompt_dataset,
+)
+
+pytest.importorskip("peft")
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tiny_vlm_dirs):
+    return tiny_vlm_dirs["qwen2_5_vl"]
+
+
+def oft_samples(rng, n, state_dim=6, action_dim=7, horizon=4):
+    return [{"images": dict(zip(["primary", "wrist"], random_views(rng, 1)[0])), "instruction": "open the drawer",
+             "state": rng.normal(size=state_dim).astype(np.float32),
+             "actions": rng.normal(size=(horizon, action_dim)).astype(np.float32)} for _ in range(n)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ PEFT LoRA
+
+
+def test_lora_on_oft_trains_saves_reloads_and_merges(vlm_dir, tmp_path):
+    from peft import PeftModel
+
+    model, processor = make_oft(vlm_dir)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    model = AutoModelForVLA.from_pretrained(base_dir)  # sets name_or_path → adapter's base_model_name_or_path
+
+    peft_model = add_lora(model, r=4, alpha=8)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "action_head.modules_to_save" in n for n in trainable), trainable
+    assert any("action_head.modules_to_save" in n for n in trainable)
+    lora_layers = {n.split(".lora_")[0].split("language_model.")[1] for n in trainable if "lora_" in n}
+    assert {"layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_proj",
+            "layers.0.mlp.down_proj"} <= lora_layers  # fmt: skip
+    assert not any("visual" in n or "embed_tokens" in n or "lm_head" in n for n in trainable)
+
+    rng = np.random.default_rng(0)
+    inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
+                       state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
+    frozen_before = peft_model.base_model.model.vlm.model.visual.state_dict()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(3):
+        loss = peft_model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    peft_model.eval()
+    for key, value in peft_model.base_model.model.vlm.model.visual.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), key
+    with torch.no_grad():
+        expected = peft_model.predict_action(**inputs)
+
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+
+    reloaded = PeftModel.from_pretrained(AutoModelForVLA.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded.predict_action(**inputs), expected)
+        merged = reloaded.merge_and_unload()
+        assert type(merged) is type(model)
+        torch.testing.assert_close(merged.predict_action(**inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vla_trainer_trains_a_lora_model_with_learning_rate_groups(vlm_dir, tmp_path):
+    model, processor = make_oft(vlm_dir)
+    peft_model = add_lora(model, r=4, alpha=8, base_model_name_or_path=str(vlm_dir))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
+                             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True)  # fmt: skip
+    trainer = VLATrainer(peft_model, args, train_dataset=oft_samples(np.random.default_rng(1), 4),
+                         processing_class=processor, learning_rates={"action_head": 1e-2})  # fmt: skip
+    head_before = model.action_head.modules_to_save.default.state_dict()
+    head_before = {k: v.clone() for k, v in head_before.items()}
+    trainer.train()
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert groups["action_head"]["initial_lr"] == 1e-2
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    head_after = model.action_head.modules_to_save.default.state_dict()
+    assert any(not torch.equal(head_before[k], head_after[k]) for k in head_before)
+
+
+def test_lora_target_that_matches_nothing_raises(vlm_dir):
+    model, _ = make_oft(vlm_dir)
+    with pytest.raises(ValueError, match="matched no module"):
+        add_lora(model, target=r".*no_such_module", base_model_name_or_path=str(vlm_dir))
+
+
+# ------------------------------------------------------------------------------------------------ TRL SFT (VLM only)
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / name)
+    items = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "What is on the table?"},
+                                             {"from": "gpt", "value": "A red block."}]},
+        {"images": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "<image> then <image>: what changed?"},
+            {"from": "gpt", "value": "The drawer opened."}]},
+        {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
+        {"image": "b.png", "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Gray."}]},
+    ]  # fmt: skip
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+@pytest.mark.parametrize("collator", ["hf_vla", "trl"])
+def test_vlm_sft_stage_then_build_a_vla_from_it(vlm_dir, chat_file, tmp_path, collator):
+    from trl import SFTConfig
+
+    from hf_vla.training.trl import VLMSFTTrainer
+
+    model, processor = make_oft(vlm_dir)
+    before = {k: v.clone() for k, v in model.vlm.state_dict().items()}
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=2,
+                     learning_rate=1e-3,
+                     logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                     gradient_checkpointing=False)  # fmt: skip
+    trainer = VLMSFTTrainer(model, args, train_dataset=load_vlm_chat(chat_file), processor=processor, collator=collator)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
+    assert any(not torch.equal(before[k], v) for k, v in model.vlm.state_dict().items())  # trained in place
+
+    out = tmp_path / "vlm_sft"
+    trainer.save_model(str(out))
+    vlm = AutoModelForImageTextToText.from_pretrained(out)
+    for key, value in vlm.state_dict().items():
+        assert torch.equal(value, model.vlm.state_dict()[key]), key
+    vla = AutoModelForVLA.from_vlm(out, variant="oft", action_dim=7, action_horizon=4, state_dim=6)
+    assert torch.equal(vla.vlm.get_input_embeddings().weight, model.vlm.get_input_embeddings().weight)
+
+
+# ------------------------------------------------------------------------------------------- TRL GRPO (token heads)
+
+
+def test_reward_decodes_completions_with_the_model(vlm_dir):
+    model, _ = make_token_model(vlm_dir, "bins", None)
+    offset, eos = model.config.action_token_offset, model.config.eos_token_id
+    target = np.full((T, D), 0.25, dtype=np.float32)
+    good = [offset + k for k in model.encode_actions(target[None])[0]]
+    reward = action_reward(model, invalid_reward=-5.0)
+    rewards = reward(None, None, [good + [eos], good[:-1], [eos], good[:3] + [7] + good[4:]], target=[target] * 4)
+    expected = model.bins.centres(model.bins.encode(target[None]))[0]
+    assert rewards[0] == pytest.approx(-np.abs(expected - target).mean()) and rewards[0] > -0.05
+    assert rewards[1:] == [-5.0, -5.0, -5.0]  # short, empty, a non-action token
+    actions, valid = decode_completions(model, [good])
+    assert valid.all() and np.allclose(actions[0], expected)
+    kwargs = action_generation_kwargs(model)
+    assert kwargs["min_new_tokens"] == T * D and offset not in kwargs["suppress_tokens"]
+    vocabulary = model.vlm.config.get_text_config().vocab_size
+    assert eos in kwargs["suppress_tokens"] and len(kwargs["suppress_tokens"]) == vocabulary - 32
+
+
+def test_grpo_trains_a_bins_vla_from_decoded_action_rewards(vlm_dir, tmp_path):
+    from trl import GRPOConfig
+
+    model, processor = make_token_model(vlm_dir, "bins", None)
+    rng = np.random.default_rng(0)
+    samples = [{"images": random_views(rng, 1)[0], "instruction": "open the drawer", "state": rng.uniform(-1, 1, 2),
+                "embodiment": "sim", "target": rng.uniform(-0.5, 0.5, (T, D)).astype(np.float32)}
+               for _ in range(4)]  # fmt: skip
+    dataset = grpo_prompt_dataset(processor, samples)
+    assert [part["type"] for part in dataset[0]["prompt"][0]["content"]] == ["image", "image", "text"]
+    assert len(dataset[0]["images"]) == 2
+
+    calls = []
+    reward = action_reward(model)
+
+    def recording_reward(prompts, completions, completion_ids, **columns):
+        calls.append((completion_ids, columns))
+        return reward(prompts, completions, completion_ids, **columns)
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=T * D, beta=0.0, use_cpu=True, max_steps=2, learning_rate=1e-3,
+                      logging_steps=1, save_strategy="no", report_to="none", gradient_checkpointing=False,
+                      disable_tqdm=True, seed=0)  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = build_grpo_trainer(model, processor, dataset, recording_reward, args)
+    assert trainer.model is model.vlm and trainer.processing_class.tokenizer.padding_side == "left"
+    trainer.train()
+
+    assert len(calls) == 2
+    for completion_ids, columns in calls:
+        assert "target" in columns and "images" in columns
+        assert all(len(ids) == T * D for ids in completion_ids)  # only action tokens were sampled
+        actions, valid = decode_completions(model, completion_ids)
+        assert valid.all() and np.isfinite(actions).all()
+    assert all(np.isfinite(r).all() and v.all() for _, v, r in reward.history)
+    logged = [entry["rewards/recording_reward/mean"] for entry in trainer.state.log_history
+              if "rewards/recording_reward/mean" in entry]  # fmt: skip
+    assert len(logged) == 2 and all(-1.0 <= r <= 0.0 for r in logged)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("language_model.layers" in k for k in changed)
