@@ -4,6 +4,8 @@
 import importlib.util
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,17 +36,29 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(launcher: str, output_dir: Path, *overrides: str, timeout: int = 300) -> str:
-    command = [*LAUNCHERS[launcher], str(REPO / "trainers" / "train_vla.py"), RECIPE,
+    # a fresh rendezvous port per run: a default port still held by an earlier run would hang the new one
+    port = ["--main_process_port" if launcher == "accelerate" else "--master_port", str(free_port())]
+    command = [*LAUNCHERS[launcher], *port, str(REPO / "trainers" / "train_vla.py"), RECIPE,
                "--trainer.output_dir", str(output_dir), *TINY_RUN, *overrides]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))  # fmt: skip
+    # its own process group, so a timeout kills the launcher's workers too instead of leaving them behind
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
     try:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{launcher} run did not finish within {timeout} s:\n{(err.stdout or '')[-3000:]}")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{launcher} run did not finish within {timeout} s:\n{output[-6000:]}")
+    assert process.returncode == 0, output[-6000:]
     return output
 
 
