@@ -20,6 +20,16 @@ hf_logging.set_verbosity_error()
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train much faster on one intra-op thread, and far more steadily on a shared 2-core machine
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm_dirs(tmp_path_factory):
     """One tiny random backbone directory per supported family, built once per session."""

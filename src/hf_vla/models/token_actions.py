@@ -16,7 +16,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..configuration_vla import VLAConfig
-from ..modeling_vla import VLAOutput, VLAPreTrainedModel
+from ..modeling_vla import VLM_INPUT_NAMES, VLAOutput, VLAPreTrainedModel
 
 IGNORE_INDEX = -100
 
@@ -169,8 +169,7 @@ class VLATokenActionModel(VLAPreTrainedModel):
         allowed = torch.arange(offset, offset + count)
         if min_new < max_new:
             allowed = torch.cat([allowed, torch.tensor([eos])])
-        vlm_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values",
-                                                                "image_grid_thw", "mm_token_type_ids")}  # fmt: skip
+        vlm_inputs = {k: v for k, v in inputs.items() if k in VLM_INPUT_NAMES}
         prompt_length = vlm_inputs["input_ids"].shape[1]
         sequences = self.vlm.generate(
             **vlm_inputs,
