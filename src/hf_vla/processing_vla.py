@@ -312,7 +312,7 @@ class VLAProcessor(ProcessorMixin):
             for b, instruction in enumerate(text)
         ]
         flat_views = [image for sample in views for image in sample]
-        image_inputs = self.image_processor(images=flat_views, return_tensors="pt")
+        image_inputs = get_backbone_adapter(self.backbone).preprocess_images(self.image_processor, flat_views)
         prompts = self._expand_image_tokens(prompts, image_inputs)
         text_inputs = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
         image_token_id = self.tokenizer.convert_tokens_to_ids(get_backbone_adapter(self.backbone).image_token)

@@ -36,3 +36,7 @@ class BackboneAdapter:
         """Number of placeholder tokens each image occupies after the vision encoder."""
         raise NotImplementedError
 
+    def preprocess_images(self, image_processor, views: list) -> dict:
+        """Pixel inputs for a list of views (uint8 [H, W, 3]); a family may add a faster path than the processor's."""
+        return image_processor(images=views, return_tensors="pt")
+

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .base import BackboneAdapter
 
@@ -15,3 +17,47 @@ class QwenVLAdapter(BackboneAdapter):
         # Each image is a (t, h, w) grid of patches; spatial merging folds merge_size² patches into one token.
         return torch.as_tensor(image_inputs["image_grid_thw"]).prod(-1) // (merge_size**2)
 
+    def preprocess_images(self, image_processor, views: list) -> dict:
+        """Qwen's image processor works image by image; views that already have one shape at a size Qwen keeps
+        (sides multiple of patch × merge, pixel count within bounds) go through the same arithmetic for the whole
+        batch at once instead (tested equal to the processor's output)."""
+        if not _batchable(image_processor, views):
+            return super().preprocess_images(image_processor, views)
+        p = image_processor
+        patch, merge, temporal = p.patch_size, p.merge_size, p.temporal_patch_size
+        pixels = np.stack(views)  # uint8 [N, H, W, C]
+        n, height, width, channels = pixels.shape
+        grid_h, grid_w = height // patch, width // patch
+        rows = n * grid_h * grid_w
+        # Reorder while still uint8 (4× less to move): [N, gh/m, m, p, gw/m, m, p, C] → rows of (C, p, p)
+        pixels = pixels.reshape(n, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
+        pixels = np.ascontiguousarray(pixels.transpose(0, 1, 4, 2, 5, 7, 3, 6)).reshape(rows, channels, patch, patch)
+        scale = np.full(channels, p.rescale_factor if p.do_rescale else 1.0, np.float32)
+        mean = np.asarray(p.image_mean if p.do_normalize else 0.0, np.float32) * np.ones(channels, np.float32)
+        std = np.asarray(p.image_std if p.do_normalize else 1.0, np.float32) * np.ones(channels, np.float32)
+        # The processor's order of operations ((x · scale − mean) / std in float32), for identical values
+        out = np.empty((rows, channels, temporal, patch, patch), np.float32)
+        first = out[:, :, 0]
+        np.multiply(pixels, scale[:, None, None], out=first)
+        first -= mean[:, None, None]
+        first /= std[:, None, None]
+        out[:, :, 1:] = first[:, :, None]  # Qwen repeats a still image along the temporal patch axis
+        flat = out.reshape(rows, channels * temporal * patch * patch)
+        grids = torch.tensor([[1, grid_h, grid_w]] * n, dtype=torch.int64)
+        return {"pixel_values": torch.from_numpy(flat), "image_grid_thw": grids}
+
+
+def _batchable(image_processor, views: list) -> bool:
+    needed = ("patch_size", "merge_size", "temporal_patch_size", "size", "do_rescale", "do_normalize")
+    if not views or not all(hasattr(image_processor, name) for name in needed):
+        return False
+    shapes = {np.shape(view) for view in views}
+    if len(shapes) != 1 or not all(isinstance(view, np.ndarray) and view.dtype == np.uint8 for view in views):
+        return False
+    height, width, channels = next(iter(shapes))
+    size = image_processor.size
+    factor = image_processor.patch_size * image_processor.merge_size
+    bounds = size.get("shortest_edge"), size.get("longest_edge")
+    if channels != 3 or None in bounds:
+        return False
+    return smart_resize(height, width, factor, *bounds) == (height, width)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "VLMChatCollator": "vlm_chat",
     "VLMChatDataset": "vlm_chat",
     "load_vlm_chat": "vlm_chat",
+    "PreloadedDecoder": "video",
     "PyAVDecoder": "video",
     "VideoDecodeError": "video",
     "VideoDecoder": "video",

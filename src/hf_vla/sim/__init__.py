@@ -1,0 +1,1 @@
+"""Simulators for closed-loop evaluation and demonstrations (Meta-World); needs the `sim` extra."""

@@ -1,0 +1,301 @@
+"""Closed-loop evaluation of a policy on Meta-World: per-task success with Wilson intervals, a report, a plot, videos.
+
+A policy here is any `policy(observation) -> float [T, D]` (an action chunk in robot units): `VLAPolicy.predict` in
+process, or `ServerPolicy` (the openpi protocol, through `hf_vla.serving.client`). The loop executes the first
+`execute_steps` actions of each chunk, then asks again, until the task succeeds or `max_steps` pass.
+
+Conditions for ablations: `blank_image=True` replaces every camera view by black pixels, and `instructions` overrides
+the instruction per task (e.g. faucet-open evaluated with "close the faucet").
+
+    python -m hf_vla.sim.evaluation --model MODEL_DIR --tasks drawer-open door-open --episodes 10
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .metaworld import CAMERA, EASY_TASKS, FPS, MetaWorldEnv, task_name
+
+EVAL_SEED = 10_000  # demonstrations use seeds from 0, so evaluation episodes are unseen placements
+
+
+def wilson_interval(successes: int, episodes: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a success rate (scipy's binomial test)."""
+    from scipy.stats import binomtest
+
+    if episodes == 0:
+        return (0.0, 1.0)
+    interval = binomtest(successes, episodes).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(interval.low), float(interval.high))
+
+
+@dataclass
+class TaskResult:
+    task: str
+    instruction: str
+    successes: int = 0
+    episodes: int = 0
+    steps: list[int] = field(default_factory=list)
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+    def as_dict(self) -> dict:
+        low, high = wilson_interval(self.successes, self.episodes)
+        return {"instruction": self.instruction, "successes": self.successes, "episodes": self.episodes,
+                "success_rate": round(self.success_rate, 4), "ci95": [round(low, 4), round(high, 4)],
+                "mean_episode_steps": round(float(np.mean(self.steps)), 1) if self.steps else None}  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    tasks: Sequence[str] = EASY_TASKS
+    episodes: int = 20
+    seed: int = EVAL_SEED
+    execute_steps: int = 4
+    max_steps: int = 200
+    image_size: int = 112
+    blank_image: bool = False
+    instructions: Mapping[str, str] | None = None  # task → instruction given to the policy instead of its own
+    video_dir: str | None = None  # first episode of each task as an mp4, when set
+
+
+def run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConfig, instruction: str,
+                frames: list | None = None) -> tuple[bool, int]:
+    """One closed-loop episode; returns (success, environment steps). Appends the rendered frames to `frames`."""
+    obs, success, done = env.reset(seed), False, False
+    if frames is not None:
+        frames.append(obs["images"][CAMERA])
+    while not done:
+        query = {"images": obs["images"], "instruction": instruction, "state": obs["state"]}
+        if config.blank_image:
+            query["images"] = {name: np.zeros_like(view) for name, view in obs["images"].items()}
+        chunk = np.asarray(policy(query), dtype=np.float32)
+        if chunk.ndim != 2 or chunk.shape[1] != 4:
+            raise ValueError(f"policy: expected an action chunk [T, 4], got shape {list(chunk.shape)}")
+        for action in chunk[: config.execute_steps]:
+            obs, success, done = env.step(action)
+            if frames is not None:
+                frames.append(obs["images"][CAMERA])
+            if done:
+                break
+    return success, env.steps
+
+
+def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dict:
+    """Runs `config.episodes` episodes per task on seeds `config.seed, config.seed + 1, ...`; returns the report."""
+    from tqdm.auto import tqdm
+
+    results, env_steps, start = {}, 0, time.perf_counter()
+    bar = tqdm(total=config.episodes * len(config.tasks), desc="closed-loop episodes", unit="episode",
+               disable=not progress)  # fmt: skip
+    for task in map(task_name, config.tasks):
+        with MetaWorldEnv(task, image_size=config.image_size, max_steps=config.max_steps) as env:
+            instruction = (config.instructions or {}).get(task, env.instruction)
+            result = results[task] = TaskResult(task, instruction)
+            for episode in range(config.episodes):
+                frames = [] if config.video_dir and episode == 0 else None
+                success, steps = run_episode(env, policy, config.seed + episode, config, instruction, frames)
+                result.successes += success
+                result.episodes += 1
+                result.steps.append(steps)
+                env_steps += steps
+                if frames:
+                    write_video(Path(config.video_dir) / f"{task}.mp4", frames)
+                bar.update(1)
+                bar.set_postfix(task=task, success=f"{result.successes}/{result.episodes}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    total = sum(r.successes for r in results.values())
+    episodes = sum(r.episodes for r in results.values())
+    low, high = wilson_interval(total, episodes)
+    settings = {k: v for k, v in asdict(config).items() if k not in ("tasks", "video_dir")}
+    return {
+        "benchmark": "metaworld",
+        "tasks": {task: result.as_dict() for task, result in results.items()},
+        "average": {"successes": total, "episodes": episodes, "success_rate": round(total / max(episodes, 1), 4),
+                    "ci95": [round(low, 4), round(high, 4)]},  # fmt: skip
+        "settings": settings,
+        "seconds": round(seconds, 1),
+        "env_steps": env_steps,
+        "env_steps_per_second": round(env_steps / seconds, 1),
+    }
+
+
+def write_video(path: Path, frames: Sequence[np.ndarray], fps: int = FPS // 4):
+    """Frames (uint8 [H, W, 3]) as an H.264 mp4, played at a quarter of real time so the motion can be followed."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+        for frame in frames:
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]))
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+
+
+def plot_report(report: Mapping, path: Path, title: str = "Meta-World closed-loop success"):
+    """Bar chart of per-task success rates with their 95% intervals (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"])
+    rates = np.array([report["tasks"][t]["success_rate"] for t in tasks])
+    intervals = np.array([report["tasks"][t]["ci95"] for t in tasks])
+    errors = np.stack([rates - intervals[:, 0], intervals[:, 1] - rates])
+    figure, axis = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.6))
+    axis.bar(range(len(tasks)), rates, yerr=errors, capsize=4, color="#4C72B0")
+    axis.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("success rate (95% Wilson interval)")
+    axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: Mapping, out_dir, label: str | None = None) -> dict[str, Path]:
+    """report.json and success.png under `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"report": out / "report.json", "plot": out / "success.png"}
+    paths["report"].write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, paths["plot"], title=label or "Meta-World closed-loop success")
+    return paths
+
+
+def add_to_model_card_results(report: Mapping, model_dir, suffix: str = "") -> Path:
+    """Merges the per-task rows into `<model_dir>/eval_results.json`, which the generated model card tabulates."""
+    path = Path(model_dir) / "eval_results.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    tasks = dict(existing.get("tasks", {}))
+    for task, row in report["tasks"].items():
+        name = f"metaworld/{task}{suffix}"
+        tasks[name] = {"success_rate": row["success_rate"], "episodes": row["episodes"], "ci95": row["ci95"]}
+    existing["tasks"] = tasks
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+    return path
+
+
+class ServerPolicy:
+    """An openpi-protocol policy server as a policy callable (`hf-vla serve` or any compatible server)."""
+
+    def __init__(self, uri: str, api_key: str | None = None):
+        from ..serving.client import PolicyClient
+
+        self.client = PolicyClient(uri, port=None, api_key=api_key)
+        self.metadata = self.client.metadata
+
+    def __call__(self, obs: Mapping) -> np.ndarray:
+        request = {"images": dict(obs["images"]), "prompt": obs["instruction"]}
+        if self.metadata.get("state_dim"):
+            request["state"] = obs["state"]
+        return self.client.infer(request)["actions"]
+
+    def close(self):
+        self.client.close()
+
+
+class InProcessPolicy:
+    """`VLAPolicy.predict` as a policy callable; the state is passed only to models that take one."""
+
+    def __init__(self, model: str, unnorm_key: str | None = None):
+        from ..policy import VLAPolicy
+
+        self.policy = VLAPolicy.from_pretrained(model)
+        self.unnorm_key = unnorm_key
+        self.takes_state = self.policy.processor.state_dim > 0
+
+    def __call__(self, obs: Mapping) -> np.ndarray:
+        query = dict(obs) if self.takes_state else {k: v for k, v in obs.items() if k != "state"}
+        return self.policy.predict(query, unnorm_key=self.unnorm_key)
+
+    def close(self):
+        pass
+
+
+def swapped_instructions(tasks: Sequence[str]) -> dict[str, str]:
+    """Each task gets the next task's instruction (a swap for two tasks): the language-grounding ablation."""
+    from .metaworld import instruction_for
+
+    names = [task_name(t) for t in tasks]
+    return {task: instruction_for(names[(i + 1) % len(names)]) for i, task in enumerate(names)}
+
+
+def add_eval_arguments(parser):
+    parser.add_argument("--model", help="model directory or hub id (in-process VLAPolicy)")
+    parser.add_argument("--server", help="ws://host:port of a policy server, instead of --model")
+    parser.add_argument("--api-key", help="the server's API key")
+    parser.add_argument("--unnorm-key", help="statistics to decode actions with (in-process)")
+    parser.add_argument("--tasks", nargs="+", default=list(EASY_TASKS))
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per task")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="first episode seed")
+    parser.add_argument("--execute-steps", type=int, default=4, help="actions executed per predicted chunk")
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--blank-image", action="store_true", help="ablation: black camera images")
+    parser.add_argument("--swap-instructions", action="store_true",
+                        help="ablation: give each task the next listed task's instruction")
+    parser.add_argument("--out", default="eval/metaworld", help="directory for report.json, success.png, videos/")
+    parser.add_argument("--no-video", action="store_true")
+    parser.add_argument("--add-to-card", action="store_true",
+                        help="merge the results into the model directory's eval_results.json (model card table)")
+
+
+def run_eval(args) -> int:
+    if bool(args.model) == bool(args.server):
+        raise SystemExit("hf-vla eval metaworld: give exactly one of --model DIR or --server ws://host:port")
+    if args.execute_steps < 1:
+        raise SystemExit(f"--execute-steps: expected a positive integer, got {args.execute_steps}")
+    instructions = swapped_instructions(args.tasks) if args.swap_instructions else None
+    config = EvalConfig(tasks=args.tasks, episodes=args.episodes, seed=args.seed, execute_steps=args.execute_steps,
+                        max_steps=args.max_steps, image_size=args.image_size, blank_image=args.blank_image,
+                        instructions=instructions, video_dir=None if args.no_video else str(Path(args.out) / "videos"))  # fmt: skip
+    policy = ServerPolicy(args.server, args.api_key) if args.server else InProcessPolicy(args.model, args.unnorm_key)
+    try:
+        report = evaluate(policy, config)
+    finally:
+        policy.close()
+    report["model"] = args.model or args.server
+    condition = ", ".join(c for c, on in (("image blanked", args.blank_image),
+                                          ("instructions swapped", args.swap_instructions)) if on)  # fmt: skip
+    report["condition"] = condition or "standard"
+    paths = write_report(report, args.out, label=f"{report['model']} ({report['condition']})")
+    for task, row in report["tasks"].items():
+        low, high = row["ci95"]
+        print(f"{task:24s} {row['successes']:3d}/{row['episodes']:<3d} {row['success_rate']:6.1%}  "
+              f"95% CI [{low:.2f}, {high:.2f}]  instruction: {row['instruction']!r}")
+    average = report["average"]
+    print(f"{'average':24s} {average['successes']:3d}/{average['episodes']:<3d} {average['success_rate']:6.1%}  "
+          f"({report['env_steps_per_second']} env steps/s, {report['seconds']} s)")
+    print(f"wrote {paths['report']} and {paths['plot']}")
+    if args.add_to_card:
+        if not args.model:
+            raise SystemExit("--add-to-card needs --model (a local model directory)")
+        suffix = f" ({report['condition']})" if condition else ""
+        print(f"updated {add_to_model_card_results(report, args.model, suffix)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Closed-loop Meta-World evaluation of a VLA policy.")
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Meta-World environment, expert demonstrations as LeRobot data, and the closed-loop evaluation machinery."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld", reason="the `sim` extra (metaworld, mujoco) is not installed")
+
+from hf_vla.data.lerobot import load_lerobot  # noqa: E402
+from hf_vla.sim import rendering  # noqa: E402
+from hf_vla.sim.evaluation import (  # noqa: E402
+    EvalConfig,
+    add_to_model_card_results,
+    evaluate,
+    run_episode,
+    swapped_instructions,
+    wilson_interval,
+    write_report,
+)
+from hf_vla.sim.metaworld import MetaWorldEnv, generate_demonstrations, task_name  # noqa: E402
+
+
+@pytest.fixture
+def no_gl_choice(monkeypatch):
+    """Neither variable set, and both restored afterwards (MuJoCo in this process keeps its own backend)."""
+    for name in ("MUJOCO_GL", "PYOPENGL_PLATFORM"):
+        monkeypatch.setenv(name, "")  # records the original state, so that whatever the test sets is undone
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_rendering_error_names_the_missing_packages(no_gl_choice):
+    monkeypatch = no_gl_choice
+    monkeypatch.setattr(rendering.ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(rendering.RenderingUnavailable, match="libegl1 .* libosmesa6"):
+        rendering.select_gl_backend()
+
+
+def test_rendering_prefers_egl_and_falls_back_to_osmesa(no_gl_choice):
+    monkeypatch = no_gl_choice
+    monkeypatch.setattr(rendering.ctypes.util, "find_library", lambda name: "libOSMesa.so" if name == "OSMesa" else None)
+    assert rendering.select_gl_backend() == "osmesa"
+    monkeypatch.delenv("MUJOCO_GL")
+    monkeypatch.setattr(rendering.ctypes.util, "find_library", lambda name: f"lib{name}.so")
+    assert rendering.select_gl_backend() == "egl"
+
+
+@pytest.fixture(scope="module")
+def drawer_env():
+    with MetaWorldEnv("drawer-open-v3", image_size=64, max_steps=150) as env:
+        yield env
+
+
+def test_env_observation_and_seeded_placement(drawer_env):
+    obs = drawer_env.reset(0)
+    assert obs["instruction"] == "open the drawer" and drawer_env.task == "drawer-open"
+    assert obs["images"]["corner2"].shape == (64, 64, 3) and obs["images"]["corner2"].dtype == np.uint8
+    assert obs["state"].shape == (4,) and obs["state"].dtype == np.float32
+    again = drawer_env.reset(0)["images"]["corner2"]
+    other = drawer_env.reset(1)["images"]["corner2"]
+    np.testing.assert_array_equal(obs["images"]["corner2"], again)
+    assert np.abs(other.astype(int) - again.astype(int)).mean() > 0.1  # the seed moves the drawer
+
+
+def test_env_rejects_bad_actions(drawer_env):
+    drawer_env.reset(0)
+    with pytest.raises(ValueError, match=r"action: expected shape \[4\].*got \[7\]"):
+        drawer_env.step(np.zeros(7))
+    with pytest.raises(ValueError, match="action: expected finite values"):
+        drawer_env.step(np.array([0, np.nan, 0, 0]))
+    with pytest.raises(ValueError, match="unknown Meta-World task 'drawer-opne'"):
+        MetaWorldEnv("drawer-opne")
+
+
+def test_expert_succeeds_and_zero_actions_do_not(drawer_env):
+    config = EvalConfig(max_steps=150)
+
+    def expert(obs):
+        return drawer_env.expert_action()[None]
+
+    success, steps = run_episode(drawer_env, expert, seed=10_000, config=config, instruction="open the drawer")
+    assert success and steps < 150
+    success, steps = run_episode(drawer_env, lambda obs: np.zeros((4, 4)), 10_000, config, "open the drawer")
+    assert not success and steps == 150
+
+
+def test_generated_demonstrations_are_a_lerobot_dataset(tmp_path):
+    summary = generate_demonstrations(tmp_path / "demos", tasks=["drawer-open", "faucet-close"], episodes=2,
+                                      image_size=56, progress=False)  # fmt: skip
+    assert {t: s["episodes"] for t, s in summary["tasks"].items()} == {"drawer-open": 2, "faucet-close": 2}
+    data = load_lerobot(tmp_path / "demos", action_horizon=8, camera_rename={"observation.images.corner2": "corner2"})
+    assert len(data) == summary["frames"] and data.num_episodes == 4 and data.fps == 80
+    info = json.loads((tmp_path / "demos" / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["features"]["observation.images.corner2"]["dtype"] == "video"
+    instructions = {data[i]["instruction"] for i in range(len(data))}
+    assert instructions == {"open the drawer", "close the faucet"}
+    sample = data[len(data) - 1]
+    assert sample["images"]["corner2"].shape == (56, 56, 3) and sample["actions"].shape == (8, 4)
+    assert np.abs(data._actions).max() <= 1.0
+    # each kept episode ends in success: replaying its actions from its seed succeeds again
+    with MetaWorldEnv("drawer-open", image_size=56) as env:
+        first = data.episodes[0]
+        obs, succeeded = env.reset(0), False
+        for action in data._actions[: first["length"]]:
+            obs, success, _ = env.step(action)
+            succeeded |= success
+        assert succeeded
+        np.testing.assert_allclose(obs["state"], data._states[first["length"] - 1], atol=0.05)
+
+
+def test_wilson_interval_matches_the_closed_form():
+    for k, n in [(0, 10), (7, 10), (20, 20), (45, 80)]:
+        p, z = k / n, 1.959963984540054
+        centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        expected = ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+        np.testing.assert_allclose(wilson_interval(k, n), expected, atol=1e-9)
+
+
+def test_evaluate_writes_report_plot_and_video(tmp_path):
+    import av
+
+    config = EvalConfig(tasks=["drawer-open"], episodes=2, max_steps=12, image_size=56, blank_image=True,
+                        video_dir=str(tmp_path / "videos"))  # fmt: skip
+    seen = []
+
+    def policy(obs):
+        seen.append(obs)
+        return np.zeros((8, 4), np.float32)
+
+    report = evaluate(policy, config, progress=False)
+    row = report["tasks"]["drawer-open"]
+    assert row["successes"] == 0 and row["episodes"] == 2 and row["ci95"][0] == 0.0 and row["ci95"][1] > 0.5
+    assert report["env_steps"] == 24 and len(seen) == 6  # 12 steps, 4 executed per chunk, two episodes
+    assert all(not obs["images"]["corner2"].any() for obs in seen)  # blanked
+    paths = write_report(report, tmp_path / "out")
+    assert json.loads(paths["report"].read_text())["average"]["episodes"] == 2
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    with av.open(str(tmp_path / "videos" / "drawer-open.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 13  # the first frame and one per step
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    add_to_model_card_results(report, model_dir, suffix=" (image blanked)")
+    saved = json.loads((model_dir / "eval_results.json").read_text())["tasks"]
+    assert saved["metaworld/drawer-open (image blanked)"]["episodes"] == 2
+
+
+def test_policy_returning_a_wrong_shape_is_reported(drawer_env):
+    with pytest.raises(ValueError, match=r"policy: expected an action chunk \[T, 4\], got shape \[8, 7\]"):
+        run_episode(drawer_env, lambda obs: np.zeros((8, 7)), 0, EvalConfig(), "open the drawer")
+
+
+def test_swapped_instructions_and_task_names():
+    assert swapped_instructions(["faucet-open", "faucet-close-v3"]) == {
+        "faucet-open": "close the faucet",
+        "faucet-close": "open the faucet",
+    }
+    assert task_name("drawer_open-v3") == "drawer-open"
