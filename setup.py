@@ -35,7 +35,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"hf_vla": ["assets/*"], "hf_vla.hub": ["*.md"]},
+    package_data={"hf_vla": ["assets/*", "assets/*/*"], "hf_vla.hub": ["*.md"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -20,11 +20,11 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from hf_vla import VLAPolicy
-from hf_vla.defaults import DEFAULT_INSTRUCTION, default_model_dir, example_image
+from hf_vla.defaults import DEFAULT_INSTRUCTION, EXAMPLE_TASKS, default_model_dir, metaworld_example
 
 MAX_CAMERAS = 4
 MAX_STATE = 16
-AXES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
+AXES = {7: ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], 4: ["x", "y", "z", "gripper"]}
 
 
 @lru_cache(maxsize=4)
@@ -33,7 +33,7 @@ def load_policy(model: str) -> VLAPolicy:
 
 
 def dimension_names(action_dim: int) -> list[str]:
-    return AXES[:action_dim] if action_dim == len(AXES) else [f"a{i}" for i in range(action_dim)]
+    return AXES.get(action_dim, [f"a{i}" for i in range(action_dim)])
 
 
 def control_settings(model: str) -> tuple[str, dict, list[dict], list[dict]]:
@@ -139,8 +139,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
             path = gr.Plot(label="End-effector path", elem_id="path-plot")
         table = gr.Dataframe(label="Action chunk", elem_id="action-table")
         download = gr.File(label="Download (CSV)", elem_id="download")
-        gr.Examples([[example_image(), DEFAULT_INSTRUCTION], [example_image(), "push the red block to the left"]],
-                    inputs=[cameras[0], instruction])  # fmt: skip
+        gr.Examples([[metaworld_example(task), text] for task, text in EXAMPLE_TASKS.items()],
+                    inputs=[cameras[0], instruction], label="Meta-World scenes the default model has not seen")  # fmt: skip
 
         controls = [info, unnorm_key, *cameras, *sliders]
         load_button.click(model_controls, inputs=model_box, outputs=controls)
@@ -159,7 +159,11 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    build_demo(args.model).launch(server_name=args.host, server_port=args.port)
+    demo = build_demo(args.model)
+    _, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+    print(f"hf_vla Space running at {url} with {args.model or 'the embedded default model'} (Ctrl-C to stop)",
+          flush=True)  # fmt: skip
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Multi-process training on CPU, launched the way trainers/README.md tells users: 2-process DDP over gloo (with
 `accelerate launch` and with `torchrun`) and 2-process DeepSpeed ZeRO-2. Each run is a bounded subprocess."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -47,19 +48,39 @@ def launch(launcher: str, output_dir: Path, *overrides: str, timeout: int = 300)
     port = ["--main_process_port" if launcher == "accelerate" else "--master_port", str(free_port())]
     command = [*LAUNCHERS[launcher], *port, str(REPO / "trainers" / "train_vla.py"), RECIPE,
                "--trainer.output_dir", str(output_dir), *TINY_RUN, *overrides]  # fmt: skip
+    marker = f"{os.getpid()}-{output_dir}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_VLA_TEST_LAUNCH=marker,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))  # fmt: skip
-    # its own process group, so a timeout kills the launcher's workers too instead of leaving them behind
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{launcher} run did not finish within {timeout} s:\n{output[-6000:]}")
+    # Output goes to a file, not a pipe: a worker that outlives its launcher would keep a pipe open and block the read.
+    log_path = output_dir.parent / f"{launcher}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_launch(process, marker)
+            pytest.fail(f"{launcher} run did not finish within {timeout} s:\n{log_path.read_text()[-6000:]}")
+        finally:
+            kill_launch(process, marker)  # workers left behind by a launcher that exited
+    output = log_path.read_text()
     assert process.returncode == 0, output[-6000:]
     return output
+
+
+def kill_launch(process: subprocess.Popen, marker: str):
+    """Kills the launcher's process group and every process started with this run's marker in its environment
+    (elastic launchers may put workers in sessions of their own)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    needle = f"HF_VLA_TEST_LAUNCH={marker}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
 
 
 def trained_steps(output_dir: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """Meta-World environment, expert demonstrations as LeRobot data, and the closed-loop evaluation machinery."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,15 @@ def test_swapped_instructions_and_task_names():
         "faucet-close": "open the faucet",
     }
     assert task_name("drawer_open-v3") == "drawer-open"
+
+
+def test_embedded_default_model_is_a_trained_policy():
+    """`make demo` and the Space run a policy, not random weights: it solves unseen Meta-World episodes."""
+    from hf_vla.defaults import default_model_dir
+    from hf_vla.sim.evaluation import InProcessPolicy
+
+    policy = InProcessPolicy(default_model_dir())
+    report = evaluate(policy, EvalConfig(tasks=["drawer-open", "faucet-close"], episodes=3, seed=30_000), progress=False)
+    assert report["average"]["successes"] >= 5, report["tasks"]
+    results = json.loads((Path(default_model_dir()) / "eval_results.json").read_text())["tasks"]
+    assert results["metaworld/drawer-open"]["episodes"] >= 20

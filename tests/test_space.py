@@ -13,7 +13,7 @@ gr = pytest.importorskip("gradio")
 from app import build_demo  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from hf_vla.defaults import default_model_dir, example_image  # noqa: E402
+from hf_vla.defaults import default_model_dir, metaworld_example  # noqa: E402
 
 
 def free_port() -> int:
@@ -34,26 +34,25 @@ def test_predict_through_gradio_client(space, tmp_path):
     from hf_vla import VLAPolicy
 
     image_path = tmp_path / "scene.png"
-    Image.fromarray(example_image()).save(image_path)
+    Image.fromarray(metaworld_example("drawer-open")).save(image_path)
     client = Client(space, verbose=False)
     assert "/predict" in client.view_api(return_format="dict")["named_endpoints"]
-    state = [0.1] * 7 + [0.0] * 9
     summary, plot, path, table, csv = client.predict(
-        default_model_dir(), "bridge", "put the carrot on the plate", handle_file(str(image_path)), None, None, None,
-        *state, api_name="/predict",
+        default_model_dir(), "metaworld", "open the drawer", handle_file(str(image_path)), None, None, None,
+        *([0.0] * 16), api_name="/predict",
     )  # fmt: skip
-    assert summary.startswith("8 steps × 7 dims (bridge units)")
+    assert summary.startswith("8 steps × 4 dims (metaworld units)")
     expected = VLAPolicy.from_pretrained(default_model_dir()).predict(
-        {"images": {"primary": example_image()}, "instruction": "put the carrot on the plate",
-         "state": np.full(7, 0.1, np.float32)}  # fmt: skip
+        {"images": {"corner2": metaworld_example("drawer-open")}, "instruction": "open the drawer"}
     )
-    rows = np.array([[row[1 + d] for d in range(7)] for row in table["data"]], dtype=np.float32)
+    rows = np.array([[row[1 + d] for d in range(4)] for row in table["data"]], dtype=np.float32)
     np.testing.assert_allclose(rows, expected, atol=1e-4)
-    assert Path(csv).read_text().splitlines()[0] == "step,x,y,z,roll,pitch,yaw,gripper"
-    assert len(plot["data"]) == 8 * 7
+    assert Path(csv).read_text().splitlines()[0] == "step,x,y,z,gripper"
+    assert len(plot["data"]) == 8 * 4
 
 
 def test_missing_image_is_reported(space):
     client = Client(space, verbose=False)
-    with pytest.raises(Exception, match="Add an image for camera 'primary'"):
-        client.predict(default_model_dir(), "bridge", "go", None, None, None, None, *([0.0] * 16), api_name="/predict")
+    with pytest.raises(Exception, match="Add an image for camera 'corner2'"):
+        client.predict(default_model_dir(), "metaworld", "go", None, None, None, None, *([0.0] * 16),
+                       api_name="/predict")  # fmt: skip

@@ -14,7 +14,7 @@ pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 from app import build_demo  # noqa: E402
 
-from hf_vla.defaults import default_model_dir, example_image  # noqa: E402
+from hf_vla.defaults import default_model_dir, metaworld_example  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("HF_VLA_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
@@ -23,7 +23,7 @@ ARTIFACTS = Path(os.environ.get("HF_VLA_ARTIFACTS", Path(__file__).resolve().par
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs it with apt-get)")
 def test_space_in_a_real_browser(tmp_path):
     image = tmp_path / "scene.png"
-    Image.fromarray(example_image()).save(image)
+    Image.fromarray(metaworld_example("drawer-open")).save(image)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -36,11 +36,11 @@ def test_space_in_a_real_browser(tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(f"http://127.0.0.1:{port}", wait_until="networkidle", timeout=60_000)
             page.locator("#camera-0 input[type=file]").set_input_files(str(image))
-            page.get_by_label("Instruction").fill("put the carrot on the plate")
+            page.get_by_label("Instruction").fill("open the drawer")
             page.locator("#predict-btn").click()
             summary = page.locator("#summary textarea")
             sync_api.expect(summary).to_have_value(
-                __import__("re").compile(r"^8 steps × 7 dims \(bridge units\)"), timeout=60_000
+                __import__("re").compile(r"^8 steps × 4 dims \(metaworld units\)"), timeout=60_000
             )
             page.wait_for_timeout(500)  # let the plots render before the screenshot
             ARTIFACTS.mkdir(parents=True, exist_ok=True)

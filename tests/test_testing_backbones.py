@@ -46,14 +46,17 @@ def test_real_qwen_vocabulary_has_published_ids():
 
 
 def test_demo_prints_a_chunk(capsys):
+    from hf_vla import VLAPolicy
     from hf_vla.cli import main
+    from hf_vla.defaults import default_model_dir, example_observation
 
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert "action chunk [T=8, D=7] in robot units" in out and "untrained" in out
+    assert "action chunk [T=8, D=4] in robot units" in out and "closed-loop success: metaworld/" in out
     rows = [line for line in out.splitlines() if line.strip().startswith("[")]
     values = np.array([[float(v) for v in row.strip(" []").split()] for row in rows])
-    assert values.shape == (8, 7) and set(np.unique(values[:, 6])) <= {0.0, 1.0}
+    expected = VLAPolicy.from_pretrained(default_model_dir()).predict(example_observation())
+    np.testing.assert_allclose(values, expected, atol=1e-4)  # printed at 4 decimals
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -77,3 +80,26 @@ def test_batched_image_path_equals_the_image_processor(tiny_vlm_dirs, family):
         expected = processor(images=views, return_tensors="pt")
         torch.testing.assert_close(QwenVLAdapter().preprocess_images(processor, views)["pixel_values"],
                                    expected["pixel_values"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_patch_embedding_matmul_equals_the_convolution(tiny_vlm_dirs, family):
+    from hf_vla import AutoModelForVLA
+    from hf_vla.backbones.qwen_vl import PatchConv3d
+
+    model = AutoModelForVLA.from_vlm(tiny_vlm_dirs[family], variant="oft", action_dim=2, action_horizon=2)
+    proj = model.vlm.model.visual.patch_embed.proj
+    assert type(proj) is PatchConv3d and "vlm.model.visual.patch_embed.proj.weight" in model.state_dict()
+    patches = torch.randn(10, proj.in_channels, *proj.kernel_size, requires_grad=True)
+    conv = torch.nn.functional.conv3d(patches, proj.weight, proj.bias, stride=proj.stride)
+    torch.testing.assert_close(proj(patches), conv, rtol=1e-5, atol=1e-5)
+    (weight_grad,) = torch.autograd.grad(proj(patches).square().sum(), proj.weight)
+    (expected_grad,) = torch.autograd.grad(conv.square().sum(), proj.weight)
+    torch.testing.assert_close(weight_grad, expected_grad, rtol=1e-4, atol=1e-4)
+    video = torch.randn(1, proj.in_channels, 2 * proj.kernel_size[0], *(2 * k for k in proj.kernel_size[1:]))
+    torch.testing.assert_close(proj(video), torch.nn.functional.conv3d(video, proj.weight, proj.bias, stride=proj.stride))
+
+
+def test_tiny_vlm_heads_must_split_the_width(tmp_path):
+    with pytest.raises(ValueError, match="num_heads: 3 heads do not split hidden_size 64"):
+        build_tiny_vlm(tmp_path, hidden_size=64, num_heads=3)

@@ -94,7 +94,7 @@ def test_overfit_then_decode_through_the_kv_cache(tiny_vlm_dirs, fast_tokenizer)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
-        for _ in range(80):
+        for _ in range(120):
             loss = model(**inputs).loss
             optimizer.zero_grad()
             loss.backward()

@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.should_save:
         dump_recipe(recipe, output_dir / "training_recipe.yaml")
         logger.info(f"model directory ready: {output_dir}")
+    # every rank reaches this point before any tears its group down: a rank that destroys its group while another is
+    # still saving or logging can leave that one blocked for ever on a peer that is gone
+    trainer.accelerator.wait_for_everyone()
     trainer.end()  # finishes trackers and destroys the process group (gloo/NCCL) so every rank exits cleanly
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

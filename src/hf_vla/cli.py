@@ -9,18 +9,30 @@ import numpy as np
 
 
 def demo(args) -> int:
+    import json
+    from pathlib import Path
+
     from .defaults import default_model_dir, example_observation
     from .policy import VLAPolicy
 
     path = args.model or default_model_dir()
     policy = VLAPolicy.from_pretrained(path)
     obs = example_observation()
+    if args.model:
+        missing = [c for c in policy.processor.camera_names if c not in obs["images"]]
+        if missing:
+            view = next(iter(obs["images"].values()))
+            obs["images"] = {camera: view for camera in policy.processor.camera_names}
     if args.instruction:
         obs["instruction"] = args.instruction
     actions = policy.predict(obs, unnorm_key=args.unnorm_key)
     print(f"model: {path} ({type(policy.model).__name__})")
-    if not args.model:
-        print("note: the default model has random (untrained) weights; its actions show the pipeline, not a policy")
+    results = Path(path) / "eval_results.json"
+    if results.is_file():
+        rows = json.loads(results.read_text()).get("tasks", {})
+        shown = [f"{name} {row['success_rate']:.0%}" for name, row in rows.items() if "(" not in name]
+        if shown:
+            print("closed-loop success: " + ", ".join(shown))
     print(f"instruction: {obs['instruction']!r}; cameras: {list(obs['images'])}")
     print(f"action chunk [T={actions.shape[0]}, D={actions.shape[1]}] in robot units:")
     with np.printoptions(precision=4, suppress=True, linewidth=120):

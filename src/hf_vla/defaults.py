@@ -1,7 +1,12 @@
-"""The embedded default model and example observation used by `hf-vla demo`, the Space and the benchmarks.
+"""The embedded default model and example inputs used by `hf-vla demo`, the Space and the benchmarks.
 
-Until a trained default ships, the default is the tiny OFT model built offline from a random Qwen2.5-VL backbone;
-everything that shows its output says so.
+The default model ships inside the package (`hf_vla/assets/default_model`, ~5 MB): a tiny OFT policy on a random-init
+Qwen2.5-VL-shaped backbone, trained from scratch on CPU on Meta-World expert demonstrations by
+`trainers/train_metaworld.py --install` (its recipe, training metrics and closed-loop evaluation ship beside the
+weights). It sees the corner camera (112×112) and an instruction, takes no state, and returns 8 × 4 Meta-World actions
+`[dx, dy, dz, gripper]`.
+
+`build_random_model` writes an untrained 7-D model with bridge-like statistics, for benchmarks that need one.
 """
 
 from __future__ import annotations
@@ -13,13 +18,38 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEFAULT_INSTRUCTION = "put the carrot on the plate"
-# Bridge-like units: xyz and rpy deltas, gripper open (1) / closed (0).
+# Meta-World scenes bundled as examples (first frames of unseen seeds), with their instructions.
+EXAMPLE_TASKS = {
+    "drawer-open": "open the drawer",
+    "button-press-topdown": "press the button down from above",
+    "door-open": "open the door",
+    "plate-slide": "slide the plate into the goal",
+    "faucet-open": "open the faucet",
+}
+DEFAULT_INSTRUCTION = EXAMPLE_TASKS["drawer-open"]
+DEFAULT_CAMERA = "corner2"
+# Bridge-like units for the random benchmark model: xyz and rpy deltas, gripper open (1) / closed (0).
 DEFAULT_ACTION_SCALE = np.array([0.02, 0.02, 0.02, 0.05, 0.05, 0.05, 1.0], dtype=np.float32)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HF_VLA_HOME", Path.home() / ".cache" / "hf_vla"))
+
+
+def _asset(*parts: str) -> Path:
+    path = resources.files("hf_vla.assets")
+    for part in parts:  # one part per joinpath: Python 3.11's namespace-package paths take no more
+        path = path.joinpath(part)
+    return Path(str(path))
+
+
+def default_model_dir() -> str:
+    """Directory of the embedded default model (trained on Meta-World)."""
+    path = _asset("default_model")
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the embedded default model is missing from {path}; "
+                                "reproduce it with `python trainers/train_metaworld.py --install`")  # fmt: skip
+    return str(path)
 
 
 def example_image() -> np.ndarray:
@@ -28,12 +58,20 @@ def example_image() -> np.ndarray:
         return np.asarray(Image.open(f).convert("RGB"))
 
 
-def example_observation() -> dict:
-    return {"images": {"primary": example_image()}, "instruction": DEFAULT_INSTRUCTION, "state": np.zeros(7, np.float32)}
+def metaworld_example(task: str = "drawer-open") -> np.ndarray:
+    """The first corner-camera frame (uint8 [112, 112, 3]) of a Meta-World episode the default model never saw."""
+    if task not in EXAMPLE_TASKS:
+        raise ValueError(f"task: expected one of {list(EXAMPLE_TASKS)}, got {task!r}")
+    return np.asarray(Image.open(_asset("metaworld", f"{task}.png")).convert("RGB"))
+
+
+def example_observation(task: str = "drawer-open") -> dict:
+    """An observation the default model understands: one Meta-World camera view and its task's instruction."""
+    return {"images": {DEFAULT_CAMERA: metaworld_example(task)}, "instruction": EXAMPLE_TASKS[task]}
 
 
 def synthetic_statistics(num: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Actions and states with bridge-like ranges, for the default model's normalisation statistics."""
+    """Actions and states with bridge-like ranges, for the random model's normalisation statistics."""
     rng = np.random.default_rng(seed)
     actions = rng.uniform(-1, 1, size=(num, 7)).astype(np.float32) * DEFAULT_ACTION_SCALE
     actions[:, 6] = rng.integers(0, 2, size=num)
@@ -41,8 +79,8 @@ def synthetic_statistics(num: int = 2048, seed: int = 0) -> tuple[np.ndarray, np
     return actions, states
 
 
-def build_default_model(out_dir: str | os.PathLike, action_horizon: int = 8) -> str:
-    """Writes the tiny default OFT model directory (model, processor, statistics) and returns its path."""
+def build_random_model(out_dir: str | os.PathLike, action_horizon: int = 8) -> str:
+    """Writes an untrained tiny OFT model directory (7-D bridge-like actions, 7-D state, one 'primary' camera)."""
     from .auto import AutoModelForVLA
     from .processing_vla import VLAProcessor
     from .testing import build_tiny_vlm
@@ -58,9 +96,9 @@ def build_default_model(out_dir: str | os.PathLike, action_horizon: int = 8) -> 
     return str(out)
 
 
-def default_model_dir() -> str:
-    """The default model directory, built on first use."""
-    path = cache_dir() / "default-oft-tiny"
+def random_model_dir() -> str:
+    """The untrained benchmark model, built on first use under `cache_dir()`."""
+    path = cache_dir() / "random-oft-tiny"
     if not (path / "config.json").exists():
-        build_default_model(path)
+        build_random_model(path)
     return str(path)

@@ -99,7 +99,7 @@ class VLAPreTrainedModel(PreTrainedModel):
         config = cls.config_class(vlm_config=vlm.config, **config_kwargs)
         with torch.device("meta"):
             model = cls(config)
-        model.vlm = vlm  # keep the loaded backbone; materialise and initialise everything else
+        model.vlm = model.backbone.prepare(vlm)  # keep the loaded backbone; materialise and initialise the rest
         device = next(vlm.parameters()).device
         for name, child in model.named_children():
             if name == "vlm":

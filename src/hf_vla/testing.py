@@ -141,13 +141,17 @@ def build_image_processor(family: str = "qwen2_5_vl", max_pixels: int = 224 * 22
 
 
 def tiny_vlm_config(
-    family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_hidden_size: int = 32, **text_overrides
+    family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_hidden_size: int = 32,
+    num_heads: int | None = None, **text_overrides,
 ):
-    """A tiny Qwen2.5-VL / Qwen3-VL config whose special-token ids come from `tokenizer`."""
+    """A tiny Qwen2.5-VL / Qwen3-VL config whose special-token ids come from `tokenizer`; `num_heads` defaults to one
+    per 16 channels (at least 2)."""
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
     _check_family(family)
-    heads = max(2, hidden_size // 16)
+    heads = num_heads or max(2, hidden_size // 16)
+    if hidden_size % heads or (hidden_size // heads) % 2:
+        raise ValueError(f"num_heads: {heads} heads do not split hidden_size {hidden_size} into even head sizes")
     token_ids = {
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -169,7 +173,7 @@ def tiny_vlm_config(
         vision = dict(
             depth=2, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_heads=2,
             out_hidden_size=hidden_size, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
         )  # fmt: skip
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
     text["head_dim"] = hidden_size // heads

@@ -14,7 +14,11 @@ class BackboneAdapter:
     image_wrapper = ("", "")  # text around the expanded image tokens, e.g. vision start/end markers
 
     def build(self, vlm_config) -> nn.Module:
-        return AutoModelForImageTextToText.from_config(vlm_config)
+        return self.prepare(AutoModelForImageTextToText.from_config(vlm_config))
+
+    def prepare(self, vlm: nn.Module) -> nn.Module:
+        """Equivalent, faster forms of the family's modules, applied to every backbone a VLA holds."""
+        return vlm
 
     def text_config(self, vlm_config):
         return vlm_config.get_text_config()

@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from .base import BackboneAdapter
 
 
+class PatchConv3d(nn.Conv3d):
+    """Qwen's patch embedding: a Conv3d whose kernel equals its stride, applied to inputs that are exactly one kernel
+    each. That is one matrix product, which CPU backends run several times faster than a 3-D convolution (its weight
+    gradient most of all); same parameters, same state-dict keys, other input shapes fall back to the convolution."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if tuple(patches.shape[1:]) != (self.in_channels, *self.kernel_size) or self.groups != 1:
+            return super().forward(patches)
+        flat = F.linear(patches.reshape(patches.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
+        return flat.reshape(patches.shape[0], self.out_channels, 1, 1, 1)
+
+
 class QwenVLAdapter(BackboneAdapter):
     image_token = "<|image_pad|>"
     image_wrapper = ("<|vision_start|>", "<|vision_end|>")
+
+    def prepare(self, vlm: nn.Module) -> nn.Module:
+        conv = getattr(getattr(getattr(vlm.model, "visual", None), "patch_embed", None), "proj", None)
+        if type(conv) is nn.Conv3d and conv.stride == conv.kernel_size:
+            conv.__class__ = PatchConv3d  # same module, matmul forward
+        return vlm
 
     def image_token_counts(self, image_inputs: dict, merge_size: int) -> torch.Tensor:
         # Each image is a (t, h, w) grid of patches; spatial merging folds merge_size² patches into one token.

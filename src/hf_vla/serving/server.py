@@ -825,7 +825,8 @@ def _dims(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` options, for `main` and for an `hf-vla serve` sub-command."""
-    parser.add_argument("--model", help="model directory or hub id (default: the embedded tiny model)")
+    parser.add_argument("model_path", nargs="?", metavar="MODEL", help="model directory or hub id")
+    parser.add_argument("--model", help="the same, as an option (default: the embedded default model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("HF_VLA_API_KEY"),
@@ -878,11 +879,14 @@ def _torch_dtype(name: str | None):
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.model and args.model_path and args.model != args.model_path:
+        raise SystemExit(f"hf-vla serve: two models given ({args.model_path!r} and --model {args.model!r})")
+    args.model = args.model or args.model_path
     if args.model is None:
         from ..defaults import default_model_dir
 
         args.model = default_model_dir()
-        print("note: serving the embedded default model, which has random (untrained) weights", file=sys.stderr)
+        print("note: serving the embedded default model (a tiny policy trained on Meta-World)", file=sys.stderr)
     serve(args.model, **options_from_args(args))
     return 0
 
