@@ -211,3 +211,22 @@ def test_from_vlm_loads_backbone_weights_and_initialises_the_head(tiny_vlm_dirs)
     assert model.config.base_vlm == vlm_dir
     with pytest.raises(ValueError, match="unknown variant 'nope'.*oft"):
         AutoModelForVLA.from_vlm(vlm_dir, variant="nope")
+
+
+def test_repeated_prompts_are_tokenised_once_and_stay_independent(tiny_vlm_dirs, monkeypatch):
+    _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    rng = np.random.default_rng(0)
+    views = random_views(rng, 2)
+    first = processor(images=views, text=["pick up the cup", "open the drawer"], state=np.zeros((2, 6)))
+    first["input_ids"][0, -1] = -7  # callers may modify what they get back
+    calls = []
+    tokenizer_call = type(processor.tokenizer).__call__
+    monkeypatch.setattr(type(processor.tokenizer), "__call__",
+                        lambda self, *a, **k: calls.append(a) or tokenizer_call(self, *a, **k))  # fmt: skip
+    again = processor(images=views, text=["pick up the cup", "open the drawer"], state=np.zeros((2, 6)))
+    other = processor(images=views, text=["pick up the cup", "close the drawer"], state=np.zeros((2, 6)))
+    monkeypatch.undo()
+    assert len(calls) == 1  # only the new prompt pair reached the tokenizer
+    fresh = processor.tokenizer(list(calls[0][0]), padding=True, padding_side="left", return_tensors="pt")
+    torch.testing.assert_close(other["input_ids"], fresh["input_ids"])
+    assert again["input_ids"][0, -1] != -7 and not torch.equal(again["input_ids"], other["input_ids"])

@@ -7,6 +7,7 @@ embodiment's statistics. Back: `decode_actions` maps a predicted chunk to robot 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ from transformers.processing_utils import ProcessorMixin
 from .backbones import get_backbone_adapter
 from .normalization import compute_stats, normalize, unnormalize, validate_feature_stats
 
+PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._tokenize`
 STATE_BINS = np.linspace(-1.0, 1.0, 257)[:-1]  # 256 uniform bins over [-1, 1] (StarVLA's state text)
 
 
@@ -314,10 +316,25 @@ class VLAProcessor(ProcessorMixin):
         flat_views = [image for sample in views for image in sample]
         image_inputs = get_backbone_adapter(self.backbone).preprocess_images(self.image_processor, flat_views)
         prompts = self._expand_image_tokens(prompts, image_inputs)
-        text_inputs = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+        text_inputs = self._tokenize(prompts)
         image_token_id = self.tokenizer.convert_tokens_to_ids(get_backbone_adapter(self.backbone).image_token)
         text_inputs["mm_token_type_ids"] = (text_inputs["input_ids"] == image_token_id).int()
         return BatchFeature({**text_inputs, **image_inputs, **extra})
+
+    def _tokenize(self, prompts: list[str]) -> dict:
+        """Left-padded ids and attention mask. A control loop sends the same prompt at every step (the same
+        instruction, and the same image sizes), so recent batches of prompts are answered from a small cache."""
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        key = (len(self.tokenizer), *prompts)  # tokens added to the tokenizer later change the ids
+        encoded = cache.get(key)
+        if encoded is None:
+            encoded = dict(self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt"))
+            cache[key] = encoded
+            while len(cache) > PROMPT_CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return {name: tensor.clone() for name, tensor in encoded.items()}
 
     def _expand_image_tokens(self, prompts: list[str], image_inputs) -> list[str]:
         adapter = get_backbone_adapter(self.backbone)

@@ -45,26 +45,26 @@ class QwenVLAdapter(BackboneAdapter):
             return super().preprocess_images(image_processor, views)
         p = image_processor
         patch, merge, temporal = p.patch_size, p.merge_size, p.temporal_patch_size
-        pixels = np.stack(views)  # uint8 [N, H, W, C]
+        pixels = torch.from_numpy(np.stack(views))  # uint8 [N, H, W, C]
         n, height, width, channels = pixels.shape
         grid_h, grid_w = height // patch, width // patch
         rows = n * grid_h * grid_w
-        # Reorder while still uint8 (4× less to move): [N, gh/m, m, p, gw/m, m, p, C] → rows of (C, p, p)
+        # [N, gh/m, m, p, gw/m, m, p, C] → rows of (C, 1, p, p), reordered while still uint8 (4× less to move)
         pixels = pixels.reshape(n, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
-        pixels = np.ascontiguousarray(pixels.transpose(0, 1, 4, 2, 5, 7, 3, 6)).reshape(rows, channels, patch, patch)
-        scale = np.full(channels, p.rescale_factor if p.do_rescale else 1.0, np.float32)
-        mean = np.asarray(p.image_mean if p.do_normalize else 0.0, np.float32) * np.ones(channels, np.float32)
-        std = np.asarray(p.image_std if p.do_normalize else 1.0, np.float32) * np.ones(channels, np.float32)
-        # The processor's order of operations ((x · scale − mean) / std in float32), for identical values
-        out = np.empty((rows, channels, temporal, patch, patch), np.float32)
-        first = out[:, :, 0]
-        np.multiply(pixels, scale[:, None, None], out=first)
-        first -= mean[:, None, None]
-        first /= std[:, None, None]
-        out[:, :, 1:] = first[:, :, None]  # Qwen repeats a still image along the temporal patch axis
-        flat = out.reshape(rows, channels * temporal * patch * patch)
+        pixels = pixels.permute(0, 1, 4, 2, 5, 7, 3, 6).reshape(rows, channels, 1, patch, patch)
+        scale = p.rescale_factor if p.do_rescale else 1.0
+        mean = torch.tensor(p.image_mean if p.do_normalize else 0.0, dtype=torch.float32).expand(channels)
+        std = torch.tensor(p.image_std if p.do_normalize else 1.0, dtype=torch.float32).expand(channels)
+        # the processor's order of operations ((x · scale − mean) / std in float32), for identical values
+        out = torch.empty(rows, channels, temporal, patch, patch)
+        first = out[:, :, :1]
+        torch.mul(pixels, scale, out=first)
+        first -= mean.view(channels, 1, 1, 1)
+        first /= std.view(channels, 1, 1, 1)
+        out[:, :, 1:] = first  # Qwen repeats a still image along the temporal patch axis
+        flat = out.view(rows, channels * temporal * patch * patch)
         grids = torch.tensor([[1, grid_h, grid_w]] * n, dtype=torch.int64)
-        return {"pixel_values": torch.from_numpy(flat), "image_grid_thw": grids}
+        return {"pixel_values": flat, "image_grid_thw": grids}
 
 
 def _batchable(image_processor, views: list) -> bool:
