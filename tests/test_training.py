@@ -128,6 +128,10 @@ def test_loss_falls_with_cosine_with_min_lr(variant, vlm_dir, dataset, tmp_path)
     # after the last step the cosine sits at min_lr for the base group, other groups at the same fraction of peak
     rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
     assert rates["base"] == pytest.approx(1e-5)
+    # total_flos is Trainer's 6 × tokens × non-embedding parameters, summed over the steps
+    tokens = sum(len(batch["input_ids"].flatten()) for batch in trainer.get_train_dataloader())
+    expected = 6 * model.num_parameters(exclude_embeddings=True) * tokens * 20 / len(trainer.get_train_dataloader())
+    assert trainer.state.total_flos == pytest.approx(expected, rel=0.2)
     if head_rate:
         assert rates["action_head"] == pytest.approx(1e-5 * head_rate / base_rate)
 
