@@ -7,7 +7,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _scratch = tempfile.mkdtemp(prefix="hf_vla_tests_")
 os.environ.setdefault("HF_HOME", os.path.join(_scratch, "hf_home"))
 os.environ.setdefault("HF_MODULES_CACHE", os.path.join(_scratch, "modules"))
-os.environ.setdefault("HF_VLA_HOME", os.path.join(_scratch, "hf_vla_home"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

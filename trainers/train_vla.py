@@ -135,6 +135,12 @@ def write_synthetic_dataset(root: Path, settings: dict) -> Path:
     return build_once(root, write)
 
 
+def augmented(train_dataset, data: dict):
+    """The training samples with `data.augment` applied (random image shifts when `random_shift` > 0)."""
+    shift = int((data["augment"] or {}).get("random_shift") or 0)
+    return RandomShift(train_dataset, shift) if shift else train_dataset
+
+
 def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     """(train dataset, eval dataset or None, {embodiment: stats}, [(dataset, embodiment)] without cameras)."""
     norm = data["normalization"] or {}
@@ -149,9 +155,7 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
         tagged = WithEmbodiment(dataset, key)
         num_eval = int(round(len(dataset) * float(data["eval_split"] or 0.0)))
         # the tail of the frames is held out: whole episodes except, at most, the one that straddles the cut
-        train_part = Subset(tagged, range(len(dataset) - num_eval))
-        shift = int((data["augment"] or {}).get("random_shift") or 0)
-        train_parts.append(RandomShift(train_part, shift) if shift else train_part)
+        train_parts.append(augmented(Subset(tagged, range(len(dataset) - num_eval)), data))
         if num_eval:
             eval_parts.append(Subset(tagged, range(len(dataset) - num_eval, len(dataset))))
         logger.info(f"{key}: {dataset}")
@@ -177,9 +181,7 @@ def load_mixture_data(data: dict, model: dict):
     if data["camera_names"] is None and any(names != camera_names[0] for names in camera_names):
         raise ValueError(f"data.mixture: the datasets name their cameras differently {camera_names}; rename them "
                          "in the mixture YAML (cameras: {feature: name}) or set data.camera_names")
-    shift = int((data["augment"] or {}).get("random_shift") or 0)
-    train = RandomShift(mixture, shift) if shift else mixture
-    return train, None, mixture.compute_norm_stats(), camera_names[0], None
+    return augmented(mixture, data), None, mixture.compute_norm_stats(), camera_names[0], None
 
 
 def _dim(stats: dict, feature: str) -> int:

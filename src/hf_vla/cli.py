@@ -18,11 +18,9 @@ def demo(args) -> int:
     path = args.model or default_model_dir()
     policy = VLAPolicy.from_pretrained(path)
     obs = example_observation()
-    if args.model:
-        missing = [c for c in policy.processor.camera_names if c not in obs["images"]]
-        if missing:
-            view = next(iter(obs["images"].values()))
-            obs["images"] = {camera: view for camera in policy.processor.camera_names}
+    if set(obs["images"]) != set(policy.processor.camera_names):  # another model: the example view for each camera
+        view = next(iter(obs["images"].values()))
+        obs["images"] = {camera: view for camera in policy.processor.camera_names}
     if args.instruction:
         obs["instruction"] = args.instruction
     actions = policy.predict(obs, unnorm_key=args.unnorm_key)

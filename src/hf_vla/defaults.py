@@ -5,13 +5,10 @@ Qwen2.5-VL-shaped backbone, trained from scratch on CPU on Meta-World expert dem
 `trainers/train_metaworld.py --install` (its recipe, training metrics and closed-loop evaluation ship beside the
 weights). It sees the corner camera (112×112) and an instruction, takes no state, and returns 8 × 4 Meta-World actions
 `[dx, dy, dz, gripper]`.
-
-`build_random_model` writes an untrained 7-D model with bridge-like statistics, for benchmarks that need one.
 """
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -28,12 +25,8 @@ EXAMPLE_TASKS = {
 }
 DEFAULT_INSTRUCTION = EXAMPLE_TASKS["drawer-open"]
 DEFAULT_CAMERA = "corner2"
-# Bridge-like units for the random benchmark model: xyz and rpy deltas, gripper open (1) / closed (0).
+# Bridge-like units for benchmark models: xyz and rpy deltas, gripper open (1) / closed (0).
 DEFAULT_ACTION_SCALE = np.array([0.02, 0.02, 0.02, 0.05, 0.05, 0.05, 1.0], dtype=np.float32)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HF_VLA_HOME", Path.home() / ".cache" / "hf_vla"))
 
 
 def _asset(*parts: str) -> Path:
@@ -71,34 +64,9 @@ def example_observation(task: str = "drawer-open") -> dict:
 
 
 def synthetic_statistics(num: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Actions and states with bridge-like ranges, for the random model's normalisation statistics."""
+    """Actions and states with bridge-like ranges, for benchmark models' normalisation statistics."""
     rng = np.random.default_rng(seed)
     actions = rng.uniform(-1, 1, size=(num, 7)).astype(np.float32) * DEFAULT_ACTION_SCALE
     actions[:, 6] = rng.integers(0, 2, size=num)
     states = rng.uniform(-0.5, 0.5, size=(num, 7)).astype(np.float32)
     return actions, states
-
-
-def build_random_model(out_dir: str | os.PathLike, action_horizon: int = 8) -> str:
-    """Writes an untrained tiny OFT model directory (7-D bridge-like actions, 7-D state, one 'primary' camera)."""
-    from .auto import AutoModelForVLA
-    from .processing_vla import VLAProcessor
-    from .testing import build_tiny_vlm
-
-    out = Path(out_dir)
-    vlm_dir = build_tiny_vlm(out / "backbone", family="qwen2_5_vl")
-    model = AutoModelForVLA.from_vlm(vlm_dir, variant="oft", action_dim=7, action_horizon=action_horizon, state_dim=7)
-    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary"], image_size=[112, 112])
-    actions, states = synthetic_statistics()
-    processor.compute_norm_stats("bridge", actions, states, action_mode=["q99"] * 6 + ["binary"], state_mode="q99")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
-
-
-def random_model_dir() -> str:
-    """The untrained benchmark model, built on first use under `cache_dir()`."""
-    path = cache_dir() / "random-oft-tiny"
-    if not (path / "config.json").exists():
-        build_random_model(path)
-    return str(path)

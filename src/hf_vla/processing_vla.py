@@ -87,6 +87,7 @@ class VLAProcessor(ProcessorMixin):
         if not self.camera_names:
             raise ValueError("camera_names: at least one camera is required")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None))
+        self._prompt_cache: OrderedDict[tuple, dict] = OrderedDict()  # see _tokenize
         for key, stats in (norm_stats or {}).items():
             self.set_norm_stats(key, stats)
 
@@ -313,18 +314,19 @@ class VLAProcessor(ProcessorMixin):
             )
             for b, instruction in enumerate(text)
         ]
+        adapter = get_backbone_adapter(self.backbone)
         flat_views = [image for sample in views for image in sample]
-        image_inputs = get_backbone_adapter(self.backbone).preprocess_images(self.image_processor, flat_views)
+        image_inputs = adapter.preprocess_images(self.image_processor, flat_views)
         prompts = self._expand_image_tokens(prompts, image_inputs)
         text_inputs = self._tokenize(prompts)
-        image_token_id = self.tokenizer.convert_tokens_to_ids(get_backbone_adapter(self.backbone).image_token)
+        image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
         text_inputs["mm_token_type_ids"] = (text_inputs["input_ids"] == image_token_id).int()
         return BatchFeature({**text_inputs, **image_inputs, **extra})
 
     def _tokenize(self, prompts: list[str]) -> dict:
         """Left-padded ids and attention mask. A control loop sends the same prompt at every step (the same
         instruction, and the same image sizes), so recent batches of prompts are answered from a small cache."""
-        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        cache = self._prompt_cache
         key = (len(self.tokenizer), *prompts)  # tokens added to the tokenizer later change the ids
         encoded = cache.get(key)
         if encoded is None:

@@ -108,7 +108,7 @@ class LeRobotWriter:
         self._file = (0, 0)  # (chunk_index, file_index) of the open v3 data/video files
         self._episodes_in_file = 0
         self._pending_tables: list[pa.Table] = []
-        self._videos: dict[str, _VideoFileWriter] = {}
+        self._videos: dict[str, VideoFileWriter] = {}
         self._frame_buffer: list[dict] = []
         self._frame_buffer_task: str | None = None
         self._finalized = False
@@ -277,8 +277,8 @@ class LeRobotWriter:
             row[f"videos/{key}/to_timestamp"] = (start + length) / self.fps
         return row
 
-    def _open_video(self, key: str, episode_index: int) -> _VideoFileWriter:
-        return _VideoFileWriter(self._video_path(key, episode_index), self.fps, self.codec, self.gop, self.crf)
+    def _open_video(self, key: str, episode_index: int) -> VideoFileWriter:
+        return VideoFileWriter(self._video_path(key, episode_index), self.fps, self.codec, self.gop, self.crf)
 
     def _write_episode_data(self, frames, columns, episode_index: int, row: dict):
         arrays, fields = [], []
@@ -420,7 +420,7 @@ class LeRobotWriter:
                 writer.close()
 
 
-class _VideoFileWriter:
+class VideoFileWriter:
     """Appends RGB frames to one mp4 with consecutive timestamps (frame i at i / fps)."""
 
     def __init__(self, path: Path, fps: int, codec: str, gop: int, crf: int):

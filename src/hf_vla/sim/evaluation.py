@@ -131,17 +131,13 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
 
 def write_video(path: Path, frames: Sequence[np.ndarray], fps: int = FPS // 4):
     """Frames (uint8 [H, W, 3]) as an H.264 mp4, played at a quarter of real time so the motion can be followed."""
-    import av
+    from ..data.lerobot_writer import CODECS, VideoFileWriter
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
-        for frame in frames:
-            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]))
-            container.mux(stream.encode(image))
-        container.mux(stream.encode(None))
+    video = np.stack(frames)
+    height, width = video.shape[1:3]
+    writer = VideoFileWriter(Path(path), fps, "h264", gop=fps, crf=CODECS["h264"][3])
+    writer.write(video[:, : height - height % 2, : width - width % 2])  # yuv420p needs even sides
+    writer.close()
 
 
 def plot_report(report: Mapping, path: Path, title: str = "Meta-World closed-loop success"):

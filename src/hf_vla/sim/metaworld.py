@@ -143,21 +143,19 @@ class MetaWorldEnv:
 def record_expert_episode(env: MetaWorldEnv, seed: int, frames_after_success: int = 10) -> dict | None:
     """Runs the expert from `seed`; the episode's frames if it succeeded, else None."""
     obs, images, states, actions = env.reset(seed), [], [], []
-    remaining = None
-    while remaining is None or remaining > 0:
+    succeeded_at = None
+    while env.steps < env.max_steps:
         action = env.expert_action()
         images.append(obs["images"][CAMERA])
         states.append(obs["state"])
         actions.append(action)
-        obs, success, done = env.step(action)
-        if remaining is not None:
-            remaining -= 1
-        elif success:
-            remaining = frames_after_success
-        if done and not success and remaining is None:
-            return None
-        if env.steps >= env.max_steps:
+        obs, success, _ = env.step(action)
+        if success and succeeded_at is None:
+            succeeded_at = env.steps
+        if succeeded_at is not None and env.steps - succeeded_at >= frames_after_success:
             break
+    if succeeded_at is None:
+        return None
     return {
         "task": env.instruction,
         "frames": {
