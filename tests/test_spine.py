@@ -230,3 +230,21 @@ def test_repeated_prompts_are_tokenised_once_and_stay_independent(tiny_vlm_dirs,
     fresh = processor.tokenizer(list(calls[0][0]), padding=True, padding_side="left", return_tensors="pt")
     torch.testing.assert_close(other["input_ids"], fresh["input_ids"])
     assert again["input_ids"][0, -1] != -7 and not torch.equal(again["input_ids"], other["input_ids"])
+
+
+def test_replaced_statistics_take_effect_in_normalising_and_decoding(tiny_vlm_dirs):
+    from hf_vla.normalization import compute_stats, normalize, unnormalize
+
+    _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    rng = np.random.default_rng(1)
+    views, state = random_views(rng, 1), rng.normal(size=(1, 6))
+    chunk = rng.uniform(-1, 1, size=(1, 4, 7)).astype(np.float32)
+    before = processor(images=views, text="open the drawer", state=state)["state"].numpy()
+    decoded_before = processor.decode_actions(chunk)  # compiles and keeps the first statistics
+    new = {"action": compute_stats(rng.normal(5.0, 2.0, size=(64, 7)), "mean_std"),
+           "state": compute_stats(rng.normal(-3.0, 0.5, size=(64, 6)), "min_max")}
+    processor.set_norm_stats("bridge", new)
+    after = processor(images=views, text="open the drawer", state=state)["state"].numpy()
+    np.testing.assert_allclose(after, normalize(state, new["state"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(processor.decode_actions(chunk), unnormalize(chunk, new["action"]), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(after, before) and not np.allclose(processor.decode_actions(chunk), decoded_before)

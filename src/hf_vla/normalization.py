@@ -74,43 +74,55 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
     return dim
 
 
-def _stat_arrays(stats: Mapping) -> dict[str, np.ndarray]:
-    arrays = {k: np.asarray(stats[k], dtype=np.float32) for k in STAT_NAMES}
-    arrays["mode"] = np.asarray(stats["mode"])
-    return arrays
+class FeatureNormalizer:
+    """One feature's statistics turned into per-dimension arrays once, so that a control loop pays a handful of numpy
+    operations per call rather than re-reading the JSON lists. q99, min_max, mean_std and identity are all affine,
+    y = (x - center) * inverse_half_range, with q99 clipped; binary dimensions are thresholded."""
+
+    def __init__(self, stats: Mapping):
+        s = {k: np.asarray(stats[k], dtype=np.float64) for k in STAT_NAMES}
+        mode = np.asarray(stats["mode"])
+        low = np.select([mode == "q99", mode == "min_max"], [s["q01"], s["min"]], 0.0)
+        high = np.select([mode == "q99", mode == "min_max"], [s["q99"], s["max"]], 0.0)
+        center = np.select([mode == "mean_std", mode == "identity"], [s["mean"], 0.0], 0.5 * (low + high))
+        half_range = np.select([mode == "mean_std", mode == "identity"], [s["std"], 1.0], 0.5 * (high - low))
+        half_range = np.where(mode == "binary", 0.0, half_range)
+        self.center = center.astype(np.float32)
+        self.half_range = half_range.astype(np.float32)
+        # a zero range normalises to 0 and decodes to the center (the constant value), never a division by zero
+        self.inverse_half_range = np.divide(1.0, half_range, out=np.zeros_like(half_range), where=half_range > 0)
+        self.inverse_half_range = self.inverse_half_range.astype(np.float32)
+        self.clipped = mode == "q99"
+        self.binary = mode == "binary"
+        self.threshold = (0.5 * (s["min"] + s["max"])).astype(np.float32)
+        self.binary_low, self.binary_high = s["min"].astype(np.float32), s["max"].astype(np.float32)
+        self.any_clipped, self.any_binary = bool(self.clipped.any()), bool(self.binary.any())
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        y = (x - self.center) * self.inverse_half_range
+        if self.any_clipped:
+            y = np.where(self.clipped, np.clip(y, -1.0, 1.0), y)
+        if self.any_binary:
+            y = np.where(self.binary, (x > self.threshold).astype(np.float32), y)
+        return y
+
+    def unnormalize(self, y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, dtype=np.float32)
+        x = y * self.half_range + self.center
+        if self.any_binary:
+            x = np.where(self.binary, np.where(y > 0.5, self.binary_high, self.binary_low), x)
+        return x
 
 
-def normalize(x: np.ndarray, stats: Mapping) -> np.ndarray:
+def normalize(x: np.ndarray, stats: Mapping | FeatureNormalizer) -> np.ndarray:
     """Raw → normalised, along the last axis."""
-    s = _stat_arrays(stats)
-    x = np.asarray(x, dtype=np.float32)
-    mode = s["mode"]
-    out = x.copy()
-
-    def scaled(low, high):
-        span = high - low
-        safe = np.where(span > 0, span, 1.0)
-        return np.where(span > 0, 2.0 * (x - low) / safe - 1.0, 0.0)
-
-    out = np.where(mode == "q99", np.clip(scaled(s["q01"], s["q99"]), -1.0, 1.0), out)
-    out = np.where(mode == "min_max", scaled(s["min"], s["max"]), out)
-    std_safe = np.where(s["std"] > 0, s["std"], 1.0)
-    out = np.where(mode == "mean_std", np.where(s["std"] > 0, (x - s["mean"]) / std_safe, 0.0), out)
-    out = np.where(mode == "binary", (x > 0.5 * (s["min"] + s["max"])).astype(np.float32), out)
-    return out.astype(np.float32)
+    return (stats if isinstance(stats, FeatureNormalizer) else FeatureNormalizer(stats)).normalize(x)
 
 
-def unnormalize(y: np.ndarray, stats: Mapping) -> np.ndarray:
+def unnormalize(y: np.ndarray, stats: Mapping | FeatureNormalizer) -> np.ndarray:
     """Normalised → raw, along the last axis (the inverse of `normalize` inside the clipping range)."""
-    s = _stat_arrays(stats)
-    y = np.asarray(y, dtype=np.float32)
-    mode = s["mode"]
-    out = y.copy()
-    out = np.where(mode == "q99", 0.5 * (y + 1.0) * (s["q99"] - s["q01"]) + s["q01"], out)
-    out = np.where(mode == "min_max", 0.5 * (y + 1.0) * (s["max"] - s["min"]) + s["min"], out)
-    out = np.where(mode == "mean_std", y * s["std"] + s["mean"], out)
-    out = np.where(mode == "binary", np.where(y > 0.5, s["max"], s["min"]), out)
-    return out.astype(np.float32)
+    return (stats if isinstance(stats, FeatureNormalizer) else FeatureNormalizer(stats)).unnormalize(y)
 
 
 if __name__ == "__main__":

@@ -82,9 +82,11 @@ class VLAPolicy:
         """Action chunk in robot units: `np.float32 [B, T, D]` (or `[T, D]` for an unbatched observation)."""
         batch, unbatched = self._batch(obs)
         key = unnorm_key or self.unnorm_key
-        inputs = self.processor(**batch, embodiment=key).to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        device, dtype = self.model.device, self.model.dtype
+        inputs = {
+            name: value.to(device, dtype) if name == "pixel_values" else value.to(device)
+            for name, value in self.processor(**batch, embodiment=key).items()
+        }
         normalized = self.model.predict_action(**inputs, **predict_kwargs)
         actions = self.processor.decode_actions(normalized, unnorm_key=key)
         return actions[0] if unbatched else actions

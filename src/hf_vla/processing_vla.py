@@ -17,9 +17,9 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .backbones import get_backbone_adapter
-from .normalization import compute_stats, normalize, unnormalize, validate_feature_stats
+from .normalization import FeatureNormalizer, compute_stats, validate_feature_stats
 
-PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._tokenize`
+PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
 STATE_BINS = np.linspace(-1.0, 1.0, 257)[:-1]  # 256 uniform bins over [-1, 1] (StarVLA's state text)
 
 
@@ -87,7 +87,8 @@ class VLAProcessor(ProcessorMixin):
         if not self.camera_names:
             raise ValueError("camera_names: at least one camera is required")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None))
-        self._prompt_cache: OrderedDict[tuple, dict] = OrderedDict()  # see _tokenize
+        self._prompt_cache: OrderedDict[tuple, dict] = OrderedDict()  # see _text_inputs
+        self._normalizers: dict[int, tuple] = {}  # see _normalizer
         for key, stats in (norm_stats or {}).items():
             self.set_norm_stats(key, stats)
 
@@ -135,6 +136,7 @@ class VLAProcessor(ProcessorMixin):
                 if got != dims[feature]:
                     raise ValueError(f"norm_stats[{key!r}][{feature!r}]: expected {dims[feature]} dimensions, got {got}")
         self.norm_stats[key] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in stats.items()}
+        self._normalizers.clear()
 
     def compute_norm_stats(self, key: str, actions, states=None, action_mode="q99", state_mode="q99") -> dict:
         """Computes and registers statistics from arrays: actions `[N, D]` (or `[N, T, D]`), states `[N, S]`."""
@@ -155,14 +157,27 @@ class VLAProcessor(ProcessorMixin):
 
     def _normalize_rows(self, raw: np.ndarray, keys: list, feature: str, field: str) -> np.ndarray:
         """Normalises each sample with its embodiment's statistics (one call per distinct key)."""
+        if len(set(keys)) == 1:
+            return self._normalizer(self._feature_stats(keys[0], feature, field)).normalize(raw)
         out = np.empty_like(raw)
         for key in dict.fromkeys(keys):
             rows = [b for b, k in enumerate(keys) if k == key]
-            stats = self._stats_for(key, field)
-            if feature not in stats:
-                raise ValueError(f"{field}: embodiment {key!r} has no {feature!r} statistics")
-            out[rows] = normalize(raw[rows], stats[feature])
+            out[rows] = self._normalizer(self._feature_stats(key, feature, field)).normalize(raw[rows])
         return out
+
+    def _feature_stats(self, key: str | None, feature: str, field: str) -> dict:
+        stats = self._stats_for(key, field)
+        if feature not in stats:
+            raise ValueError(f"{field}: embodiment {key!r} has no {feature!r} statistics")
+        return stats[feature]
+
+    def _normalizer(self, feature_stats: Mapping) -> FeatureNormalizer:
+        """The compiled form of one feature's statistics, made on first use and kept until `set_norm_stats` changes
+        the statistics (which stores copies, so the identity of a feature's stats dict is a safe key)."""
+        entry = self._normalizers.get(id(feature_stats))
+        if entry is None or entry[0] is not feature_stats:
+            entry = self._normalizers[id(feature_stats)] = (feature_stats, FeatureNormalizer(feature_stats))
+        return entry[1]
 
     def _stats_for(self, key: str | None, field: str) -> dict:
         if not self.norm_stats:
@@ -305,37 +320,36 @@ class VLAProcessor(ProcessorMixin):
             mask = self._check_array(mask, "action_mask", full if mask.ndim == 3 else full[:2])
             extra["action_mask"] = torch.from_numpy(mask)
 
-        prompts = [
-            self.build_prompt(
-                self._instruction_text(
-                    instruction, None if normalized_state is None else normalized_state[b], b
-                ),
-                1 if self.concat_views else len(self.camera_names),
-            )
+        instructions = [
+            self._instruction_text(instruction, None if normalized_state is None else normalized_state[b], b)
             for b, instruction in enumerate(text)
         ]
         adapter = get_backbone_adapter(self.backbone)
-        flat_views = [image for sample in views for image in sample]
-        image_inputs = adapter.preprocess_images(self.image_processor, flat_views)
-        prompts = self._expand_image_tokens(prompts, image_inputs)
-        text_inputs = self._tokenize(prompts)
-        image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
-        text_inputs["mm_token_type_ids"] = (text_inputs["input_ids"] == image_token_id).int()
-        return BatchFeature({**text_inputs, **image_inputs, **extra})
+        image_inputs = adapter.preprocess_images(self.image_processor, [image for sample in views for image in sample])
+        return BatchFeature({**self._text_inputs(instructions, image_inputs), **image_inputs, **extra})
 
-    def _tokenize(self, prompts: list[str]) -> dict:
-        """Left-padded ids and attention mask. A control loop sends the same prompt at every step (the same
-        instruction, and the same image sizes), so recent batches of prompts are answered from a small cache."""
-        cache = self._prompt_cache
-        key = (len(self.tokenizer), *prompts)  # tokens added to the tokenizer later change the ids
-        encoded = cache.get(key)
+    def _text_inputs(self, instructions: list[str], image_inputs) -> dict:
+        """Left-padded `input_ids`, `attention_mask` and `mm_token_type_ids` for the prompts. A control loop sends
+        the same instruction with same-sized images at every step, so recent results are kept in a small cache keyed
+        by what determines them (returned as copies)."""
+        adapter = get_backbone_adapter(self.backbone)
+        counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
+        views_per_prompt = 1 if self.concat_views else len(self.camera_names)
+        # tokens added to the tokenizer later change the ids, hence its length in the key
+        key = (len(self.tokenizer), views_per_prompt, tuple(counts), *instructions)
+        encoded = self._prompt_cache.get(key)
         if encoded is None:
+            prompts = self._expand_image_tokens(
+                [self.build_prompt(text, views_per_prompt) for text in instructions], image_inputs
+            )
             encoded = dict(self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt"))
-            cache[key] = encoded
-            while len(cache) > PROMPT_CACHE_SIZE:
-                cache.popitem(last=False)
+            image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
+            encoded["mm_token_type_ids"] = (encoded["input_ids"] == image_token_id).int()
+            self._prompt_cache[key] = encoded
+            while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
         else:
-            cache.move_to_end(key)
+            self._prompt_cache.move_to_end(key)
         return {name: tensor.clone() for name, tensor in encoded.items()}
 
     def _expand_image_tokens(self, prompts: list[str], image_inputs) -> list[str]:
@@ -436,7 +450,7 @@ class VLAProcessor(ProcessorMixin):
         actions = np.asarray(actions, dtype=np.float32)
         if actions.shape[-1] != self.action_dim:
             raise ValueError(f"actions: expected last dimension {self.action_dim}, got shape {list(actions.shape)}")
-        return unnormalize(actions, self._stats_for(unnorm_key, "unnorm_key")["action"])
+        return self._normalizer(self._stats_for(unnorm_key, "unnorm_key")["action"]).unnormalize(actions)
 
     @property
     def model_input_names(self):

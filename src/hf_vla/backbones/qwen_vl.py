@@ -40,7 +40,7 @@ class QwenVLAdapter(BackboneAdapter):
     def preprocess_images(self, image_processor, views: list) -> dict:
         """Qwen's image processor works image by image; views that already have one shape at a size Qwen keeps
         (sides multiple of patch × merge, pixel count within bounds) go through the same arithmetic for the whole
-        batch at once instead (tested equal to the processor's output)."""
+        batch at once instead (tested equal to the processor's output within 1e-6)."""
         if not _batchable(image_processor, views):
             return super().preprocess_images(image_processor, views)
         p = image_processor
@@ -48,21 +48,19 @@ class QwenVLAdapter(BackboneAdapter):
         pixels = torch.from_numpy(np.stack(views))  # uint8 [N, H, W, C]
         n, height, width, channels = pixels.shape
         grid_h, grid_w = height // patch, width // patch
-        rows = n * grid_h * grid_w
-        # [N, gh/m, m, p, gw/m, m, p, C] → rows of (C, 1, p, p), reordered while still uint8 (4× less to move)
-        pixels = pixels.reshape(n, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
-        pixels = pixels.permute(0, 1, 4, 2, 5, 7, 3, 6).reshape(rows, channels, 1, patch, patch)
+        # [N, gh/m, m, p, gw/m, m, p, C] read as [N, gh/m, gw/m, m, m, C, p, p]: Qwen's patch order (merge windows
+        # row-major, then the patches inside a window, each channel-first), gathered by the pass that scales
+        pixels = pixels.view(n, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
+        pixels = pixels.permute(0, 1, 4, 2, 5, 7, 3, 6)
         scale = p.rescale_factor if p.do_rescale else 1.0
         mean = torch.tensor(p.image_mean if p.do_normalize else 0.0, dtype=torch.float32).expand(channels)
         std = torch.tensor(p.image_std if p.do_normalize else 1.0, dtype=torch.float32).expand(channels)
-        # the processor's order of operations ((x · scale − mean) / std in float32), for identical values
-        out = torch.empty(rows, channels, temporal, patch, patch)
-        first = out[:, :, :1]
-        torch.mul(pixels, scale, out=first)
-        first -= mean.view(channels, 1, 1, 1)
-        first /= std.view(channels, 1, 1, 1)
-        out[:, :, 1:] = first  # Qwen repeats a still image along the temporal patch axis
-        flat = out.view(rows, channels * temporal * patch * patch)
+        # (x · scale − mean) / std as one multiply-add: within 2 float32 ulps of the processor's three roundings
+        multiplier, offset = (scale / std).view(channels, 1, 1), (-mean / std).view(channels, 1, 1)
+        out = torch.empty(*pixels.shape[:-2], temporal, patch, patch)
+        torch.addcmul(offset, pixels, multiplier, out=out[..., 0, :, :])
+        out[..., 1:, :, :] = out[..., :1, :, :]  # Qwen repeats a still image along the temporal patch axis
+        flat = out.view(n * grid_h * grid_w, channels * temporal * patch * patch)
         grids = torch.tensor([[1, grid_h, grid_w]] * n, dtype=torch.int64)
         return {"pixel_values": flat, "image_grid_thw": grids}
 
