@@ -1,23 +1,29 @@
 """Flow-matching step scaling: does `predict_action(num_steps=10)` cost what the FLOPs say it should?
 
-    python benchmarks/flow_steps.py [--repeats 30] [--threads N]
+    python benchmarks/flow_steps.py [--config small|default-heads] [--repeats N] [--threads N]
 
-(from the repository root, with the package importable, e.g. `PYTHONPATH=src`). Runs offline on CPU in ~1-2 minutes.
+(from the repository root, with the package importable, e.g. `PYTHONPATH=src`). Runs offline on CPU: `small` in
+~1 minute, `default-heads` in ~5.
 
 The flow-matching variants (`vla_gr00t`, `vla_pi`, `vla_pi_v3`) run the VLM once per call (the "prefix") and the DiT
-head once per Euler step. For each variant, at a small-but-not-trivial configuration (a random Qwen2.5-VL backbone
-256 wide × 4 layers, MLP 1024; two 224×224 views + instruction + state, ~170 prefix tokens; batch 1, horizon 16), it
-measures:
+head once per Euler step. Two configurations, both with two 224×224 views + instruction + state, batch 1, horizon 16:
+- `small`: a random Qwen2.5-VL backbone 256 wide × 4 layers (MLP 1024) and heads scaled down to it (GR00T DiT 256 × 8,
+  PI_v3 DiT 128); every step is a few hundred small ops.
+- `default-heads`: a backbone 896 wide × 8 layers (Qwen2.5-0.5B's width, MLP 4864) with each framework's own default
+  head (StarVLA's settings: GR00T DiT-B 768 × 16, PI at the VLM width, PI_v3 DiT 1024), as a released model has.
+For each variant it measures:
 
-1. FLOPs, counted with `torch.utils.flop_counter.FlopCounterMode`, of
+1. FLOPs, counted with `torch.utils.flop_counter.FlopCounterMode`, of `predict_action(num_steps=k)` for k = 1 and 10,
+   and the predicted time ratio  R_pred = F(k=10) / F(k=1).  They decompose into
    - the prefix: `model.conditions(...)` (VLM forward, vision tower included) plus the head's once-per-call work
      (`prepare_conditions` — PI_v3's per-layer projectors —, the cross-attention keys/values of the conditions
-     (`project_contexts`) and `encode_state`);
-   - one head step: one `action_head.predict_velocity(...)` call on those projected contexts;
-   and the predicted time ratio  R_pred = (F_prefix + 10·F_step) / (F_prefix + F_step).
+     (`project_contexts`), the attention mask and `encode_state`);
+   - the schedule: everything that depends on the timesteps alone (`sampling_schedule(k)`: time features and AdaLN
+     modulations of all k steps, computed in one batch), k × F_sched per step;
+   - one head step: the `action_head.predict_velocity(...)` call each Euler step makes on those precomputed inputs;
+   and "FLOP check" confirms F(k) = F_prefix + k·(F_sched + F_step) exactly.
    CPU SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which the stock counter does not know;
-   it is counted here with the same formula as the GPU SDPA kernels. The sum F_prefix + k·F_step is checked against
-   a direct count of `predict_action(num_steps=k)`.
+   it is counted here with the same formula as the GPU SDPA kernels.
 2. The measured ratio R_meas = median wall time of `predict_action(num_steps=10)` ÷ median of
    `predict_action(num_steps=1)`, timed side by side (alternating, after a warm-up, torch.no_grad, fixed noise).
    The deviation |R_meas − R_pred| / R_pred has a 10% target.
@@ -25,7 +31,7 @@ measures:
 Since FLOPs do not capture per-op overheads (Python, aten dispatch and thread fork/join, paid per op whatever its size,
 on a head that runs on ~50 tokens; the lower efficiency of its small matmuls), the same loop also times the prefix
 alone and one head step alone, and reports the ratio predicted from those measured times,
-R_time = (T_prefix + 10·T_step) / (T_prefix + T_step), plus the throughput (GFLOP/s) each part achieves, the step time
+R_time = (T_prefix + T_sched(10) + 10·T_step) / (T_prefix + T_sched(1) + T_step), plus the throughput (GFLOP/s) each part achieves, the step time
 its FLOPs do not explain at the prefix's throughput ("excess"), how many aten ops one step dispatches (excess per op ≈
 the fixed per-op CPU cost), and how much the prefix and one step speed up from 1 thread to the run's thread count
 (overhead-bound work does not).
@@ -49,15 +55,24 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from hf_vla import AutoModelForVLA, VLAProcessor
 from hf_vla.defaults import example_image, synthetic_statistics
+from hf_vla.heads.dit import attention_mask_from_key_padding
 from hf_vla.testing import build_tiny_vlm
 
-VLM = dict(hidden_size=256, num_layers=4, intermediate_size=1024)
 COMMON = dict(action_dim=7, action_horizon=16, state_dim=7, dropout=0.0)
-HEADS = {
-    "gr00t": dict(dit_hidden_size=256, num_dit_layers=8, attention_head_dim=64, dit_output_dim=256,
-                  head_hidden_size=256),
-    "pi": dict(attention_head_dim=64, head_hidden_size=256),  # D = VLM width, one block per VLM layer
-    "pi_v3": dict(dit_hidden_size=128, attention_head_dim=64, head_hidden_size=256),  # projected to D = 128
+CONFIGS = {
+    "small": dict(
+        vlm=dict(hidden_size=256, num_layers=4, intermediate_size=1024),
+        heads={
+            "gr00t": dict(dit_hidden_size=256, num_dit_layers=8, attention_head_dim=64, dit_output_dim=256,
+                          head_hidden_size=256),
+            "pi": dict(attention_head_dim=64, head_hidden_size=256),  # D = VLM width, one block per VLM layer
+            "pi_v3": dict(dit_hidden_size=128, attention_head_dim=64, head_hidden_size=256),  # projected to D = 128
+        },
+    ),
+    "default-heads": dict(
+        vlm=dict(hidden_size=896, num_layers=8, intermediate_size=4864, num_heads=14),
+        heads={"gr00t": {}, "pi": {}, "pi_v3": {}},  # each framework's default head
+    ),
 }  # fmt: skip
 STEPS = (1, 10)
 
@@ -93,9 +108,9 @@ def count_ops(fn) -> int:
     return counter.count
 
 
-def build(vlm_dir: str, variant: str):
+def build(vlm_dir: str, variant: str, head_settings: dict):
     torch.manual_seed(0)
-    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **COMMON, **HEADS[variant]).eval()
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **COMMON, **head_settings).eval()
     processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[224, 224])
     processor.compute_norm_stats("bridge", *synthetic_statistics())
     image = example_image()
@@ -109,24 +124,25 @@ def measure(model, inputs: dict, repeats: int) -> dict:
     head = model.action_head
     noise = torch.randn(1, COMMON["action_horizon"], COMMON["action_dim"], generator=torch.Generator().manual_seed(0))
     vlm_inputs = {k: v for k, v in inputs.items() if k != "state"}
-    bucket = torch.zeros(1, dtype=torch.long)
 
-    def prefix():  # everything predict_action does once per call
+    def prefix():  # everything predict_action does once per call, whatever the number of steps
         conditions, mask = model.conditions(**vlm_inputs)
         contexts = head.model.project_contexts(head.prepare_conditions(conditions))
+        mask = None if mask is None else attention_mask_from_key_padding(mask, head.dtype)
         return contexts, mask, head.encode_state(model.head_state(inputs.get("state")))
 
     with torch.no_grad():
         conditions, mask, state_tokens = prefix()
+        ((bucket, timestep_features),) = head.sampling_schedule(1)
 
-        def step():
-            return head.predict_velocity(noise, bucket, conditions, mask, state_tokens)
+        def step():  # what one Euler step of `sample` runs
+            return head.predict_velocity(noise, bucket, conditions, mask, state_tokens, timestep_features)
 
         calls = {f"k={k}": (lambda k=k: model.predict_action(**inputs, noise=noise, num_steps=k)) for k in STEPS}
         calls.update(prefix=prefix, step=step)
+        calls.update({f"sched{k}": (lambda k=k: head.sampling_schedule(k)) for k in STEPS})
 
-        flops = {"prefix": count_flops(prefix), "step": count_flops(step)}
-        flops.update({name: count_flops(calls[name]) for name in (f"k={k}" for k in STEPS)})
+        flops = {name: count_flops(calls[name]) for name in calls}
         ops = {"prefix": count_ops(prefix), "step": count_ops(step)}
 
         times = time_alternating(calls, repeats)
@@ -160,7 +176,9 @@ def time_alternating(calls: dict, repeats: int, warmup: int = 3) -> dict[str, fl
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each kind per variant (>= 15)")
+    parser.add_argument("--config", choices=list(CONFIGS), default="small")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls of each kind per variant "
+                        "(default 30 for small, 10 for default-heads)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -168,16 +186,19 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
+    config = CONFIGS[args.config]
+    vlm, repeats = config["vlm"], args.repeats or (30 if args.config == "small" else 10)
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"VLM Qwen2.5-VL {VLM['hidden_size']}×{VLM['num_layers']} (MLP {VLM['intermediate_size']}), "
-          f"two 224×224 views, batch 1, horizon {COMMON['action_horizon']}, {args.repeats} repeats")  # fmt: skip
+          f"config {args.config}: VLM Qwen2.5-VL {vlm['hidden_size']}×{vlm['num_layers']} (MLP "
+          f"{vlm['intermediate_size']}), two 224×224 views, batch 1, horizon {COMMON['action_horizon']}, "
+          f"{repeats} repeats")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        vlm_dir = build_tiny_vlm(root, family="qwen2_5_vl", **VLM)
-        for variant in HEADS:
-            model, inputs = build(vlm_dir, variant)
-            result = measure(model, inputs, args.repeats)
+        vlm_dir = build_tiny_vlm(root, family="qwen2_5_vl", **vlm)
+        for variant, head_settings in config["heads"].items():
+            model, inputs = build(vlm_dir, variant, head_settings)
+            result = measure(model, inputs, repeats)
             result.update(
                 variant=variant,
                 tokens=inputs["input_ids"].shape[1],
@@ -194,9 +215,9 @@ def main():
           f"{'R_pred':>7} {'R_meas':>7} {'dev':>6} {'R_time':>7} {'dev':>6}")  # fmt: skip
     for r in rows:
         f, t = r["flops"], r["time"]
-        r_pred = (f["prefix"] + n * f["step"]) / (f["prefix"] + f["step"])
+        r_pred = f[k10] / f[k1]
         r_meas = t[k10] / t[k1]
-        r_time = (t["prefix"] + n * t["step"]) / (t["prefix"] + t["step"])
+        r_time = (t["prefix"] + t[f"sched{n}"] + n * t["step"]) / (t["prefix"] + t["sched1"] + t["step"])
         print(f"{r['variant']:>8} {r['params'] / 1e6:>7.1f}M {r['head_params'] / 1e6:>6.2f}M {r['tokens']:>6} "
               f"{f['prefix'] / 1e9:>9.3f} {f['step'] / 1e9:>8.3f} {r_pred:>7.3f} {r_meas:>7.3f} "
               f"{abs(r_meas - r_pred) / r_pred:>6.1%} {r_time:>7.3f} "
@@ -212,18 +233,19 @@ def main():
         # step time beyond what its FLOPs would take at the prefix's throughput, and that excess per dispatched op
         excess = t["step"] - f["step"] * t["prefix"] / f["prefix"]
         speedup = lambda part: f"{r['time_1thread'][part] / t[part]:.2f}" if r["time_1thread"] else "-"  # noqa: E731
-        exact = all(f[f"k={k}"] == f["prefix"] + k * f["step"] for k in STEPS)
+        exact = all(f[f"k={k}"] == f["prefix"] + k * (f["sched1"] + f["step"]) for k in STEPS)
         print(f"{r['variant']:>8} {t[k1] * 1e3:>8.2f} {t[k10] * 1e3:>8.2f} {t['prefix'] * 1e3:>9.2f} "
               f"{t['step'] * 1e3:>8.2f} {marginal * 1e3:>8.2f} {f['prefix'] / t['prefix'] / 1e9:>11.1f} "
               f"{f['step'] / t['step'] / 1e9:>9.1f} {excess * 1e3:>9.2f} {r['ops']['step']:>8} "
               f"{excess / r['ops']['step'] * 1e6:>6.1f} {speedup('prefix'):>11} {speedup('step'):>9} "
               f"{'exact' if exact else 'MISMATCH':>10}")  # fmt: skip
     print()
-    print("R_pred = (F_prefix + 10·F_step) / (F_prefix + F_step) from FLOPs; R_meas = T(k=10) / T(k=1) measured;")
-    print("R_time = the same ratio from the prefix and one step timed alone (its dev is |R_meas − R_time| / R_time);")
+    print("R_pred = F(k=10) / F(k=1) from FLOPs; R_meas = T(k=10) / T(k=1) measured; R_time = the same ratio from")
+    print("the prefix, the schedule and one step timed alone (its dev is |R_meas − R_time| / R_time);")
     print("Δstep = (T(k=10) − T(k=1)) / 9; excess = T_step − F_step / (prefix GF/s), the step time FLOPs do not")
     print("explain, and µs/op = excess per aten op of one step; FLOP check: predict_action(k) counted directly equals")
-    print("F_prefix + k·F_step; ×thr = time at 1 thread ÷ time at the run's thread count (prefix and step alone).")
+    print("F_prefix + k·(F_sched + F_step); ×thr = time at 1 thread ÷ time at the run's thread count (prefix and")
+    print("step alone).")
 
 
 if __name__ == "__main__":

@@ -413,3 +413,22 @@ def test_sampling_with_projected_contexts_equals_recomputing_them():
             buckets = torch.full((2,), int(k / 3 * 1000), dtype=torch.long)
             actions = actions + head.predict_velocity(actions, buckets, prepared, mask) / 3
         torch.testing.assert_close(head.sample(conditions, mask, noise=noise, num_steps=3), actions, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_sampling_computes_the_timestep_path_once_for_all_steps(layerwise):
+    """Time features and AdaLN modulations depend only on the (known) timesteps: `sample` computes them for every
+    step in one batch, and they equal what a step would compute for its own timestep."""
+    head = tiny_head(layerwise=layerwise).eval()
+    conditions, _, state, _ = tiny_inputs(layerwise)
+    encoder_calls = []
+    head.model.timestep_encoder.register_forward_hook(lambda module, args, output: encoder_calls.append(args[0].tolist()))
+    head.sample(conditions, None, state=state, num_steps=5)
+    assert encoder_calls == [[0, 200, 400, 600, 800]]
+    with torch.no_grad():
+        for bucket, (time_features, modulations) in head.sampling_schedule(5):
+            own_features, own_modulations = head.timestep_features(bucket)
+            torch.testing.assert_close(time_features, own_features, rtol=0, atol=0)
+            assert len(modulations) == len(own_modulations) == head.num_layers + 1
+            for batched, own in zip(modulations, own_modulations):
+                torch.testing.assert_close(batched, own, rtol=1e-6, atol=1e-6)

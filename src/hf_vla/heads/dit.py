@@ -97,19 +97,28 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(1 + scale, shift)`, each `[B, 1, D]`, of timestep embeddings `temb` `[B, D]`."""
         scale, shift = self.linear(self.silu(temb)).chunk(2, dim=-1)
-        return self.norm(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+        return 1 + scale[:, None], shift[:, None]
+
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, modulation: tuple | None = None
+    ) -> torch.Tensor:
+        one_plus_scale, shift = self.modulation(temb) if modulation is None else modulation
+        return self.norm(hidden_states) * one_plus_scale + shift
 
 
-def _attention_mask_from_key_padding(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """`[B, L]` (True / nonzero = real token) → boolean SDPA mask `[B, 1, 1, L]`.
+def attention_mask_from_key_padding(key_padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`[B, L]` (True / nonzero = real token) → additive SDPA mask `[B, 1, 1, L]` of `dtype`: 0 to attend, -inf not.
 
-    A sample with no real token at all would give NaN attention; such a sample attends to every token instead.
+    The additive form is what SDPA turns a boolean mask into on every call; made once, it serves every block and
+    step. A sample with no real token at all would give NaN attention; such a sample attends to every token instead.
     """
     keep = key_padding_mask.bool()
     keep = keep | ~keep.any(dim=-1, keepdim=True)
-    return keep[:, None, None, :]
+    additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+    return additive[:, None, None, :]
 
 
 class Attention(nn.Module):
@@ -151,25 +160,23 @@ class Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
-        key_padding_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states: `[B, T, query_dim]`.
             encoder_hidden_states: `[B, L, kv_dim]`, its already projected `(key, value)`, or None for self-attention.
-            key_padding_mask: `[B, L]`, True (or 1) for tokens to attend to; only meaningful for cross-attention.
+            attention_mask: additive `[B, 1, 1, L]` (`attention_mask_from_key_padding`); only meaningful for
+                cross-attention.
         """
         query = self._split_heads(self.to_q(hidden_states))
         if isinstance(encoder_hidden_states, tuple):  # keys and values projected once per sample (see DiT.project_contexts)
             key, value = encoder_hidden_states
         else:
             key, value = self.project_context(hidden_states if encoder_hidden_states is None else encoder_hidden_states)
-        attn_mask = None if key_padding_mask is None else _attention_mask_from_key_padding(key_padding_mask)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-        out = out.transpose(1, 2).flatten(2)
-        for layer in self.to_out:
-            out = layer(out)
-        return out
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        out = self.to_out[0](out.transpose(1, 2).flatten(2))
+        return self.to_out[1](out) if self.training else out  # dropout
 
 
 class GELUProjection(nn.Module):
@@ -196,7 +203,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
-            x = layer(x)
+            if self.training or not isinstance(layer, nn.Dropout):  # eval: skip the no-op dropout calls
+                x = layer(x)
         return x
 
 
@@ -230,12 +238,13 @@ class BasicTransformerBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
+        modulation: tuple[torch.Tensor, torch.Tensor],
+        encoder_hidden_states: torch.Tensor | tuple | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attn_output = self.attn1(self.norm1(hidden_states, temb), encoder_hidden_states, encoder_attention_mask)
-        if self.final_dropout is not None:
+        """`modulation` is `norm1.modulation(temb)`; `attention_mask` as in `Attention.forward`."""
+        attn_output = self.attn1(self.norm1(hidden_states, modulation=modulation), encoder_hidden_states, attention_mask)
+        if self.final_dropout is not None and self.training:
             attn_output = self.final_dropout(attn_output)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.ff(self.norm3(hidden_states))
@@ -311,6 +320,15 @@ class DiT(nn.Module):
             for index, block in enumerate(self.transformer_blocks)
         ]
 
+    def timestep_modulations(self, timestep: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Everything the timestep alone decides: each block's AdaLN `(1 + scale, shift)`, then the output layer's,
+        each `[B, 1, D]` for timesteps `[B]`. Sampling knows every step's timestep in advance and computes these for
+        all steps at once (see `FlowMatchingActionHead.sample`)."""
+        temb = self.timestep_encoder(timestep)
+        modulations = [block.norm1.modulation(temb) for block in self.transformer_blocks]
+        shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=-1)
+        return modulations + [(1 + scale[:, None], shift[:, None])]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -318,6 +336,7 @@ class DiT(nn.Module):
         encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor],
         encoder_attention_mask: torch.Tensor | None = None,
         project_output: bool = True,
+        modulations: list | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -327,9 +346,10 @@ class DiT(nn.Module):
                 tensors `[B, L_i, C]` of which block `i` reads the `i`-th (entries of self-attention blocks are unused),
                 or the output of `project_contexts`.
             encoder_attention_mask: `[B, L]` key padding mask of the condition tokens (True = real token), shared by
-                every cross-attention block.
+                every cross-attention block, or its SDPA form `[B, 1, 1, L]` (`attention_mask_from_key_padding`).
             project_output: apply the timestep-modulated output norm and `proj_out_2` (`[B, T, output_dim]`); when
                 False return the last block's hidden states `[B, T, D]` (layer-wise heads decode those).
+            modulations: `timestep_modulations(timestep)`, when the caller has computed them already.
         """
         per_block = isinstance(encoder_hidden_states, (list, tuple))
         if per_block and len(encoder_hidden_states) != self.num_layers:
@@ -337,18 +357,21 @@ class DiT(nn.Module):
                 f"Layer-wise conditioning needs one condition per block: got {len(encoder_hidden_states)} for "
                 f"{self.num_layers} blocks."
             )
-        temb = self.timestep_encoder(timestep)
+        if modulations is None:
+            modulations = self.timestep_modulations(timestep)
+        attention_mask = encoder_attention_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask_from_key_padding(attention_mask, hidden_states.dtype)
         for index, block in enumerate(self.transformer_blocks):
             if self.block_cross_attends(index):
                 context = encoder_hidden_states[index] if per_block else encoder_hidden_states
-                hidden_states = block(hidden_states, temb, context, encoder_attention_mask)
+                hidden_states = block(hidden_states, modulations[index], context, attention_mask)
             else:
-                hidden_states = block(hidden_states, temb)
+                hidden_states = block(hidden_states, modulations[index])
         if not project_output:
             return hidden_states
-        shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=-1)
-        hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
-        return self.proj_out_2(hidden_states)
+        one_plus_scale, shift = modulations[-1]
+        return self.proj_out_2(self.norm_out(hidden_states) * one_plus_scale + shift)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import DiT
+from .dit import DiT, attention_mask_from_key_padding
 
 Conditions = torch.Tensor | Sequence[torch.Tensor]
 
@@ -65,10 +65,14 @@ class ActionEncoder(nn.Module):
         self.layer2 = nn.Linear(2 * hidden_size, hidden_size)
         self.layer3 = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, actions: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, actions: torch.Tensor, timesteps: torch.Tensor, time_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`time_features`: `action_time_sinusoidal_embedding(timesteps, hidden_size)` (`[B or 1, D]`), if at hand."""
         action_features = self.layer1(actions)
-        time_features = action_time_sinusoidal_embedding(timesteps, self.hidden_size).to(action_features.dtype)
-        time_features = time_features[:, None, :].expand(-1, actions.shape[1], -1)
+        if time_features is None:
+            time_features = action_time_sinusoidal_embedding(timesteps, self.hidden_size)
+        time_features = time_features.to(action_features.dtype)[:, None, :].expand(*actions.shape[:2], -1)
         hidden = F.silu(self.layer2(torch.cat([action_features, time_features], dim=-1)))
         return self.layer3(hidden)
 
@@ -259,14 +263,17 @@ class FlowMatchingActionHead(nn.Module):
         conditions: torch.Tensor | list[torch.Tensor],
         condition_mask: torch.Tensor | None = None,
         state_tokens: torch.Tensor | None = None,
+        timestep_features: tuple | None = None,
     ) -> torch.Tensor:
         """One DiT evaluation: velocity `[B, H, A]` at `noisy_actions` `[B, H, A]` and `timestep_buckets` `[B]`.
 
         `conditions` must come from `prepare_conditions` (or `model.project_contexts` of those) and `state_tokens`
-        from `encode_state`.
+        from `encode_state`; `condition_mask` may be given in the DiT's SDPA form. `timestep_features` is
+        `timestep_features(timestep_buckets)`, when the caller has computed it already.
         """
         batch, horizon, _ = noisy_actions.shape
-        action_tokens = self.action_encoder(noisy_actions.to(self.dtype), timestep_buckets)
+        time_features, modulations = (None, None) if timestep_features is None else timestep_features
+        action_tokens = self.action_encoder(noisy_actions.to(self.dtype), timestep_buckets, time_features)
         action_tokens = action_tokens + self.position_embedding.weight[:horizon][None]
         tokens = [self.future_tokens.weight[None].expand(batch, -1, -1), action_tokens]
         if state_tokens is not None:
@@ -277,8 +284,30 @@ class FlowMatchingActionHead(nn.Module):
             conditions,
             encoder_attention_mask=condition_mask,
             project_output=not self.layerwise,
+            modulations=modulations,
         )
         return self.action_decoder(hidden_states[:, -horizon:])
+
+    def timestep_features(self, timestep_buckets: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """What the timestep alone decides in one step: the action encoder's time features `[B, D]` and the DiT's
+        modulations (`DiT.timestep_modulations`)."""
+        time_features = action_time_sinusoidal_embedding(timestep_buckets, self.hidden_size)
+        return time_features, self.model.timestep_modulations(timestep_buckets)
+
+    def sampling_schedule(self, num_steps: int, device=None) -> list[tuple[torch.Tensor, tuple]]:
+        """Per Euler step k: the timestep bucket `[1]` (t = k/N) and its `timestep_features`, all computed in one
+        batch — the schedule is known before sampling starts, so the steps only run what depends on the actions."""
+        buckets = torch.tensor(
+            [int(k / num_steps * self.num_timestep_buckets) for k in range(num_steps)], dtype=torch.long, device=device
+        )
+        time_features, modulations = self.timestep_features(buckets)
+        per_step_modulations = zip(*(
+            zip(one_plus_scale.split(1), shift.split(1)) for one_plus_scale, shift in modulations
+        ))  # fmt: skip
+        return [
+            (bucket, (features, list(step_modulations)))
+            for bucket, features, step_modulations in zip(buckets.split(1), time_features.split(1), per_step_modulations)
+        ]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training and inference
@@ -380,12 +409,14 @@ class FlowMatchingActionHead(nn.Module):
         else:
             actions = noise.to(device=device, dtype=self.dtype)
 
-        contexts = self.model.project_contexts(conditions)  # the conditions' keys/values, shared by every step
+        # Computed once, shared by every step: the conditions' keys/values, the attention mask, and everything that
+        # depends only on the (known in advance) timesteps.
+        contexts = self.model.project_contexts(conditions)
+        mask = None if condition_mask is None else attention_mask_from_key_padding(condition_mask, self.dtype)
         step = 1.0 / num_steps
-        for k in range(num_steps):
-            bucket = int(k / num_steps * self.num_timestep_buckets)
-            buckets = torch.full((batch,), bucket, dtype=torch.long, device=device)
-            velocity = self.predict_velocity(actions, buckets, contexts, condition_mask, state_tokens)
+        for bucket, timestep_features in self.sampling_schedule(num_steps, device):
+            buckets = bucket.expand(batch)
+            velocity = self.predict_velocity(actions, buckets, contexts, mask, state_tokens, timestep_features)
             actions = actions + step * velocity
         return actions
 
