@@ -115,14 +115,14 @@ class FeatureNormalizer:
         return x
 
 
-def normalize(x: np.ndarray, stats: Mapping | FeatureNormalizer) -> np.ndarray:
+def normalize(x: np.ndarray, stats: Mapping) -> np.ndarray:
     """Raw → normalised, along the last axis."""
-    return (stats if isinstance(stats, FeatureNormalizer) else FeatureNormalizer(stats)).normalize(x)
+    return FeatureNormalizer(stats).normalize(x)
 
 
-def unnormalize(y: np.ndarray, stats: Mapping | FeatureNormalizer) -> np.ndarray:
+def unnormalize(y: np.ndarray, stats: Mapping) -> np.ndarray:
     """Normalised → raw, along the last axis (the inverse of `normalize` inside the clipping range)."""
-    return (stats if isinstance(stats, FeatureNormalizer) else FeatureNormalizer(stats)).unnormalize(y)
+    return FeatureNormalizer(stats).unnormalize(y)
 
 
 if __name__ == "__main__":

@@ -173,11 +173,12 @@ class VLAProcessor(ProcessorMixin):
 
     def _normalizer(self, feature_stats: Mapping) -> FeatureNormalizer:
         """The compiled form of one feature's statistics, made on first use and kept until `set_norm_stats` changes
-        the statistics (which stores copies, so the identity of a feature's stats dict is a safe key)."""
-        entry = self._normalizers.get(id(feature_stats))
-        if entry is None or entry[0] is not feature_stats:
-            entry = self._normalizers[id(feature_stats)] = (feature_stats, FeatureNormalizer(feature_stats))
-        return entry[1]
+        the statistics (which stores copies, so the identity of a feature's stats dict is a safe key; the entry holds
+        the dict, so its id cannot be reused while cached)."""
+        key = id(feature_stats)
+        if key not in self._normalizers:
+            self._normalizers[key] = (feature_stats, FeatureNormalizer(feature_stats))
+        return self._normalizers[key][1]
 
     def _stats_for(self, key: str | None, field: str) -> dict:
         if not self.norm_stats:
@@ -340,7 +341,7 @@ class VLAProcessor(ProcessorMixin):
         encoded = self._prompt_cache.get(key)
         if encoded is None:
             prompts = self._expand_image_tokens(
-                [self.build_prompt(text, views_per_prompt) for text in instructions], image_inputs
+                [self.build_prompt(text, views_per_prompt) for text in instructions], counts
             )
             encoded = dict(self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt"))
             image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
@@ -352,10 +353,9 @@ class VLAProcessor(ProcessorMixin):
             self._prompt_cache.move_to_end(key)
         return {name: tensor.clone() for name, tensor in encoded.items()}
 
-    def _expand_image_tokens(self, prompts: list[str], image_inputs) -> list[str]:
-        adapter = get_backbone_adapter(self.backbone)
-        counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
-        token = adapter.image_token
+    def _expand_image_tokens(self, prompts: list[str], counts: list[int]) -> list[str]:
+        """Each image placeholder, in order, repeated as many times as its image has tokens (`counts`)."""
+        token = get_backbone_adapter(self.backbone).image_token
         expanded, index = [], 0
         for prompt in prompts:
             parts = prompt.split(token)
@@ -402,12 +402,12 @@ class VLAProcessor(ProcessorMixin):
 
         image_inputs = {}
         if images:
-            image_inputs = self.image_processor(images=images, return_tensors="pt")
+            image_inputs = adapter.preprocess_images(self.image_processor, images)
             counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
             firsts = np.cumsum([0] + images_per_sample)
             spans = [spans_after_expansion(text, reply_spans, adapter.image_token, counts[firsts[b]:firsts[b + 1]])
                      for b, (text, reply_spans) in enumerate(zip(texts, spans))]
-            texts = self._expand_image_tokens(texts, image_inputs)
+            texts = self._expand_image_tokens(texts, counts)
 
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
