@@ -1,5 +1,7 @@
 """The HF-native spine on both backbones: Auto* dispatch, exact save/load, bf16, overfitting, sensitivity, policy."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -230,6 +232,62 @@ def test_repeated_prompts_are_tokenised_once_and_stay_independent(tiny_vlm_dirs,
     fresh = processor.tokenizer(list(calls[0][0]), padding=True, padding_side="left", return_tensors="pt")
     torch.testing.assert_close(other["input_ids"], fresh["input_ids"])
     assert again["input_ids"][0, -1] != -7 and not torch.equal(again["input_ids"], other["input_ids"])
+
+
+def test_prompt_cache_follows_the_state_text_and_the_template(tiny_vlm_dirs):
+    # OFT writes the state into the prompt: the cache must key on it, not only on the instruction
+    _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    _, uncached = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    rng = np.random.default_rng(2)
+    views = random_views(rng, 1)
+    low, high = np.full((1, 6), -5.0), np.full((1, 6), 5.0)
+    for state in (low, high, low):
+        cached = processor(images=views, text="open the drawer", state=state)["input_ids"]
+        uncached._prompt_cache.clear()
+        torch.testing.assert_close(cached, uncached(images=views, text="open the drawer", state=state)["input_ids"])
+    assert not torch.equal(processor(images=views, text="open the drawer", state=low)["input_ids"],
+                           processor(images=views, text="open the drawer", state=high)["input_ids"])  # fmt: skip
+    processor.prompt_template = "Task: {instruction}"
+    uncached.prompt_template = "Task: {instruction}"
+    uncached._prompt_cache.clear()
+    torch.testing.assert_close(processor(images=views, text="open the drawer", state=low)["input_ids"],
+                               uncached(images=views, text="open the drawer", state=low)["input_ids"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"text\[0\]: expected str, got list"):
+        processor(images=views, text=[["open the drawer"]], state=low)
+
+
+def test_policy_reuses_its_pixel_buffer_without_mixing_observations(oft):
+    _, model, processor = oft
+    processor = copy.deepcopy(processor)
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    processor.image_size = [2 * factor, 2 * factor]  # a size Qwen keeps: the batched image path, which fills buffers
+    policy = VLAPolicy(model, processor)
+    rng = np.random.default_rng(9)
+    size = processor.image_size
+    observations = [
+        {"images": {cam: rng.integers(0, 256, (*size, 3), dtype=np.uint8) for cam in ("primary", "wrist")},
+         "instruction": "open the drawer", "state": rng.normal(size=processor.state_dim)}
+        for _ in range(3)
+    ]  # fmt: skip
+    buffers = []
+    for obs in observations:
+        actions = policy.predict(obs)
+        buffers.append(policy._pixel_buffers[-1].data_ptr())
+        fresh = processor(images=[[obs["images"]["primary"], obs["images"]["wrist"]]], text=[obs["instruction"]],
+                          state=obs["state"][None])  # fmt: skip
+        expected = processor.decode_actions(model.predict_action(**fresh))[0]
+        np.testing.assert_allclose(actions, expected, rtol=1e-5, atol=1e-6)
+    assert len(set(buffers)) == 1  # one buffer, rewritten at each step
+    # a buffer handed to the processor receives exactly what a fresh call allocates
+    views = [[observations[0]["images"]["primary"], observations[0]["images"]["wrist"]]]
+    buffer = torch.full_like(policy._pixel_buffers[-1], float("nan"))
+    written = processor(images=views, text="x", state=np.zeros((1, 6)), pixel_buffer=buffer)["pixel_values"]
+    assert written.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(written, processor(images=views, text="x", state=np.zeros((1, 6)))["pixel_values"],
+                               rtol=0, atol=0)  # fmt: skip
+    wrong_shape = torch.zeros(3, 5)
+    other = processor(images=views, text="x", state=np.zeros((1, 6)), pixel_buffer=wrong_shape)["pixel_values"]
+    assert other.data_ptr() != wrong_shape.data_ptr() and not torch.isnan(other).any()
 
 
 def test_replaced_statistics_take_effect_in_normalising_and_decoding(tiny_vlm_dirs):

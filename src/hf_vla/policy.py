@@ -23,6 +23,9 @@ class VLAPolicy:
         self.model = model.eval()
         self.processor = processor
         self.unnorm_key = unnorm_key
+        # pixel tensors of finished calls, overwritten by later ones instead of allocating megabytes per control step
+        # (a list because append/pop are atomic: concurrent calls never share one)
+        self._pixel_buffers: list[torch.Tensor] = []
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str, dtype=None, device=None, unnorm_key: str | None = None, **kwargs):
@@ -82,11 +85,19 @@ class VLAPolicy:
         """Action chunk in robot units: `np.float32 [B, T, D]` (or `[T, D]` for an unbatched observation)."""
         batch, unbatched = self._batch(obs)
         key = unnorm_key or self.unnorm_key
-        device, dtype = self.model.device, self.model.dtype
+        parameter = next(self.model.parameters())  # one lookup for both (model.device and model.dtype walk twice)
+        device, dtype = parameter.device, parameter.dtype
+        try:
+            buffer = self._pixel_buffers.pop()
+        except IndexError:
+            buffer = None
+        encoded = self.processor(**batch, embodiment=key, pixel_buffer=buffer)
         inputs = {
             name: value.to(device, dtype) if name == "pixel_values" else value.to(device)
-            for name, value in self.processor(**batch, embodiment=key).items()
+            for name, value in encoded.items()
         }
         normalized = self.model.predict_action(**inputs, **predict_kwargs)
         actions = self.processor.decode_actions(normalized, unnorm_key=key)
+        if len(self._pixel_buffers) < 2:
+            self._pixel_buffers.append(encoded["pixel_values"])
         return actions[0] if unbatched else actions

@@ -273,6 +273,7 @@ class VLAProcessor(ProcessorMixin):
         action_mask=None,
         embodiment: str | None = None,
         return_tensors: str = "pt",
+        pixel_buffer: torch.Tensor | None = None,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -285,6 +286,8 @@ class VLAProcessor(ProcessorMixin):
                 (optional when only one is known).
             action_mask: `[B, action_horizon]` valid steps, or `[B, action_horizon, action_dim]` valid entries
                 (padded dimensions of a cross-embodiment mixture).
+            pixel_buffer: the `pixel_values` of an earlier call, to be overwritten with this call's pixels when the
+                shapes match (a control loop that has consumed the earlier batch saves the allocation).
         Returns a BatchFeature with `input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids`,
         plus `state`, `actions`, `action_mask` when given.
         """
@@ -321,27 +324,37 @@ class VLAProcessor(ProcessorMixin):
             mask = self._check_array(mask, "action_mask", full if mask.ndim == 3 else full[:2])
             extra["action_mask"] = torch.from_numpy(mask)
 
-        instructions = [
-            self._instruction_text(instruction, None if normalized_state is None else normalized_state[b], b)
-            for b, instruction in enumerate(text)
-        ]
+        for b, instruction in enumerate(text):
+            if not isinstance(instruction, str):
+                raise ValueError(f"text[{b}]: expected str, got {type(instruction).__name__}")
         adapter = get_backbone_adapter(self.backbone)
-        image_inputs = adapter.preprocess_images(self.image_processor, [image for sample in views for image in sample])
-        return BatchFeature({**self._text_inputs(instructions, image_inputs), **image_inputs, **extra})
+        image_inputs = adapter.preprocess_images(
+            self.image_processor, [image for sample in views for image in sample], out=pixel_buffer
+        )
+        return BatchFeature({**self._text_inputs(text, normalized_state, image_inputs), **image_inputs, **extra})
 
-    def _text_inputs(self, instructions: list[str], image_inputs) -> dict:
+    def _text_inputs(self, text: Sequence[str], normalized_state: np.ndarray | None, image_inputs) -> dict:
         """Left-padded `input_ids`, `attention_mask` and `mm_token_type_ids` for the prompts. A control loop sends
         the same instruction with same-sized images at every step, so recent results are kept in a small cache keyed
         by what determines them (returned as copies)."""
         adapter = get_backbone_adapter(self.backbone)
-        counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
+        counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size)
         views_per_prompt = 1 if self.concat_views else len(self.camera_names)
+        state_texts = None
+        if self.state_in_prompt and normalized_state is not None:
+            state_texts = tuple(state_to_text(row, self.state_token_template) for row in normalized_state)
         # tokens added to the tokenizer later change the ids, hence its length in the key
-        key = (len(self.tokenizer), views_per_prompt, tuple(counts), *instructions)
+        template = (self.chat_template, self.prompt_template, self.action_query_suffix, self.action_query_token,
+                    self.action_horizon)  # fmt: skip
+        key = (len(self.tokenizer), template, views_per_prompt, tuple(counts), tuple(text), state_texts)
         encoded = self._prompt_cache.get(key)
         if encoded is None:
+            instructions = [
+                self._instruction_text(instruction, None if normalized_state is None else normalized_state[b], b)
+                for b, instruction in enumerate(text)
+            ]
             prompts = self._expand_image_tokens(
-                [self.build_prompt(text, views_per_prompt) for text in instructions], counts
+                [self.build_prompt(instruction, views_per_prompt) for instruction in instructions], counts
             )
             encoded = dict(self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt"))
             image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
@@ -403,7 +416,7 @@ class VLAProcessor(ProcessorMixin):
         image_inputs = {}
         if images:
             image_inputs = adapter.preprocess_images(self.image_processor, images)
-            counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size).tolist()
+            counts = adapter.image_token_counts(image_inputs, self.image_processor.merge_size)
             firsts = np.cumsum([0] + images_per_sample)
             spans = [spans_after_expansion(text, reply_spans, adapter.image_token, counts[firsts[b]:firsts[b + 1]])
                      for b, (text, reply_spans) in enumerate(zip(texts, spans))]

@@ -36,11 +36,12 @@ class BackboneAdapter:
         """Runs the VLM without its LM head; returns hidden states (and the KV cache when `use_cache=True`)."""
         return vlm.model(**inputs)
 
-    def image_token_counts(self, image_inputs: dict, merge_size: int) -> torch.Tensor:
+    def image_token_counts(self, image_inputs: dict, merge_size: int) -> list[int]:
         """Number of placeholder tokens each image occupies after the vision encoder."""
         raise NotImplementedError
 
-    def preprocess_images(self, image_processor, views: list) -> dict:
-        """Pixel inputs for a list of views (uint8 [H, W, 3]); a family may add a faster path than the processor's."""
+    def preprocess_images(self, image_processor, views: list, out: torch.Tensor | None = None) -> dict:
+        """Pixel inputs for a list of views (uint8 [H, W, 3]); a family may add a faster path than the processor's,
+        and may write the pixels into `out` (an earlier result's `pixel_values`) when its shape fits."""
         return image_processor(images=views, return_tensors="pt")
 

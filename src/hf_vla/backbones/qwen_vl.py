@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,14 +35,15 @@ class QwenVLAdapter(BackboneAdapter):
             conv.__class__ = PatchConv3d  # same module, matmul forward
         return vlm
 
-    def image_token_counts(self, image_inputs: dict, merge_size: int) -> torch.Tensor:
+    def image_token_counts(self, image_inputs: dict, merge_size: int) -> list[int]:
         # Each image is a (t, h, w) grid of patches; spatial merging folds merge_size² patches into one token.
-        return torch.as_tensor(image_inputs["image_grid_thw"]).prod(-1) // (merge_size**2)
+        return [t * h * w // merge_size**2 for t, h, w in torch.as_tensor(image_inputs["image_grid_thw"]).tolist()]
 
-    def preprocess_images(self, image_processor, views: list) -> dict:
+    def preprocess_images(self, image_processor, views: list, out: torch.Tensor | None = None) -> dict:
         """Qwen's image processor works image by image; views that already have one shape at a size Qwen keeps
         (sides multiple of patch × merge, pixel count within bounds) go through the same arithmetic for the whole
-        batch at once instead (tested equal to the processor's output within 1e-6)."""
+        batch at once instead (tested equal to the processor's output within 1e-6). `out`, a float32 tensor of the
+        result's shape (an earlier call's `pixel_values`), receives the pixels instead of a new allocation."""
         if not _batchable(image_processor, views):
             return super().preprocess_images(image_processor, views)
         p = image_processor
@@ -52,17 +55,30 @@ class QwenVLAdapter(BackboneAdapter):
         # row-major, then the patches inside a window, each channel-first), gathered by the pass that scales
         pixels = pixels.view(n, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
         pixels = pixels.permute(0, 1, 4, 2, 5, 7, 3, 6)
-        scale = p.rescale_factor if p.do_rescale else 1.0
-        mean = torch.tensor(p.image_mean if p.do_normalize else 0.0, dtype=torch.float32).expand(channels)
-        std = torch.tensor(p.image_std if p.do_normalize else 1.0, dtype=torch.float32).expand(channels)
-        # (x · scale − mean) / std as one multiply-add: within 2 float32 ulps of the processor's three roundings
-        multiplier, offset = (scale / std).view(channels, 1, 1), (-mean / std).view(channels, 1, 1)
-        out = torch.empty(*pixels.shape[:-2], temporal, patch, patch)
-        torch.addcmul(offset, pixels, multiplier, out=out[..., 0, :, :])
-        out[..., 1:, :, :] = out[..., :1, :, :]  # Qwen repeats a still image along the temporal patch axis
-        flat = out.view(n * grid_h * grid_w, channels * temporal * patch * patch)
+        shape = (n * grid_h * grid_w, channels * temporal * patch * patch)
+        if out is None or tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+            out = torch.empty(shape)
+        frames = out.view(*pixels.shape[:-2], temporal, patch, patch)
+        multiplier, offset = _affine_constants(p)
+        torch.addcmul(offset, pixels, multiplier, out=frames[..., 0, :, :])
+        frames[..., 1:, :, :] = frames[..., :1, :, :]  # Qwen repeats a still image along the temporal patch axis
         grids = torch.tensor([[1, grid_h, grid_w]] * n, dtype=torch.int64)
-        return {"pixel_values": flat, "image_grid_thw": grids}
+        return {"pixel_values": out, "image_grid_thw": grids}
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_affine(scale: float, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    return (scale / std).view(-1, 1, 1), (-mean / std).view(-1, 1, 1)
+
+
+def _affine_constants(p) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen's `(x · scale − mean) / std` as one multiply-add `x · multiplier + offset` per channel (within 2 float32
+    ulps of the processor's three roundings), made once per setting."""
+    scale = p.rescale_factor if p.do_rescale else 1.0
+    mean = tuple(np.broadcast_to(p.image_mean if p.do_normalize else 0.0, 3).tolist())
+    std = tuple(np.broadcast_to(p.image_std if p.do_normalize else 1.0, 3).tolist())
+    return _channel_affine(float(scale), mean, std)
 
 
 def _batchable(image_processor, views: list) -> bool:
