@@ -97,11 +97,14 @@ class FeatureNormalizer:
         self.threshold = (0.5 * (s["min"] + s["max"])).astype(np.float32)
         self.binary_low, self.binary_high = s["min"].astype(np.float32), s["max"].astype(np.float32)
         self.any_clipped, self.any_binary = bool(self.clipped.any()), bool(self.binary.any())
+        self.all_clipped = bool(self.clipped.all())
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         y = (x - self.center) * self.inverse_half_range
-        if self.any_clipped:
+        if self.all_clipped:
+            y = np.clip(y, -1.0, 1.0, out=y)
+        elif self.any_clipped:
             y = np.where(self.clipped, np.clip(y, -1.0, 1.0), y)
         if self.any_binary:
             y = np.where(self.binary, (x > self.threshold).astype(np.float32), y)

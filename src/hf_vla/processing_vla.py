@@ -231,7 +231,7 @@ class VLAProcessor(ProcessorMixin):
     def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
         """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        if array.dtype.kind not in "fiub":  # floating, signed or unsigned integer, bool
             raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
         if array.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, array.shape)):
             expected = "[" + ", ".join("B" if e is None else str(e) for e in shape) + "]"

@@ -66,19 +66,23 @@ class QwenVLAdapter(BackboneAdapter):
         return {"pixel_values": out, "image_grid_thw": grids}
 
 
-@functools.lru_cache(maxsize=8)
-def _channel_affine(scale: float, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-    return (scale / std).view(-1, 1, 1), (-mean / std).view(-1, 1, 1)
-
-
 def _affine_constants(p) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen's `(x · scale − mean) / std` as one multiply-add `x · multiplier + offset` per channel (within 2 float32
     ulps of the processor's three roundings), made once per setting."""
-    scale = p.rescale_factor if p.do_rescale else 1.0
-    mean = tuple(np.broadcast_to(p.image_mean if p.do_normalize else 0.0, 3).tolist())
-    std = tuple(np.broadcast_to(p.image_std if p.do_normalize else 1.0, 3).tolist())
-    return _channel_affine(float(scale), mean, std)
+    setting = (p.do_rescale, p.rescale_factor, p.do_normalize, _as_tuple(p.image_mean), _as_tuple(p.image_std))
+    return _channel_affine(*setting)
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_affine(do_rescale, rescale_factor, do_normalize, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = rescale_factor if do_rescale else 1.0
+    mean = torch.tensor(mean if do_normalize else 0.0, dtype=torch.float32).expand(3)
+    std = torch.tensor(std if do_normalize else 1.0, dtype=torch.float32).expand(3)
+    return (scale / std).view(3, 1, 1), (-mean / std).view(3, 1, 1)
 
 
 def _batchable(image_processor, views: list) -> bool:

@@ -106,7 +106,7 @@ class AdaLayerNorm(nn.Module):
         self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, modulation: tuple | None = None
     ) -> torch.Tensor:
         one_plus_scale, shift = self.modulation(temb) if modulation is None else modulation
-        return self.norm(hidden_states) * one_plus_scale + shift
+        return torch.addcmul(shift, self.norm(hidden_states), one_plus_scale)
 
 
 def attention_mask_from_key_padding(key_padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -371,7 +371,7 @@ class DiT(nn.Module):
         if not project_output:
             return hidden_states
         one_plus_scale, shift = modulations[-1]
-        return self.proj_out_2(self.norm_out(hidden_states) * one_plus_scale + shift)
+        return self.proj_out_2(torch.addcmul(shift, self.norm_out(hidden_states), one_plus_scale))
 
 
 if __name__ == "__main__":
