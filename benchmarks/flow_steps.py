@@ -36,6 +36,11 @@ its FLOPs do not explain at the prefix's throughput ("excess"), how many aten op
 the fixed per-op CPU cost), and how much the prefix and one step speed up from 1 thread to the run's thread count
 (overhead-bound work does not).
 
+A third table asks whether the steps are bound by memory traffic rather than arithmetic: the bytes of the distinct
+tensors the prefix and one step touch (weights, conditions' keys/values, activations), their FLOP per byte beside this
+machine's ridge point (a 2048² matmul's rate ÷ the bandwidth of summing 256 MB), and the ratio a roofline predicts
+(each part at max(FLOPs / matmul rate, bytes / bandwidth)).
+
 Timings on a shared machine are only meaningful when it is otherwise idle: another busy process on 2 cores can slow
 multi-threaded ops several-fold (try `--threads 1` there).
 """
@@ -46,6 +51,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import timeit
 
 import numpy as np
 import torch
@@ -108,6 +114,40 @@ def count_ops(fn) -> int:
     return counter.count
 
 
+class StorageBytes(TorchDispatchMode):
+    """Bytes of the distinct tensor storages a call's aten ops read or write (weights, conditions, activations), each
+    counted once: the memory traffic of a call whose working set does not stay in cache between calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                storage = value.untyped_storage()
+                self.storages[storage.data_ptr()] = storage.nbytes()
+        return out
+
+
+def count_bytes(fn) -> int:
+    with StorageBytes() as counter:
+        fn()
+    return sum(counter.storages.values())
+
+
+def machine_ridge_point(threads: int) -> tuple[float, float]:
+    """This machine's float32 matmul throughput (GFLOP/s, a 2048² product) and read bandwidth (GB/s, summing 256 MB),
+    at the run's thread count. Work with fewer FLOPs per byte moved than their ratio (the roofline's ridge point) is
+    bound by memory, not arithmetic."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    big = torch.ones(64 * 2**20)
+    matmul = min(timeit.repeat(lambda: a @ b, number=3, repeat=3)) / 3
+    read = min(timeit.repeat(lambda: big.sum(), number=3, repeat=3)) / 3
+    return 2 * 2048**3 / matmul / 1e9, big.numel() * 4 / read / 1e9
+
+
 def build(vlm_dir: str, variant: str, head_settings: dict):
     torch.manual_seed(0)
     model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **COMMON, **head_settings).eval()
@@ -144,6 +184,7 @@ def measure(model, inputs: dict, repeats: int) -> dict:
 
         flops = {name: count_flops(calls[name]) for name in calls}
         ops = {"prefix": count_ops(prefix), "step": count_ops(step)}
+        traffic = {"prefix": count_bytes(prefix), "step": count_bytes(step)}
 
         times = time_alternating(calls, repeats)
         # Thread scaling of the prefix and of one step alone: work bound by FLOPs speeds up with threads, work bound
@@ -156,7 +197,7 @@ def measure(model, inputs: dict, repeats: int) -> dict:
                 single = time_alternating({"prefix": prefix, "step": step}, max(5, repeats // 2))
             finally:
                 torch.set_num_threads(threads)
-    return {"flops": flops, "ops": ops, "time": times, "time_1thread": single}
+    return {"flops": flops, "ops": ops, "bytes": traffic, "time": times, "time_1thread": single}
 
 
 def time_alternating(calls: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -240,12 +281,25 @@ def main():
               f"{excess / r['ops']['step'] * 1e6:>6.1f} {speedup('prefix'):>11} {speedup('step'):>9} "
               f"{'exact' if exact else 'MISMATCH':>10}")  # fmt: skip
     print()
+    peak, bandwidth = machine_ridge_point(torch.get_num_threads())
+    print(f"Memory traffic (distinct storages read or written, MB) and arithmetic intensity (FLOP per byte); this "
+          f"machine: {peak:.0f} GFLOP/s matmul, {bandwidth:.0f} GB/s read, ridge point {peak / bandwidth:.1f} FLOP/B")
+    print(f"{'variant':>8} {'prefix MB':>9} {'step MB':>8} {'prefix F/B':>10} {'step F/B':>8} {'R_roof':>7} {'dev':>6}")
+    for r in rows:
+        f, b, t = r["flops"], r["bytes"], r["time"]
+        roofline = {part: max(f[part] / (peak * 1e9), b[part] / (bandwidth * 1e9)) for part in ("prefix", "step")}
+        r_roof = (roofline["prefix"] + n * roofline["step"]) / (roofline["prefix"] + roofline["step"])
+        r_meas = t[k10] / t[k1]
+        print(f"{r['variant']:>8} {b['prefix'] / 1e6:>9.1f} {b['step'] / 1e6:>8.1f} {f['prefix'] / b['prefix']:>10.1f} "
+              f"{f['step'] / b['step']:>8.1f} {r_roof:>7.3f} {abs(r_meas - r_roof) / r_roof:>6.1%}")  # fmt: skip
+    print()
     print("R_pred = F(k=10) / F(k=1) from FLOPs; R_meas = T(k=10) / T(k=1) measured; R_time = the same ratio from")
     print("the prefix, the schedule and one step timed alone (its dev is |R_meas − R_time| / R_time);")
     print("Δstep = (T(k=10) − T(k=1)) / 9; excess = T_step − F_step / (prefix GF/s), the step time FLOPs do not")
     print("explain, and µs/op = excess per aten op of one step; FLOP check: predict_action(k) counted directly equals")
     print("F_prefix + k·(F_sched + F_step); ×thr = time at 1 thread ÷ time at the run's thread count (prefix and")
-    print("step alone).")
+    print("step alone). R_roof predicts the ratio from a roofline: each part takes max(FLOPs / matmul rate, bytes /")
+    print("bandwidth); a part whose FLOP/B is below the ridge point is bound by memory traffic, which FLOPs cannot see.")
 
 
 if __name__ == "__main__":
