@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -324,16 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.should_save:
         dump_recipe(recipe, output_dir / "training_recipe.yaml")
         logger.info(f"model directory ready: {output_dir}")
-    # every rank reaches this point before any tears its group down: a rank that destroys its group while another is
-    # still saving or logging can leave that one blocked for ever on a peer that is gone
-    trainer.accelerator.wait_for_everyone()
-    if args.world_size > 1:
-        # Gloo's worker thread may still be releasing the barrier's work (and the collectives it waited for), whose
-        # tensors need the GIL to free their Python objects; tearing the group down joins that thread while holding
-        # the GIL, a deadlock that left one rank hanging at exit (native stacks: ~ProcessGroupGloo → thread::join
-        # vs. ~AsyncBarrierWork → gil_scoped_acquire). Releasing the GIL briefly lets the thread finish first.
-        time.sleep(0.2)
-    trainer.end()  # finishes trackers and destroys the process group (gloo/NCCL) so every rank exits cleanly
+    trainer.end()  # waits for every rank, finishes trackers and destroys the process group so every rank exits
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return metrics

@@ -22,6 +22,7 @@ checkpoints, resuming, logging integrations — is Trainer's own):
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -242,6 +243,23 @@ class VLATrainer(Trainer):
             name = group.get("name", "")
             if name in self.learning_rates:  # decay groups; their no-decay twins share the rate
                 logs[f"learning_rate/{name}"] = float(group["lr"])
+
+    # ------------------------------------------------------------------ end of run
+
+    def end(self) -> None:
+        """Waits for every rank, then finishes the trackers and destroys the process group (`Trainer.end`).
+
+        A rank that destroys its group while another still saves or logs can leave that one blocked on a peer that is
+        gone, hence the barrier. After it, Gloo's worker thread may still be releasing the barrier's work (and the
+        collectives it waited for), whose tensors need the GIL to free their Python objects, while destroying the
+        group joins that thread with the GIL held: a deadlock that left one rank hanging at exit (native stacks:
+        `~ProcessGroupGloo` → `thread::join` against `~AsyncBarrierWork` → `gil_scoped_acquire`). Releasing the GIL
+        for a moment lets the thread finish first.
+        """
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+            time.sleep(0.2)
+        super().end()
 
     # ------------------------------------------------------------------ checkpoints
 
