@@ -415,6 +415,33 @@ def test_sampling_with_projected_contexts_equals_recomputing_them():
         torch.testing.assert_close(head.sample(conditions, mask, noise=noise, num_steps=3), actions, rtol=0, atol=1e-6)
 
 
+def test_all_cross_sampling_runs_the_action_tokens_alone_and_gives_the_same_chunk():
+    """With no self-attention block the tokens never mix: `sample` leaves the state and future tokens out of every step
+    and its chunk equals Euler steps over the full token sequence. With self-attention it keeps them all."""
+    torch.manual_seed(0)
+    head = tiny_head(layerwise=True, interleave_self_attention=False).eval()
+    conditions, _, state, noise = tiny_inputs(layerwise=True)
+    assert not head.tokens_interact and tiny_head(layerwise=True).tokens_interact
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :2] = False
+    with torch.no_grad():
+        prepared, state_tokens, actions = head.prepare_conditions(conditions), head.encode_state(state), noise.clone()
+        for k in range(3):
+            buckets = torch.full((B,), int(k / 3 * 1000), dtype=torch.long)
+            actions = actions + head.predict_velocity(actions, buckets, prepared, mask, state_tokens) / 3
+    token_counts = []
+    head.model.register_forward_hook(lambda module, args, output: token_counts.append(args[0].shape[1]))
+    torch.testing.assert_close(head.sample(conditions, mask, state=state, noise=noise, num_steps=3), actions)
+    assert token_counts == [H] * 3
+
+    interleaved = tiny_head(layerwise=True).eval()
+    interleaved.model.register_forward_hook(lambda module, args, output: token_counts.append(args[0].shape[1]))
+    interleaved.sample(conditions, mask, state=state, noise=noise, num_steps=1)
+    assert token_counts[-1] == 1 + 4 + H  # state, future and action tokens
+    with pytest.raises(ValueError, match="action_tokens_only"):
+        interleaved.predict_velocity(noise, torch.zeros(B, dtype=torch.long), conditions, action_tokens_only=True)
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_sampling_computes_the_timestep_path_once_for_all_steps(layerwise):
     """Time features and AdaLN modulations depend only on the (known) timesteps: `sample` computes them for every

@@ -17,8 +17,10 @@ training time `t = (s − u)/s` with `u ~ Beta(α, β)` clamped to `u ≤ s`, di
 DiT's timestep encoder and the action encoder. Sampling integrates `x += v̂ / N` from `x_0 ~ N(0, I)` at `t = k/N`.
 
 The DiT sees `[state token(s) (if state is given), future tokens, action tokens]`; the prediction is read at the last
-`action_horizon` positions. Parameter names follow StarVLA (`model.*`, `action_encoder.layer{1,2,3}`,
-`state_encoder.layer{1,2}`, `action_decoder.layer{1,2}`, `future_tokens`, `position_embedding`, `project_layers`).
+`action_horizon` positions. In the all-cross form (no block self-attends) the tokens never mix, so sampling feeds the
+action tokens alone: same chunk, a third of the step. Parameter names follow StarVLA (`model.*`,
+`action_encoder.layer{1,2,3}`, `state_encoder.layer{1,2}`, `action_decoder.layer{1,2}`, `future_tokens`,
+`position_embedding`, `project_layers`).
 In StarVLA checkpoints `project_layers.*` sits at the framework level, not under `action_model.`; a converter maps it.
 """
 
@@ -256,6 +258,13 @@ class FlowMatchingActionHead(nn.Module):
         """Continuous time in [0, 1] → discrete timestep `floor(t · num_timestep_buckets)` (long)."""
         return torch.floor(time.float() * self.num_timestep_buckets).long()
 
+    @property
+    def tokens_interact(self) -> bool:
+        """Whether any DiT block self-attends. When none does (the all-cross layer-wise form), every token is updated
+        from itself and the conditions alone, so the state and future tokens never reach the action positions the
+        velocity is read from."""
+        return not all(self.model.block_cross_attends(index) for index in range(self.num_layers))
+
     def predict_velocity(
         self,
         noisy_actions: torch.Tensor,
@@ -264,22 +273,31 @@ class FlowMatchingActionHead(nn.Module):
         condition_mask: torch.Tensor | None = None,
         state_tokens: torch.Tensor | None = None,
         timestep_features: tuple | None = None,
+        action_tokens_only: bool = False,
     ) -> torch.Tensor:
         """One DiT evaluation: velocity `[B, H, A]` at `noisy_actions` `[B, H, A]` and `timestep_buckets` `[B]`.
 
         `conditions` must come from `prepare_conditions` (or `model.project_contexts` of those) and `state_tokens`
         from `encode_state`; `condition_mask` may be given in the DiT's SDPA form. `timestep_features` is
-        `timestep_features(timestep_buckets)`, when the caller has computed it already.
+        `timestep_features(timestep_buckets)`, when the caller has computed it already. `action_tokens_only` runs the
+        DiT on the action tokens alone, which gives the same velocity when no block self-attends (`tokens_interact`
+        is False) at a third of the cost; sampling does so.
         """
+        if action_tokens_only and self.tokens_interact:
+            raise ValueError("action_tokens_only: the DiT's self-attention blocks read every token; it needs all-cross.")
         batch, horizon, _ = noisy_actions.shape
         time_features, modulations = (None, None) if timestep_features is None else timestep_features
         action_tokens = self.action_encoder(noisy_actions.to(self.dtype), timestep_buckets, time_features)
         action_tokens = action_tokens + self.position_embedding.weight[:horizon][None]
-        tokens = [self.future_tokens.weight[None].expand(batch, -1, -1), action_tokens]
-        if state_tokens is not None:
-            tokens.insert(0, state_tokens)
+        if action_tokens_only:
+            tokens = action_tokens
+        else:
+            tokens = [self.future_tokens.weight[None].expand(batch, -1, -1), action_tokens]
+            if state_tokens is not None:
+                tokens.insert(0, state_tokens)
+            tokens = torch.cat(tokens, dim=1)
         hidden_states = self.model(
-            torch.cat(tokens, dim=1),
+            tokens,
             timestep_buckets,
             conditions,
             encoder_attention_mask=condition_mask,
@@ -387,7 +405,8 @@ class FlowMatchingActionHead(nn.Module):
         """Euler integration of the learned velocity from noise (t = 0) to actions (t = 1).
 
         The conditions are computed once by the caller and their cross-attention keys/values once here; each of the
-        `num_steps` steps runs only the rest of the head (one DiT call).
+        `num_steps` steps runs only the rest of the head (one DiT call; on the action tokens alone when no block
+        self-attends).
 
         Args:
             conditions, condition_mask, state: as in `forward`.
@@ -413,10 +432,12 @@ class FlowMatchingActionHead(nn.Module):
         # depends only on the (known in advance) timesteps.
         contexts = self.model.project_contexts(conditions)
         mask = None if condition_mask is None else attention_mask_from_key_padding(condition_mask, self.dtype)
-        step = 1.0 / num_steps
+        step, action_tokens_only = 1.0 / num_steps, not self.tokens_interact
         for bucket, timestep_features in self.sampling_schedule(num_steps, device):
             buckets = bucket.expand(batch)
-            velocity = self.predict_velocity(actions, buckets, contexts, mask, state_tokens, timestep_features)
+            velocity = self.predict_velocity(
+                actions, buckets, contexts, mask, state_tokens, timestep_features, action_tokens_only
+            )
             actions = actions + step * velocity
         return actions
 
