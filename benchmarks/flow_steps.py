@@ -1,6 +1,6 @@
 """Flow-matching step scaling: does `predict_action(num_steps=10)` cost what the FLOPs say it should?
 
-    python benchmarks/flow_steps.py [--config small|default-heads] [--repeats N] [--threads N]
+    python benchmarks/flow_steps.py [--config small|default-heads] [--repeats N] [--threads N] [--pack-linear-weights]
 
 (from the repository root, with the package importable, e.g. `PYTHONPATH=src`). Runs offline on CPU: `small` in
 ~1 minute, `default-heads` in ~5.
@@ -41,6 +41,10 @@ tensors the prefix and one step touch (weights, conditions' keys/values, activat
 machine's ridge point (a 2048² matmul's rate ÷ the bandwidth of summing 256 MB), and the ratio a roofline predicts
 (each part at max(FLOPs / matmul rate, bytes / bandwidth)).
 
+`--pack-linear-weights` measures the models after `hf_vla.packed_linear.pack_linear_weights` (large float32 linear
+layers on oneDNN with weights packed once, instead of MKL re-packing them per call, which costs most at a step's few
+rows); its FLOPs are counted with the same formula as `aten.addmm`.
+
 Timings on a shared machine are only meaningful when it is otherwise idle: another busy process on 2 cores can slow
 multi-threaded ops several-fold (try `--threads 1` there).
 """
@@ -48,6 +52,7 @@ multi-threaded ops several-fold (try `--threads 1` there).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -62,6 +67,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from hf_vla import AutoModelForVLA, VLAProcessor
 from hf_vla.defaults import example_image, synthetic_statistics
 from hf_vla.heads.dit import attention_mask_from_key_padding
+from hf_vla.packed_linear import onednn_available, pack_linear_weights
 from hf_vla.testing import build_tiny_vlm
 
 COMMON = dict(action_dim=7, action_horizon=16, state_dim=7, dropout=0.0)
@@ -87,7 +93,13 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _packed_linear_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * out_shape[-1]
+
+
 CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+if onednn_available():
+    CUSTOM_FLOPS[torch.ops.mkldnn._linear_pointwise] = _packed_linear_flop
 
 
 def count_flops(fn) -> int:
@@ -125,7 +137,11 @@ class StorageBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in torch.utils._pytree.tree_leaves((args, kwargs, out)):
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+                continue
+            if value.is_mkldnn:  # a packed weight: opaque, no storage to look at
+                self.storages[id(value)] = value.numel() * value.element_size()
+            else:
                 storage = value.untyped_storage()
                 self.storages[storage.data_ptr()] = storage.nbytes()
         return out
@@ -176,7 +192,9 @@ def measure(model, inputs: dict, repeats: int) -> dict:
         ((bucket, timestep_features),) = head.sampling_schedule(1)
 
         def step():  # what one Euler step of `sample` runs
-            return head.predict_velocity(noise, bucket, conditions, mask, state_tokens, timestep_features)
+            return head.predict_velocity(
+                noise, bucket, conditions, mask, state_tokens, timestep_features, not head.tokens_interact
+            )
 
         calls = {f"k={k}": (lambda k=k: model.predict_action(**inputs, noise=noise, num_steps=k)) for k in STEPS}
         calls.update(prefix=prefix, step=step)
@@ -221,6 +239,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="timed calls of each kind per variant "
                         "(default 30 for small, 10 for default-heads)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--pack-linear-weights", action="store_true", help="run large linear layers on oneDNN with "
+                        "packed weights (hf_vla.packed_linear)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,12 +253,14 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"config {args.config}: VLM Qwen2.5-VL {vlm['hidden_size']}×{vlm['num_layers']} (MLP "
           f"{vlm['intermediate_size']}), two 224×224 views, batch 1, horizon {COMMON['action_horizon']}, "
-          f"{repeats} repeats")  # fmt: skip
+          f"{repeats} repeats" + (", linear weights packed for oneDNN" if args.pack_linear_weights else ""))  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as root:
         vlm_dir = build_tiny_vlm(root, family="qwen2_5_vl", **vlm)
         for variant, head_settings in config["heads"].items():
             model, inputs = build(vlm_dir, variant, head_settings)
+            if args.pack_linear_weights:
+                pack_linear_weights(model)
             result = measure(model, inputs, repeats)
             result.update(
                 variant=variant,

@@ -393,8 +393,13 @@ def test_server_flags_set_default_post_processing(policy):
     options = options_from_args(args)
     assert options["postprocess"] == PostProcess(execute_steps=3, gripper_dims=(6,))
     assert (options["batching"], options["max_batch"], options["host"]) == (False, 4, "127.0.0.1")
+    assert options["pack_linear_weights"] is False
+    assert options_from_args(add_arguments(argparse.ArgumentParser()).parse_args(["--pack-linear-weights"]))[
+        "pack_linear_weights"
+    ]
     obs = make_obs(8)
-    served = {k: v for k, v in options.items() if k not in ("dtype", "device", "host", "port")}
+    loading = ("dtype", "device", "pack_linear_weights", "host", "port")
+    served = {k: v for k, v in options.items() if k not in loading}
     with PolicyServer(policy, port=0, **served) as server, client_for(server) as client:
         assert client.metadata["post_processing"]["execute_steps"] == 3
         actions = client.infer(obs)["actions"]

@@ -17,25 +17,40 @@ class VLAPolicy:
         {"images": {camera: uint8 [B, H, W, 3]}, "instruction": [str] * B, "state": float [B, S]}
     A single unbatched observation ({camera: [H, W, 3]}, one string, state [S]) is accepted too; its result is [T, D]
     instead of [B, T, D]. `prompt` is accepted as a synonym of `instruction`.
+
+    `pack_linear_weights=True` runs the model's large float32 linear layers on CPU through oneDNN with weights packed
+    once (`hf_vla.packed_linear`): faster CPU inference for a second copy of those weights in memory.
     """
 
-    def __init__(self, model, processor: VLAProcessor, unnorm_key: str | None = None):
+    def __init__(self, model, processor: VLAProcessor, unnorm_key: str | None = None, pack_linear_weights: bool = False):
         self.model = model.eval()
         self.processor = processor
         self.unnorm_key = unnorm_key
+        if pack_linear_weights:
+            from .packed_linear import pack_linear_weights as pack
+
+            pack(self.model)
         # pixel tensors of finished calls, overwritten by later ones instead of allocating megabytes per control step
         # (a list because append/pop are atomic: concurrent calls never share one)
         self._pixel_buffers: list[torch.Tensor] = []
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str, dtype=None, device=None, unnorm_key: str | None = None, **kwargs):
+    def from_pretrained(
+        cls,
+        path_or_repo: str,
+        dtype=None,
+        device=None,
+        unnorm_key: str | None = None,
+        pack_linear_weights: bool = False,
+        **kwargs,
+    ):
         from .auto import AutoModelForVLA
 
         model = AutoModelForVLA.from_pretrained(path_or_repo, dtype=dtype, **kwargs)
         if device is not None:
             model.to(device)
         processor = VLAProcessor.from_pretrained(path_or_repo)
-        return cls(model, processor, unnorm_key=unnorm_key)
+        return cls(model, processor, unnorm_key=unnorm_key, pack_linear_weights=pack_linear_weights)
 
     def _batch(self, obs: Mapping) -> tuple[dict, bool]:
         if not isinstance(obs, Mapping):

@@ -802,8 +802,9 @@ def _error(message: str, starvla: bool, request_id: Any) -> dict:
 
 
 def serve(model_or_policy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-          dtype=None, device=None, **options) -> None:
-    """Serves a `VLAPolicy` (or a model directory / hub id, loaded with `VLAPolicy.from_pretrained`) until interrupted.
+          dtype=None, device=None, pack_linear_weights: bool = False, **options) -> None:
+    """Serves a `VLAPolicy` (or a model directory / hub id, loaded with `VLAPolicy.from_pretrained` with `dtype`,
+    `device` and `pack_linear_weights`) until interrupted.
 
     `options`: unnorm_key, batching, batch_window_ms, max_batch, postprocess (a `PostProcess`), limits (a `Limits`).
     """
@@ -812,7 +813,9 @@ def serve(model_or_policy, host: str = "127.0.0.1", port: int = 8000, api_key: s
         from ..policy import VLAPolicy
 
         ckpt_path = str(model_or_policy)
-        model_or_policy = VLAPolicy.from_pretrained(ckpt_path, dtype=dtype, device=device)
+        model_or_policy = VLAPolicy.from_pretrained(
+            ckpt_path, dtype=dtype, device=device, pack_linear_weights=pack_linear_weights
+        )
     PolicyServer(model_or_policy, host, port, api_key=api_key, ckpt_path=ckpt_path, **options).serve_forever()
 
 
@@ -834,6 +837,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--unnorm-key", help="default embodiment statistics for decoding actions")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--device", help="torch device, e.g. cuda")
+    parser.add_argument("--pack-linear-weights", action="store_true",
+                        help="CPU float32: run large linear layers through oneDNN on weights packed once (faster, "
+                             "a second copy of those weights in memory)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to gather concurrent requests")
     parser.add_argument("--max-batch", type=int, default=16, help="most samples per batched predict call")
     parser.add_argument("--no-batching", action="store_true", help="one predict call per request")
@@ -866,7 +872,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
         host=args.host, port=args.port, api_key=args.api_key or None, unnorm_key=args.unnorm_key,
         batching=not args.no_batching, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
         postprocess=postprocess, limits=limits,
-        dtype=_torch_dtype(args.dtype), device=args.device,
+        dtype=_torch_dtype(args.dtype), device=args.device, pack_linear_weights=args.pack_linear_weights,
     )
 
 
