@@ -11,6 +11,7 @@ from test_flow_variants import batch_for, make_flow
 from torch import nn
 
 from hf_vla import AutoModelForVLA, VLAPolicy, packed_linear
+from hf_vla.heads.dit import GELUProjection
 from hf_vla.packed_linear import PackedLinear, pack_linear_weights, unpack_linear_weights
 
 pytestmark = pytest.mark.skipif(not packed_linear.onednn_available(), reason="torch built without oneDNN")
@@ -34,6 +35,23 @@ def test_inference_matches_nn_linear_and_uses_the_packed_weight(shape, bias):
         torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
     assert out.shape == (*shape[:-1], 80) and out.is_contiguous()
     assert packed._packed is not None and packed._packed[1].is_mkldnn
+
+
+def test_feed_forward_gelu_is_fused_into_the_packed_kernel(monkeypatch):
+    torch.manual_seed(0)
+    feed_forward = GELUProjection(64, 256)
+    packed = copy.deepcopy(feed_forward)
+    pack_linear_weights(packed, min_weight_numel=0)
+    x = torch.randn(2, 9, 64) * 3
+    assert torch.equal(packed(x), feed_forward(x))  # autograd: unfused, bit for bit
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda *a, **k: calls.append(a) or torch.zeros(()))
+    with torch.no_grad():
+        out = packed(x)
+    assert calls == []  # no separate GELU pass
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(out, feed_forward(x), rtol=1e-5, atol=1e-5)
 
 
 def test_training_calls_run_nn_linear_and_get_gradients():
@@ -61,11 +79,15 @@ def test_packed_weight_follows_weight_changes():
         torch.testing.assert_close(packed(x), other.bias.expand(4, -1), rtol=0, atol=0)
 
 
-def test_other_dtypes_run_nn_linear():
-    layer = nn.Linear(32, 24).to(torch.bfloat16)
+def test_other_dtypes_run_nn_linear_and_casting_drops_the_packed_weight():
+    layer = nn.Linear(32, 24)
     packed = packed_copy(layer)
-    x = torch.randn(3, 32, dtype=torch.bfloat16)
     with torch.no_grad():
+        packed(torch.randn(3, 32))
+        assert packed._packed is not None
+        layer, packed = layer.to(torch.bfloat16), packed.to(torch.bfloat16)
+        assert packed._packed is None
+        x = torch.randn(3, 32, dtype=torch.bfloat16)
         assert torch.equal(packed(x), layer(x))
     assert packed._packed is None
 

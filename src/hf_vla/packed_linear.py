@@ -3,9 +3,10 @@
 On CPU, torch runs a float32 `nn.Linear` through MKL, which re-packs the weight into its kernel's layout on every call.
 That cost is paid per call whatever the number of input rows, so it weighs most on what a policy runs many times on
 few rows: a flow-matching head's denoising steps see 16–49 action tokens. oneDNN (the kernels torch ships for
-inductor's CPU path, `torch.ops.mkldnn`) can keep the packed weight between calls; measured on this project's 2-core
-AMD EPYC with `benchmarks/flow_steps.py --pack-linear-weights`, a step of the default heads runs 1.5–2× faster and the
-VLM forward ~1.2× faster.
+inductor's CPU path, `torch.ops.mkldnn`) can keep the packed weight between calls. Measured side by side with
+`benchmarks/flow_steps.py --config default-heads [--pack-linear-weights]` on this project's 2-core AMD EPYC: a
+denoising step of StarVLA's default heads 1.4–2.3× faster, the backbone forward 1.2–1.4× faster, `predict_action`
+with 10 steps 1.4–1.8× faster.
 
 `pack_linear_weights(model)` turns every large enough `nn.Linear` of `model` into a `PackedLinear`: the same module
 with the same parameters and state-dict keys, whose inference calls (no autograd, float32 on CPU) use a packed copy of
@@ -35,15 +36,25 @@ class PackedLinear(nn.Linear):
     _packed: tuple | None = None  # ((weight storage pointer, weight version), packed oneDNN weight)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._can_use_packed(input, self.weight):
+            return F.linear(input, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(input, self._packed_weight(input), self.bias, "none", [], "")
+
+    def forward_gelu_tanh(self, input: torch.Tensor) -> torch.Tensor:
+        """`gelu(self(input), approximate="tanh")`, the GELU fused into the oneDNN kernel when the packed path runs
+        (a separate GELU pass over a feed-forward's 4×-wide activations costs as much as a tenth of a DiT step)."""
+        if not self._can_use_packed(input, self.weight):
+            return F.gelu(F.linear(input, self.weight, self.bias), approximate="tanh")
+        return torch.ops.mkldnn._linear_pointwise(input, self._packed_weight(input), self.bias, "gelu", [], "tanh")
+
+    def _packed_weight(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if not self._can_use_packed(input, weight):
-            return F.linear(input, weight, self.bias)
         key = (weight.data_ptr(), weight._version)
         packed = self._packed
         if packed is None or packed[0] != key:
             rows = input.numel() // max(input.shape[-1], 1)
             packed = self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 1)))
-        return torch.ops.mkldnn._linear_pointwise(input, packed[1], self.bias, "none", [], "")
+        return packed[1]
 
     @staticmethod
     def _can_use_packed(input: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -58,6 +69,10 @@ class PackedLinear(nn.Linear):
             and type(input) is torch.Tensor
             and type(weight) in (torch.Tensor, nn.Parameter)
         )
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # .to(), .half(), .cuda() ...: the weight is about to change or move
+        return super()._apply(fn, recurse)
 
     def __getstate__(self):
         # the packed weight is an opaque oneDNN tensor that can be neither copied nor pickled; it is remade on use

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..packed_linear import PackedLinear
+
 
 def timestep_sinusoidal_embedding(
     timesteps: torch.Tensor,
@@ -187,6 +189,8 @@ class GELUProjection(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.proj, PackedLinear):
+            return self.proj.forward_gelu_tanh(x)
         return F.gelu(self.proj(x), approximate="tanh")
 
 
