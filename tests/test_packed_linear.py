@@ -77,6 +77,19 @@ def test_packed_weight_follows_weight_changes():
         torch.testing.assert_close(packed(x), nn.functional.linear(x, 2 * other.weight, other.bias), rtol=1e-5, atol=1e-5)
         packed.weight = nn.Parameter(torch.zeros(24, 32))  # a new tensor
         torch.testing.assert_close(packed(x), other.bias.expand(4, -1), rtol=0, atol=0)
+        packed.weight.data.copy_(other.weight)  # invisible to autograd's version counter: packing again refreshes
+        assert pack_linear_weights(packed) == 0 and packed._packed is None
+        torch.testing.assert_close(packed(x), other(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layers_made_under_inference_mode_are_packed_too():
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        layer = nn.Linear(64, 48)
+        packed = packed_copy(layer)
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
+        assert packed._packed is not None
 
 
 def test_other_dtypes_run_nn_linear_and_casting_drops_the_packed_weight():

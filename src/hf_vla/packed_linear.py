@@ -10,9 +10,10 @@ with 10 steps 1.4–1.8× faster.
 
 `pack_linear_weights(model)` turns every large enough `nn.Linear` of `model` into a `PackedLinear`: the same module
 with the same parameters and state-dict keys, whose inference calls (no autograd, float32 on CPU) use a packed copy of
-the weight, made on first use and remade whenever the weight changes (its storage or version counter moves, as after
-`load_state_dict`, an optimizer step or `merge_adapter`). Every other call — training, bf16, CUDA, `torch.compile`
-tracing — runs `nn.Linear`'s own forward. The copy costs the layer's weight memory a second time, hence opt-in; small
+the weight, made on first use and remade when the weight is replaced or changed by an in-place op (its storage or
+version counter moves, as after `load_state_dict` or an optimizer step). Edits through `weight.data` (PEFT's
+`merge_adapter`, some distributed wrappers) and in-place edits of weights made under `torch.inference_mode` move
+neither: call `pack_linear_weights` again after them, which drops every packed copy. Every other call — training, bf16, CUDA, `torch.compile` tracing — runs `nn.Linear`'s own forward. The copy costs the layer's weight memory a second time, hence opt-in; small
 layers (below `min_weight_numel`, where oneDNN's fixed cost per call exceeds MKL's packing) are left as they are.
 `unpack_linear_weights(model)` undoes it.
 """
@@ -49,7 +50,7 @@ class PackedLinear(nn.Linear):
 
     def _packed_weight(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        key = (weight.data_ptr(), weight._version)
+        key = (weight.data_ptr(), None if weight.is_inference() else weight._version)  # inference tensors have none
         packed = self._packed
         if packed is None or packed[0] != key:
             rows = input.numel() // max(input.shape[-1], 1)
@@ -83,15 +84,18 @@ class PackedLinear(nn.Linear):
 
 def pack_linear_weights(model: nn.Module, min_weight_numel: int | None = None) -> int:
     """Make every plain `nn.Linear` of `model` with at least `min_weight_numel` weights (default
-    `DEFAULT_MIN_WEIGHT_NUMEL`) a `PackedLinear`, in place. Returns how many layers were converted. Raises RuntimeError
-    when this torch build has no oneDNN."""
+    `DEFAULT_MIN_WEIGHT_NUMEL`) a `PackedLinear`, in place, and drop the packed copies of layers that already are (they
+    are remade from the current weights on use). Returns how many layers were converted. Raises RuntimeError when this
+    torch build has no oneDNN."""
     if not onednn_available():
         raise RuntimeError("pack_linear_weights: this torch build has no oneDNN (torch.backends.mkldnn) kernels")
     if min_weight_numel is None:
         min_weight_numel = DEFAULT_MIN_WEIGHT_NUMEL
     converted = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.numel() >= min_weight_numel:
+        if type(module) is PackedLinear:
+            module._packed = None
+        elif type(module) is nn.Linear and module.weight.numel() >= min_weight_numel:
             module.__class__ = PackedLinear
             converted += 1
     return converted
