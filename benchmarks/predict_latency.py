@@ -1,10 +1,12 @@
 """VLAPolicy.predict overhead: end-to-end policy time ÷ bare backbone forward + head on the same inputs.
 
-    python benchmarks/predict_latency.py [--repeats 30]
+    python benchmarks/predict_latency.py [--repeats 30] [--pack-linear-weights]
 
 Both are timed side by side in one run, alternating, on the OFT variant: a tiny configuration and a ~100M-parameter
 one (Qwen2.5-VL text stack 768 wide × 12 layers). The policy path adds observation checks, image resize and
 preprocessing, prompt building, tokenisation, state normalisation and action decoding. Target ratio ≤ 1.10.
+`--pack-linear-weights` builds the policies with `VLAPolicy(..., pack_linear_weights=True)` (both columns then run
+the packed model).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ CONFIGS = {
 }
 
 
-def build_policy(root: str, hidden_size: int, num_layers: int, **overrides) -> VLAPolicy:
+def build_policy(root: str, hidden_size: int, num_layers: int, pack: bool = False, **overrides) -> VLAPolicy:
     vlm = build_tiny_vlm(root, family="qwen2_5_vl", hidden_size=hidden_size, num_layers=num_layers, **overrides)
     model = AutoModelForVLA.from_vlm(vlm, variant="oft", action_dim=7, action_horizon=16, state_dim=7)
     processor = VLAProcessor.from_vlm(vlm, model.config, camera_names=["primary", "wrist"], image_size=[224, 224])
     actions, states = synthetic_statistics()
     processor.compute_norm_stats("bridge", actions, states)
-    return VLAPolicy(model, processor)
+    return VLAPolicy(model, processor, pack_linear_weights=pack)
 
 
 def measure(policy: VLAPolicy, repeats: int) -> tuple[float, float]:
@@ -66,12 +68,14 @@ def measure(policy: VLAPolicy, repeats: int) -> tuple[float, float]:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--pack-linear-weights", action="store_true", help="hf_vla.packed_linear on both sides")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; two 224×224 views, state, horizon 16")
+    packed = ", linear weights packed for oneDNN" if args.pack_linear_weights else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; two 224×224 views, state, horizon 16{packed}")
     print(f"{'config':>8} {'params':>10} {'policy ms':>10} {'bare ms':>9} {'ratio':>6}")
     for name, settings in CONFIGS.items():
         with tempfile.TemporaryDirectory() as root:
-            policy = build_policy(root, **settings)
+            policy = build_policy(root, pack=args.pack_linear_weights, **settings)
             params = sum(p.numel() for p in policy.model.parameters())
             policy_s, bare_s = measure(policy, args.repeats)
         print(f"{name:>8} {params / 1e6:>9.1f}M {policy_s * 1e3:>10.2f} {bare_s * 1e3:>9.2f} {policy_s / bare_s:>6.3f}")
