@@ -74,7 +74,8 @@ def test_packed_weight_follows_weight_changes():
         packed.load_state_dict(other.state_dict())  # in place: the version counter moves
         torch.testing.assert_close(packed(x), other(x), rtol=1e-5, atol=1e-5)
         packed.weight.mul_(2)
-        torch.testing.assert_close(packed(x), nn.functional.linear(x, 2 * other.weight, other.bias), rtol=1e-5, atol=1e-5)
+        doubled = nn.functional.linear(x, 2 * other.weight, other.bias)
+        torch.testing.assert_close(packed(x), doubled, rtol=1e-5, atol=1e-5)
         packed.weight = nn.Parameter(torch.zeros(24, 32))  # a new tensor
         torch.testing.assert_close(packed(x), other.bias.expand(4, -1), rtol=0, atol=0)
         packed.weight.data.copy_(other.weight)  # invisible to autograd's version counter: packing again refreshes

@@ -13,9 +13,10 @@ with the same parameters and state-dict keys, whose inference calls (no autograd
 the weight, made on first use and remade when the weight is replaced or changed by an in-place op (its storage or
 version counter moves, as after `load_state_dict` or an optimizer step). Edits through `weight.data` (PEFT's
 `merge_adapter`, some distributed wrappers) and in-place edits of weights made under `torch.inference_mode` move
-neither: call `pack_linear_weights` again after them, which drops every packed copy. Every other call — training, bf16, CUDA, `torch.compile` tracing — runs `nn.Linear`'s own forward. The copy costs the layer's weight memory a second time, hence opt-in; small
-layers (below `min_weight_numel`, where oneDNN's fixed cost per call exceeds MKL's packing) are left as they are.
-`unpack_linear_weights(model)` undoes it.
+neither: call `pack_linear_weights` again after them, which drops every packed copy. Every other call — training,
+bf16, CUDA, `torch.compile` tracing — runs `nn.Linear`'s own forward. The copy costs the layer's weight memory a second
+time, hence opt-in; small layers (below `min_weight_numel`, where oneDNN's fixed cost per call exceeds MKL's packing)
+are left as they are. `unpack_linear_weights(model)` undoes it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ class VLAPolicy:
     once (`hf_vla.packed_linear`): faster CPU inference for a second copy of those weights in memory.
     """
 
-    def __init__(self, model, processor: VLAProcessor, unnorm_key: str | None = None, pack_linear_weights: bool = False):
+    def __init__(
+        self, model, processor: VLAProcessor, unnorm_key: str | None = None, pack_linear_weights: bool = False
+    ):
         self.model = model.eval()
         self.processor = processor
         self.unnorm_key = unnorm_key
