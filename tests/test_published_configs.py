@@ -1,44 +1,20 @@
 """At StarVLA's published configurations the OFT head has QwenOFT's modules and shapes (meta device, no weights).
 
-Backbone configs below are the published Qwen2.5-VL-3B-Instruct and Qwen3-VL-4B-Instruct `config.json` values.
+Backbone configs are the published Qwen2.5-VL-3B-Instruct and Qwen3-VL-4B-Instruct `config.json` values
+(`hf_vla.testing.published_vlm_config`).
 StarVLA's QwenOFT head (starVLA/model/framework/VLM4A/QwenOFT.py → L1RegressionActionHead → MLPResNet) is built with
 input_dim = hidden_dim_vlm, hidden_dim = 2 · hidden_dim_vlm, action_dim = 7, num_blocks = 2.
 """
 
 import pytest
 import torch
-from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+from transformers import AutoConfig
 
 from hf_vla import AutoModelForVLA
+from hf_vla.testing import published_vlm_config
 
-QWEN2_5_VL_3B = Qwen2_5_VLConfig(
-    text_config=dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-        num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-    ),
-    vision_config=dict(
-        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-    ),
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    tie_word_embeddings=True,
-)  # fmt: skip
-
-QWEN3_VL_4B = Qwen3VLConfig(
-    text_config=dict(
-        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-    ),
-    vision_config=dict(
-        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
-    ),
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    tie_word_embeddings=True,
-)  # fmt: skip
+QWEN2_5_VL_3B = published_vlm_config("qwen2_5_vl_3b")
+QWEN3_VL_4B = published_vlm_config("qwen3_vl_4b")
 
 # StarVLA's OFT head keys (starvla.md §10), below `action_model.model.`
 STARVLA_OFT_HEAD_KEYS = {

@@ -190,6 +190,46 @@ def tiny_vlm_config(
     return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
 
 
+def published_vlm_config(name: str):
+    """The backbone config of `Qwen/Qwen2.5-VL-3B-Instruct` (`name="qwen2_5_vl_3b"`) or `Qwen/Qwen3-VL-4B-Instruct`
+    (`"qwen3_vl_4b"`), StarVLA's published backbones, from their `config.json` values: meta-device architecture checks
+    and full-size benchmarks (random weights) need no download."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    special = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    if name == "qwen2_5_vl_3b":
+        return Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            ),
+            vision_config=dict(
+                depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+            ),
+            tie_word_embeddings=True, **special,
+        )  # fmt: skip
+    if name == "qwen3_vl_4b":
+        return Qwen3VLConfig(
+            text_config=dict(
+                vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True},
+            ),
+            vision_config=dict(
+                depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
+                spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                deepstack_visual_indexes=[5, 11, 17],
+            ),
+            tie_word_embeddings=True, **special,
+        )  # fmt: skip
+    raise ValueError(f"name: expected 'qwen2_5_vl_3b' or 'qwen3_vl_4b', got {name!r}")
+
+
 def build_tiny_vlm(
     out_dir: str | os.PathLike,
     family: str = "qwen2_5_vl",
