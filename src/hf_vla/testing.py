@@ -196,7 +196,9 @@ def published_vlm_config(name: str):
     and full-size benchmarks (random weights) need no download."""
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
-    special = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    special = dict(
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653
+    )
     if name == "qwen2_5_vl_3b":
         return Qwen2_5_VLConfig(
             text_config=dict(

@@ -106,7 +106,9 @@ class VLATokenActionModel(VLAPreTrainedModel):
         rows = vlm.get_input_embeddings().weight.shape[0]
         if rows < config_kwargs["action_token_offset"] + config_kwargs.get("num_action_tokens", cls.config_class.num_action_tokens):
             # StarVLA's rule for its -Action models: old rows + one row per action token, so shapes match theirs.
-            vlm.resize_token_embeddings(rows + config_kwargs.get("num_action_tokens", cls.config_class.num_action_tokens))
+            # New rows start at the mean of the old ones, which a meta-device backbone (no values) cannot compute.
+            count = config_kwargs.get("num_action_tokens", cls.config_class.num_action_tokens)
+            vlm.resize_token_embeddings(rows + count, mean_resizing=vlm.device.type != "meta")
 
     def _image_token_id(self) -> int:
         return self.config.vlm_config.image_token_id
