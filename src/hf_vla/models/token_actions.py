@@ -104,10 +104,10 @@ class VLATokenActionModel(VLAPreTrainedModel):
     @classmethod
     def adapt_backbone(cls, vlm, tokenizer, config_kwargs: dict) -> None:
         rows = vlm.get_input_embeddings().weight.shape[0]
-        if rows < config_kwargs["action_token_offset"] + config_kwargs.get("num_action_tokens", cls.config_class.num_action_tokens):
+        count = config_kwargs.get("num_action_tokens", cls.config_class.num_action_tokens)
+        if rows < config_kwargs["action_token_offset"] + count:
             # StarVLA's rule for its -Action models: old rows + one row per action token, so shapes match theirs.
             # New rows start at the mean of the old ones, which a meta-device backbone (no values) cannot compute.
-            count = config_kwargs.get("num_action_tokens", cls.config_class.num_action_tokens)
             vlm.resize_token_embeddings(rows + count, mean_resizing=vlm.device.type != "meta")
 
     def _image_token_id(self) -> int:
