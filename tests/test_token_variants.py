@@ -5,10 +5,11 @@ import pytest
 import torch
 from conftest import FAMILIES, random_views
 from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
 
 from hf_vla import AutoModelForVLA, VLABinsForActionPrediction, VLAFASTForActionPrediction, VLAProcessor
 from hf_vla.action_tokenizers import FASTTokenizer
+from hf_vla.auto import VARIANTS
 
 T, D = 4, 3
 
@@ -177,3 +178,17 @@ def test_token_variants_add_no_parameters_at_published_config(vlm_config, varian
     assert isinstance(model, VLAFASTForActionPrediction if variant == "fast" else VLABinsForActionPrediction)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in backbone.parameters())
     assert model.vlm.lm_head.weight.shape[0] == 153984
+
+
+@pytest.mark.parametrize("variant", ["fast", "bins"])
+def test_action_tokens_resize_a_meta_device_backbone(tiny_vlm_dirs, variant):
+    """Full-size architecture checks and benchmarks build on the meta device: adding the action rows must not need
+    the embedding values that mean initialisation reads."""
+    model_class = VARIANTS[f"vla_{variant}"][1]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dirs["qwen3_vl"])
+    kwargs = model_class.config_kwargs_from_tokenizer(tokenizer, {})
+    with torch.device("meta"):
+        backbone = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_vlm_dirs["qwen3_vl"]))
+    rows = backbone.get_input_embeddings().weight.shape[0]
+    model_class.adapt_backbone(backbone, tokenizer, kwargs)
+    assert backbone.get_input_embeddings().weight.shape[0] == rows + model_class.config_class.num_action_tokens
