@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from fast_tokenizer import smooth_chunks  # benchmarks/ is on sys.path when a script here runs
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -82,11 +83,8 @@ def build_model(variant: str, vlm_config, tokenizer_dir: str, device: str, dtype
 def fitted_fast_tokenizer() -> FASTTokenizer:
     """A FAST tokenizer fitted on smooth random chunks (the model's weights are random too: only the shapes and the
     decoding work matter here)."""
-    rng = np.random.default_rng(0)
-    t = np.linspace(0, 1, COMMON["action_horizon"])[None, :, None]
-    shape = (2000, 1, COMMON["action_dim"])
-    chunks = rng.uniform(0.1, 0.6, shape) * np.sin(2 * np.pi * (t + rng.uniform(0, 1, shape)))
-    return FASTTokenizer.fit(chunks.astype(np.float32), scale=10, vocab_size=1024)
+    chunks = smooth_chunks(np.random.default_rng(0), 2000, COMMON["action_horizon"], COMMON["action_dim"])
+    return FASTTokenizer.fit(chunks, scale=10, vocab_size=1024)
 
 
 def model_inputs(model, tokenizer_dir: str, device: str, dtype) -> dict:
