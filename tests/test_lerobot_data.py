@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -197,6 +199,54 @@ def test_missing_parquet_names_the_file(roots, tmp_path):
     data = root / "data/chunk-000/episode_000001.parquet"
     data.unlink()
     with pytest.raises(FileNotFoundError, match=str(data)):
+        load_lerobot(root)
+
+
+def _rewrite_data(root, edit):
+    path = root / "data/chunk-000/file-000.parquet"
+    pq.write_table(edit(pq.read_table(path)), path)
+    return path
+
+
+def _set_column(table, key, values):
+    kind = table.schema.field(key).type
+    if pa.types.is_fixed_size_list(kind):  # variable-length lists, as other writers store them
+        kind = pa.list_(kind.value_type)
+    return table.set_column(table.column_names.index(key), key, pa.array(values, type=kind))
+
+
+def test_malformed_columns_are_refused_naming_file_and_column(roots, tmp_path):
+    def ragged(table):  # same total count as 4-wide rows: a reshape alone would not notice
+        rows = table.column("action").to_pylist()
+        rows[0], rows[1] = rows[0][:3], rows[1] + rows[0][3:]
+        return _set_column(table, "action", rows)
+
+    def narrow(table):
+        return _set_column(table, "action", [row[:3] for row in table.column("action").to_pylist()])
+
+    def null_scalar(table):
+        return _set_column(table, "timestamp", [None] + table.column("timestamp").to_pylist()[1:])
+
+    def null_value(table):
+        rows = table.column("observation.state").to_pylist()
+        rows[5] = [None] * len(rows[5])
+        return _set_column(table, "observation.state", rows)
+
+    cases = [(ragged, r"column 'action' has rows of different lengths \[3, 4, 5\]"),
+             (narrow, r"column 'action' has rows of 3 values, info.json's shape says 4"),
+             (null_scalar, r"column 'timestamp' has null rows"),
+             (null_value, r"column 'observation.state' has null values")]
+    for edit, message in cases:
+        root = shutil.copytree(roots["v3"], tmp_path / edit.__name__)
+        path = _rewrite_data(root, edit)
+        with pytest.raises(ValueError, match=f"{path}: {message}"):
+            load_lerobot(root)
+
+
+def test_an_episode_without_rows_is_refused(roots, tmp_path):
+    root = shutil.copytree(roots["v3"], tmp_path / "missing_episode")
+    _rewrite_data(root, lambda table: table.filter(pc.not_equal(table.column("episode_index"), 1)))
+    with pytest.raises(ValueError, match=r"episode\(s\) \[1\] listed in the episode metadata have no rows"):
         load_lerobot(root)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
@@ -151,7 +152,9 @@ class LeRobotDataset(Dataset):
             path = self.root / relative
             table = _read_parquet(path, wanted)
             for key in wanted:
-                parts[key].append(_column_to_numpy(table.column(key), path, key))
+                shape = self.features[key].get("shape") if key in (self.action_key, self.state_key) else None
+                width = None if shape is None else int(np.prod(shape))
+                parts[key].append(_column_to_numpy(table.column(key), path, key, width))
             file_ids.append(np.full(table.num_rows, file_id, dtype=np.int32))
             rows_in_file.append(np.arange(table.num_rows, dtype=np.int64))
         columns = {k: np.concatenate(v) for k, v in parts.items()}
@@ -184,6 +187,10 @@ class LeRobotDataset(Dataset):
             if meta["length"] != end - start:
                 raise ValueError(f"{self.root / meta['data_file']}: episode {episode} has {end - start} rows, "
                                  f"metadata says {meta['length']}")
+        missing = sorted(set(self.episodes) - set(seen.tolist()))
+        if missing:
+            raise ValueError(f"{self.root}: episode(s) {missing[:10]} listed in the episode metadata have no rows in "
+                             "the data files")
         lengths = ends - starts
         self._row_start = np.repeat(starts, lengths)
         self._row_end = np.repeat(ends, lengths)
@@ -366,18 +373,24 @@ def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
         raise ValueError(f"cannot read parquet file {path}: {err}") from err
 
 
-def _column_to_numpy(column: pa.ChunkedArray, path: Path, key: str) -> np.ndarray:
-    """Scalar column → [N]; fixed-size or variable list column → [N, D]."""
+def _column_to_numpy(column: pa.ChunkedArray, path: Path, key: str, width: int | None = None) -> np.ndarray:
+    """Scalar column → [N]; fixed-size or variable list column → [N, D]. `width`, when given, is the D that
+    info.json declares for the feature."""
     column = column.combine_chunks()
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or \
-            pa.types.is_fixed_size_list(column.type):
-        if column.null_count:
-            raise ValueError(f"{path}: column {key!r} has null rows")
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        if len(column) and len(flat) % len(column):
-            raise ValueError(f"{path}: column {key!r} has rows of different lengths")
-        return flat.reshape(len(column), -1)
-    return column.to_numpy(zero_copy_only=False)
+    if column.null_count:
+        raise ValueError(f"{path}: column {key!r} has null rows")
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or
+            pa.types.is_fixed_size_list(column.type)):
+        return column.to_numpy(zero_copy_only=False)
+    lengths = set(pc.list_value_length(column).to_pylist())
+    if len(lengths) > 1:
+        raise ValueError(f"{path}: column {key!r} has rows of different lengths {sorted(lengths)}")
+    if width is not None and lengths and lengths != {width}:
+        raise ValueError(f"{path}: column {key!r} has rows of {lengths.pop()} values, info.json's shape says {width}")
+    flat = column.flatten()
+    if flat.null_count:
+        raise ValueError(f"{path}: column {key!r} has null values")
+    return flat.to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
 def _summary(dataset: LeRobotDataset, index: int = 0) -> str:
