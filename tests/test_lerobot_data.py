@@ -287,6 +287,23 @@ def test_streaming_writer_matches_episode_writer(tmp_path, episodes):
     assert np.array_equal(ds[20]["images"][WRIST], episodes[1]["frames"][WRIST][8])
 
 
+def test_writer_refuses_a_dtype_or_keys_that_would_lose_values(tmp_path):
+    state = np.zeros((2, 2), np.float32)
+    writer = LeRobotWriter(tmp_path / "dtype", FPS, video=False)
+    writer.add_episode({"observation.state": state, "action": np.array([[0, 1], [1, 0]])}, "t")
+    with pytest.raises(ValueError, match=r"'action' is stored as int64 \(set by the first episode\), got float64"):
+        writer.add_episode({"observation.state": state, "action": np.array([[0.7, -0.3], [1.9, 0.5]])}, "t")
+    with pytest.raises(ValueError, match=r"'observation.state' is stored as float32 .*, got bool"):
+        writer.add_episode({"observation.state": state > 0, "action": np.ones((2, 2), np.int32)}, "t")
+    writer.add_episode({"observation.state": state.astype(np.float64), "action": np.ones((2, 2), np.uint8)}, "t")
+
+    writer = LeRobotWriter(tmp_path / "keys", FPS, video=False)
+    writer.add_frame({"action": np.zeros(2, np.float32)}, "t")
+    writer.add_frame({"action": np.ones(2, np.float32), "observation.state": np.ones(2, np.float32)}, "t")
+    with pytest.raises(ValueError, match=r"frame 1 has keys \['action', 'observation.state'\], frame 0 has \['action'\]"):
+        writer.save_episode()
+
+
 def test_torch_dataloader_iterates(roots):
     ds = load_lerobot(roots["v3"], action_horizon=4, camera_rename={FRONT: "primary"})
     batches = list(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0))

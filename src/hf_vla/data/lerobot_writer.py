@@ -124,6 +124,10 @@ class LeRobotWriter:
     def save_episode(self):
         if not self._frame_buffer:
             raise ValueError("save_episode: no frames were added")
+        keys = sorted(self._frame_buffer[0])
+        for i, frame in enumerate(self._frame_buffer[1:], start=1):
+            if sorted(frame) != keys:
+                raise ValueError(f"save_episode: frame {i} has keys {sorted(frame)}, frame 0 has {keys}")
         frames = {key: np.stack([f[key] for f in self._frame_buffer]) for key in self._frame_buffer[0]}
         task = self._frame_buffer_task
         self._frame_buffer, self._frame_buffer_task = [], None
@@ -217,8 +221,13 @@ class LeRobotWriter:
             got = list(frames[key].shape[1:]) or [1]
             if got != shape:
                 raise ValueError(f"add_episode: {key!r} expected per-frame shape {shape}, got {got}")
-            if self.features[key]["dtype"] in ("video", "image") and frames[key].dtype != np.uint8:
+            dtype = self.features[key]["dtype"]
+            if dtype in ("video", "image") and frames[key].dtype != np.uint8:
                 raise ValueError(f"add_episode: camera {key!r} must be uint8, got {frames[key].dtype}")
+            if dtype not in ("video", "image") and frames[key].dtype.kind not in STORED_KINDS[dtype]:
+                # the first episode fixed the column type; a float written into an integer column would be truncated
+                raise ValueError(f"add_episode: {key!r} is stored as {dtype} (set by the first episode), "
+                                 f"got {frames[key].dtype}")
 
     def _camera_keys(self) -> list[str]:
         return [k for k, f in self.features.items() if f["dtype"] in ("video", "image")]
@@ -457,6 +466,10 @@ class VideoFileWriter:
 # ---- helpers ----
 def _is_camera(value: np.ndarray) -> bool:
     return value.dtype == np.uint8 and value.ndim == 4 and value.shape[-1] == 3
+
+
+# numpy dtype kinds each stored feature dtype accepts (floats are stored as float32, as LeRobot does)
+STORED_KINDS = {"float32": "f", "int64": "iu", "bool": "b"}
 
 
 def _integer_or_bool(dtype) -> str:
