@@ -219,6 +219,9 @@ def test_compute_norm_stats_matches_numpy(robots):
                                   entry(base, "arm7b", embodiment="arm7", normalization={"action": "min_max"})])
     with pytest.raises(ValueError, match="different normalisation modes"):
         different_modes.compute_norm_stats()
+    delta = MixtureEntry(load_lerobot(base / "arm7b", action_horizon=HORIZON, action_mode="delta"), 1.0, "arm7")
+    with pytest.raises(ValueError, match=r"embodiment 'arm7'.*different action modes \('abs' vs 'delta'\)"):
+        VLAMixture([entry(base, "arm7", embodiment="arm7"), delta]).compute_norm_stats()
 
 
 def test_stats_feed_processor_for_a_mixed_batch(mixed, tiny_vlm_dirs):

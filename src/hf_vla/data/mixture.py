@@ -188,6 +188,10 @@ class VLAMixture(Dataset):
             if self.modes[k] != self.modes[first]:
                 raise ValueError(f"embodiment {key!r}: datasets[{first}] and datasets[{k}] have different "
                                  "normalisation modes")
+            kinds = [getattr(self.entries[i].dataset, "action_mode", None) for i in (first, k)]
+            if kinds[0] != kinds[1]:  # one unnorm_key cannot map both absolute and delta actions back
+                raise ValueError(f"embodiment {key!r}: datasets[{first}] and datasets[{k}] have different action "
+                                 f"modes ({kinds[0]!r} vs {kinds[1]!r})")
         state_mode = state_modes or DEFAULT_NORM_MODE
         if len(members) == 1:
             dataset = self.entries[first].dataset
