@@ -225,6 +225,41 @@ def test_resume_continues_exactly_and_checkpoints_load(vlm_dir, dataset, tmp_pat
     assert torch.equal(model.predict_action(**inputs), full.model.predict_action(**inputs))
 
 
+class EpochRecorder(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base, self.epochs = base, []
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return self.base[index]
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+def test_the_training_dataset_is_told_every_epoch_also_behind_a_sharded_loader(vlm_dir, dataset, tmp_path):
+    from accelerate.data_loader import prepare_data_loader
+
+    model, processor = make_model(vlm_dir, dataset)
+    recorder = EpochRecorder(dataset)
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=8)
+    trainer = VLATrainer(model, args, train_dataset=recorder, processing_class=processor)
+    trainer.train()
+    assert sorted(set(recorder.epochs)) == [0, 1]
+
+    # a 2-process run's loader: accelerate's set_epoch stops at the seedable sampler, the callback reaches the dataset
+    loader = torch.utils.data.DataLoader(recorder, batch_size=2, sampler=torch.utils.data.RandomSampler(recorder))
+    sharded = prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False,
+                                  use_seedable_sampler=True)  # fmt: skip
+    recorder.epochs.clear()
+    trainer.callback_handler.train_dataloader = sharded
+    trainer.state.epoch = 3.0
+    trainer.callback_handler.on_epoch_begin(trainer.args, trainer.state, trainer.control)
+    assert recorder.epochs == [3]
+
+
 def test_eval_metrics_in_robot_units(vlm_dir, dataset, tmp_path):
     model, processor = make_model(vlm_dir, dataset)
     # the last frames of the first episode: their chunks run past the episode end, so masking matters

@@ -14,6 +14,8 @@ checkpoints, resuming, logging integrations — is Trainer's own):
   valid steps (and `eval_action_valid_fraction`: token heads may emit a chunk that does not decode);
 * the processor is the Trainer's `processing_class`, so `save_model()` and every `checkpoint-N` hold a loadable model
   directory (weights, config, processor files) next to Trainer's optimizer / scheduler / RNG state;
+* a training dataset with `set_epoch` (`VLAMixture`) is told each epoch: with several processes, accelerate's
+  `DataLoaderShard.set_epoch` reaches only the sampler, and a mixture would repeat its first epoch's draws;
 * resuming (and `load_best_model_at_end`) reads checkpoint weights through `from_pretrained`. `save_pretrained` writes
   the backbone's original key names (Qwen2.5-VL: `visual.*`, not `model.visual.*`), which Trainer's own loader feeds
   to a plain non-strict `load_state_dict`: the backbone would silently keep its pre-checkpoint weights.
@@ -27,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments
+from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
@@ -61,6 +63,15 @@ def action_error_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
         "action_mse": float((error**2 * weights).sum() / total),
         "action_valid_fraction": valid_fraction,
     }
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Calls `set_epoch(epoch)` on the training dataset at the start of every epoch, before its workers start."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(state.epoch + 1e-6))  # state.epoch: epochs done, fractional after a mid-epoch resume
 
 
 class VLATrainer(Trainer):
@@ -142,6 +153,7 @@ class VLATrainer(Trainer):
             compute_metrics=compute_metrics or action_error_metrics,
             **kwargs,
         )
+        self.add_callback(DatasetEpochCallback)
 
     # ------------------------------------------------------------------ optimisation
 
