@@ -320,6 +320,20 @@ def write_chat_data(root: Path) -> Path:
     return path
 
 
+def test_co_training_chat_stream_moves_on_every_epoch_in_workers_and_is_reproducible():
+    def chat_ids(num_workers):
+        torch.manual_seed(0)  # what Trainer's seed does for the DataLoader's worker seeds
+        collator = CoTrainingCollator(lambda samples: {}, list(range(40)), lambda chat: chat, chat_batch_size=2, seed=7)
+        loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, collate_fn=collator,
+                                             num_workers=num_workers)  # fmt: skip
+        return [[i for batch in loader for i in batch["vlm_batch"]] for _epoch in range(3)]
+
+    for num_workers in (0, 1):
+        epochs = chat_ids(num_workers)
+        assert len({tuple(ids) for ids in epochs}) == 3, (num_workers, epochs)  # fresh chat samples each epoch
+        assert chat_ids(num_workers) == epochs
+
+
 def test_co_training_logs_both_losses_and_the_vlm_loss_falls(vlm_dir, dataset, tmp_path):
     from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
 

@@ -123,8 +123,9 @@ class CoTrainingCollator:
         worker = torch.utils.data.get_worker_info()
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         base = self.seed if self.seed is not None else torch.initial_seed()
-        # In a worker torch.initial_seed() already differs per worker; the worker id keeps explicit seeds apart too.
-        return [int(base) % 2**63, rank, 0 if worker is None else worker.id]
+        # DataLoader workers get a copy of this collator, made again every epoch (unless persistent): their seed,
+        # drawn per worker and per epoch from the (seeded) main process, keeps them from replaying one stream.
+        return [int(base) % 2**63, rank, 0 if worker is None else int(worker.seed) % 2**63]
 
 
 __all__ = ["CoTrainingCollator", "METADATA_KEYS", "VLACollator", "VLM_BATCH_KEY"]
