@@ -38,6 +38,22 @@ def tiny_vlm_dirs(tmp_path_factory):
     return {family: build_tiny_vlm(root / family, family=family) for family in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def instruct_like_vlm(tiny_vlm_dirs, tmp_path_factory):
+    """The tiny Qwen2.5-VL saved the way published Instruct checkpoints are: bf16 weights and a generation config
+    with a repetition penalty."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path_factory.mktemp("instruct_like") / "vlm"
+    shutil.copytree(tiny_vlm_dirs["qwen2_5_vl"], out)
+    vlm = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16)
+    vlm.generation_config.repetition_penalty = 1.05
+    vlm.save_pretrained(out)
+    return str(out)
+
+
 def random_views(rng, batch, cameras=2, size=48):
     return [[rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(cameras)] for _ in range(batch)]
 

@@ -215,6 +215,18 @@ def test_from_vlm_loads_backbone_weights_and_initialises_the_head(tiny_vlm_dirs)
         AutoModelForVLA.from_vlm(vlm_dir, variant="nope")
 
 
+def test_from_vlm_gives_the_whole_model_one_dtype_that_survives_save_and_load(instruct_like_vlm, tmp_path):
+    inputs = sample_inputs(make_oft(instruct_like_vlm)[1])
+    for dtype, expected in ((None, torch.float32), ("auto", torch.bfloat16), (torch.bfloat16, torch.bfloat16)):
+        model = AutoModelForVLA.from_vlm(instruct_like_vlm, variant="oft", action_dim=7, action_horizon=4,
+                                         state_dim=6, dtype=dtype)  # fmt: skip
+        assert {p.dtype for p in model.parameters()} == {expected}, dtype
+        model.save_pretrained(tmp_path / str(dtype))
+        loaded = AutoModelForVLA.from_pretrained(tmp_path / str(dtype))
+        assert {p.dtype for p in loaded.parameters()} == {expected}, dtype
+        assert torch.equal(loaded.predict_action(**inputs), model.predict_action(**inputs)), dtype
+
+
 def test_repeated_prompts_are_tokenised_once_and_stay_independent(tiny_vlm_dirs, monkeypatch):
     _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
     rng = np.random.default_rng(0)

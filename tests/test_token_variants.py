@@ -84,6 +84,16 @@ def test_save_load_exact(token_model, tmp_path):
         assert loaded.action_tokenizer(smooth_chunks(rng, 3)) is not None
 
 
+@pytest.mark.parametrize("variant", ["fast", "bins"])
+def test_decoding_ignores_the_backbones_published_generation_settings(instruct_like_vlm, fast_tokenizer, variant,
+                                                                      tmp_path):  # fmt: skip
+    model, processor = make_token_model(instruct_like_vlm, variant, fast_tokenizer)
+    inputs = batch(processor, np.random.default_rng(0))
+    tokens = model.generate_actions(**inputs).action_token_ids
+    model.save_pretrained(tmp_path)
+    assert AutoModelForVLA.from_pretrained(tmp_path).generate_actions(**inputs).action_token_ids == tokens
+
+
 def test_overfit_then_decode_through_the_kv_cache(tiny_vlm_dirs, fast_tokenizer):
     """After overfitting two samples, constrained greedy decoding reproduces their chunks: FAST within the
     quantisation bound, bins as bin centres. With and without the KV cache the tokens are identical."""

@@ -225,7 +225,9 @@ def build_model(model: dict, vlm: str, action_dim: int, state_dim: int, action_t
     kwargs = dict(action_dim=action_dim, action_horizon=model["action_horizon"], state_dim=state_dim, **model["head"])
     if model["variant"] == "fast":
         kwargs["action_tokenizer"] = action_tokenizer
-    dtype = getattr(torch, model["dtype"]) if isinstance(model["dtype"], str) else model["dtype"]
+    dtype = model["dtype"]
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     return AutoModelForVLA.from_vlm(vlm, variant=model["variant"], dtype=dtype, **kwargs)
 
 

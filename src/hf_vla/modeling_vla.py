@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbones import get_backbone_adapter
@@ -90,8 +90,16 @@ class VLAPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_vlm(cls, vlm_name_or_path: str, dtype: torch.dtype | str | None = None, **config_kwargs):
-        """A new VLA around pretrained VLM weights: the backbone is loaded, the head freshly initialised."""
+        """A new VLA around pretrained VLM weights: the backbone is loaded, the head freshly initialised.
+
+        `dtype` is the whole model's: torch's default (float32) when None, whatever the checkpoint's dtype (fp32
+        weights for mixed-precision training), or `"auto"` for the checkpoint's. The head gets the backbone's dtype,
+        so that the saved model loads back as it was built."""
+        dtype = torch.get_default_dtype() if dtype is None else dtype
         vlm = AutoModelForImageTextToText.from_pretrained(vlm_name_or_path, dtype=dtype)
+        # the generation settings a model rebuilt from its config has (a hub VLM's repetition penalty would otherwise
+        # change token heads' decoding until the first save and load)
+        vlm.generation_config = GenerationConfig.from_model_config(vlm.config)
         tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
         config_kwargs = cls.config_kwargs_from_tokenizer(tokenizer, dict(config_kwargs))
         cls.adapt_backbone(vlm, tokenizer, config_kwargs)
@@ -107,6 +115,5 @@ class VLAPreTrainedModel(PreTrainedModel):
             child.to_empty(device=device)
             for module in child.modules():
                 model._init_weights(module)
-        if dtype is not None:
-            model.to(vlm.dtype)
+            child.to(vlm.dtype)  # the head only: the backbone keeps its float32 buffers (rotary frequencies)
         return model.eval()
