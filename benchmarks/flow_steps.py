@@ -185,7 +185,7 @@ def measure(model, inputs: dict, repeats: int) -> dict:
         conditions, mask = model.conditions(**vlm_inputs)
         contexts = head.model.project_contexts(head.prepare_conditions(conditions))
         mask = None if mask is None else attention_mask_from_key_padding(mask, head.dtype)
-        return contexts, mask, head.encode_state(model.head_state(inputs.get("state")))
+        return contexts, mask, head.encode_state(model.head_state(inputs.get("state")), noise.shape[0])
 
     with torch.no_grad():
         conditions, mask, state_tokens = prefix()

@@ -243,7 +243,7 @@ def test_one_euler_step_matches_velocity():
     conditions, _, state, noise = tiny_inputs()
     buckets = torch.zeros(B, dtype=torch.long)
     with torch.no_grad():
-        prepared, state_tokens = head.prepare_conditions(conditions), head.encode_state(state)
+        prepared, state_tokens = head.prepare_conditions(conditions), head.encode_state(state, B)
         velocity = head.predict_velocity(noise, buckets, prepared, None, state_tokens)
     torch.testing.assert_close(head.sample(conditions, None, state=state, noise=noise, num_steps=1), noise + velocity)
 
@@ -425,7 +425,7 @@ def test_all_cross_sampling_runs_the_action_tokens_alone_and_gives_the_same_chun
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, :2] = False
     with torch.no_grad():
-        prepared, state_tokens, actions = head.prepare_conditions(conditions), head.encode_state(state), noise.clone()
+        prepared, state_tokens, actions = head.prepare_conditions(conditions), head.encode_state(state, B), noise.clone()
         for k in range(3):
             buckets = torch.full((B,), int(k / 3 * 1000), dtype=torch.long)
             actions = actions + head.predict_velocity(actions, buckets, prepared, mask, state_tokens) / 3

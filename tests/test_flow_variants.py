@@ -1,5 +1,7 @@
 """GR00T, PI and PI_v3 as transformers models on both backbones, and at StarVLA's published configurations."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -119,8 +121,17 @@ def test_overfitting_a_batch(tiny_vlm_dirs, family, variant):
 def test_bad_inputs(tiny_vlm_dirs):
     model, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "gr00t")
     inputs = batch_for(processor)
-    with pytest.raises(ValueError, match=r"actions: expected shape \[B, 4, 7\], got \[2, 4, 5\]"):
+    with pytest.raises(ValueError, match=r"actions: expected shape \[2, 4, 7\] .*, got \[2, 4, 5\]"):
         model(**inputs, actions=torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match=r"actions: expected shape \[2, 4, 7\] .*, got \[3, 4, 7\]"):
+        model(**inputs, actions=torch.zeros(3, 4, 7))
+    state = inputs.pop("state")
+    for bad in (state[:, :-1], state[:1], state[0]):
+        with pytest.raises(ValueError, match=rf"state: expected shape \[2, {state.shape[1]}\] or .*, got {re.escape(str(list(bad.shape)))}"):
+            model.predict_action(**inputs, state=bad)
+    with pytest.raises(ValueError, match="num_steps: expected a positive integer, got 0"):
+        model.predict_action(**inputs, state=state, num_steps=0)
+    inputs["state"] = state
     with pytest.raises(ValueError, match="actions: flow-matching training needs target actions"):
         model(**inputs)
     with pytest.raises(ValueError, match=r"noise must be \(2, 4, 7\), got \(2, 4, 6\)"):

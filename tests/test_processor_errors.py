@@ -96,8 +96,10 @@ def test_model_rejects_wrong_query_count_and_action_shape(oft):
     with pytest.raises(ValueError, match=r"input_ids: expected 4 action-query tokens .* found \[0, 4\]"):
         model.predict_action(**inputs)
     inputs = call(processor)
-    with pytest.raises(ValueError, match=r"actions: expected shape \[B, 4, 7\], got \[2, 4, 3\]"):
+    with pytest.raises(ValueError, match=r"actions: expected shape \[2, 4, 7\] \(one chunk per prompt\), got \[2, 4, 3\]"):
         model(**inputs, actions=inputs["state"].new_zeros(2, 4, 3))
+    with pytest.raises(ValueError, match=r"actions: expected shape \[2, 4, 7\] \(one chunk per prompt\), got \[1, 4, 7\]"):
+        model(**inputs, actions=inputs["state"].new_zeros(1, 4, 7))  # torch would broadcast it into the loss
 
 
 def test_policy_observation_errors(oft):

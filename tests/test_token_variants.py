@@ -170,8 +170,10 @@ def test_bad_inputs(tiny_vlm_dirs, fast_tokenizer):
     with pytest.raises(ValueError, match=r"action_tokenizer.action_dim: expected 5 \(the model's\), got 3"):
         AutoModelForVLA.from_vlm(vlm, variant="fast", action_tokenizer=fast_tokenizer, action_dim=5, action_horizon=T)
     model.set_action_tokenizer(fast_tokenizer)
-    with pytest.raises(ValueError, match=r"actions: expected shape \[B, 4, 3\], got \[1, 4, 2\]"):
+    with pytest.raises(ValueError, match=r"actions: expected shape \[1, 4, 3\] .*, got \[1, 4, 2\]"):
         model(**inputs, actions=torch.zeros(1, T, 2))
+    with pytest.raises(ValueError, match=r"actions: expected shape \[1, 4, 3\] .*, got \[2, 4, 3\]"):
+        model(**inputs, actions=torch.zeros(2, T, D))
 
 
 @pytest.mark.parametrize("vlm_config", [QWEN2_5_VL_3B, QWEN3_VL_4B], ids=["qwen2.5-vl-3b", "qwen3-vl-4b"])

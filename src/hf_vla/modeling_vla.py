@@ -67,10 +67,11 @@ class VLAPreTrainedModel(PreTrainedModel):
         inputs = {k: v for k, v in vlm_inputs.items() if k in VLM_INPUT_NAMES and v is not None}
         return self.backbone.encode(self.vlm, output_hidden_states=output_hidden_states, **inputs)
 
-    def check_actions(self, actions: torch.Tensor) -> None:
-        expected = (self.config.action_horizon, self.config.action_dim)
-        if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:
-            raise ValueError(f"actions: expected shape [B, {expected[0]}, {expected[1]}], got {list(actions.shape)}")
+    def check_actions(self, actions: torch.Tensor, batch_size: int) -> None:
+        expected = (batch_size, self.config.action_horizon, self.config.action_dim)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"actions: expected shape {list(expected)} (one chunk per prompt), got "
+                             f"{list(actions.shape)}")
 
     def predict_action(self, **inputs) -> torch.Tensor:
         raise NotImplementedError

@@ -236,12 +236,15 @@ class FlowMatchingActionHead(nn.Module):
             )
         return conditions.to(self.dtype)
 
-    def encode_state(self, state: torch.Tensor | None) -> torch.Tensor | None:
+    def encode_state(self, state: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         """State `[B, S]` or `[B, k, S]` → state tokens `[B, 1 or k, D]` (None passes through)."""
         if state is None:
             return None
         if self.state_encoder is None:
             raise ValueError("This head was built without a state encoder (state_dim=None) but a state was given.")
+        if state.dim() not in (2, 3) or state.shape[0] != batch_size or state.shape[-1] != self.state_dim:
+            raise ValueError(f"state: expected shape [{batch_size}, {self.state_dim}] or [{batch_size}, k, "
+                             f"{self.state_dim}], got {list(state.shape)}")
         if state.dim() == 2:
             state = state[:, None, :]
         return self.state_encoder(state.to(self.dtype))
@@ -356,7 +359,7 @@ class FlowMatchingActionHead(nn.Module):
         """
         repeats = self.repeated_diffusion_steps
         conditions = self.prepare_conditions(conditions)
-        state_tokens = self.encode_state(state)
+        state_tokens = self.encode_state(state, actions.shape[0])
         if repeats > 1:
             if isinstance(conditions, list):
                 conditions = [condition.repeat(repeats, 1, 1) for condition in conditions]
@@ -416,10 +419,12 @@ class FlowMatchingActionHead(nn.Module):
             `[B, action_horizon, action_dim]` normalised actions.
         """
         num_steps = self.num_inference_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
         conditions = self.prepare_conditions(conditions)
-        state_tokens = self.encode_state(state)
         first = conditions[0] if isinstance(conditions, list) else conditions
         batch, device = first.shape[0], first.device
+        state_tokens = self.encode_state(state, batch)
         shape = (batch, self.action_horizon, self.action_dim)
         if noise is None:
             actions = torch.randn(shape, device=device, dtype=self.dtype)

@@ -76,7 +76,7 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
         """
         if actions is None:
             raise ValueError("actions: flow-matching training needs target actions; use predict_action for inference")
-        self.check_actions(actions)
+        self.check_actions(actions, input_ids.shape[0])
         conditions, mask = self.conditions(
             training=True,
             input_ids=input_ids,

@@ -147,7 +147,7 @@ class VLATokenActionModel(VLAPreTrainedModel):
         labels (`torch.LongTensor`, *optional*): ready-made labels for an `input_ids` that already holds the reply.
         """
         if actions is not None:
-            self.check_actions(actions)
+            self.check_actions(actions, input_ids.shape[0])
             input_ids, attention_mask, labels = self.append_targets(input_ids, attention_mask, actions)
             mm_token_type_ids = (input_ids == self._image_token_id()).to(torch.int32)
         if labels is None:

@@ -75,7 +75,7 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
 
         loss = None
         if actions is not None:
-            self.check_actions(actions)
+            self.check_actions(actions, predicted.shape[0])
             error = F.l1_loss(predicted.float(), actions.float(), reduction="none")
             if action_mask is None:
                 loss = error.mean()
