@@ -5,9 +5,11 @@ openpi-client==0.1.2`; the same paths are also covered with our own client.
 """
 
 import argparse
+import contextlib
 import http.client
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -408,3 +410,95 @@ def test_server_flags_set_default_post_processing(policy):
         PolicyServer(policy, port=0, postprocess=PostProcess(execute_steps=9))
     with pytest.raises(ValueError, match="unknown default key 'mars'"):
         PolicyServer(policy, port=0, unnorm_key="mars")
+
+
+# ---------------------------------------------------------------- the client
+
+class SlowPolicy:
+    """The policy, except that the instruction "slow" takes longer than the client waits."""
+
+    def __init__(self, policy, delay):
+        self.policy, self.delay = policy, delay
+        self.model, self.processor, self.unnorm_key = policy.model, policy.processor, policy.unnorm_key
+
+    def predict(self, obs, **kwargs):
+        if obs["instruction"][0] == "slow":
+            time.sleep(self.delay)
+        return self.policy.predict(obs, **kwargs)
+
+
+def test_a_timed_out_request_closes_the_connection_so_its_late_reply_answers_nothing(policy):
+    slow, fast = make_obs(1, batch=1, prompt="slow"), make_obs(2, batch=1, prompt="fast")
+    slow["instruction"] = ["slow"]
+    with PolicyServer(SlowPolicy(policy, delay=1.5), port=0, unnorm_key="bridge") as server:
+        client = PolicyClient("127.0.0.1", server.port, timeout=0.5)
+        with pytest.raises(TimeoutError):
+            client.infer(slow)
+        with pytest.raises(ConnectionClosed):
+            client.infer(fast)
+        with client_for(server) as fresh:
+            np.testing.assert_allclose(fresh.infer(fast)["actions"], policy.predict(fast), atol=1e-5)
+
+
+def test_a_client_whose_connect_fails_leaves_no_connection_open():
+    from websockets.sync.server import serve
+
+    open_connections = []
+
+    def silent(connection):  # accepts, never sends the metadata frame
+        open_connections.append(connection)
+        with contextlib.suppress(ConnectionClosed):
+            for _ in connection:
+                pass
+        open_connections.remove(connection)
+
+    with serve(silent, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with pytest.raises(TimeoutError):
+            PolicyClient("127.0.0.1", server.socket.getsockname()[1], timeout=0.3)
+        deadline = time.monotonic() + TIMEOUT
+        while open_connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not open_connections
+        server.shutdown()
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_hf_vla_serve_logs_the_address_it_bound(tmp_path):
+    """With --port 0 the log line is the only place the port shows: a client connects to what it says."""
+    import os
+    import queue
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "hf_vla.cli", "serve", "--port", "0"]
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            lines = queue.Queue()
+            threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+            seen, match = [], None
+            while match is None:
+                try:
+                    seen.append(lines.get(timeout=TIMEOUT))
+                except queue.Empty:
+                    pytest.fail("no address line within the timeout; stderr:\n" + "".join(seen))
+                match = re.search(r"serving \S+ on ws://127\.0\.0\.1:(\d+)", seen[-1])
+            with PolicyClient("127.0.0.1", int(match.group(1)), timeout=TIMEOUT) as client:
+                assert client.metadata["action_chunk_size"] == 8
+        finally:
+            process.terminate()
+
+
+def test_other_commands_work_without_the_serve_extra(monkeypatch, capsys):
+    import sys
+
+    from hf_vla.cli import main
+
+    for name in [m for m in sys.modules if m == "hf_vla.serving" or m.startswith("hf_vla.serving.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "websockets", None)  # as if `pip install hf_vla` without [serve]
+    assert main(["demo"]) == 0 and "action chunk" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"needs the 'serve' extra \(module 'websockets' is missing\): pip install"):
+        main(["serve", "--port", "0"])

@@ -47,6 +47,14 @@ def push(args) -> int:
     return 0
 
 
+SERVE_MODULES = {"websockets", "msgpack"}
+
+
+def missing_extra(extra: str, module: str) -> int:
+    raise SystemExit(f"hf-vla {extra}: needs the {extra!r} extra (module {module!r} is missing): "
+                     f"pip install 'hf_vla[{extra}]'")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["convert-starvla"]:  # its own argument parser
@@ -69,11 +77,17 @@ def main(argv=None) -> int:
     p.add_argument("--revision")
     p.add_argument("--remote-code", action="store_true", help="also ship self-contained modules (trust_remote_code)")
     p.set_defaults(func=push)
-    from .serving.server import add_arguments, run_from_args
-
-    p = commands.add_parser("serve", help="serve a model over openpi's websocket protocol")
-    add_arguments(p)
-    p.set_defaults(func=run_from_args)
+    p = commands.add_parser("serve", help="serve a model over openpi's websocket protocol (needs the `serve` extra)")
+    try:
+        from .serving.server import add_arguments, run_from_args
+    except ModuleNotFoundError as err:  # without the `serve` extra every other command still works
+        if (err.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        if argv[:1] == ["serve"]:
+            return missing_extra("serve", err.name)
+    else:
+        add_arguments(p)
+        p.set_defaults(func=run_from_args)
     p = commands.add_parser("generate", help="write simulator expert demonstrations as a LeRobot dataset")
     simulators = p.add_subparsers(dest="simulator", required=True)
     p = simulators.add_parser("metaworld", help="Meta-World scripted experts (needs the `sim` extra)")

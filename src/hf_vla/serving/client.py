@@ -4,7 +4,9 @@
         print(client.metadata["action_chunk_size"])
         actions = client.infer({"images": {"primary": image}, "prompt": "pick up the cup"})["actions"]
 
-`infer` raises `ServerError` when the server answers with an error reply; `request` returns any reply as is.
+`infer` raises `ServerError` when the server answers with an error reply; `request` returns any reply as is. A reply
+that does not come within `timeout` (or any failed receive) closes the connection: replies come in request order, so
+the late one would otherwise answer the next request. Connect again to go on.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class PolicyClient:
         self._ws = self._exit.enter_context(
             connect(uri, additional_headers=headers, compression=None, max_size=None, open_timeout=timeout)
         )
-        self.metadata: dict = self._receive()
+        self.metadata: dict = self._receive()  # closes the connection if it fails
 
     def infer(self, obs: dict) -> dict:
         """Sends one observation (openpi form) or StarVLA request; returns the reply, raising on an error reply."""
@@ -69,7 +71,12 @@ class PolicyClient:
         return self._receive()
 
     def _receive(self) -> Any:
-        reply = self._ws.recv(timeout=self.timeout)
+        try:
+            reply = self._ws.recv(timeout=self.timeout)
+        except BaseException:
+            # Replies come in request order: after a timeout the late reply would answer the next request.
+            self.close()
+            raise
         if isinstance(reply, str):  # openpi servers send tracebacks as text frames
             raise ServerError(f"error from the policy server:\n{reply}", reply)
         return unpackb(reply)

@@ -885,6 +885,9 @@ def _torch_dtype(name: str | None):
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:  # the address line (with --port 0 the only place the port shows)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per connection is noise
     if args.model and args.model_path and args.model != args.model_path:
         raise SystemExit(f"hf-vla serve: two models given ({args.model_path!r} and --model {args.model!r})")
     args.model = args.model or args.model_path
@@ -900,8 +903,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="hf-vla serve", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per connection is noise
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
