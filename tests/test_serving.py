@@ -19,6 +19,7 @@ from websockets.sync.client import connect
 
 from hf_vla import VLAPolicy
 from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
+from hf_vla.serving.msgpack_numpy import MAX_DEPTH
 from hf_vla.serving.server import ClientActivity, add_arguments, options_from_args
 
 CAMERAS = ("primary", "wrist")
@@ -96,6 +97,26 @@ def test_msgpack_numpy_round_trip_and_refusals():
     ]:
         with pytest.raises(ValueError, match=match):
             unpackb(crafted, max_array_bytes=1000)
+
+    scalars = [np.bool_(True), np.int8(-3), np.uint16(7), np.float32(0.25)]  # (float64, str_, bytes_ pack natively)
+    for scalar in scalars:
+        decoded = unpackb(packb({"x": scalar}))["x"]
+        assert decoded == scalar and decoded.dtype == scalar.dtype
+
+    def scalar_frame(dtype, data):
+        return packb({"obs": {"x": {b"__npgeneric__": True, b"data": data, b"dtype": dtype}}})
+
+    for dtype, data, got in [("<f4", "1.5", "str '1.5'"), ("<i4", 1.9, "float 1.9"), ("<f8", None, "NoneType"),
+                             ("|b1", "False", "str"), ("<i8", True, "bool"), ("<f4", [1, 2], "list")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"obs\.x: a numpy .* scalar's value must be .*, got {re.escape(got)}"):
+            unpackb(scalar_frame(dtype, data))
+
+    nested = {"ok": 1}
+    for _ in range(MAX_DEPTH):
+        nested = {"a": nested}
+    with pytest.raises(ValueError, match=rf"^a(\.a)*: nested deeper than {MAX_DEPTH} levels"):
+        unpackb(packb(nested))
+    assert unpackb(packb(nested["a"])) == nested["a"]
 
 
 def test_msgpack_numpy_matches_openpi_client_bytes():
@@ -183,6 +204,9 @@ def test_starvla_request_shapes(server, policy):
         error = client.request({"type": "infer", "request_id": "r2", "payload": {"examples": [{"lang": "x"}]}})
         assert (error["status"], error["ok"], error["request_id"]) == ("error", False, "r2")
         assert error["error"]["message"].startswith("payload.examples[0].image:")
+        two_states = {**examples[0], "state": obs["state"][:, :3]}  # [2, 3]: 6 values, but not one sample's state
+        error = client.request({"type": "infer", "payload": {"examples": [two_states]}})
+        assert error["error"]["message"] == "payload.examples[0].state: expected [S] or [1, S] for one example, got [2, 3]"
         assert "unknown request type" in client.request({"type": "train"})["error"]["message"]
 
 
@@ -240,6 +264,10 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
         (packb({**good, "state": np.zeros(3, np.float32)}), "state: expected 6 values"),
         (packb({**good, "state": np.array([np.nan] * 6)}), "state: contains NaN"),
         (packb({**good, "state": np.array(["a"] * 6)}), "state: expected a float array"),
+        (packb({**good, "state": ["1.0"] * 6}), "state: expected a float array, got <U3"),  # never parsed
+        (packb({**good, "state": [True] * 6}), "state: expected a float array, got bool"),
+        (packb({**good, "images": {c: np.zeros((0, 8, 8, 3), np.uint8) for c in CAMERAS}, "instruction": []}),
+         "images: expected at least one sample, got 0"),
         (packb({**good, "unnorm_key": "mars"}), "unnorm_key: unknown key 'mars'"),
         (packb({**good, "images": {c: np.zeros((200, 200, 3), np.uint8) for c in CAMERAS}}),
          "images.primary: array of 120000 bytes exceeds the limit of 100000"),

@@ -26,6 +26,9 @@ __all__ = ["packb", "unpackb", "Packer"]
 
 _ARRAY, _SCALAR = b"__ndarray__", b"__npgeneric__"
 _REFUSED_KINDS = {"O": "object", "V": "void/structured", "c": "complex"}
+# what `x.item()` gives for a numpy scalar of each dtype kind, i.e. what a scalar's `data` may be
+_SCALAR_DATA = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float), "U": (str,), "S": (bytes,)}
+MAX_DEPTH = 64  # observations nest a few levels; a deeper frame is refused before Python's recursion limit
 
 
 def _checked_dtype(spec: Any, field: str) -> np.dtype:
@@ -83,6 +86,12 @@ def _decode_array(node: dict, field: str, max_array_bytes: int | None) -> np.nda
 
 def _decode_scalar(node: dict, field: str) -> np.generic:
     dtype = _checked_dtype(node.get(b"dtype"), field)
+    data = node.get(b"data")
+    allowed = _SCALAR_DATA.get(dtype.kind, ())
+    if not isinstance(data, allowed) or (isinstance(data, bool) and bool not in allowed):
+        expected = " or ".join(t.__name__ for t in allowed) or "nothing"
+        raise ValueError(f"{field}: a numpy {dtype} scalar's value must be {expected}, got {type(data).__name__} "
+                         f"{reprlib.repr(data)}")
     try:
         return dtype.type(node.get(b"data"))
     except (TypeError, ValueError, OverflowError) as error:
@@ -94,15 +103,17 @@ def _field(parent: str, key: Any) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-def _decode(node: Any, field: str, max_array_bytes: int | None) -> Any:
+def _decode(node: Any, field: str, max_array_bytes: int | None, depth: int = 0) -> Any:
+    if isinstance(node, (dict, list)) and depth == MAX_DEPTH:
+        raise ValueError(f"{field or '<root>'}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, dict):
         if node.get(_ARRAY) is True:
             return _decode_array(node, field or "<root>", max_array_bytes)
         if node.get(_SCALAR) is True:
             return _decode_scalar(node, field or "<root>")
-        return {key: _decode(value, _field(field, key), max_array_bytes) for key, value in node.items()}
+        return {key: _decode(value, _field(field, key), max_array_bytes, depth + 1) for key, value in node.items()}
     if isinstance(node, list):
-        return [_decode(value, f"{field}[{i}]", max_array_bytes) for i, value in enumerate(node)]
+        return [_decode(value, f"{field}[{i}]", max_array_bytes, depth + 1) for i, value in enumerate(node)]
     return node
 
 

@@ -285,7 +285,11 @@ class RequestParser:
             (instruction,) = self._instructions(example.get(text_key), 1, f"{field_name}.{text_key}")
             state = None
             if example.get("state") is not None:
-                state = self._numeric(example["state"], f"{field_name}.state").reshape(-1)
+                state = self._numeric(example["state"], f"{field_name}.state")
+                if state.ndim == 2 and state.shape[0] != 1:
+                    raise ValueError(f"{field_name}.state: expected [S] or [1, S] for one example, got "
+                                     f"{list(state.shape)}")
+                state = state.reshape(-1)
                 self._check_state_width(state.shape[0], f"{field_name}.state")
             rows.append(Row(views, instruction, state, key))
         return Request(rows)
@@ -332,7 +336,7 @@ class RequestParser:
     def _numeric(self, value: Any, name: str) -> np.ndarray:
         if isinstance(value, (list, tuple)):
             try:
-                value = np.asarray(value, dtype=np.float64)
+                value = np.asarray(value)  # no dtype: strings and booleans must not pass as numbers
             except (TypeError, ValueError):
                 raise ValueError(f"{name}: expected a list of numbers") from None
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
@@ -350,6 +354,8 @@ class RequestParser:
             raise ValueError(f"{name}: expected {self.state_dim} values per sample, got {width}")
 
     def _check_rows(self, rows: int, name: str) -> None:
+        if rows < 1:
+            raise ValueError(f"{name}: expected at least one sample, got 0")
         if rows > self.limits.max_request_rows:
             limit = self.limits.max_request_rows
             raise ValueError(f"{name}: {rows} samples exceed the server's max_request_rows={limit}")
