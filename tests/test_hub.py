@@ -31,6 +31,9 @@ def model_dir(tiny_vlm_dirs, tmp_path_factory):
     (path / "training_recipe.yaml").write_text("model:\n  variant: oft\ndata:\n  datasets: [lerobot/bridge]\n")
     report = {"tasks": {"drawer-open": {"success_rate": 0.9, "episodes": 20, "ci95": [0.7, 0.97]}}}
     (path / "eval_results.json").write_text(json.dumps(report))
+    for leftover in ("checkpoint-2/model.safetensors", "checkpoint-2/trainer_state.json", "tiny_vlm/config.json"):
+        (path / leftover).parent.mkdir(exist_ok=True)  # what a training run leaves beside the model
+        (path / leftover).write_text("{}")
     return path
 
 
@@ -89,3 +92,15 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
                      "chat_template.jinja", "training_recipe.yaml", "eval_results.json", "modeling_oft.py",
                      "processing_vla.py"):  # fmt: skip
         assert expected in report["shipped"], expected
+    assert not [f for f in report["shipped"] if "/" in f], report["shipped"]
+
+
+def test_release_files_are_the_top_level_ones_and_the_fast_tokenizer(tmp_path):
+    from hf_vla.hub.push import release_files
+
+    for name in ("config.json", "model.safetensors", "notes.md", "action_tokenizer/tokenizer.json",
+                 "action_tokenizer/processor_config.json", "checkpoint-4/model.safetensors", "runs/events.txt"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert release_files(tmp_path) == ["action_tokenizer/processor_config.json", "action_tokenizer/tokenizer.json",
+                                       "config.json", "model.safetensors"]  # fmt: skip

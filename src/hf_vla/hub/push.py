@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from ..models.fast.modeling_fast import ACTION_TOKENIZER_DIR
 from .card import build_model_card
 from .remote_code import export_remote_code
 
-# What a release carries: weights, configs, processor/tokenizer/statistics, the FAST tokenizer, remote code,
-# the training recipe and evaluation results.
-RELEASE_PATTERNS = [
-    "*.json", "*.safetensors", "*.jinja", "*.txt", "*.py", "README.md", "training_recipe.yaml",
-    "action_tokenizer/*",
-]  # fmt: skip
+# What a release carries from the model directory's top level: weights, configs, processor/tokenizer/statistics,
+# remote code, the training recipe and evaluation results; plus the FAST tokenizer's folder.
+RELEASE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.py", "README.md", "training_recipe.yaml"]
+
+
+def release_files(model_dir: Path) -> list[str]:
+    """The files `push_model` uploads. Listed by name: in huggingface_hub's patterns `*` also matches `/`, so
+    `*.safetensors` would ship a training run's `checkpoint-N/` weights and any backbone saved beside the model."""
+    files = [p.name for p in model_dir.iterdir() if p.is_file() and any(fnmatch(p.name, g) for g in RELEASE_PATTERNS)]
+    tokenizer_dir = model_dir / ACTION_TOKENIZER_DIR
+    if tokenizer_dir.is_dir():
+        files += [f"{ACTION_TOKENIZER_DIR}/{p.name}" for p in tokenizer_dir.iterdir() if p.is_file()]
+    return sorted(files)
 
 
 def push_model(
@@ -46,6 +55,6 @@ def push_model(
         repo_id=repo_id,
         revision=revision,
         commit_message=commit_message,
-        allow_patterns=RELEASE_PATTERNS,
+        allow_patterns=release_files(model_dir),
     )
     return str(info)
