@@ -205,13 +205,17 @@ def test_grpo_trains_a_bins_vla_from_decoded_action_rewards(vlm_dir, tmp_path):
         calls.append((completion_ids, columns))
         return reward(prompts, completions, completion_ids, **columns)
 
+    with pytest.raises(ValueError, match=r"max_completion_length: 5 is shorter than an action reply \(12..12 tokens\)"):
+        build_grpo_trainer(model, processor, dataset, reward,
+                           GRPOConfig(str(tmp_path), max_completion_length=5, use_cpu=True, bf16=False))
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
-                      max_completion_length=T * D, beta=0.0, use_cpu=True, max_steps=2, learning_rate=1e-3,
+                      beta=0.0, use_cpu=True, max_steps=2, learning_rate=1e-3,
                       logging_steps=1, save_strategy="no", report_to="none", gradient_checkpointing=False,
                       disable_tqdm=True, seed=0)  # fmt: skip
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = build_grpo_trainer(model, processor, dataset, recording_reward, args)
     assert trainer.model is model.vlm and trainer.processing_class.tokenizer.padding_side == "left"
+    assert args.max_completion_length == T * D  # TRL's default would let a bins reply run on past its end
     trainer.train()
 
     assert len(calls) == 2

@@ -343,9 +343,13 @@ def build_grpo_trainer(vla_model, processor, dataset, reward_fn, args=None, **kw
     if args is None:
         args = GRPOConfig(output_dir="tmp_grpo")
     min_new, max_new = vla_model.generation_limits()
-    if args.max_completion_length is None or args.max_completion_length < min_new:
+    if args.max_completion_length is not None and args.max_completion_length < min_new:
         raise ValueError(f"max_completion_length: {args.max_completion_length} is shorter than an action reply "
                          f"({min_new}..{max_new} tokens)")  # fmt: skip
+    if args.max_completion_length is None or args.max_completion_length > max_new:
+        # No reply is longer; a bins reply, which has no end-of-turn token, would otherwise run on to TRL's default
+        # length, never decode, and leave every reward equal (no advantage, no update).
+        args.max_completion_length = max_new
     args.generation_kwargs = {**action_generation_kwargs(vla_model), **(args.generation_kwargs or {})}
     processing_class = image_only_processor(processor, padding_side="left")
     policy = vla_model.vlm
