@@ -366,6 +366,10 @@ def test_recipe_overrides():
     with pytest.raises(ValueError, match="must start with"):
         load_recipe(None, ["--max_steps", "3"])
 
+    recipe = load_recipe(REPO / "trainers" / "recipes" / "oft.yaml", ["--trainer.learning_rate", "3e-5"])
+    fields, rates, _, _ = split_trainer_section(recipe["trainer"])
+    assert fields["learning_rate"] == 3e-5 and rates == {"vlm.model.visual": 1e-5, "action_head": 1e-3}  # kept
+
 
 @pytest.fixture(scope="module")
 def train_vla():

@@ -5,7 +5,8 @@
 
 An override is `--section.key.subkey VALUE` (or `--section.key.subkey=VALUE`); VALUE is read as YAML, so `1e-4`,
 `true`, `null`, `[a, b]` and `{min_lr: 1e-6}` have their YAML types. Under `trainer.learning_rate` the rest of the
-path is one module path (`--trainer.learning_rate.vlm.model.visual 1e-5` sets the rate of `vlm.model.visual`).
+path is one module path (`--trainer.learning_rate.vlm.model.visual 1e-5` sets the rate of `vlm.model.visual`), and a
+plain `--trainer.learning_rate 3e-5` sets the base rate, keeping the per-module ones.
 
 The `trainer` section holds `TrainingArguments` fields, except three that VLATrainer takes itself:
 `learning_rate` (a number, or `{base: lr, <module path>: lr, ...}` where `base` is `TrainingArguments.learning_rate`),
@@ -81,6 +82,9 @@ def apply_override(recipe: dict, path: list[str], value) -> None:
         if not isinstance(node.get(key), dict):
             node[key] = {}
         node = node[key]
+    if tuple(path) in PATH_KEYED and isinstance(node.get(path[-1]), dict) and not isinstance(value, Mapping):
+        node[path[-1]]["base"] = value  # a number replaces the base rate, not the per-module ones
+        return
     node[path[-1]] = value
 
 
