@@ -416,6 +416,13 @@ def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root):
     assert head_rates and max(head_rates) <= 3e-3
 
 
+def test_resuming_the_latest_checkpoint_needs_one(train_vla, tmp_path):
+    for output_dir in (tmp_path / "missing", tmp_path):
+        with pytest.raises(ValueError, match=rf"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N"):
+            train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(output_dir),
+                            "--trainer.resume_from_checkpoint", "true"])  # fmt: skip
+
+
 def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root):
     cameras = dict(CAMERAS)
     mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "toy_a", "cameras": cameras},

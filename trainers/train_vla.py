@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "output_dir" not in fields:
         raise ValueError("trainer.output_dir: required")
     output_dir, seed = Path(fields["output_dir"]), int(fields.get("seed", 42))
+    if resume in (True, "true", "last"):  # checked before anything is built: a typo'd output_dir must not start over
+        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if resume is None:
+            raise ValueError(f"trainer.resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N to resume")
     is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -309,8 +313,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters, {trainable:,} trainable; "
                 f"{len(train)} training samples; world size {args.world_size}")
 
-    if resume in (True, "true", "last"):
-        resume = get_last_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(args.output_dir)
     trainer.log_metrics("train", result.metrics)
