@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hf_vla.normalization import compute_stats, normalize, unnormalize
+from hf_vla.normalization import compute_stats, normalize, unnormalize, validate_feature_stats
 
 
 @pytest.fixture
@@ -62,3 +62,13 @@ def test_bad_inputs():
         compute_stats(np.zeros((3, 2)), ["q99"])
     with pytest.raises(ValueError, match=r"expected a non-empty \[N, D\] array, got shape \(0, 2\)"):
         compute_stats(np.zeros((0, 2)))
+
+    good = compute_stats(np.random.default_rng(0).normal(size=(10, 3)))
+    assert validate_feature_stats(good, "s") == 3
+    for name, value, message in [("q99", [1.0, None, 2.0], r"s\.q99: not finite at dimension\(s\) \[1\]"),
+                                 ("std", [1.0, 1.0, float("nan")], r"s\.std: not finite at dimension\(s\) \[2\]"),
+                                 ("mean", ["a", 0.0, 0.0], r"s\.mean: expected a list of numbers, got \['a'"),
+                                 ("min", 0.0, r"s\.min: expected a list of numbers, got shape \[\]"),
+                                 ("mode", "q99", r"s\.mode: expected one mode per dimension, got the string 'q99'")]:
+        with pytest.raises(ValueError, match=message):
+            validate_feature_stats({**good, name: value}, "s")

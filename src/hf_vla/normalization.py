@@ -66,6 +66,18 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
     missing = [k for k in (*STAT_NAMES, "mode") if k not in stats]
     if missing:
         raise ValueError(f"{field}: missing statistics {missing}")
+    for name in STAT_NAMES:  # a null or NaN here would turn every normalised value, and every decoded action, to NaN
+        try:
+            values = np.asarray(stats[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field}.{name}: expected a list of numbers, got {stats[name]!r:.80}") from None
+        if values.ndim != 1:
+            raise ValueError(f"{field}.{name}: expected a list of numbers, got shape {list(values.shape)}")
+        if not np.isfinite(values).all():
+            bad = np.flatnonzero(~np.isfinite(values)).tolist()
+            raise ValueError(f"{field}.{name}: not finite at dimension(s) {bad}")
+    if isinstance(stats["mode"], str):
+        raise ValueError(f"{field}.mode: expected one mode per dimension, got the string {stats['mode']!r}")
     lengths = {k: len(stats[k]) for k in (*STAT_NAMES, "mode")}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{field}: statistics have different lengths {lengths}")

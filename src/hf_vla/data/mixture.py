@@ -17,9 +17,10 @@ same structure as a dict), `load_mixture("mix.yaml", action_horizon=16)`:
 
 Sampling. `mixture[i]` is a pure function of (seed, epoch, i): a numpy Generator seeded with [seed, epoch, i] picks a
 dataset with the mixture's probabilities (normalised weights, times dataset lengths with `balance_by_length`), then
-a uniformly random frame of it. `set_epoch(epoch)` gives a fresh draw (`VLATrainer` calls it at every epoch; call it from
-your own training loop, as with a DistributedSampler). Any sampler or number of DataLoader workers therefore sees the same stream; persistent
-workers keep the epoch they started with, so recreate them (the default) when the epoch should change.
+a uniformly random frame of it. `set_epoch(epoch)` gives a fresh draw (`VLATrainer` calls it at every epoch; call
+it from your own training loop, as with a DistributedSampler). Any sampler or number of DataLoader workers therefore
+sees the same stream; persistent workers keep the epoch they started with, so recreate them (the default) when the
+epoch should change.
 
 Epoch length. `len(mixture) = max_k ceil(len_k / p_k)` with p_k the probability of drawing dataset k: the number of
 draws after which every dataset has been visited, in expectation, at least as many times as it has frames. Without
