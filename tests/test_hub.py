@@ -49,6 +49,25 @@ def test_card_carries_metadata_and_computed_sections(model_dir):
     assert 'AutoModelForVLA.from_pretrained("tester/tiny-oft"' in text
 
 
+def test_card_reads_what_train_vla_saves(model_dir, tmp_path):
+    import shutil
+
+    run = shutil.copytree(model_dir, tmp_path / "run")
+    (run / "training_recipe.yaml").write_text("data:\n  lerobot: lerobot/pusht\n")
+    (run / "eval_results.json").write_text(json.dumps({"epoch": 1.0, "eval_action_l1": 0.01234, "eval_runtime": 3.2,
+                                                       "eval_action_valid_fraction": 1.0}))  # fmt: skip
+    card = build_model_card(run, repo_id="tester/run")
+    assert card.data.to_dict()["datasets"] == ["lerobot/pusht"]
+    assert "| action_l1 | 0.01234 |" in card.text and "| action_valid_fraction | 1 |" in card.text
+    assert "runtime" not in card.text and "No evaluation results" not in card.text
+
+    mixture = {"datasets": [{"path": "lerobot/aloha", "weight": 2.0}, {"path": "lerobot/pusht"}]}
+    (run / "mix.yaml").write_text(json.dumps(mixture))
+    for spec in (json.dumps(mixture), str(run / "mix.yaml")):
+        (run / "training_recipe.yaml").write_text(f"data:\n  mixture: {spec}\n")
+        assert build_model_card(run).data.to_dict()["datasets"] == ["lerobot/aloha", "lerobot/pusht"]
+
+
 def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
     script = textwrap.dedent(f"""
         import json, sys, numpy as np, torch

@@ -64,7 +64,7 @@ def build_model_card(
     table = parameter_table(model)
     processor = VLAProcessor.from_pretrained(model_dir)
     recipe = (model_dir / "training_recipe.yaml").read_text() if (model_dir / "training_recipe.yaml").exists() else None
-    evaluation = _evaluation_rows(model_dir / "eval_results.json")
+    evaluation, held_out = _evaluation(model_dir / "eval_results.json")
     datasets = list(datasets or _recipe_datasets(recipe))
     variant = config.variant
     repo_id = repo_id or model_dir.name
@@ -105,6 +105,7 @@ def build_model_card(
         datasets=datasets,
         recipe=recipe.strip() if recipe else None,
         evaluation=evaluation,
+        held_out=held_out,
         remote_code=bool(config.auto_map) if hasattr(config, "auto_map") else False,
     )
 
@@ -121,20 +122,30 @@ def _looks_like_hub_id(value) -> bool:
 
 
 def _recipe_datasets(recipe: str | None) -> list[str]:
+    """The training data a recipe names: `data.lerobot` (train_vla's key), the entries of `data.mixture` (inline, or
+    a mixture file that is still where the recipe says), or `data.datasets` / `dataset` / `path`."""
     if not recipe:
         return []
     import yaml
 
     data = (yaml.safe_load(recipe) or {}).get("data", {}) or {}
-    found = data.get("datasets") or data.get("dataset") or data.get("path") or []
+    mixture = data.get("mixture")
+    if isinstance(mixture, str) and Path(mixture).is_file():
+        mixture = yaml.safe_load(Path(mixture).read_text(encoding="utf-8"))
+    if isinstance(mixture, dict):
+        found = mixture.get("datasets") or []
+    else:
+        found = data.get("lerobot") or data.get("datasets") or data.get("dataset") or data.get("path") or []
     found = [found] if isinstance(found, (str, dict)) else found
-    return [d["path"] if isinstance(d, dict) else str(d) for d in found]
+    return [str(d.get("path") or d.get("repo_id")) if isinstance(d, dict) else str(d) for d in found]
 
 
-def _evaluation_rows(path: Path) -> list[dict]:
-    """Rows of an `eval_results.json` (`{"tasks": {name: {"success_rate", "episodes", "ci95": [lo, hi]}}}`)."""
+def _evaluation(path: Path) -> tuple[list[dict], list[tuple[str, float]]]:
+    """From an `eval_results.json`: closed-loop rows (`{"tasks": {name: {"success_rate", "episodes", "ci95": [lo,
+    hi]}}}`, written by `hf-vla eval`) and the held-out action errors that `Trainer.save_metrics("eval")` writes into
+    the same file (`eval_action_l1`, ...)."""
     if not path.exists():
-        return []
+        return [], []
     report = json.loads(path.read_text())
     rows = []
     for task, result in report.get("tasks", {}).items():
@@ -142,4 +153,6 @@ def _evaluation_rows(path: Path) -> list[dict]:
         interval = f"{100 * low:.1f}–{100 * high:.1f}%" if low is not None else "–"
         rows.append({"task": task, "success_rate": result["success_rate"], "episodes": result["episodes"],
                      "interval": interval})  # fmt: skip
-    return rows
+    held_out = [(key.removeprefix("eval_"), float(value)) for key, value in report.items()
+                if key.startswith("eval_action_") and isinstance(value, (int, float))]  # fmt: skip
+    return rows, held_out
