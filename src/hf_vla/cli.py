@@ -47,12 +47,7 @@ def push(args) -> int:
     return 0
 
 
-SERVE_MODULES = {"websockets", "msgpack"}
-
-
-def missing_extra(extra: str, module: str) -> int:
-    raise SystemExit(f"hf-vla {extra}: needs the {extra!r} extra (module {module!r} is missing): "
-                     f"pip install 'hf_vla[{extra}]'")
+SERVE_MODULES = {"websockets", "msgpack"}  # what the `serve` extra installs
 
 
 def main(argv=None) -> int:
@@ -84,7 +79,8 @@ def main(argv=None) -> int:
         if (err.name or "").split(".")[0] not in SERVE_MODULES:
             raise
         if argv[:1] == ["serve"]:
-            return missing_extra("serve", err.name)
+            raise SystemExit(f"hf-vla serve: needs the 'serve' extra (module {err.name!r} is missing): "
+                             "pip install 'hf_vla[serve]'") from None
     else:
         add_arguments(p)
         p.set_defaults(func=run_from_args)

@@ -93,9 +93,9 @@ class VLAPreTrainedModel(PreTrainedModel):
     def from_vlm(cls, vlm_name_or_path: str, dtype: torch.dtype | str | None = None, **config_kwargs):
         """A new VLA around pretrained VLM weights: the backbone is loaded, the head freshly initialised.
 
-        `dtype` is the whole model's: torch's default (float32) when None, whatever the checkpoint's dtype (fp32
-        weights for mixed-precision training), or `"auto"` for the checkpoint's. The head gets the backbone's dtype,
-        so that the saved model loads back as it was built."""
+        `dtype` is the whole model's: None gives torch's default (float32) whatever the checkpoint holds (the fp32
+        weights mixed-precision training wants), `"auto"` the checkpoint's own. The head gets the backbone's dtype, so
+        that the saved model loads back as it was built."""
         dtype = torch.get_default_dtype() if dtype is None else dtype
         vlm = AutoModelForImageTextToText.from_pretrained(vlm_name_or_path, dtype=dtype)
         # the generation settings a model rebuilt from its config has (a hub VLM's repetition penalty would otherwise

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..configuration_vla import VLAConfig
 from ..modeling_vla import VLM_INPUT_NAMES, VLAOutput, VLAPreTrainedModel
@@ -173,19 +173,17 @@ class VLATokenActionModel(VLAPreTrainedModel):
             allowed = torch.cat([allowed, torch.tensor([eos])])
         vlm_inputs = {k: v for k, v in inputs.items() if k in VLM_INPUT_NAMES}
         prompt_length = vlm_inputs["input_ids"].shape[1]
-        # A complete generation config: nothing of the backbone's own (a hub VLM's repetition penalty, say, which a
-        # model rebuilt by from_pretrained no longer has) may change which action tokens come out.
-        greedy = GenerationConfig(
+        # Settings not given here come from `self.vlm.generation_config`: the defaults of the backbone's config (see
+        # `from_vlm`), the same for a model built from a hub VLM and for its saved copy.
+        sequences = self.vlm.generate(
+            **vlm_inputs,
             do_sample=False,
-            num_beams=1,
             min_new_tokens=min_new,
             max_new_tokens=max_new,
             eos_token_id=eos,
             pad_token_id=eos,
             use_cache=use_cache,
-        )
-        sequences = self.vlm.generate(
-            **vlm_inputs, generation_config=greedy, logits_processor=LogitsProcessorList([AllowOnly(allowed)])
+            logits_processor=LogitsProcessorList([AllowOnly(allowed)]),
         )[:, prompt_length:]
         indices = []
         for row in sequences.tolist():
