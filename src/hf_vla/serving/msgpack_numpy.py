@@ -93,9 +93,9 @@ def _decode_scalar(node: dict, field: str) -> np.generic:
         raise ValueError(f"{field}: a numpy {dtype} scalar's value must be {expected}, got {type(data).__name__} "
                          f"{reprlib.repr(data)}")
     try:
-        return dtype.type(node.get(b"data"))
+        return dtype.type(data)
     except (TypeError, ValueError, OverflowError) as error:
-        raise ValueError(f"{field}: cannot read a {dtype} scalar from {reprlib.repr(node.get(b'data'))}") from error
+        raise ValueError(f"{field}: cannot read a {dtype} scalar from {reprlib.repr(data)}") from error
 
 
 def _field(parent: str, key: Any) -> str:
