@@ -72,6 +72,10 @@ def test_env_rejects_bad_actions(drawer_env):
         drawer_env.step(np.array([0, np.nan, 0, 0]))
     with pytest.raises(ValueError, match="unknown Meta-World task 'drawer-opne'"):
         MetaWorldEnv("drawer-opne")
+    with pytest.raises(ValueError, match=r"max_steps: expected 1..500 \(Meta-World's episode limit\), got 501"):
+        MetaWorldEnv("drawer-open", image_size=16, max_steps=501)
+    with pytest.raises(ValueError, match="image_size: expected a positive integer, got 0"):
+        MetaWorldEnv("drawer-open", image_size=0)
 
 
 def test_expert_succeeds_and_zero_actions_do_not(drawer_env):
@@ -148,8 +152,26 @@ def test_evaluate_writes_report_plot_and_video(tmp_path):
 
 
 def test_policy_returning_a_wrong_shape_is_reported(drawer_env):
-    with pytest.raises(ValueError, match=r"policy: expected an action chunk \[T, 4\], got shape \[8, 7\]"):
-        run_episode(drawer_env, lambda obs: np.zeros((8, 7)), 0, EvalConfig(), "open the drawer")
+    for shape in ((8, 7), (0, 4)):  # an empty chunk would never step the environment, nor end the episode
+        with pytest.raises(ValueError, match=rf"policy: expected an action chunk \[T ≥ 1, 4\], got shape \[{shape[0]}, {shape[1]}\]"):
+            run_episode(drawer_env, lambda obs: np.zeros(shape), 0, EvalConfig(), "open the drawer")
+
+
+def test_evaluation_settings_that_would_hang_lose_results_or_be_ignored_are_refused():
+    never_called = lambda obs: pytest.fail("no episode should run")  # noqa: E731
+    cases = [
+        (dict(tasks=["reach", "reach-v3"]), r"tasks: \['reach'\] listed more than once"),
+        (dict(tasks=["reach"], episodes=0), "episodes: expected a positive integer, got 0"),
+        (dict(tasks=["reach"], execute_steps=0), "execute_steps: expected a positive integer, got 0"),
+        (dict(tasks=["reach"], instructions={"reahc": "go"}), r"instructions: \['reahc'\] are not among"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            evaluate(never_called, EvalConfig(**settings), progress=False)
+    with pytest.raises(ValueError, match=r"swapping instructions needs at least two tasks, got \['reach'\]"):
+        swapped_instructions(["reach"])
+    with pytest.raises(ValueError, match=r"tasks: \['reach'\] listed more than once"):
+        generate_demonstrations("/nonexistent", tasks=["reach", "reach_v3"], episodes=1, progress=False)
 
 
 def test_swapped_instructions_and_task_names():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metaworld import CAMERA, EASY_TASKS, FPS, MetaWorldEnv, task_name
+from .metaworld import CAMERA, EASY_TASKS, FPS, MetaWorldEnv, distinct_task_names, task_name
 
 EVAL_SEED = 10_000  # demonstrations use seeds from 0, so evaluation episodes are unseen placements
 
@@ -78,8 +78,8 @@ def run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConf
         if config.blank_image:
             query["images"] = {name: np.zeros_like(view) for name, view in obs["images"].items()}
         chunk = np.asarray(policy(query), dtype=np.float32)
-        if chunk.ndim != 2 or chunk.shape[1] != 4:
-            raise ValueError(f"policy: expected an action chunk [T, 4], got shape {list(chunk.shape)}")
+        if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 4:
+            raise ValueError(f"policy: expected an action chunk [T ≥ 1, 4], got shape {list(chunk.shape)}")
         for action in chunk[: config.execute_steps]:
             obs, success, done = env.step(action)
             if frames is not None:
@@ -93,12 +93,19 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
     """Runs `config.episodes` episodes per task on seeds `config.seed, config.seed + 1, ...`; returns the report."""
     from tqdm.auto import tqdm
 
+    tasks = distinct_task_names(config.tasks)
+    for field in ("episodes", "execute_steps"):
+        if getattr(config, field) < 1:  # no episode would end (or none would run, and 0/0 read as 0% success)
+            raise ValueError(f"{field}: expected a positive integer, got {getattr(config, field)}")
+    instructions = {task_name(task): text for task, text in (config.instructions or {}).items()}
+    unknown = sorted(set(instructions) - set(tasks))
+    if unknown:
+        raise ValueError(f"instructions: {unknown} are not among the evaluated tasks {tasks}")
     results, env_steps, start = {}, 0, time.perf_counter()
-    bar = tqdm(total=config.episodes * len(config.tasks), desc="closed-loop episodes", unit="episode",
-               disable=not progress)  # fmt: skip
-    for task in map(task_name, config.tasks):
+    bar = tqdm(total=config.episodes * len(tasks), desc="closed-loop episodes", unit="episode", disable=not progress)
+    for task in tasks:
         with MetaWorldEnv(task, image_size=config.image_size, max_steps=config.max_steps) as env:
-            instruction = (config.instructions or {}).get(task, env.instruction)
+            instruction = instructions.get(task, env.instruction)
             result = results[task] = TaskResult(task, instruction)
             for episode in range(config.episodes):
                 frames = [] if config.video_dir and episode == 0 else None
@@ -226,7 +233,9 @@ def swapped_instructions(tasks: Sequence[str]) -> dict[str, str]:
     """Each task gets the next task's instruction (a swap for two tasks): the language-grounding ablation."""
     from .metaworld import instruction_for
 
-    names = [task_name(t) for t in tasks]
+    names = distinct_task_names(tasks)
+    if len(names) < 2:
+        raise ValueError(f"tasks: swapping instructions needs at least two tasks, got {names}")
     return {task: instruction_for(names[(i + 1) % len(names)]) for i, task in enumerate(names)}
 
 
@@ -253,8 +262,6 @@ def add_eval_arguments(parser):
 def run_eval(args) -> int:
     if bool(args.model) == bool(args.server):
         raise SystemExit("hf-vla eval metaworld: give exactly one of --model DIR or --server ws://host:port")
-    if args.execute_steps < 1:
-        raise SystemExit(f"--execute-steps: expected a positive integer, got {args.execute_steps}")
     instructions = swapped_instructions(args.tasks) if args.swap_instructions else None
     config = EvalConfig(tasks=args.tasks, episodes=args.episodes, seed=args.seed, execute_steps=args.execute_steps,
                         max_steps=args.max_steps, image_size=args.image_size, blank_image=args.blank_image,

@@ -55,6 +55,17 @@ def task_name(task: str) -> str:
     return name[: -len("-v3")] if name.endswith("-v3") else name
 
 
+def distinct_task_names(tasks: Sequence[str]) -> list[str]:
+    """`task_name` of each, refusing a task listed twice (under any spelling): its results would overwrite each other."""
+    names = [task_name(t) for t in tasks]
+    if not names:
+        raise ValueError("tasks: expected at least one task")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"tasks: {repeated} listed more than once (in {list(tasks)})")
+    return names
+
+
 def instruction_for(task: str) -> str:
     name = task_name(task)
     return INSTRUCTIONS.get(name, name.replace("-", " "))
@@ -74,6 +85,8 @@ class MetaWorldEnv:
         import metaworld
         from metaworld.policies import ENV_POLICY_MAP
 
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size: expected a positive integer, got {image_size!r}")
         self.task = task_name(task)
         env_name = f"{self.task}-v3"
         if env_name not in ENV_POLICY_MAP:
@@ -86,6 +99,10 @@ class MetaWorldEnv:
             render_mode="rgb_array", camera_name=CAMERA, width=image_size, height=image_size
         )
         env.set_task(benchmark.train_tasks[0])
+        if not 1 <= max_steps <= env.max_path_length:  # Meta-World raises at the step after its own limit
+            env.close()
+            raise ValueError(f"max_steps: expected 1..{env.max_path_length} (Meta-World's episode limit), "
+                             f"got {max_steps}")
         env.model.cam_pos[2] = [0.75, 0.075, 0.7]  # the corner2 placement LeRobot's Meta-World env uses
         # llvmpipe spends most of a frame on the shadow map and multisampling; without them a frame is ~10× cheaper
         env.model.vis.global_.offwidth = image_size
@@ -189,7 +206,7 @@ def generate_demonstrations(
 
     if episodes < 1:
         raise ValueError(f"episodes: expected a positive integer, got {episodes}")
-    tasks = [task_name(t) for t in tasks]
+    tasks = distinct_task_names(tasks)
     start = time.perf_counter()
     writer = LeRobotWriter(out_dir, fps=FPS, robot_type="sawyer", video=video,
                            feature_names={"observation.state": STATE_NAMES, "action": ACTION_NAMES})  # fmt: skip
