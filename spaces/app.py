@@ -1,7 +1,7 @@
 """hf_vla Space: interactive action prediction.
 
-Pick a model (a local directory or a hub id; the embedded default when empty), give one image per camera, an
-instruction and the robot state, press Predict: the action chunk comes back in robot units as per-dimension plots,
+Pick a model (a local directory or a hub id; the embedded default when empty) and press Load model, give one image
+per camera, an instruction and the robot state, press Predict: the action chunk comes back in robot units as per-dimension plots,
 a 3-D end-effector path (cumulative xyz deltas) and a table you can download.
 
     python spaces/app.py [--model PATH_OR_ID] [--port 7860]
@@ -28,8 +28,15 @@ AXES = {7: ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], 4: ["x", "y", "z"
 
 
 @lru_cache(maxsize=4)
-def load_policy(model: str) -> VLAPolicy:
+def _load_policy(model: str) -> VLAPolicy:
     return VLAPolicy.from_pretrained(model or default_model_dir())
+
+
+def load_policy(model: str) -> VLAPolicy:
+    try:
+        return _load_policy(model)
+    except (OSError, ValueError) as error:  # not a model directory, unknown hub id, malformed files
+        raise gr.Error(f"Could not load the model {model!r}: {error}") from error
 
 
 def dimension_names(action_dim: int) -> list[str]:
@@ -63,12 +70,16 @@ def control_settings(model: str) -> tuple[str, dict, list[dict], list[dict]]:
 
 
 def model_controls(model: str):
-    """UI updates for a (re)loaded model."""
+    """The loaded model's name and the UI updates for it."""
     info, embodiments, cameras, sliders = control_settings(model)
-    return [info, gr.update(**embodiments), *(gr.update(**c) for c in cameras), *(gr.update(**s) for s in sliders)]
+    return [model, info, gr.update(**embodiments), *(gr.update(**c) for c in cameras),
+            *(gr.update(**s) for s in sliders)]  # fmt: skip
 
 
-def predict(model: str, unnorm_key: str | None, instruction: str, *inputs):
+def predict(model: str, loaded: str, unnorm_key: str | None, instruction: str, *inputs):
+    if model != loaded:  # its cameras and state sliders are not the ones shown (hidden sliders would send zeros)
+        raise gr.Error(f"The controls are for {loaded or 'the embedded default model'}: press 'Load model' to use "
+                       f"{model or 'the embedded default model'}.")
     policy = load_policy(model)
     processor = policy.processor
     images, state_values = inputs[:MAX_CAMERAS], inputs[MAX_CAMERAS:]
@@ -76,7 +87,11 @@ def predict(model: str, unnorm_key: str | None, instruction: str, *inputs):
     for name, image in zip(processor.camera_names, images):
         if image is None:
             raise gr.Error(f"Add an image for camera '{name}'.")
-        views[name] = np.asarray(image, dtype=np.uint8)[..., :3]
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise gr.Error(f"Camera '{name}': expected an RGB image (uint8 [H, W, 3]), got {image.dtype} "
+                           f"{list(image.shape)}.")
+        views[name] = image[..., :3]  # an RGBA upload without its alpha
     if not instruction or not instruction.strip():
         raise gr.Error("Type an instruction.")
     obs = {"images": views, "instruction": instruction.strip()}
@@ -142,11 +157,12 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         gr.Examples([[metaworld_example(task), text] for task, text in EXAMPLE_TASKS.items()],
                     inputs=[cameras[0], instruction], label="Meta-World scenes the default model has not seen")  # fmt: skip
 
-        controls = [info, unnorm_key, *cameras, *sliders]
-        load_button.click(model_controls, inputs=model_box, outputs=controls)
+        loaded = gr.State(model)  # the model the controls were built for
+        controls = [loaded, info, unnorm_key, *cameras, *sliders]
+        load_button.click(model_controls, inputs=model_box, outputs=controls, api_name="load_model")
         predict_button.click(
             predict,
-            inputs=[model_box, unnorm_key, instruction, *cameras, *sliders],
+            inputs=[model_box, loaded, unnorm_key, instruction, *cameras, *sliders],
             outputs=[summary, plot, path, table, download],
             api_name="predict",
         )
@@ -160,7 +176,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
     demo = build_demo(args.model)
-    _, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+                            show_error=True)  # fmt: skip
     print(f"hf_vla Space running at {url} with {args.model or 'the embedded default model'} (Ctrl-C to stop)",
           flush=True)  # fmt: skip
     demo.block_thread()

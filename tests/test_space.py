@@ -51,6 +51,21 @@ def test_predict_through_gradio_client(space, tmp_path):
     assert len(plot["data"]) == 8 * 4
 
 
+def test_bad_models_and_images_get_messages(space, tmp_path):
+    from app import predict
+
+    client = Client(space, verbose=False)
+    with pytest.raises(Exception, match=r"Could not load the model '.*no_such_model'"):
+        client.predict(str(tmp_path / "no_such_model"), api_name="/load_model")
+    with pytest.raises(Exception, match=r"The controls are for .*: press 'Load model' to use .*other"):
+        client.predict(str(tmp_path / "other"), "metaworld", "go", None, None, None, None, *([0.0] * 16),
+                       api_name="/predict")  # fmt: skip
+    model = default_model_dir()
+    for image in (np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8)):  # a direct call is not cast
+        with pytest.raises(gr.Error, match=rf"Camera 'corner2': expected an RGB image .*got {image.dtype}"):
+            predict(model, model, "metaworld", "go", image, None, None, None, *([0.0] * 16))
+
+
 def test_missing_image_is_reported(space):
     client = Client(space, verbose=False)
     with pytest.raises(Exception, match="Add an image for camera 'corner2'"):

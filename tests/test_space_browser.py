@@ -34,7 +34,9 @@ def test_space_in_a_real_browser(tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])  # fmt: skip
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}", wait_until="networkidle", timeout=60_000)
+            # not "networkidle": with a gr.State the page keeps a heartbeat connection open
+            page.goto(f"http://127.0.0.1:{port}", wait_until="load", timeout=60_000)
+            sync_api.expect(page.locator("#camera-0 input[type=file]")).to_be_attached(timeout=60_000)
             page.locator("#camera-0 input[type=file]").set_input_files(str(image))
             page.get_by_label("Instruction").fill("open the drawer")
             page.locator("#predict-btn").click()
