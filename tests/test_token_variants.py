@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import FAMILIES, random_views
 from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from hf_vla import AutoModelForVLA, VLABinsForActionPrediction, VLAFASTForActionPrediction, VLAProcessor
 from hf_vla.action_tokenizers import FASTTokenizer
@@ -149,11 +149,16 @@ def test_loss_depends_on_image_and_instruction(token_model):
     assert abs(base - loss(views, ["close the door"])) > 1e-6
 
 
-def test_bins_prompt_carries_state_tokens_and_one_stacked_image(tiny_vlm_dirs, fast_tokenizer):
+def test_bins_prompt_carries_state_tokens_and_one_stacked_image(tiny_vlm_dirs, fast_tokenizer, tmp_path):
     model, processor = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "bins", fast_tokenizer, concat_views=True)
     inputs = processor(images=random_views(np.random.default_rng(0), 1), text=["go"], state=[[-1.0, 0.999]])
     text = processor.tokenizer.decode(inputs["input_ids"][0])
-    assert "[STATE] <robot_action_0><robot_action_255> [ACTION]" in text
+    assert model.config.num_action_tokens == 32  # the state uses the actions' 32 bins: every bin is a token
+    assert "[STATE] <robot_action_0><robot_action_31> [ACTION]" in text
+    offset = model.config.action_token_offset
+    assert [offset, offset + 31] == [t for t in inputs["input_ids"][0].tolist() if offset <= t < offset + 32]
+    processor.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).state_bins == 32
     assert text.count("<|vision_start|>") == 1 and inputs["image_grid_thw"].tolist() == [[1, 8, 4]]
 
 

@@ -20,15 +20,17 @@ from .backbones import get_backbone_adapter
 from .normalization import FeatureNormalizer, compute_stats, validate_feature_stats
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
-STATE_BINS = np.linspace(-1.0, 1.0, 257)[:-1]  # 256 uniform bins over [-1, 1] (StarVLA's state text)
+STATE_BINS = 256  # uniform bins over [-1, 1] of StarVLA's state text
 
 
-def state_to_text(normalized_state: np.ndarray, token_template: str | None = None) -> str:
-    """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index (StarVLA: values below -1 give
-    -1), or, with `token_template` (e.g. "<robot_action_{}>"), as action tokens of the clipped bins [0, 255]."""
-    bins = np.digitize(normalized_state, STATE_BINS) - 1
+def state_to_text(normalized_state: np.ndarray, token_template: str | None = None, num_bins: int = STATE_BINS) -> str:
+    """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index among `num_bins` uniform bins
+    over [-1, 1] (StarVLA: values below -1 give -1), or, with `token_template` (e.g. "<robot_action_{}>"), as the
+    action tokens of the bins clipped to [0, num_bins - 1] (the bins variant, whose actions use the same bins)."""
+    bins = np.digitize(normalized_state, np.linspace(-1.0, 1.0, num_bins + 1)[:-1]) - 1
     if token_template is not None:
-        return "[STATE] " + "".join(token_template.format(int(b)) for b in np.clip(bins, 0, 255)) + " [ACTION]"
+        return ("[STATE] " + "".join(token_template.format(int(b)) for b in np.clip(bins, 0, num_bins - 1))
+                + " [ACTION]")  # fmt: skip
     return "[STATE] " + " ".join(str(int(b)) for b in bins) + " [ACTION]"
 
 
@@ -45,6 +47,8 @@ class VLAProcessor(ProcessorMixin):
         action_dim, action_horizon, state_dim, state_in_prompt, prompt_template: as in `VLAConfig`.
         action_query_token / action_query_suffix: OFT's placeholder token and the text that carries it.
         state_token_template (`str`, *optional*): write state bins as these tokens (bins variant) instead of numbers.
+        state_bins (`int`): how many uniform bins over [-1, 1] the state text uses (256, StarVLA's; the bins variant's
+            `num_action_tokens` when the state is written as its action tokens).
         concat_views (`bool`): stack the camera views vertically into one image (LLaVA-VLA).
         backbone (`str`): the VLM's model_type, which picks the image-token layout.
     """
@@ -65,6 +69,7 @@ class VLAProcessor(ProcessorMixin):
         action_query_token: str | None = None,
         action_query_suffix: str | None = None,
         state_token_template: str | None = None,
+        state_bins: int = STATE_BINS,
         concat_views: bool = False,
         backbone: str = "qwen2_5_vl",
         **kwargs,
@@ -80,6 +85,7 @@ class VLAProcessor(ProcessorMixin):
         self.action_query_token = action_query_token
         self.action_query_suffix = action_query_suffix
         self.state_token_template = state_token_template
+        self.state_bins = int(state_bins)
         self.concat_views = bool(concat_views)
         self.backbone = backbone
         if len(self.image_size) != 2:
@@ -108,6 +114,7 @@ class VLAProcessor(ProcessorMixin):
             state_token_template=(
                 config.action_token_template if getattr(config, "state_as_action_tokens", False) else None
             ),
+            state_bins=(config.num_action_tokens if getattr(config, "state_as_action_tokens", False) else STATE_BINS),
             concat_views=getattr(config, "concat_views", False),
             backbone=config.vlm_config.model_type,
         )
@@ -248,7 +255,7 @@ class VLAProcessor(ProcessorMixin):
                 raise ValueError(f"text[{b}]: the instruction may not contain the reserved token {token!r}")
         text = instruction
         if normalized_state is not None and self.state_in_prompt:
-            text += " " + state_to_text(normalized_state, self.state_token_template)
+            text += " " + state_to_text(normalized_state, self.state_token_template, self.state_bins)
         if self.action_query_token:
             text += self.action_query_suffix.format(
                 horizon=self.action_horizon, queries=self.action_query_token * self.action_horizon
@@ -342,7 +349,7 @@ class VLAProcessor(ProcessorMixin):
         views_per_prompt = 1 if self.concat_views else len(self.camera_names)
         state_texts = None
         if self.state_in_prompt and normalized_state is not None:
-            state_texts = tuple(state_to_text(row, self.state_token_template) for row in normalized_state)
+            state_texts = tuple(state_to_text(row, self.state_token_template, self.state_bins) for row in normalized_state)
         # tokens added to the tokenizer later change the ids, hence its length in the key
         template = (self.chat_template, self.prompt_template, self.action_query_suffix, self.action_query_token,
                     self.action_horizon)  # fmt: skip
