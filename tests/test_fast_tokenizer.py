@@ -148,6 +148,9 @@ def test_out_of_range_values_are_clipped_not_dropped(tokenizer, caplog):
         ids = tokenizer(chunk)
     assert "were clipped" in caplog.text
     assert tokenizer.decode(ids, return_valid=True)[1].all()
+    top = tokenizer.decode(ids)[0, 0, 0]
+    for value in (1e18, 1e19):  # beyond int64 once scaled: still the top end, never wrapped to the bottom
+        assert tokenizer.decode(tokenizer(np.full((T, D), value, dtype=np.float64)))[0, 0, 0] == top
 
 
 def test_bad_inputs(tokenizer, smooth, tmp_path):

@@ -103,3 +103,11 @@ def test_patch_embedding_matmul_equals_the_convolution(tiny_vlm_dirs, family):
 def test_tiny_vlm_heads_must_split_the_width(tmp_path):
     with pytest.raises(ValueError, match="num_heads: 3 heads do not split hidden_size 64"):
         build_tiny_vlm(tmp_path, hidden_size=64, num_heads=3)
+
+
+def test_an_odd_head_count_runs(tmp_path):  # 5 heads: grouped-query attention needs key/value heads dividing 5
+    from transformers import AutoModelForImageTextToText
+
+    vlm = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path, hidden_size=80))
+    assert vlm.config.get_text_config().num_attention_heads == 5
+    assert vlm(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, vlm.config.get_text_config().vocab_size)

@@ -179,6 +179,9 @@ def test_bad_inputs(tiny_vlm_dirs, fast_tokenizer):
         model(**inputs, actions=torch.zeros(1, T, 2))
     with pytest.raises(ValueError, match=r"actions: expected shape \[1, 4, 3\] .*, got \[2, 4, 3\]"):
         model(**inputs, actions=torch.zeros(2, T, D))
+    bins = AutoModelForVLA.from_vlm(vlm, variant="bins", action_dim=D, action_horizon=T, num_action_tokens=32)
+    with pytest.raises(ValueError, match="actions: contain NaN or inf"):
+        bins(**inputs, actions=torch.full((1, T, D), float("nan")))
 
 
 @pytest.mark.parametrize("vlm_config", [QWEN2_5_VL_3B, QWEN3_VL_4B], ids=["qwen2.5-vl-3b", "qwen3-vl-4b"])

@@ -160,7 +160,8 @@ def tiny_vlm_config(
     }
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        num_hidden_layers=num_layers, num_attention_heads=heads,
+        num_key_value_heads=heads // 2 if heads % 2 == 0 else 1,  # grouped-query attention needs a divisor
         max_position_embeddings=4096, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),

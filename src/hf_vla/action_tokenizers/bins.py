@@ -14,7 +14,10 @@ class UniformBins:
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """Bin index of every value (values outside [low, high] go to the end bins)."""
-        index = np.floor((np.asarray(values, dtype=np.float64) - self.low) / self.width)
+        values = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("actions: contain NaN or inf; bins encode finite, normalised values")
+        index = np.floor((values - self.low) / self.width)
         return np.clip(index, 0, self.num_bins - 1).astype(np.int64)
 
     def centres(self, index: np.ndarray) -> np.ndarray:

@@ -52,7 +52,9 @@ def _as_chunks(chunks) -> np.ndarray:
 
 def _quantise(chunks: np.ndarray, scale: float) -> np.ndarray:
     """Rounded DCT coefficients, `[N, T * D]` integers in time-major, dimension-minor order."""
-    return np.around(dct(chunks, axis=1, norm="ortho") * scale).astype(np.int64).reshape(len(chunks), -1)
+    rounded = np.around(dct(chunks, axis=1, norm="ortho") * scale)
+    # clipped where int64 would wrap (a huge positive coefficient must stay at the top end once snapped to the vocab)
+    return np.clip(rounded, -(2**62), 2**62).astype(np.int64).reshape(len(chunks), -1)
 
 
 class FASTTokenizer:
