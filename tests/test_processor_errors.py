@@ -70,6 +70,20 @@ def test_unknown_unnorm_key_lists_known_keys(oft):
             processor.decode_actions(np.zeros((1, 4, 7)), unnorm_key="widowx")
         with pytest.raises(ValueError, match=r"several embodiments are known, name one of \['bridge', 'libero'\]"):
             processor.decode_actions(np.zeros((1, 4, 7)))
+        # a mixed batch: one key per sample, each row decoded with its own statistics
+        normalized = np.random.default_rng(0).uniform(-1, 1, (3, 4, 7)).astype(np.float32)
+        mixed = processor.decode_actions(normalized, unnorm_key=["libero", "bridge", "libero"])
+        for row, key in enumerate(["libero", "bridge", "libero"]):
+            np.testing.assert_array_equal(mixed[row], processor.decode_actions(normalized[row], unnorm_key=key))
+        with pytest.raises(ValueError, match=r"unnorm_key: expected one key per sample of actions \[3, 4, 7\], got 2"):
+            processor.decode_actions(normalized, unnorm_key=["libero", "bridge"])
+        with pytest.raises(ValueError, match=r"unnorm_key: unknown key 'mars'"):
+            processor.decode_actions(normalized, unnorm_key=["libero", "mars", "libero"])
+        with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['action', 'states'\]"):
+            processor(images=[[np.zeros((8, 8, 3), np.uint8)] * 2], text=["go"], action=normalized[:1],
+                      states=np.zeros((1, 6)))  # fmt: skip
+        with pytest.raises(ValueError, match=r"unnorm_key: expected a key \(str\) or one per sample, got dict"):
+            processor.decode_actions(normalized, unnorm_key={"libero": 1})
     finally:
         del processor.norm_stats["libero"]
 

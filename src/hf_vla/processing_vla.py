@@ -162,14 +162,20 @@ class VLAProcessor(ProcessorMixin):
             raise ValueError(f"{field}: expected shape [N, {dim}] or [N, T, {dim}], got {list(array.shape)}")
         return array.reshape(-1, dim)
 
-    def _normalize_rows(self, raw: np.ndarray, keys: list, feature: str, field: str) -> np.ndarray:
-        """Normalises each sample with its embodiment's statistics (one call per distinct key)."""
+    def _normalize_rows(self, raw: np.ndarray, keys: list, feature: str, field: str, inverse: bool = False):
+        """Normalises (or, `inverse`, un-normalises) each sample with its embodiment's statistics (one call per
+        distinct key)."""
+
+        def apply(key, values):
+            normalizer = self._normalizer(self._feature_stats(key, feature, field))
+            return normalizer.unnormalize(values) if inverse else normalizer.normalize(values)
+
         if len(set(keys)) == 1:
-            return self._normalizer(self._feature_stats(keys[0], feature, field)).normalize(raw)
+            return apply(keys[0], raw)
         out = np.empty_like(raw)
         for key in dict.fromkeys(keys):
             rows = [b for b, k in enumerate(keys) if k == key]
-            out[rows] = self._normalizer(self._feature_stats(key, feature, field)).normalize(raw[rows])
+            out[rows] = apply(key, raw[rows])
         return out
 
     def _feature_stats(self, key: str | None, feature: str, field: str) -> dict:
@@ -298,6 +304,9 @@ class VLAProcessor(ProcessorMixin):
         Returns a BatchFeature with `input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids`,
         plus `state`, `actions`, `action_mask` when given.
         """
+        if kwargs:  # a misspelt `action=` or `states=` would otherwise drop the targets or the state silently
+            raise TypeError(f"VLAProcessor: unexpected argument(s) {sorted(kwargs)}; expected images, text, state, "
+                            "actions, action_mask, embodiment, return_tensors, pixel_buffer")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
         if isinstance(text, str):
@@ -463,13 +472,21 @@ class VLAProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ outputs
 
-    def decode_actions(self, actions, unnorm_key: str | None = None) -> np.ndarray:
-        """Normalised chunk (`torch` or numpy, `[..., action_dim]`) → robot units, `np.float32` of the same shape."""
+    def decode_actions(self, actions, unnorm_key: str | Sequence[str] | None = None) -> np.ndarray:
+        """Normalised chunk (`torch` or numpy, `[..., action_dim]`) → robot units, `np.float32` of the same shape.
+        `unnorm_key`: one embodiment's statistics, or one key per sample (first axis) for a mixed batch."""
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().to("cpu", torch.float32).numpy()
         actions = np.asarray(actions, dtype=np.float32)
         if actions.shape[-1] != self.action_dim:
             raise ValueError(f"actions: expected last dimension {self.action_dim}, got shape {list(actions.shape)}")
+        if isinstance(unnorm_key, (list, tuple)):
+            if actions.ndim < 2 or len(unnorm_key) != actions.shape[0]:
+                raise ValueError(f"unnorm_key: expected one key per sample of actions {list(actions.shape)}, got "
+                                 f"{len(unnorm_key)} keys")
+            return self._normalize_rows(actions, list(unnorm_key), "action", "unnorm_key", inverse=True)
+        if unnorm_key is not None and not isinstance(unnorm_key, str):
+            raise ValueError(f"unnorm_key: expected a key (str) or one per sample, got {type(unnorm_key).__name__}")
         return self._normalizer(self._stats_for(unnorm_key, "unnorm_key")["action"]).unnormalize(actions)
 
     @property
