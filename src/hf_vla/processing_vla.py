@@ -7,6 +7,7 @@ embodiment's statistics. Back: `decode_actions` maps a predicted chunk to robot 
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -23,11 +24,18 @@ PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_i
 STATE_BINS = 256  # uniform bins over [-1, 1] of StarVLA's state text
 
 
+@functools.lru_cache(maxsize=8)
+def _bin_edges(num_bins: int) -> np.ndarray:
+    edges = np.linspace(-1.0, 1.0, num_bins + 1)[:-1]  # made once: a control loop writes the state at every step
+    edges.flags.writeable = False
+    return edges
+
+
 def state_to_text(normalized_state: np.ndarray, token_template: str | None = None, num_bins: int = STATE_BINS) -> str:
     """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index among `num_bins` uniform bins
     over [-1, 1] (StarVLA: values below -1 give -1), or, with `token_template` (e.g. "<robot_action_{}>"), as the
     action tokens of the bins clipped to [0, num_bins - 1] (the bins variant, whose actions use the same bins)."""
-    bins = np.digitize(normalized_state, np.linspace(-1.0, 1.0, num_bins + 1)[:-1]) - 1
+    bins = np.digitize(normalized_state, _bin_edges(num_bins)) - 1
     if token_template is not None:
         return ("[STATE] " + "".join(token_template.format(int(b)) for b in np.clip(bins, 0, num_bins - 1))
                 + " [ACTION]")  # fmt: skip
