@@ -1,10 +1,16 @@
 """VLAConfig: the fields every VLA variant shares — a VLM backbone sub-config and the action/state interface."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+
+def check_at_least(config, **minimums: int) -> None:
+    """Raises, naming the field, where a field set (not None) is below its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(config, name, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name}: expected ≥ {minimum}, got {value}")
 
 
 @strict
@@ -54,13 +60,9 @@ class VLAConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.vlm_config.get_text_config(), "tie_word_embeddings", False))
 
     def validate_architecture(self):
-        for name in ("action_dim", "action_horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.state_dim < 0:
-            raise ValueError(f"state_dim must be >= 0, got {self.state_dim}")
+        check_at_least(self, action_dim=1, action_horizon=1, state_dim=0)
         if "{instruction}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{instruction}}', got {self.prompt_template!r}")
+            raise ValueError(f"prompt_template: expected a text containing '{{instruction}}', got {self.prompt_template!r}")
 
     @property
     def variant(self) -> str:
@@ -68,4 +70,4 @@ class VLAConfig(PreTrainedConfig):
         return self.model_type.removeprefix("vla_")
 
 
-__all__ = ["VLAConfig"]
+__all__ = ["VLAConfig", "check_at_least"]

@@ -7,6 +7,8 @@ and save like the VLM's) and its head under `self.action_head`. A variant implem
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +98,12 @@ class VLAPreTrainedModel(PreTrainedModel):
         `dtype` is the whole model's: None gives torch's default (float32) whatever the checkpoint holds (the fp32
         weights mixed-precision training wants), `"auto"` the checkpoint's own. The head gets the backbone's dtype, so
         that the saved model loads back as it was built."""
+        known = {field.name for field in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(config_kwargs) - known)
+        if unknown:  # a misspelt `action_horizn=8` would otherwise leave the default horizon
+            hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+            raise ValueError(f"{cls.config_class.__name__}: unknown field(s) {unknown}; closest known: "
+                             + ", ".join(f"{name} → {hint[0] if hint else '?'}" for name, hint in hints.items()))
         dtype = torch.get_default_dtype() if dtype is None else dtype
         vlm = AutoModelForImageTextToText.from_pretrained(vlm_name_or_path, dtype=dtype)
         # the generation settings a model rebuilt from its config has (a hub VLM's repetition penalty would otherwise

@@ -1,10 +1,8 @@
 """Head fields shared by the flow-matching variants' configurations (StarVLA's defaults)."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 
-from ..configuration_vla import VLAConfig
+from ..configuration_vla import VLAConfig, check_at_least
 
 
 @strict
@@ -32,19 +30,32 @@ class VLAFlowMatchingConfig(VLAConfig):
     attention_head_dim: int = 64
     dit_output_dim: int = 1024
     head_hidden_size: int = 1024
-    dropout: float = 0.2
+    dropout: float | int = 0.2
     final_dropout: bool = True
     interleave_self_attention: bool = True
     num_future_tokens: int = 32
     max_seq_len: int = 1024
     repeated_diffusion_steps: int = 1
     num_inference_steps: int = 4
-    time_beta_alpha: float = 1.5
-    time_beta_beta: float = 1.0
-    time_noise_s: float = 0.999
+    time_beta_alpha: float | int = 1.5
+    time_beta_beta: float | int = 1.0
+    time_noise_s: float | int = 0.999
     condition_mask: str = "always"
 
     def validate_architecture(self):
         super().validate_architecture()
+        check_at_least(self, dit_hidden_size=1, num_dit_layers=1, attention_head_dim=1, dit_output_dim=1,
+                       head_hidden_size=1, num_future_tokens=0, max_seq_len=self.action_horizon,
+                       repeated_diffusion_steps=1, num_inference_steps=1)  # fmt: skip
+        if self.dit_hidden_size is not None and self.dit_hidden_size % self.attention_head_dim:
+            raise ValueError(f"dit_hidden_size: expected a multiple of attention_head_dim {self.attention_head_dim}, "
+                             f"got {self.dit_hidden_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
+        if not 0 < self.time_noise_s <= 1:  # t = (s − u)/s
+            raise ValueError(f"time_noise_s: expected s in (0, 1], got {self.time_noise_s}")
+        for name in ("time_beta_alpha", "time_beta_beta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a Beta parameter > 0, got {getattr(self, name)}")
         if self.condition_mask not in ("always", "training", "never"):
             raise ValueError(f"condition_mask: expected 'always', 'training' or 'never', got {self.condition_mask!r}")

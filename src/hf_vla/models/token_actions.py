@@ -5,8 +5,6 @@ causal-LM loss on that span only. Inference decodes greedily with the KV cache, 
 maps the tokens back to a normalised chunk; a sequence that does not decode gives a NaN row (never zeros).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..configuration_vla import VLAConfig
+from ..configuration_vla import VLAConfig, check_at_least
 from ..modeling_vla import VLM_INPUT_NAMES, VLAOutput, VLAPreTrainedModel
 
 IGNORE_INDEX = -100
@@ -49,6 +47,10 @@ class VLATokenActionConfig(VLAConfig):
     action_token_template: str = "<robot_action_{}>"
     action_token_offset: int | None = None
     eos_token_id: int | None = None
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        check_at_least(self, num_action_tokens=1, max_action_tokens=1)
 
 
 class AllowOnly(LogitsProcessor):

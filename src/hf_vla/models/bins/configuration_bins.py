@@ -1,7 +1,5 @@
 """Configuration of the bins variant (OpenVLA / LLaVA-VLA): each action dimension as one of N uniform bins."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 
 from ..token_actions import VLATokenActionConfig

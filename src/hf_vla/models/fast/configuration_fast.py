@@ -1,7 +1,5 @@
 """Configuration of the FAST variant (StarVLA QwenFast): DCT + BPE action tokens decoded autoregressively."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 
 from ..token_actions import VLATokenActionConfig

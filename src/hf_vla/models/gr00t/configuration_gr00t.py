@@ -1,7 +1,5 @@
 """Configuration of the GR00T variant (StarVLA QwenGR00T): a flow-matching DiT on the last VLM layer."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 
 from ..flow_matching_config import VLAFlowMatchingConfig

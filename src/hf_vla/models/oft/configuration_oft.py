@@ -1,10 +1,10 @@
 """Configuration of the OFT variant (StarVLA QwenOFT): parallel L1 regression from action-query tokens."""
 
-from __future__ import annotations
+import string
 
 from huggingface_hub.dataclasses import strict
 
-from ...configuration_vla import VLAConfig
+from ...configuration_vla import VLAConfig, check_at_least
 
 
 @strict
@@ -38,8 +38,11 @@ class VLAOFTConfig(VLAConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        if "{queries}" not in self.action_query_suffix:
-            raise ValueError(f"action_query_suffix must contain '{{queries}}', got {self.action_query_suffix!r}")
+        check_at_least(self, head_hidden_dim=1, head_num_blocks=0)
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.action_query_suffix) if name is not None}
+        if "queries" not in fields or fields - {"queries", "horizon"}:
+            raise ValueError("action_query_suffix: expected a text with '{queries}' (and optionally '{horizon}'), got "
+                             f"{self.action_query_suffix!r}")
 
 
 __all__ = ["VLAOFTConfig"]

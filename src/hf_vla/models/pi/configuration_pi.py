@@ -1,7 +1,5 @@
 """Configuration of the PI variant (StarVLA QwenPI, formerly QwenFM): a layer-wise flow-matching DiT."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 
 from ..flow_matching_config import VLAFlowMatchingConfig

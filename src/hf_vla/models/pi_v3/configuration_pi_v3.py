@@ -1,7 +1,5 @@
 """Configuration of the PI_v3 variant (StarVLA QwenPI_v3): compressed layer-wise DiT, state in the prompt."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 
 from ..pi.configuration_pi import VLAPIConfig
