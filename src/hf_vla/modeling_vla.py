@@ -1,8 +1,9 @@
 """VLAPreTrainedModel: a VLM backbone plus an action head, as one transformers model.
 
 Every variant keeps the backbone under `self.vlm` (the family's own `*ForConditionalGeneration`, so its weights load
-and save like the VLM's) and its head under `self.action_head`. A variant implements `forward` (training, returns
-`.loss`) and `predict_action` (inference, returns a normalised chunk `[B, T, D]`).
+and save like the VLM's) and its head under `self.action_head` (None for the token variants, whose head is the
+VLM's own vocabulary). A variant implements `forward` (training, returns `.loss`) and `predict_action` (inference,
+returns a normalised chunk `[B, T, D]`).
 """
 
 from __future__ import annotations

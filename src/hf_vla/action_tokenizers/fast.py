@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy.fft import dct, idct
 from tokenizers import Tokenizer, decoders, models, trainers
 
 logger = logging.getLogger(__name__)
@@ -52,6 +51,8 @@ def _as_chunks(chunks) -> np.ndarray:
 
 def _quantise(chunks: np.ndarray, scale: float) -> np.ndarray:
     """Rounded DCT coefficients, `[N, T * D]` integers in time-major, dimension-minor order."""
+    from scipy.fft import dct  # scipy only where actions are tokenised: `import hf_vla` must not need it
+
     rounded = np.around(dct(chunks, axis=1, norm="ortho") * scale)
     # clipped where int64 would wrap (a huge positive coefficient must stay at the top end once snapped to the vocab)
     return np.clip(rounded, -(2**62), 2**62).astype(np.int64).reshape(len(chunks), -1)
@@ -182,6 +183,8 @@ class FASTTokenizer:
         if errors:
             logger.warning("FAST: %d of %d sequences could not be decoded and are NaN (%s)",
                            len(errors), len(ids), "; ".join(errors[:5]) + ("; ..." if len(errors) > 5 else ""))
+        from scipy.fft import idct
+
         actions = idct(coefficients / self.scale, axis=1, norm="ortho").astype(np.float32)
         return (actions, valid) if return_valid else actions
 
