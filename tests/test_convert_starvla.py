@@ -171,6 +171,33 @@ def test_oft_round_trip(vlms, tmp_path, legacy_layout):
     assert torch.equal(model(**inputs).loss, original(**inputs).loss)
 
 
+def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path):
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,
+                                        state_dim=S, action_token="🔍", prompt_template=COT)  # fmt: skip
+    # QwenOFT's own config often has no state_dim: with include_state the statistics give the width
+    run = write_run(tmp_path / "run", "QwenOFT", vlms["qwen2_5_vl"], to_starvla(original.state_dict(), "oft"),
+                    {"action_dim": A, "future_action_window_size": H - 1},
+                    {"CoT_prompt": COT, "obs_image_size": [56, 56], "include_state": True, "data_mix": "libero_goal"})  # fmt: skip
+    out = convert_starvla(run, tmp_path / "out")
+    assert AutoModelForVLA.from_pretrained(out).config.state_dim == S
+    assert VLAProcessor.from_pretrained(out).norm_stats["franka"]["state"]["mode"] == ["q99"] * S
+
+    with pytest.raises(StarVLAConversionError, match=r"dtype: expected a floating-point torch dtype, got 'int8'"):
+        convert_starvla(run, tmp_path / "int8", dtype="int8")
+    stats_file = run / "dataset_statistics.json"
+    for edit, message in [
+        (lambda s: s["franka"]["state"].pop("q01"), r"franka\.state: missing \['q01'\]|state_dim"),
+        (lambda s: s["franka"]["action"].pop("mean"), r"franka\.action: missing \['mean'\]"),
+        (lambda s: s["franka"].pop("action"), r"no entry has 'action' statistics \(keys: \['franka'\]\)"),
+    ]:
+        stats = statistics()
+        edit(stats)
+        stats_file.write_text(json.dumps(stats))
+        with pytest.raises(StarVLAConversionError, match=message):
+            convert_starvla(run, tmp_path / "bad")
+
+
 def test_refuses_checkpoints_that_do_not_map_exactly(vlms, tmp_path):
     torch.manual_seed(0)
     original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,

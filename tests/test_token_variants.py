@@ -212,3 +212,30 @@ def test_action_tokens_resize_a_meta_device_backbone(tiny_vlm_dirs, variant):
     rows = backbone.get_input_embeddings().weight.shape[0]
     model_class.adapt_backbone(backbone, tokenizer, kwargs)
     assert backbone.get_input_embeddings().weight.shape[0] == rows + model_class.config_class.num_action_tokens
+
+
+def test_fast_fetches_its_tokenizer_with_the_weights_hub_options(fast_tokenizer, tmp_path, monkeypatch):
+    """A hub FAST release: `action_tokenizer/` comes through the caller's cache_dir, token and revision (offline with
+    a custom cache, the default cache would not have it)."""
+    import huggingface_hub
+
+    from hf_vla.models.token_actions import VLATokenActionModel
+
+    fast_tokenizer.save_pretrained(tmp_path / "snapshot" / "sub" / "action_tokenizer")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tmp_path / "snapshot")
+
+    class Loaded:
+        def set_action_tokenizer(self, tokenizer):
+            self.tokenizer = tokenizer
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(VLATokenActionModel, "from_pretrained", classmethod(lambda cls, *args, **kwargs: Loaded()))
+    model = VLAFASTForActionPrediction.from_pretrained("org/fast-vla", cache_dir="/c", token="t", revision="r",
+                                                       local_files_only=True, subfolder="sub", dtype=torch.float32)  # fmt: skip
+    assert calls == [("org/fast-vla", {"allow_patterns": ["sub/action_tokenizer/*"], "cache_dir": "/c", "token": "t",
+                                       "revision": "r", "local_files_only": True})]  # fmt: skip
+    assert model.tokenizer.vocab_size == fast_tokenizer.vocab_size

@@ -323,7 +323,8 @@ def image_size_for(config: dict) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- config
 
 
-def head_fields(variant: str, config: dict, text_config, state: dict[str, torch.Tensor]) -> dict:
+def head_fields(variant: str, config: dict, text_config, state: dict[str, torch.Tensor],
+                statistics: dict | None = None) -> dict:  # fmt: skip
     """Our config fields from StarVLA's `framework.action_model` and the per-framework constants (starvla.md §1)."""
     am = _get(config, "framework.action_model", {}) or {}
     dcfg = am.get("diffusion_model_cfg") or {}
@@ -332,7 +333,16 @@ def head_fields(variant: str, config: dict, text_config, state: dict[str, torch.
     fields = {"action_dim": int(am.get("action_dim") or 7), "action_horizon": int(horizon)}
     if variant == "oft":  # the state only reaches OFT as prompt text, and only when the run fed it
         include_state = bool(_get(config, "datasets.vla_data.include_state", False))
-        fields["state_dim"] = int(am.get("state_dim") or 0) if include_state else 0
+        state_dim = int(am.get("state_dim") or 0)
+        if include_state and not state_dim:  # QwenOFT never reads state_dim itself: the statistics know it
+            widths = {len(s["state"]["q01"]) for s in (statistics or {}).values()
+                      if isinstance(s, dict) and isinstance(s.get("state"), dict) and "q01" in s["state"]}  # fmt: skip
+            if len(widths) != 1:
+                raise StarVLAConversionError(
+                    "framework.action_model.state_dim: the run fed the state (datasets.vla_data.include_state) but "
+                    f"neither its config nor dataset_statistics.json gives one state width (found {sorted(widths)})")
+            state_dim = widths.pop()
+        fields["state_dim"] = state_dim if include_state else 0
     if variant not in FLOW_VARIANTS:
         return fields
     if int(am.get("num_timestep_buckets") or 1000) != 1000:
@@ -396,7 +406,8 @@ def _load_base_config(base_vlm: str):
         ) from err
 
 
-def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir: Path | None, interleave=None):
+def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir: Path | None, interleave=None,
+                 statistics: dict | None = None):  # fmt: skip
     """The variant's config on the base VLM's, and what the report says about the choices."""
     configured_vlm = _get(config, "framework.qwenvl.base_vlm")
     vlm_config = _load_base_config(base_vlm)
@@ -415,7 +426,7 @@ def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir
     if embeddings is not None:
         text_config.vocab_size = int(embeddings.shape[0])
 
-    fields = head_fields(variant, config, text_config, state)
+    fields = head_fields(variant, config, text_config, state, statistics)
     fields.update(prompt_template=prompt_template_for(config), base_vlm=base_vlm)
     interleave, reason = choose_attention_mode(variant, config, run_dir, interleave)
     if variant == "gr00t" and interleave is None:  # odd blocks attend to themselves iff their k/v width is D
@@ -459,8 +470,8 @@ def _resolve_dtype(dtype, state: dict[str, torch.Tensor]) -> torch.dtype:
         return dtype
     if dtype:
         resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise StarVLAConversionError(f"dtype: unknown torch dtype {dtype!r}")
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise StarVLAConversionError(f"dtype: expected a floating-point torch dtype, got {dtype!r}")
         return resolved
     counts = Counter(t.dtype for t in state.values() if t.is_floating_point())
     return counts.most_common(1)[0][0] if counts else torch.float32
@@ -500,6 +511,10 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
     for key, stats in statistics.items():
         if not isinstance(stats, dict) or "action" not in stats:
             continue
+        for feature in ("action", "state") if stats.get("state") and state_dim else ("action",):
+            missing = [k for k in STAT_NAMES if k not in stats[feature]]
+            if missing:
+                raise StarVLAConversionError(f"dataset_statistics.json: {key}.{feature}: missing {missing}")
         action_mode, action_source = choose_action_modes(stats["action"], config, action_modes)
         entry = {"action": {**{k: stats["action"][k] for k in STAT_NAMES}, "mode": action_mode}}
         entry.update({k: stats[k] for k in ("num_transitions", "num_trajectories") if k in stats})
@@ -515,6 +530,9 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
         except ValueError as err:
             raise StarVLAConversionError(f"dataset_statistics.json: {err}") from err
         modes[key] = {"action": action_mode, "state": entry.get("state", {}).get("mode")}
+    if not modes:  # the processor could not decode a single action
+        raise StarVLAConversionError(f"dataset_statistics.json: no entry has 'action' statistics (keys: "
+                                     f"{sorted(statistics)[:10]})")
     info = {"cameras": camera_names, "cameras_source": cameras_source, "image_size": processor.image_size,
             "normalization_modes": modes, "action_modes_source": action_source}  # fmt: skip
     return processor, info, notes
@@ -564,7 +582,8 @@ def convert_starvla(
         raise StarVLAConversionError("config.yaml has no framework.qwenvl.base_vlm; pass --base-vlm")
     state = load_checkpoint(files.checkpoint)
 
-    model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention)
+    model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention,
+                                             statistics)  # fmt: skip
     torch_dtype = _resolve_dtype(dtype, state)
     model, key_counts = build_model(VARIANTS[f"vla_{variant}"][1], model_config, state, variant, torch_dtype)
     processor, processor_info, notes = build_processor(

@@ -13,6 +13,7 @@ from ..token_actions import VLATokenActionModel
 from .configuration_fast import VLAFASTConfig
 
 ACTION_TOKENIZER_DIR = "action_tokenizer"
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
 class VLAFASTForActionPrediction(VLATokenActionModel):
@@ -61,14 +62,17 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        subfolder = kwargs.get("subfolder") or ""
         location = Path(pretrained_model_name_or_path)
         if not location.is_dir():
             from huggingface_hub import snapshot_download
 
-            location = Path(snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision"),
-                                              allow_patterns=[f"{ACTION_TOKENIZER_DIR}/*"]))  # fmt: skip
-        if (location / ACTION_TOKENIZER_DIR).is_dir():
-            model.set_action_tokenizer(FASTTokenizer.from_pretrained(location / ACTION_TOKENIZER_DIR))
+            hub_options = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}  # the weights' cache, token, revision
+            pattern = f"{subfolder}/{ACTION_TOKENIZER_DIR}/*" if subfolder else f"{ACTION_TOKENIZER_DIR}/*"
+            location = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=[pattern],
+                                              **hub_options))  # fmt: skip
+        if (location / subfolder / ACTION_TOKENIZER_DIR).is_dir():
+            model.set_action_tokenizer(FASTTokenizer.from_pretrained(location / subfolder / ACTION_TOKENIZER_DIR))
         return model
 
     @classmethod
