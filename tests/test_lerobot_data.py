@@ -163,6 +163,17 @@ def test_camera_selection_order_and_rename(roots):
         load_lerobot(roots["v3"], cameras=["observation.images.top"])
 
 
+def test_depth_cameras_are_left_out(roots, tmp_path):
+    """LeRobot marks depth streams in the feature's info; RGB decoding would turn their values into noise."""
+    root = shutil.copytree(roots["v3"], tmp_path / "depth")
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"][WRIST]["info"]["video.is_depth_map"] = True
+    (root / "meta/info.json").write_text(json.dumps(info))
+    assert list(load_lerobot(root)[0]["images"]) == [FRONT]
+    with pytest.raises(ValueError, match=rf"depth camera\(s\) \['{WRIST}'\] .* not supported; RGB cameras: \['{FRONT}'\]"):
+        load_lerobot(root, cameras=[WRIST])
+
+
 def test_stats_match_numpy(roots, episodes):
     ds = load_lerobot(roots["v3"], action_horizon=2, cameras=[])
     stats = ds.compute_stats(action_mode="min_max", state_mode="mean_std")
@@ -241,6 +252,19 @@ def test_malformed_columns_are_refused_naming_file_and_column(roots, tmp_path):
         path = _rewrite_data(root, edit)
         with pytest.raises(ValueError, match=f"{path}: {message}"):
             load_lerobot(root)
+
+
+def test_a_2d_feature_stored_as_nested_lists_reads_row_by_row(roots, episodes, tmp_path):
+    root = shutil.copytree(roots["v3"], tmp_path / "nested")
+    nested = pa.list_(pa.list_(pa.float32()))
+    _rewrite_data(root, lambda table: table.set_column(
+        table.column_names.index("action"), "action",
+        pa.array([[row[:2], row[2:]] for row in table.column("action").to_pylist()], type=nested)))
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"]["action"]["shape"] = [2, 2]
+    (root / "meta/info.json").write_text(json.dumps(info))
+    ds = load_lerobot(root)
+    np.testing.assert_array_equal(ds[row_of(episodes, 1, 3)]["actions"][0], episodes[1]["frames"]["action"][3])
 
 
 def test_an_episode_without_rows_is_refused(roots, tmp_path):

@@ -110,9 +110,14 @@ class LeRobotDataset(Dataset):
         return [k for k, f in self.features.items() if f["dtype"] not in CAMERA_DTYPES + ("string",)]
 
     def _select_cameras(self, cameras) -> list[str]:
-        available = [k for k, f in self.features.items() if f["dtype"] in CAMERA_DTYPES]
+        # LeRobot marks depth streams (12/16-bit values) in the feature's info; decoded as RGB they would be noise
+        depth = [k for k, f in self.features.items() if _is_depth_map(f)]
+        available = [k for k, f in self.features.items() if f["dtype"] in CAMERA_DTYPES and k not in depth]
         if cameras is None:
             return available
+        if [c for c in cameras if c in depth]:
+            raise ValueError(f"depth camera(s) {[c for c in cameras if c in depth]} in {self.root}: depth maps are not "
+                             f"supported; RGB cameras: {available}")
         unknown = [c for c in cameras if c not in available]
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown} in {self.root}; available cameras: {available}")
@@ -373,24 +378,35 @@ def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
         raise ValueError(f"cannot read parquet file {path}: {err}") from err
 
 
+def _is_depth_map(feature: Mapping) -> bool:
+    info = feature.get("info") or {}
+    return bool(info.get("is_depth_map") or info.get("video.is_depth_map"))
+
+
+def _is_list(array: pa.Array) -> bool:
+    return pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type)
+
+
 def _column_to_numpy(column: pa.ChunkedArray, path: Path, key: str, width: int | None = None) -> np.ndarray:
-    """Scalar column → [N]; fixed-size or variable list column → [N, D]. `width`, when given, is the D that
-    info.json declares for the feature."""
+    """Scalar column → [N]; list column → [N, D] (nested lists, as 2-D features are stored, flattened per row).
+    `width`, when given, is the D that info.json's shape declares for the feature."""
     column = column.combine_chunks()
     if column.null_count:
         raise ValueError(f"{path}: column {key!r} has null rows")
-    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or
-            pa.types.is_fixed_size_list(column.type)):
+    if not _is_list(column):
         return column.to_numpy(zero_copy_only=False)
-    lengths = set(pc.list_value_length(column).to_pylist())
-    if len(lengths) > 1:
-        raise ValueError(f"{path}: column {key!r} has rows of different lengths {sorted(lengths)}")
-    if width is not None and lengths and lengths != {width}:
-        raise ValueError(f"{path}: column {key!r} has rows of {lengths.pop()} values, info.json's shape says {width}")
-    flat = column.flatten()
-    if flat.null_count:
-        raise ValueError(f"{path}: column {key!r} has null values")
-    return flat.to_numpy(zero_copy_only=False).reshape(len(column), -1)
+    rows, flat = len(column), column
+    while _is_list(flat):  # every level must split evenly, or values would move between rows
+        lengths = set(pc.list_value_length(flat).to_pylist())
+        if len(lengths) > 1:
+            raise ValueError(f"{path}: column {key!r} has rows of different lengths {sorted(lengths)}")
+        flat = flat.flatten()
+        if flat.null_count:
+            raise ValueError(f"{path}: column {key!r} has null values")
+    got = len(flat) // rows if rows else width
+    if width is not None and got != width:
+        raise ValueError(f"{path}: column {key!r} has rows of {got} values, info.json's shape says {width}")
+    return flat.to_numpy(zero_copy_only=False).reshape(rows, -1)
 
 
 def _summary(dataset: LeRobotDataset, index: int = 0) -> str:
