@@ -41,9 +41,10 @@ def main():
     prompt = inputs["input_ids"].shape[1]
 
     timings = {True: [], False: []}
-    model.generate_actions(**inputs)
-    for _ in range(args.repeats):
-        for use_cache in (True, False):
+    for use_cache in (True, False):  # both paths warm
+        model.generate_actions(**inputs, use_cache=use_cache)
+    for round_index in range(args.repeats):
+        for use_cache in (True, False) if round_index % 2 == 0 else (False, True):
             start = time.perf_counter()
             out = model.generate_actions(**inputs, use_cache=use_cache)
             timings[use_cache].append(time.perf_counter() - start)

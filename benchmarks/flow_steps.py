@@ -133,6 +133,9 @@ class StorageBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.storages: dict[int, int] = {}
+        # held until the count is read: a freed activation's address would otherwise be reused by a later tensor
+        # and the two counted as one
+        self._alive: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -141,9 +144,11 @@ class StorageBytes(TorchDispatchMode):
                 continue
             if value.is_mkldnn:  # a packed weight: opaque, no storage to look at
                 self.storages[id(value)] = value.numel() * value.element_size()
+                self._alive.append(value)
             else:
                 storage = value.untyped_storage()
                 self.storages[storage.data_ptr()] = storage.nbytes()
+                self._alive.append(storage)
         return out
 
 

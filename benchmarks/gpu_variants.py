@@ -123,9 +123,11 @@ def timed(fn, device: str, repeats: int) -> tuple[float, float]:
 
 
 def flop_ratio(model, inputs: dict) -> float:
+    from flow_steps import CUSTOM_FLOPS  # CPU attention (and oneDNN linears), which the stock counter misses
+
     flops = []
     for steps in (1, 10):
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
             model.predict_action(**inputs, num_steps=steps)
         flops.append(counter.get_total_flops())
     return flops[1] / flops[0]

@@ -68,6 +68,7 @@ def time_naive(requests, window: int = 1, shared_converter: bool = False) -> flo
     container = av.open(str(requests[0][0]))
     container.streams.video[0].thread_count = 1  # as PyAVDecoder's default, so only the access pattern differs
     reformatter = VideoReformatter() if shared_converter else None
+    decode_frames_naively(requests[0][0], [requests[0][1]], container, reformatter)  # warm, as the loader is
     start = time.perf_counter()
     for i in range(0, len(requests) - window + 1, window):
         decode_frames_naively(requests[i][0], [t for _, t in requests[i:i + window]], container, reformatter)
