@@ -1,8 +1,8 @@
 """hf_vla Space: interactive action prediction.
 
 Pick a model (a local directory or a hub id; the embedded default when empty) and press Load model, give one image
-per camera, an instruction and the robot state, press Predict: the action chunk comes back in robot units as per-dimension plots,
-a 3-D end-effector path (cumulative xyz deltas) and a table you can download.
+per camera, an instruction and the robot state, press Predict: the action chunk comes back in robot units as
+per-dimension plots, a 3-D end-effector path (cumulative xyz deltas) and a table you can download.
 
     python spaces/app.py [--model PATH_OR_ID] [--port 7860]
 """

@@ -62,7 +62,8 @@ class VLAConfig(PreTrainedConfig):
     def validate_architecture(self):
         check_at_least(self, action_dim=1, action_horizon=1, state_dim=0)
         if "{instruction}" not in self.prompt_template:
-            raise ValueError(f"prompt_template: expected a text containing '{{instruction}}', got {self.prompt_template!r}")
+            raise ValueError("prompt_template: expected a text containing '{instruction}', got "
+                             f"{self.prompt_template!r}")
 
     @property
     def variant(self) -> str:

@@ -366,7 +366,9 @@ class VLAProcessor(ProcessorMixin):
         views_per_prompt = 1 if self.concat_views else len(self.camera_names)
         state_texts = None
         if self.state_in_prompt and normalized_state is not None:
-            state_texts = tuple(state_to_text(row, self.state_token_template, self.state_bins) for row in normalized_state)
+            state_texts = tuple(
+                state_to_text(row, self.state_token_template, self.state_bins) for row in normalized_state
+            )
         # tokens added to the tokenizer later change the ids, hence its length in the key
         template = (self.chat_template, self.prompt_template, self.action_query_suffix, self.action_query_token,
                     self.action_horizon)  # fmt: skip

@@ -115,9 +115,10 @@ class LeRobotDataset(Dataset):
         available = [k for k, f in self.features.items() if f["dtype"] in CAMERA_DTYPES and k not in depth]
         if cameras is None:
             return available
-        if [c for c in cameras if c in depth]:
-            raise ValueError(f"depth camera(s) {[c for c in cameras if c in depth]} in {self.root}: depth maps are not "
-                             f"supported; RGB cameras: {available}")
+        asked_depth = [c for c in cameras if c in depth]
+        if asked_depth:
+            raise ValueError(f"depth camera(s) {asked_depth} in {self.root}: depth maps are not supported; RGB "
+                             f"cameras: {available}")
         unknown = [c for c in cameras if c not in available]
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown} in {self.root}; available cameras: {available}")
@@ -384,7 +385,8 @@ def _is_depth_map(feature: Mapping) -> bool:
 
 
 def _is_list(array: pa.Array) -> bool:
-    return pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type)
+    kind = array.type
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
 
 
 def _column_to_numpy(column: pa.ChunkedArray, path: Path, key: str, width: int | None = None) -> np.ndarray:

@@ -56,7 +56,8 @@ def task_name(task: str) -> str:
 
 
 def distinct_task_names(tasks: Sequence[str]) -> list[str]:
-    """`task_name` of each, refusing a task listed twice (under any spelling): its results would overwrite each other."""
+    """`task_name` of each, refusing a task listed twice (under any spelling): its results would overwrite each
+    other."""
     names = [task_name(t) for t in tasks]
     if not names:
         raise ValueError("tasks: expected at least one task")
