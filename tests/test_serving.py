@@ -389,9 +389,10 @@ def test_post_processing_per_connection(server, policy):
     obs = make_obs(7)
     raw = policy.predict(obs)
     with client_for(server) as client:
-        config = client.configure(execute_steps=2, delta_dims=[0, 1, 2], gripper_dims=[6], gripper_threshold=0.0,
-                                  gripper_low=-1.0, gripper_high=1.0)["post_processing"]
-        assert config["execute_steps"] == 2 and config["delta_dims"] == [0, 1, 2]
+        reply = client.configure(execute_steps=2, delta_dims=[0, 1, 2], gripper_dims=[6], gripper_threshold=0.0,
+                                 gripper_low=-1.0, gripper_high=1.0)  # fmt: skip
+        config = reply["post_processing"]
+        assert config["execute_steps"] == 2 and config["delta_dims"] == [0, 1, 2] and reply["action_chunk_size"] == 2
         actions = client.infer(obs)["actions"]
         assert actions.shape == (2, 7)
         np.testing.assert_allclose(actions[:, :3], obs["state"][:3] + np.cumsum(raw[:2, :3], axis=0), atol=1e-5)
@@ -405,10 +406,16 @@ def test_post_processing_per_connection(server, policy):
             ({"gripper_dims": [9]}, "gripper_dims: indices [9] out of range"),
             ({"delta_state_dims": [0]}, "delta_state_dims: expected 3 indices"),
             ({"warp": 1}, "configure: unknown option(s) ['warp']"),
-            ({"gripper_high": "yes"}, "gripper_high: expected a number"),
+            ({"gripper_high": "yes"}, "gripper_high: expected a finite number"),
+            ({"gripper_low": float("-inf")}, "gripper_low: expected a finite number, got -inf"),
+            ({"gripper_threshold": float("nan")}, "gripper_threshold: expected a finite number, got nan"),
+            ({"gripper_dims": np.array(6)}, "gripper_dims: expected a list of dimension indices"),
+            ({"delta_dims": [6], "delta_state_dims": None}, "delta_dims: state indices [6] out of range for state_dim 6"),
         ]:
             with pytest.raises(ServerError, match=re.escape(message)):
                 client.configure(**options)
+        with pytest.raises(ServerError, match=re.escape("configure: options both in payload and at the top level")):
+            client.infer({"type": "configure", "payload": {}, "execute_steps": 2})
         reset = client.configure(execute_steps=None, delta_dims=None, gripper_dims=None)["post_processing"]
         assert reset["execute_steps"] is None and reset["delta_dims"] == []
         np.testing.assert_allclose(client.infer(obs)["actions"], raw, atol=1e-5)
@@ -432,12 +439,20 @@ def test_server_flags_set_default_post_processing(policy):
     served = {k: v for k, v in options.items() if k not in loading}
     with PolicyServer(policy, port=0, **served) as server, client_for(server) as client:
         assert client.metadata["post_processing"]["execute_steps"] == 3
+        assert client.metadata["action_chunk_size"] == 3 and client.metadata["action_horizon"] == 4
         actions = client.infer(obs)["actions"]
     assert actions.shape == (3, 7) and set(np.unique(actions[:, 6])) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="execute_steps: expected 1..4"):
         PolicyServer(policy, port=0, postprocess=PostProcess(execute_steps=9))
     with pytest.raises(ValueError, match="unknown default key 'mars'"):
         PolicyServer(policy, port=0, unnorm_key="mars")
+    for options, message in [(dict(max_batch=0), "max_batch: expected a positive integer, got 0"),
+                             (dict(batch_window_ms=-1.0), "batch_window_ms: expected a finite number ≥ 0, got -1.0"),
+                             (dict(limits=Limits(max_frame_bytes=0)), "max_frame_bytes: expected a positive limit"),
+                             (dict(postprocess=PostProcess(gripper_threshold=float("nan"))),
+                              "gripper_threshold: expected a finite number, got nan")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PolicyServer(policy, port=0, **options)
 
 
 # ---------------------------------------------------------------- the client

@@ -4,7 +4,8 @@
 
 Transport: websockets, binary frames of msgpack with numpy arrays (see `msgpack_numpy`), no compression.
 
-Handshake. On connect the server sends one metadata map first: `model_type`, `action_chunk_size` (= `action_horizon`),
+Handshake. On connect the server sends one metadata map first: `model_type`, `action_chunk_size` (the steps a reply
+holds: the server's `execute_steps`, else `action_horizon`; openpi's chunk broker indexes up to it), `action_horizon`,
 `action_dim`, `state_dim`, `cameras`, `available_unnorm_keys`, `default_unnorm_key`, `training_obs_image_size`
 ([H, W] the views are resized to), `eval_image_contract`, `ckpt_path`, and the server's batching, post-processing and
 size limits.
@@ -27,7 +28,8 @@ Requests. Each binary frame is one map, answered by one frame, in order.
    (`do_sample`, `use_ddim`, ...) are ignored.
 3. `{"type": "configure", <post-processing options>}` (or the options under `payload`) sets this connection's
    action post-processing; omitted options keep their value, `None` clears one. Reply `{"status": "ok", "ok": True,
-   "type": "configure", "post_processing": {...}}`. Options, applied per sample in this order:
+   "type": "configure", "post_processing": {...}, "action_chunk_size": n}` (the steps a reply now holds). Options,
+   applied per sample in this order:
    * `delta_dims` [i, ...] and `delta_state_dims` (default: the same indices): delta → absolute,
      `action[t, i] = state[j] + sum(action[:t+1, i])`; the observation must then carry its state.
    * `gripper_dims`, `gripper_threshold` (0.5), `gripper_low` (0.0), `gripper_high` (1.0): binarise to high / low.
@@ -114,12 +116,12 @@ class PostProcess:
             elif name == "execute_steps":
                 values[name] = _as_int(value, name)
             elif name.endswith("_dims"):
-                if not isinstance(value, (list, tuple, np.ndarray)):
-                    raise ValueError(f"{name}: expected a list of dimension indices, got {type(value).__name__}")
+                if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) != 1:
+                    raise ValueError(f"{name}: expected a list of dimension indices, got {reprlib.repr(value)}")
                 values[name] = tuple(_as_int(v, f"{name}[{i}]") for i, v in enumerate(value))
             else:
-                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                    raise ValueError(f"{name}: expected a number, got {reprlib.repr(value)}")
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+                    raise ValueError(f"{name}: expected a finite number, got {reprlib.repr(value)}")
                 values[name] = float(value)
         return replace(self, **values)
 
@@ -130,13 +132,14 @@ class PostProcess:
             bad = [d for d in getattr(self, name) if not 0 <= d < action_dim]
             if bad:
                 raise ValueError(f"{name}: indices {bad} out of range for action_dim {action_dim}")
-        if self.delta_state_dims is not None:
-            if len(self.delta_state_dims) != len(self.delta_dims):
-                raise ValueError(f"delta_state_dims: expected {len(self.delta_dims)} indices (one per delta_dims), "
-                                 f"got {len(self.delta_state_dims)}")
-            bad = [d for d in self.delta_state_dims if d < 0 or (state_dim and d >= state_dim)]
-            if bad:
-                raise ValueError(f"delta_state_dims: indices {bad} out of range for state_dim {state_dim}")
+        if self.delta_state_dims is not None and len(self.delta_state_dims) != len(self.delta_dims):
+            raise ValueError(f"delta_state_dims: expected {len(self.delta_dims)} indices (one per delta_dims), "
+                             f"got {len(self.delta_state_dims)}")
+        # the state indices the delta integration reads: delta_state_dims, or else delta_dims themselves
+        name = "delta_state_dims" if self.delta_state_dims is not None else "delta_dims"
+        bad = [d for d in getattr(self, name) if d < 0 or (state_dim and d >= state_dim)]
+        if self.delta_dims and bad:
+            raise ValueError(f"{name}: state indices {bad} out of range for state_dim {state_dim}")
 
     @property
     def needs_state(self) -> bool:
@@ -422,8 +425,8 @@ class MicroBatcher:
     def __init__(self, policy, enabled: bool, window_ms: float, max_batch: int):
         self.policy = policy
         self.enabled = enabled
-        self.window_s = max(0.0, window_ms) / 1e3
-        self.max_batch = max(1, int(max_batch))
+        self.window_s = window_ms / 1e3
+        self.max_batch = max_batch
         self.clients: set[ClientActivity] = set()
         self.stats = BatchStats()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -567,6 +570,19 @@ class ServerOptions:
     postprocess: PostProcess = field(default_factory=PostProcess)
     limits: Limits = field(default_factory=Limits)
 
+    def check(self) -> None:
+        """Raises, naming the option, instead of clamping a value that would misbehave."""
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch: expected a positive integer, got {self.max_batch!r}")
+        if not self.batch_window_ms >= 0 or not np.isfinite(self.batch_window_ms):
+            raise ValueError(f"batch_window_ms: expected a finite number ≥ 0, got {self.batch_window_ms!r}")
+        for name, value in asdict(self.limits).items():
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive limit, got {value}")
+        for name in ("gripper_threshold", "gripper_low", "gripper_high"):
+            if not np.isfinite(getattr(self.postprocess, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self.postprocess, name)}")
+
 
 class PolicyServer:
     """Serves a `VLAPolicy` over websockets. `serve_forever()` blocks; `start()` / `stop()` run it on a thread."""
@@ -575,6 +591,7 @@ class PolicyServer:
         self.policy = policy
         self.host, self.port = host, port
         self.options = ServerOptions(**options)
+        self.options.check()
         processor = policy.processor
         default_key = self.options.unnorm_key or getattr(policy, "unnorm_key", None)
         self.parser = RequestParser(processor, default_key, self.options.limits)
@@ -756,14 +773,18 @@ class PolicyServer:
         return (actions[0] if request.unbatched else actions), result
 
     def _configure(self, message: Mapping, connection: _Connection, request_id: Any) -> dict:
-        options = message.get("payload", {k: v for k, v in message.items() if k not in ("type", "request_id")})
+        top_level = {k: v for k, v in message.items() if k not in ("type", "request_id", "payload")}
+        if "payload" in message and top_level:
+            raise ValueError(f"configure: options both in payload and at the top level {sorted(map(str, top_level))}")
+        options = message.get("payload", top_level)
         if not isinstance(options, Mapping):
             raise ValueError(f"payload: expected a map of post-processing options, got {type(options).__name__}")
         updated = connection.postprocess.updated(options)
         processor = self.policy.processor
         updated.check(processor.action_horizon, processor.action_dim, processor.state_dim)
         connection.postprocess = updated
-        return {**_ok("configure", request_id), "post_processing": updated.as_dict()}
+        return {**_ok("configure", request_id), "post_processing": updated.as_dict(),
+                "action_chunk_size": updated.execute_steps or processor.action_horizon}  # fmt: skip
 
     def _metadata(self, ckpt_path: str | None) -> dict:
         processor, opts = self.policy.processor, self.options
@@ -772,7 +793,7 @@ class PolicyServer:
             "server": "hf_vla",
             "model_type": getattr(self.policy.model.config, "model_type", None),
             "ckpt_path": ckpt_path,
-            "action_chunk_size": processor.action_horizon,
+            "action_chunk_size": opts.postprocess.execute_steps or processor.action_horizon,  # the steps a reply holds
             "action_horizon": processor.action_horizon,
             "action_dim": processor.action_dim,
             "state_dim": processor.state_dim,
