@@ -300,6 +300,23 @@ def test_collator_names_the_missing_camera(dataset, vlm_dir):
     samples = [dataset[0], dict(dataset[1], images={"primary": dataset[1]["images"]["primary"]})]
     with pytest.raises(KeyError, match=r"sample 1 has no image for camera 'wrist'"):
         VLACollator(processor)(samples)
+    unmasked = {k: v for k, v in dataset[1].items() if k != "action_mask"}
+    with pytest.raises(ValueError, match=r"sample 1 lacks 'action_mask', sample 0 has"):
+        VLACollator(processor)([dataset[0], unmasked])
+    with pytest.raises(ValueError, match=r"sample 1 has 'action_mask', sample 0 does not"):
+        VLACollator(processor)([unmasked, dataset[0]])  # its past-the-end steps would have been trained on
+
+
+def test_logged_action_loss_is_weighted_as_trainer_weighs_loss(vlm_dir, dataset, tmp_path):
+    """24 samples in batches of 4 with 4-step accumulation: an epoch's steps hold 4 and 2 batches. Without co-training
+    action_loss must equal loss; a second train() on the same trainer starts from clean sums."""
+    model, processor = make_model(vlm_dir, dataset)
+    args = training_args(tmp_path, max_steps=3, logging_steps=2, gradient_accumulation_steps=4)
+    trainer = VLATrainer(model, args, train_dataset=dataset, processing_class=processor)
+    for _ in range(2):
+        trainer.train()
+        losses, action = logged(trainer, "loss"), logged(trainer, "action_loss")
+        assert len(action) == len(losses) >= 1 and action == pytest.approx(losses, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ co-training

@@ -44,6 +44,12 @@ class VLACollator:
         embodiments = [sample.get("embodiment", self.embodiment) for sample in samples]
         if embodiments[0] is None and len(self.processor.norm_stats) == 1:
             embodiments = [next(iter(self.processor.norm_stats))] * len(samples)
+        for field in ("state", "actions", "action_mask"):  # batch-wide: all samples carry one, or none does
+            carriers = [field in sample for sample in samples]
+            if any(carriers) and not all(carriers):
+                raise ValueError(f"VLACollator: sample {carriers.index(not carriers[0])} "
+                                 f"{'lacks' if carriers[0] else 'has'} {field!r}, sample 0 "
+                                 f"{'has' if carriers[0] else 'does not'}; mix samples with and without it apart")
         kwargs = {}
         if "state" in samples[0] and self.processor.state_dim > 0:
             kwargs["state"] = np.stack([sample["state"] for sample in samples])

@@ -224,14 +224,21 @@ class VLATrainer(Trainer):
         return 6 * inputs[main_input].numel() * counted[1]
 
     def _record_loss_parts(self, action_loss: torch.Tensor, vlm_loss: torch.Tensor | None) -> None:
-        zero = action_loss.new_zeros(())
+        # Weighted as Trainer weighs the logged `loss`: a mean over optimizer steps of each step's mean, and an
+        # epoch's last step may hold fewer micro-batches than the others.
+        weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
+        zero = action_loss.new_zeros((), dtype=torch.float32)
         part = torch.stack([
-            action_loss.detach().float(),
-            zero if vlm_loss is None else vlm_loss.detach().float(),
-            zero + 1,
-            zero + (vlm_loss is not None),
+            action_loss.detach().float() * weight,
+            zero if vlm_loss is None else vlm_loss.detach().float() * weight,
+            zero + weight,
+            zero + (weight if vlm_loss is not None else 0.0),
         ])  # fmt: skip
         self._loss_parts = part if self._loss_parts is None else self._loss_parts + part
+
+    def train(self, *args, **kwargs):
+        self._loss_parts = None  # sums a previous run left after its last log must not enter this run's first one
+        return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss"; every rank logs at the same steps, so the reduction below is collective-safe.
