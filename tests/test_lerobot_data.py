@@ -328,6 +328,23 @@ def test_writer_refuses_a_dtype_or_keys_that_would_lose_values(tmp_path):
         writer.save_episode()
 
 
+def test_writer_refuses_video_settings_the_encoder_would_change_or_choke_on(tmp_path):
+    for kwargs, message in [(dict(fps=29.97), r"fps: expected an integer ≥ 1, got 29.97"),
+                            (dict(fps=0), r"fps: expected an integer ≥ 1, got 0"),
+                            (dict(gop=0), r"gop: expected an integer ≥ 1, got 0"),
+                            (dict(crf=99), r"crf: expected an integer in \[0, 51\] for h264, got 99"),
+                            (dict(codec="av1", crf=64), r"crf: expected an integer in \[0, 63\] for av1, got 64")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            LeRobotWriter(tmp_path / "w", **{"fps": FPS, **kwargs})
+    frames = {"action": np.zeros((2, 2), np.float32), FRONT: np.zeros((2, 33, 32, 3), np.uint8)}
+    with pytest.raises(ValueError, match=rf"camera '{FRONT}': h264 \(yuv420p\) needs an even height and width, got 33x32"):
+        with LeRobotWriter(tmp_path / "odd", FPS) as writer:
+            writer.add_episode(frames, "t")
+    with LeRobotWriter(tmp_path / "odd_av1", FPS, codec="av1") as writer:  # av1 takes odd sides
+        writer.add_episode(frames, "t")
+    assert load_lerobot(tmp_path / "odd_av1")[1]["images"][FRONT].shape == (33, 32, 3)
+
+
 def test_torch_dataloader_iterates(roots):
     ds = load_lerobot(roots["v3"], action_horizon=4, camera_rename={FRONT: "primary"})
     batches = list(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0))
@@ -363,6 +380,10 @@ def test_preloaded_decoder_gives_the_same_frames_as_seeking(roots, name):
     path = next((roots[name] / "videos").rglob("*.mp4"))
     with pytest.raises(VideoDecodeError, match=r"no frame within .* of t=99\.0000s"):
         preloaded.decoder.decode(path, [99.0])
+    for decoder in (preloaded.decoder, PyAVDecoder()):  # the preloaded one returned the last frame for both
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=rf"timestamps must be finite, got \[{bad}\]"):
+                decoder.decode(path, [0.1, bad])
     with pytest.raises(ValueError, match=r"decoder: expected one of \['preload', 'pyav'\], got 'fast'"):
         load_lerobot(roots[name], decoder="fast")
 
@@ -382,5 +403,10 @@ def test_random_shift_moves_views_within_the_pad(roots):
     np.testing.assert_array_equal(sample["actions"], original["actions"])
     for key, view in sample["images"].items():
         assert view.shape == original["images"][key].shape and view.dtype == np.uint8
-    with pytest.raises(ValueError, match="pad: expected a non-negative number of pixels, got -1"):
-        RandomShift(data, pad=-1)
+    for pad in (-1, 2.5, True):  # a fraction would be truncated, 0.9 to no augmentation at all
+        with pytest.raises(ValueError, match=f"pad: expected a non-negative number of pixels, got {pad}"):
+            RandomShift(data, pad=pad)
+    from hf_vla.data.augment import random_shift
+
+    with pytest.raises(ValueError, match=r"image: expected channel-last \[H, W, C\], got shape \[3, 32, 32\]"):
+        random_shift(np.zeros((3, 32, 32), np.uint8), 2)

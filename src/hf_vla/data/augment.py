@@ -17,8 +17,9 @@ from torch.utils.data import Dataset
 
 def random_shift(image: np.ndarray, pad: int, generator: torch.Generator | None = None) -> np.ndarray:
     """`image` (uint8 [H, W, C]) shifted by up to `pad` pixels along each axis, edges replicated."""
-    if image.ndim != 3:
-        raise ValueError(f"image: expected [H, W, C], got shape {list(image.shape)}")
+    _check_pad(pad)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):  # a channel-first [3, H, W] would be shifted across colours
+        raise ValueError(f"image: expected channel-last [H, W, C], got shape {list(image.shape)}")
     if pad == 0:
         return image
     height, width = image.shape[:2]
@@ -27,13 +28,17 @@ def random_shift(image: np.ndarray, pad: int, generator: torch.Generator | None 
     return padded[dy : dy + height, dx : dx + width]
 
 
+def _check_pad(pad) -> None:
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
+        raise ValueError(f"pad: expected a non-negative number of pixels, got {pad!r}")
+
+
 class RandomShift(Dataset):
     """Wraps a dataset of raw samples (`{"images": {camera: uint8 [H, W, 3]}, ...}`); see the module docstring."""
 
     def __init__(self, dataset, pad: int = 4):
-        if pad < 0:
-            raise ValueError(f"pad: expected a non-negative number of pixels, got {pad}")
-        self.dataset, self.pad = dataset, int(pad)
+        _check_pad(pad)
+        self.dataset, self.pad = dataset, pad
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -37,9 +37,9 @@ DEFAULT_FEATURES = ("timestamp", "frame_index", "episode_index", "index", "task_
 STAT_QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 IMAGE_STATS_MAX_FRAMES = 32
 # (ffmpeg encoder, name stored in info.json, encoder options beyond g/crf, default crf)
-CODECS = {
-    "h264": ("libx264", "h264", {}, 23),
-    "av1": ("libsvtav1", "av1", {"preset": "12"}, 30),
+CODECS = {  # name: (encoder, info.json codec, encoder options, default crf, highest crf)
+    "h264": ("libx264", "h264", {}, 23, 51),
+    "av1": ("libsvtav1", "av1", {"preset": "12"}, 30, 63),
 }
 CODEC_ALIASES = {"libx264": "h264", "libsvtav1": "av1"}
 V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -94,9 +94,15 @@ class LeRobotWriter:
         self.root = Path(root)
         if (self.root / "meta" / "info.json").exists():
             raise FileExistsError(f"a dataset already exists at {self.root}")
+        crf = CODECS[codec][3] if crf is None else crf
+        limits = (("fps", fps, 1, None), ("gop", gop, 1, None), ("crf", crf, 0, CODECS[codec][4]))
+        for name, value, low, high in limits:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
+                    (high is not None and value > high):  # the encoder would clamp it, or replace it, silently
+                expected = f"an integer ≥ {low}" if high is None else f"an integer in [{low}, {high}] for {codec}"
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
         self.fps, self.robot_type, self.version, self.video = fps, robot_type, version, video
-        self.codec, self.gop = codec, gop
-        self.crf = CODECS[codec][3] if crf is None else crf
+        self.codec, self.gop, self.crf = codec, gop, crf
         self.episodes_per_file = episodes_per_file
         self.feature_names = dict(feature_names or {})
         self.features: dict[str, dict] | None = None
@@ -174,6 +180,7 @@ class LeRobotWriter:
                     "names": ["height", "width", "channels"],
                 }
                 if self.video:
+                    check_video_size(value.shape[1], value.shape[2], self.codec, f"add_episode: camera {key!r}")
                     feature["info"] = self._video_info(value.shape[1], value.shape[2])
             elif value.ndim in (1, 2):
                 dtype = "float32" if np.issubdtype(value.dtype, np.floating) else _integer_or_bool(value.dtype)
@@ -435,9 +442,9 @@ class VideoFileWriter:
     def __init__(self, path: Path, fps: int, codec: str, gop: int, crf: int):
         import av
 
-        encoder, _, extra_options, _ = CODECS[codec]
+        encoder, _, extra_options, _, _ = CODECS[codec]
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path, self.codec = path, codec
         self.container = av.open(str(path), "w", options={"movflags": "faststart"})
         self.stream = self.container.add_stream(encoder, rate=fps)
         self.stream.pix_fmt = "yuv420p"
@@ -449,6 +456,7 @@ class VideoFileWriter:
         import av
 
         if self.frames_written == 0:
+            check_video_size(frames.shape[1], frames.shape[2], self.codec, f"video {self.path}")
             self.stream.height, self.stream.width = frames.shape[1:3]
         for image in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
@@ -458,12 +466,20 @@ class VideoFileWriter:
 
     def close(self):
         if self.container is not None:
-            self.container.mux(self.stream.encode())
+            if self.frames_written:  # an encoder that never opened has nothing to flush
+                self.container.mux(self.stream.encode())
             self.container.close()
             self.container = None
 
 
 # ---- helpers ----
+def check_video_size(height: int, width: int, codec: str, field: str) -> None:
+    """h264 in yuv420p halves the chroma planes: libx264 refuses odd sides (with an FFmpeg error naming neither)."""
+    if codec == "h264" and (height % 2 or width % 2):
+        raise ValueError(f"{field}: h264 (yuv420p) needs an even height and width, got {height}x{width}; use "
+                         "codec='av1', or crop / pad the images")
+
+
 def _is_camera(value: np.ndarray) -> bool:
     return value.dtype == np.uint8 and value.ndim == 4 and value.shape[-1] == 3
 

@@ -125,9 +125,7 @@ class PyAVDecoder:
         import av
 
         path = str(path)
-        wanted = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-        if wanted.size == 0:
-            raise ValueError(f"decode({path}): no timestamps given")
+        wanted = _checked_timestamps(path, timestamps)
         video = self._get(path)
         tolerance = self.tolerance_s
         if tolerance is None:
@@ -227,10 +225,10 @@ class PreloadedDecoder:
 
     def decode(self, path: str | os.PathLike, timestamps: Sequence[float]) -> np.ndarray:
         path = str(path)
+        wanted = _checked_timestamps(path, timestamps)
         if path not in self._files:
             self._files[path] = self._decode_file(path)
         times, frames, tolerance = self._files[path]
-        wanted = np.asarray(timestamps, dtype=np.float64).reshape(-1)
         nearest = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1)
         nearest -= (wanted - times[nearest - 1]) < (times[nearest] - wanted)
         missing = np.abs(times[nearest] - wanted) > tolerance
@@ -262,6 +260,15 @@ class PreloadedDecoder:
             tolerance = 0.5 * video.frame_period - 1e-6 if video.frame_period else 1e-4
         times = np.asarray(times + [np.inf])  # the sentinel keeps searchsorted in range for one-frame files
         return times, np.stack(frames + frames[-1:]), tolerance
+
+
+def _checked_timestamps(path: str, timestamps: Sequence[float]) -> np.ndarray:
+    wanted = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+    if wanted.size == 0:
+        raise ValueError(f"decode({path}): no timestamps given")
+    if not np.isfinite(wanted).all():
+        raise ValueError(f"decode({path}): timestamps must be finite, got {wanted[~np.isfinite(wanted)][:3].tolist()}")
+    return wanted
 
 
 def decode_frames_naively(path: str | os.PathLike, timestamps: Sequence[float], container=None,
