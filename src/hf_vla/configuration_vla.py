@@ -51,7 +51,7 @@ class VLAConfig(PreTrainedConfig):
     state_in_prompt: bool = False
     prompt_template: str = "{instruction}"
     base_vlm: str | None = None
-    initializer_range: float = 0.02
+    initializer_range: float | int = 0.02
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

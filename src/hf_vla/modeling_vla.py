@@ -20,6 +20,9 @@ from .backbones import get_backbone_adapter
 from .configuration_vla import VLAConfig
 
 # Inputs the processor produces for the backbone; variants pass exactly these to the VLM.
+# What every transformers config takes besides its fields (`from_vlm(..., attn_implementation="sdpa")`)
+GENERAL_CONFIG_KWARGS = {"attn_implementation", "experts_implementation", "output_attentions", "use_cache",
+                         "pad_token_id", "bos_token_id", "eos_token_id", "num_labels"}  # fmt: skip
 VLM_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
@@ -99,7 +102,7 @@ class VLAPreTrainedModel(PreTrainedModel):
         `dtype` is the whole model's: None gives torch's default (float32) whatever the checkpoint holds (the fp32
         weights mixed-precision training wants), `"auto"` the checkpoint's own. The head gets the backbone's dtype, so
         that the saved model loads back as it was built."""
-        known = {field.name for field in dataclasses.fields(cls.config_class)}
+        known = {field.name for field in dataclasses.fields(cls.config_class)} | GENERAL_CONFIG_KWARGS
         unknown = sorted(set(config_kwargs) - known)
         if unknown:  # a misspelt `action_horizn=8` would otherwise leave the default horizon
             hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}

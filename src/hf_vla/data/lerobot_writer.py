@@ -232,7 +232,7 @@ class LeRobotWriter:
             if dtype in ("video", "image") and frames[key].dtype != np.uint8:
                 raise ValueError(f"add_episode: camera {key!r} must be uint8, got {frames[key].dtype}")
             if dtype not in ("video", "image") and frames[key].dtype.kind not in STORED_KINDS[dtype]:
-                # the first episode fixed the column type; a float written into an integer column would be truncated
+                # the first episode fixed the column type
                 raise ValueError(f"add_episode: {key!r} is stored as {dtype} (set by the first episode), "
                                  f"got {frames[key].dtype}")
 
@@ -484,8 +484,9 @@ def _is_camera(value: np.ndarray) -> bool:
     return value.dtype == np.uint8 and value.ndim == 4 and value.shape[-1] == 3
 
 
-# numpy dtype kinds each stored feature dtype accepts (floats are stored as float32, as LeRobot does)
-STORED_KINDS = {"float32": "f", "int64": "iu", "bool": "b"}
+# numpy dtype kinds each stored feature dtype takes without losing values (floats are stored as float32, as LeRobot
+# does): a float into an integer or boolean column would be truncated
+STORED_KINDS = {"float32": "fiub", "int64": "iub", "bool": "b"}
 
 
 def _integer_or_bool(dtype) -> str:

@@ -10,7 +10,8 @@ class VLAFlowMatchingConfig(VLAConfig):
     r"""
     Args:
         dit_hidden_size (`int`, *optional*): width D of the DiT (None: the VLM hidden size, as QwenPI).
-        num_dit_layers (`int`, *optional*): number of DiT blocks (None: the number of VLM layers, layer-wise heads).
+        num_dit_layers (`int`, *optional*): number of DiT blocks (None: the number of VLM layers, layer-wise heads;
+            fewer blocks read the last VLM layers, block i of N the layer L − N + i).
         attention_head_dim (`int`, *optional*, defaults to 64): width of one attention head.
         dit_output_dim (`int`, *optional*, defaults to 1024): width of the DiT's `proj_out_2`.
         head_hidden_size (`int`, *optional*, defaults to 1024): hidden width of the state encoder and action decoder.

@@ -13,9 +13,9 @@ class VLAPIForActionPrediction(VLAFlowMatchingModel):
     def __init__(self, config: VLAPIConfig):
         super().__init__(config)
         hidden, layers = self.vlm_hidden_size, self.backbone.num_layers(config.vlm_config)
-        if config.num_dit_layers not in (None, layers):  # block i reads VLM layer i
-            raise ValueError(f"num_dit_layers: the layer-wise head has one block per VLM layer ({layers}), got "
-                             f"{config.num_dit_layers}")
+        if config.num_dit_layers is not None and config.num_dit_layers > layers:  # the blocks read the last N layers
+            raise ValueError(f"num_dit_layers: the layer-wise head has at most one block per VLM layer ({layers}), "
+                             f"got {config.num_dit_layers}")
         width = config.dit_hidden_size or hidden
         self.action_head = self.build_action_head(
             config,
