@@ -120,12 +120,15 @@ class PostProcess:
                     raise ValueError(f"{name}: expected a list of dimension indices, got {reprlib.repr(value)}")
                 values[name] = tuple(_as_int(v, f"{name}[{i}]") for i, v in enumerate(value))
             else:
-                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                     raise ValueError(f"{name}: expected a finite number, got {reprlib.repr(value)}")
                 values[name] = float(value)
         return replace(self, **values)
 
     def check(self, action_horizon: int, action_dim: int, state_dim: int) -> None:
+        for name in ("gripper_threshold", "gripper_low", "gripper_high"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)}")
         if self.execute_steps is not None and not 1 <= self.execute_steps <= action_horizon:
             raise ValueError(f"execute_steps: expected 1..{action_horizon}, got {self.execute_steps}")
         for name in ("delta_dims", "gripper_dims"):
@@ -579,9 +582,6 @@ class ServerOptions:
         for name, value in asdict(self.limits).items():
             if value < 1:
                 raise ValueError(f"{name}: expected a positive limit, got {value}")
-        for name in ("gripper_threshold", "gripper_low", "gripper_high"):
-            if not np.isfinite(getattr(self.postprocess, name)):
-                raise ValueError(f"{name}: expected a finite number, got {getattr(self.postprocess, name)}")
 
 
 class PolicyServer:
