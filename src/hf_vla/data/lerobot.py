@@ -399,9 +399,10 @@ def _column_to_numpy(column: pa.ChunkedArray, path: Path, key: str, width: int |
         return column.to_numpy(zero_copy_only=False)
     rows, flat = len(column), column
     while _is_list(flat):  # every level must split evenly, or values would move between rows
-        lengths = set(pc.list_value_length(flat).to_pylist())
-        if len(lengths) > 1:
-            raise ValueError(f"{path}: column {key!r} has rows of different lengths {sorted(lengths)}")
+        lengths = pc.list_value_length(flat)
+        if len(lengths) and pc.min(lengths).as_py() != pc.max(lengths).as_py():  # in Arrow, not a Python list per row
+            found = sorted(set(pc.unique(lengths).to_pylist()))
+            raise ValueError(f"{path}: column {key!r} has rows of different lengths {found}")
         flat = flat.flatten()
         if flat.null_count:
             raise ValueError(f"{path}: column {key!r} has null values")
