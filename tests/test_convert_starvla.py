@@ -25,6 +25,7 @@ from hf_vla.hub.convert_starvla import (
     choose_action_modes,
     choose_attention_mode,
     choose_cameras,
+    choose_condition_mask,
     convert_starvla,
     main,
     map_key,
@@ -312,14 +313,14 @@ def test_flow_round_trip(vlms, tmp_path, case):
     assert torch.equal(model(**inputs, noise=train_noise, time=time).loss,
                        original(**inputs, noise=train_noise, time=time).loss)  # fmt: skip
 
-    # StarVLA's layer-wise head never masks padded prompt tokens, its GR00T head only in training: the converted
-    # config records that, so left-padded batches are treated as StarVLA treats them too.
-    assert model.config.condition_mask == ("training" if case == "gr00t" else "never")
+    # An undated run is taken as trained by StarVLA code that attended to prompt padding (choose_condition_mask): the
+    # converted config records that, so left-padded batches are treated as that code treated them.
+    assert model.config.condition_mask == report["condition_mask"] == "never"
     vlm_inputs = {k: v for k, v in inputs.items() if k not in ("state", "actions")}
     conditions, mask = model.conditions(**vlm_inputs)
     assert mask is None
     _, training_mask = model.conditions(training=True, **vlm_inputs)
-    assert (training_mask is not None) == (case == "gr00t")
+    assert training_mask is None
     unmasked = model.action_head.sample(conditions, None, state=model.head_state(inputs["state"]), noise=noise)
     assert torch.equal(unmasked, predicted)
 
@@ -376,6 +377,20 @@ def test_attention_mode_decision():
     assert decide("pi_v3", {"use_canonical_forward": True, "interleave_self_attention": True}, override=False) is False
     assert decide("gr00t", {"interleave_self_attention": True}) is True  # GR00T always honoured the flag
     assert decide("oft") is None
+
+
+def test_condition_mask_decision(tmp_path):
+    """StarVLA's flow heads ignored the prompt's padding mask until its masking fix (by 2026-08-09), then used it in
+    training and inference: the run's date decides, undated runs are taken as older, an argument overrides."""
+    assert choose_condition_mask("oft", {})[0] is None
+    assert choose_condition_mask("gr00t", {})[0] == "never"
+    assert choose_condition_mask("pi", {"run_id": "libero_2026-07-30"})[0] == "never"
+    mode, reason = choose_condition_mask("pi_v3", {"run_id": "libero_20260809"})
+    assert mode == "always" and "2026-08-09" in reason
+    assert choose_condition_mask("gr00t", {}, tmp_path / "run_2026_09_01")[0] == "always"
+    assert choose_condition_mask("gr00t", {"run_id": "x_2026-09-01"}, override="never") == ("never", "explicit argument")
+    with pytest.raises(StarVLAConversionError, match="condition_mask: expected"):
+        choose_condition_mask("gr00t", {}, override="sometimes")
 
 
 def test_normalisation_modes_and_cameras():

@@ -45,6 +45,9 @@ GR00T_DIT_TYPES = {
     "DiT-L": {"input_embedding_dim": 1536, "attention_head_dim": 48, "num_attention_heads": 32},
 }
 LAYERWISE_FIX_DATE = "2026-06-16"  # StarVLA PR #373: before it, layer-wise heads cross-attend in every block
+# By StarVLA PRs #434/#435 every flow head hands the prompt's padding mask to the DiT's cross-attention, in training
+# and inference; before issue #330 (GR00T, 2026-05-13) and #184 (layer-wise) none did.
+CONDITION_MASK_DATE = "2026-08-09"
 LAYERWISE_MLP_HIDDEN = 1024  # QwenPI / QwenPI_v3 hard-code the width of their state encoder and action decoder
 # Benchmark families whose StarVLA DataConfig is documented (starvla.md §5, §7), matched by substring of data_mix.
 KNOWN_MIXTURES = {
@@ -266,6 +269,29 @@ def choose_attention_mode(variant: str, config: dict, run_dir: Path | None = Non
                    "forward); pass --attention-mode interleaved for a run trained with interleaving after it")
 
 
+def choose_condition_mask(variant: str, config: dict, run_dir: Path | None = None, override: str | None = None):
+    """`(condition_mask, reason)` for the flow heads, `(None, reason)` otherwise: whether the DiT's cross-attention
+    ignores the prompt's left padding ("always") or attends to it ("never"), as the StarVLA code that trained the
+    run did. Only left-padded batches (several prompts of different lengths) are affected.
+
+    Older StarVLA passed no mask to any flow head (issues #184, #330); current code passes it in training and
+    inference. The change landed between 2026-05 and 2026-08-09 (PRs #434/#435): a run dated on/after that date is
+    masked, an earlier or undated one is taken as unmasked (as released checkpoints are), unless overridden.
+    """
+    if variant not in FLOW_VARIANTS:
+        return None, "not a flow-matching head"
+    if override is not None:
+        if override not in ("always", "training", "never"):
+            raise StarVLAConversionError(f"condition_mask: expected 'always', 'training' or 'never', got {override!r}")
+        return override, "explicit argument"
+    date = _run_date(config, run_dir)
+    if date is not None and date >= CONDITION_MASK_DATE:
+        return "always", f"run date {date} is on/after {CONDITION_MASK_DATE}: StarVLA masks prompt padding"
+    when = f"run date {date} is before {CONDITION_MASK_DATE}" if date else "no run date"
+    return "never", (f"{when}: assuming StarVLA code that attends to prompt padding (before its masking fix); pass "
+                     "--condition-mask always for a run trained with the masking code")
+
+
 def _parse_modes(modes, dim: int, field: str) -> list[str]:
     modes = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else list(modes)
     if len(modes) == 1:
@@ -407,7 +433,7 @@ def _load_base_config(base_vlm: str):
 
 
 def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir: Path | None, interleave=None,
-                 statistics: dict | None = None):  # fmt: skip
+                 statistics: dict | None = None, condition_mask: str | None = None):  # fmt: skip
     """The variant's config on the base VLM's, and what the report says about the choices."""
     configured_vlm = _get(config, "framework.qwenvl.base_vlm")
     vlm_config = _load_base_config(base_vlm)
@@ -434,8 +460,9 @@ def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir
         interleave = odd is not None and odd.shape[1] == fields["dit_hidden_size"] != text_config.hidden_size
     if interleave is not None:
         fields["interleave_self_attention"] = interleave
-    if variant in ("gr00t", "pi", "pi_v3"):  # StarVLA masks padded prompt tokens only in GR00T training
-        fields["condition_mask"] = "training" if variant == "gr00t" else "never"
+    condition_mask, mask_reason = choose_condition_mask(variant, config, run_dir, condition_mask)
+    if condition_mask is not None:
+        fields["condition_mask"] = condition_mask
 
     config_class, model_class = VARIANTS[f"vla_{variant}"]
     if variant in ("oft", "fast"):
@@ -458,7 +485,8 @@ def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir
             )
     attention = None if interleave is None else ("interleaved" if interleave else "all_cross")
     info = {"backbone": vlm_config.model_type, "vocab_rows": vocab, "attention_mode": attention,
-            "attention_mode_reason": reason, "config_fields": {k: v for k, v in fields.items() if k != "base_vlm"}}
+            "attention_mode_reason": reason, "condition_mask": condition_mask, "condition_mask_reason": mask_reason,
+            "config_fields": {k: v for k, v in fields.items() if k != "base_vlm"}}
     return config_class(vlm_config=vlm_config, **fields), info
 
 
@@ -554,6 +582,7 @@ def convert_starvla(
     state_modes="q99",
     cameras=None,
     interleave_self_attention: bool | None = None,
+    condition_mask: str | None = None,
     fast_tokenizer=None,
 ) -> Path:
     """Converts a StarVLA run into an hf_vla model directory at `out_dir` and returns its path.
@@ -568,6 +597,8 @@ def convert_starvla(
             see `choose_action_modes` for the default.
         cameras: camera names in prompt order (default: see `choose_cameras`).
         interleave_self_attention: force the flow head's attention mode (default: see `choose_attention_mode`).
+        condition_mask: force whether the flow head masks prompt padding, "always" / "training" / "never" (default:
+            see `choose_condition_mask`).
         fast_tokenizer: FAST tokenizer (object, directory or hub id) to attach to a QwenFast conversion.
     """
     if out_dir is None:
@@ -583,7 +614,7 @@ def convert_starvla(
     state = load_checkpoint(files.checkpoint)
 
     model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention,
-                                             statistics)  # fmt: skip
+                                             statistics, condition_mask)  # fmt: skip
     torch_dtype = _resolve_dtype(dtype, state)
     model, key_counts = build_model(VARIANTS[f"vla_{variant}"][1], model_config, state, variant, torch_dtype)
     processor, processor_info, notes = build_processor(
@@ -601,9 +632,6 @@ def convert_starvla(
     if any("q99" in feature for entry in processor_info["normalization_modes"].values() for feature in entry.values()
            if feature):  # fmt: skip
         notes.append("q99: StarVLA clamps normalised values to [-2.2, 2.2], hf_vla to [-1, 1]")
-    if variant in FLOW_VARIANTS:
-        notes.append("flow heads: hf_vla masks padded condition tokens, StarVLA's layer-wise head never does and its "
-                     "GR00T head only in training: outputs agree for unpadded prompts (one sample, or equal lengths)")
 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -633,6 +661,8 @@ def main(argv=None) -> int:
     parser.add_argument("--state-modes", default="q99", help="as --action-modes, for the state (default: q99)")
     parser.add_argument("--cameras", help="comma-separated camera names, in prompt order")
     parser.add_argument("--attention-mode", choices=("interleaved", "all-cross"), help="flow heads: force the mode")
+    parser.add_argument("--condition-mask", choices=("always", "training", "never"),
+                        help="flow heads: force whether prompt padding is masked (default: from the run's date)")
     parser.add_argument("--fast-tokenizer", help="QwenFast: FAST tokenizer directory or hub id to attach")
     args = parser.parse_args(argv)
     try:
@@ -641,7 +671,7 @@ def main(argv=None) -> int:
             checkpoint_path=args.checkpoint, base_vlm=args.base_vlm, dtype=args.dtype, action_modes=args.action_modes,
             state_modes=args.state_modes, cameras=args.cameras.split(",") if args.cameras else None,
             interleave_self_attention=None if args.attention_mode is None else args.attention_mode == "interleaved",
-            fast_tokenizer=args.fast_tokenizer,
+            condition_mask=args.condition_mask, fast_tokenizer=args.fast_tokenizer,
         )  # fmt: skip
     except StarVLAConversionError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -650,6 +680,8 @@ def main(argv=None) -> int:
     print(f"converted {report['framework']} -> {report['model_type']} ({report['backbone']}) into {out}")
     if report["attention_mode"]:
         print(f"attention mode: {report['attention_mode']} ({report['attention_mode_reason']})")
+    if report["condition_mask"]:
+        print(f"condition mask: {report['condition_mask']} ({report['condition_mask_reason']})")
     for key, modes in report["normalization_modes"].items():
         print(f"normalisation [{key}]: action {modes['action']} ({report['action_modes_source']}), "
               f"state {modes['state']}")  # fmt: skip

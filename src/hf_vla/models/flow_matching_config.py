@@ -22,8 +22,9 @@ class VLAFlowMatchingConfig(VLAConfig):
         num_inference_steps (`int`, defaults to 4): Euler steps of `predict_action`.
         time_beta_alpha / time_beta_beta / time_noise_s: training time t = (s − u)/s, u ~ Beta(α, β).
         condition_mask (`str`, *optional*, defaults to `"always"`): when the prompt's padding mask hides padded
-            condition tokens from the DiT: `"always"`, `"training"` (StarVLA's GR00T head) or `"never"` (StarVLA's
-            layer-wise heads). Only left-padded batches differ; converted StarVLA checkpoints set their behaviour.
+            condition tokens from the DiT: `"always"` (current StarVLA), `"training"` (in training only) or `"never"`
+            (StarVLA before its masking fix). Only left-padded batches differ; converted StarVLA checkpoints set the
+            behaviour of the code that trained them.
     """
 
     dit_hidden_size: int | None = None
