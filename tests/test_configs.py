@@ -35,6 +35,7 @@ FLOW_CASES = [
     (dict(dropout=1.0), r"dropout: expected a probability in \[0, 1\), got 1.0"),
     (dict(time_noise_s=0.0), r"time_noise_s: expected s in \(0, 1\], got 0.0"),
     (dict(time_beta_alpha=-1.0), r"time_beta_alpha: expected a Beta parameter > 0, got -1.0"),
+    (dict(condition_mask="sometimes"), r"condition_mask: expected one of \('always', 'training', 'never'\), got 'sometimes'"),
     (dict(num_inference_steps=2.0), r"Field 'num_inference_steps' expected int, got float"),
 ]
 VARIANT_CASES = {

@@ -31,6 +31,7 @@ import yaml
 from transformers import AutoConfig, AutoTokenizer
 
 from ..auto import VARIANTS
+from ..models.flow_matching_config import CONDITION_MASKS
 from ..normalization import NORM_MODES, STAT_NAMES
 from ..processing_vla import VLAProcessor
 
@@ -281,8 +282,8 @@ def choose_condition_mask(variant: str, config: dict, run_dir: Path | None = Non
     if variant not in FLOW_VARIANTS:
         return None, "not a flow-matching head"
     if override is not None:
-        if override not in ("always", "training", "never"):
-            raise StarVLAConversionError(f"condition_mask: expected 'always', 'training' or 'never', got {override!r}")
+        if override not in CONDITION_MASKS:
+            raise StarVLAConversionError(f"condition_mask: expected one of {CONDITION_MASKS}, got {override!r}")
         return override, "explicit argument"
     date = _run_date(config, run_dir)
     if date is not None and date >= CONDITION_MASK_DATE:
@@ -661,7 +662,7 @@ def main(argv=None) -> int:
     parser.add_argument("--state-modes", default="q99", help="as --action-modes, for the state (default: q99)")
     parser.add_argument("--cameras", help="comma-separated camera names, in prompt order")
     parser.add_argument("--attention-mode", choices=("interleaved", "all-cross"), help="flow heads: force the mode")
-    parser.add_argument("--condition-mask", choices=("always", "training", "never"),
+    parser.add_argument("--condition-mask", choices=CONDITION_MASKS,
                         help="flow heads: force whether prompt padding is masked (default: from the run's date)")
     parser.add_argument("--fast-tokenizer", help="QwenFast: FAST tokenizer directory or hub id to attach")
     args = parser.parse_args(argv)

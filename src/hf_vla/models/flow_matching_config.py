@@ -4,6 +4,8 @@ from huggingface_hub.dataclasses import strict
 
 from ..configuration_vla import VLAConfig, check_at_least
 
+CONDITION_MASKS = ("always", "training", "never")
+
 
 @strict
 class VLAFlowMatchingConfig(VLAConfig):
@@ -59,5 +61,5 @@ class VLAFlowMatchingConfig(VLAConfig):
         for name in ("time_beta_alpha", "time_beta_beta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a Beta parameter > 0, got {getattr(self, name)}")
-        if self.condition_mask not in ("always", "training", "never"):
-            raise ValueError(f"condition_mask: expected 'always', 'training' or 'never', got {self.condition_mask!r}")
+        if self.condition_mask not in CONDITION_MASKS:
+            raise ValueError(f"condition_mask: expected one of {CONDITION_MASKS}, got {self.condition_mask!r}")
