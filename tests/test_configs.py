@@ -46,7 +46,8 @@ VARIANT_CASES = {
     ],
     "fast": [(dict(num_action_tokens=0), r"num_action_tokens: expected ≥ 1, got 0"),
              (dict(max_action_tokens=0), r"max_action_tokens: expected ≥ 1, got 0")],
-    "bins": [(dict(num_action_tokens=-3), r"num_action_tokens: expected ≥ 1, got -3")],
+    "bins": [(dict(num_action_tokens=-3), r"num_action_tokens: expected ≥ 1, got -3"),
+             (dict(num_action_tokens=1), r"num_action_tokens: expected ≥ 2, got 1")],
     **{variant: FLOW_CASES for variant in FLOW},
 }  # fmt: skip
 

@@ -151,9 +151,10 @@ def test_loss_depends_on_image_and_instruction(token_model):
 
 def test_bins_prompt_carries_state_tokens_and_one_stacked_image(tiny_vlm_dirs, fast_tokenizer, tmp_path):
     model, processor = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "bins", fast_tokenizer, concat_views=True)
-    inputs = processor(images=random_views(np.random.default_rng(0), 1), text=["go"], state=[[-1.0, 0.999]])
+    inputs = processor(images=random_views(np.random.default_rng(0), 1), text=["go"], state=[[-1.0, 1.0]])
     text = processor.tokenizer.decode(inputs["input_ids"][0])
-    assert model.config.num_action_tokens == 32  # the state uses the actions' 32 bins: every bin is a token
+    # the state uses the actions' 32 tokens (OpenVLA's grid: 31 intervals, the last token for values at 1)
+    assert model.config.num_action_tokens == 32
     assert "[STATE] <robot_action_0><robot_action_31> [ACTION]" in text
     offset = model.config.action_token_offset
     assert [offset, offset + 31] == [t for t in inputs["input_ids"][0].tolist() if offset <= t < offset + 32]

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import FeatureNormalizer, compute_stats, validate_feature_stats
 
@@ -31,14 +32,20 @@ def _bin_edges(num_bins: int) -> np.ndarray:
     return edges
 
 
+@functools.lru_cache(maxsize=8)
+def _uniform_bins(num_bins: int) -> UniformBins:
+    return UniformBins(num_bins)
+
+
 def state_to_text(normalized_state: np.ndarray, token_template: str | None = None, num_bins: int = STATE_BINS) -> str:
     """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index among `num_bins` uniform bins
-    over [-1, 1] (StarVLA: values below -1 give -1), or, with `token_template` (e.g. "<robot_action_{}>"), as the
-    action tokens of the bins clipped to [0, num_bins - 1] (the bins variant, whose actions use the same bins)."""
-    bins = np.digitize(normalized_state, _bin_edges(num_bins)) - 1
+    over [-1, 1] (StarVLA's state text: values below -1 give -1), or, with `token_template` (e.g.
+    "<robot_action_{}>"), as the action tokens `UniformBins(num_bins)` gives it (the bins variant: LLaVA-VLA writes
+    the state with OpenVLA's action tokenizer)."""
     if token_template is not None:
-        return ("[STATE] " + "".join(token_template.format(int(b)) for b in np.clip(bins, 0, num_bins - 1))
-                + " [ACTION]")  # fmt: skip
+        tokens = _uniform_bins(num_bins).encode(normalized_state)
+        return "[STATE] " + "".join(token_template.format(int(t)) for t in tokens) + " [ACTION]"
+    bins = np.digitize(normalized_state, _bin_edges(num_bins)) - 1
     return "[STATE] " + " ".join(str(int(b)) for b in bins) + " [ACTION]"
 
 
@@ -55,8 +62,8 @@ class VLAProcessor(ProcessorMixin):
         action_dim, action_horizon, state_dim, state_in_prompt, prompt_template: as in `VLAConfig`.
         action_query_token / action_query_suffix: OFT's placeholder token and the text that carries it.
         state_token_template (`str`, *optional*): write state bins as these tokens (bins variant) instead of numbers.
-        state_bins (`int`): how many uniform bins over [-1, 1] the state text uses (256, StarVLA's; the bins variant's
-            `num_action_tokens` when the state is written as its action tokens).
+        state_bins (`int`): how many uniform bins over [-1, 1] the state text uses (256, StarVLA's), or, when the state
+            is written as action tokens, the bins variant's `num_action_tokens` (OpenVLA's grid, see `UniformBins`).
         concat_views (`bool`): stack the camera views vertically into one image (LLaVA-VLA).
         backbone (`str`): the VLM's model_type, which picks the image-token layout.
     """
