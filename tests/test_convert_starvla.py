@@ -400,6 +400,8 @@ def test_normalisation_modes_and_cameras():
     libero = {"datasets": {"vla_data": {"data_mix": "libero_all", "obs": ["image_0"]}}}
     assert choose_action_modes(stats, libero)[0] == ["min_max"] * 6 + ["identity"]
     assert choose_action_modes(stats, libero, "q99")[0] == ["q99"] * 7
+    for mix, modes in (("libero_all_q99", ["q99"] * 6 + ["identity"]), ("openpi_libero_all", ["q99"] * 7)):
+        assert choose_action_modes(stats, {"datasets": {"vla_data": {"data_mix": mix}}})[0] == modes, mix
     modes = "mean_std,mean_std,mean_std,q99,q99,q99,binary"
     assert choose_action_modes(stats, config, modes)[0] == modes.split(",")
     with pytest.raises(StarVLAConversionError, match="7 comma-separated modes"):

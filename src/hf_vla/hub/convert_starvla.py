@@ -50,8 +50,11 @@ LAYERWISE_FIX_DATE = "2026-06-16"  # StarVLA PR #373: before it, layer-wise head
 # and inference; before issue #330 (GR00T, 2026-05-13) and #184 (layer-wise) none did.
 CONDITION_MASK_DATE = "2026-08-09"
 LAYERWISE_MLP_HIDDEN = 1024  # QwenPI / QwenPI_v3 hard-code the width of their state encoder and action decoder
-# Benchmark families whose StarVLA DataConfig is documented (starvla.md §5, §7), matched by substring of data_mix.
+# Benchmark families whose StarVLA DataConfig is documented (starvla.md §5, §7; the LIBERO data registry's
+# Libero4in1 / Libero4in1Q99 / OpenPILibero4in1 configs), matched by substrings of data_mix, the first match winning.
 KNOWN_MIXTURES = {
+    "openpi_libero": {"cameras": ["primary", "wrist"], "action_modes": ["q99"] * 7},
+    "libero+q99": {"cameras": ["primary", "wrist"], "action_modes": ["q99"] * 6 + ["identity"]},
     "libero": {"cameras": ["primary", "wrist"], "action_modes": ["min_max"] * 6 + ["identity"]},
     "bridge": {"cameras": ["primary"]},
     "rt_1": {"cameras": ["primary"]},
@@ -306,7 +309,10 @@ def _parse_modes(modes, dim: int, field: str) -> list[str]:
 
 def _known_mixture(config: dict) -> tuple[str | None, dict]:
     data_mix = str(_get(config, "datasets.vla_data.data_mix", "")).lower()
-    return next(((name, facts) for name, facts in KNOWN_MIXTURES.items() if name in data_mix), (None, {}))
+    for name, facts in KNOWN_MIXTURES.items():
+        if all(part in data_mix for part in name.split("+")):
+            return name, facts
+    return None, {}
 
 
 def choose_action_modes(action_stats: dict, config: dict, override=None) -> tuple[list[str], str]:
