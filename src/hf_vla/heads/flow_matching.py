@@ -13,9 +13,10 @@ One class covers StarVLA's three flow-matching heads (and GR00T N1.5's, without 
   own `project_layers[i] = LayerNorm(H_vlm) → Linear(H_vlm → D)`, so the DiT can be narrower than the VLM.
 
 Flow-matching convention (t = 1 is clean data): `x_t = (1 − t)·noise + t·action`, target velocity `action − noise`,
-training time `t = (s − u)/s` with `u ~ Beta(α, β)` (the GR00T form clamps `u ≤ s`; StarVLA's layer-wise head does
-not, so a few draws in a thousand give t slightly below 0), discrete bucket `int(t · 1000)` (truncated toward zero, as
-StarVLA's `.long()`) fed to the DiT's timestep encoder and the action encoder. Sampling integrates `x += v̂ / N` from `x_0 ~ N(0, I)` at `t = k/N`.
+training time `t = (s − u)/s` with `u ~ Beta(α, β)` (the GR00T form clamps `u ≤ s`; StarVLA's layer-wise head
+does not, so a few draws in a thousand give t slightly below 0), discrete bucket `int(t · 1000)` (truncated toward
+zero, as StarVLA's `.long()`) fed to the DiT's timestep encoder and the action encoder. Sampling integrates
+`x += v̂ / N` from `x_0 ~ N(0, I)` at `t = k/N`.
 
 The DiT sees `[state token(s) (if state is given), future tokens, action tokens]`; the prediction is read at the last
 `action_horizon` positions. In the all-cross form (no block self-attends) the tokens never mix, so sampling feeds the
@@ -252,9 +253,9 @@ class FlowMatchingActionHead(nn.Module):
         return self.state_encoder(state.to(self.dtype))
 
     def sample_time(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Training times `t = (s − u)/s`, `u ~ Beta(α, β)`, as float32 `[batch_size]`. As in StarVLA, the GR00T form
-        clamps `u ≤ s` (t in [0, 1]) and the layer-wise form does not (u > s, about 0.2% of draws at the defaults,
-        gives t in (1 − 1/s, 0), which `time_to_bucket` maps to bucket 0)."""
+        """Training times `t = (s − u)/s`, `u ~ Beta(α, β)`, as float32 `[batch_size]`. As in StarVLA, the GR00T
+        form clamps `u ≤ s` (t in [0, 1]) and the layer-wise form does not (u > s, about 0.2% of draws at the
+        defaults, gives t in (1 − 1/s, 0), which `time_to_bucket` maps to bucket 0)."""
         beta = torch.distributions.Beta(
             torch.tensor(self.time_beta_alpha, device=device), torch.tensor(self.time_beta_beta, device=device)
         )
