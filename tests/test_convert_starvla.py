@@ -26,6 +26,7 @@ from hf_vla.hub.convert_starvla import (
     choose_attention_mode,
     choose_cameras,
     choose_condition_mask,
+    choose_state_modes,
     convert_starvla,
     main,
     map_key,
@@ -152,7 +153,9 @@ def test_oft_round_trip(vlms, tmp_path, legacy_layout):
     assert report["sources"]["checkpoint"].endswith("steps_10_pytorch_model.pt")
     assert report["keys"]["checkpoint"] == report["keys"]["loaded"] == len(original.state_dict())
     # LIBERO's DataConfig: min_max for xyz/rpy, gripper unnormalised; two views, primary first.
+    # The state has S != 8 dimensions, so it is not LIBERO's DataConfig state (8 keys, left raw): the default, q99.
     assert report["normalization_modes"]["franka"] == {"action": ["min_max"] * 6 + ["identity"], "state": ["q99"] * S}
+    assert report["state_modes_source"].startswith("default q99")
     assert report["cameras"] == ["primary", "wrist"]
 
     model = AutoModelForVLA.from_pretrained(out)
@@ -172,7 +175,7 @@ def test_oft_round_trip(vlms, tmp_path, legacy_layout):
     assert torch.equal(model(**inputs).loss, original(**inputs).loss)
 
 
-def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path):
+def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path, capsys):
     torch.manual_seed(0)
     original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,
                                         state_dim=S, action_token="🔍", prompt_template=COT)  # fmt: skip
@@ -183,6 +186,13 @@ def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path):
     out = convert_starvla(run, tmp_path / "out")
     assert AutoModelForVLA.from_pretrained(out).config.state_dim == S
     assert VLAProcessor.from_pretrained(out).norm_stats["franka"]["state"]["mode"] == ["q99"] * S
+    # --state-modes overrides the decision, and the command line says where each mode came from
+    capsys.readouterr()
+    assert main([str(run), str(tmp_path / "cli"), "--state-modes", "min_max"]) == 0
+    assert VLAProcessor.from_pretrained(tmp_path / "cli").norm_stats["franka"]["state"]["mode"] == ["min_max"] * S
+    assert json.loads((tmp_path / "cli" / "conversion_report.json").read_text())["state_modes_source"] == (
+        "explicit argument")  # fmt: skip
+    assert f"state {['min_max'] * S} (explicit argument)" in capsys.readouterr().out
 
     with pytest.raises(StarVLAConversionError, match=r"dtype: expected a floating-point torch dtype, got 'int8'"):
         convert_starvla(run, tmp_path / "int8", dtype="int8")
@@ -410,6 +420,34 @@ def test_normalisation_modes_and_cameras():
     assert choose_cameras({"datasets": {"vla_data": {"data_mix": "libero_goal"}}})[0] == ["primary", "wrist"]
     assert choose_cameras(libero)[0] == ["image_0"]  # the run's own observation keys win over the mixture table
     assert choose_cameras(libero, ["front", "wrist"])[0] == ["front", "wrist"]
+
+
+def test_state_normalisation_modes():
+    """State modes per dimension, in the DataConfig's state_keys order (the order of the statistics' 'state'):
+    LIBERO's default config normalises no state key (raw → identity), its q99 and openpi variants all eight with
+    q99, OXE bridge / RT-1 q99 with a binary gripper. dataset_statistics.json records no state modes, so anything
+    else gets q99 unless --state-modes says otherwise."""
+    eight = {"q01": [-1.0] * 8}
+
+    def decide(data_mix, stats=eight, override=None):
+        return choose_state_modes(stats, {"datasets": {"vla_data": {"data_mix": data_mix}}}, override)
+
+    oxe = ["q99"] * 7 + ["binary"]
+    for mix, modes in (("libero_goal", ["identity"] * 8), ("libero_all", ["identity"] * 8),
+                       ("libero_all_q99", ["q99"] * 8), ("libero_goal_q99", ["q99"] * 8),
+                       ("openpi_libero_all", ["q99"] * 8), ("bridge", oxe), ("bridge_rt_1", oxe),
+                       ("simpler_env_fractal", oxe)):  # fmt: skip
+        got, source = decide(mix)
+        assert got == modes, mix
+        assert source.startswith("data_mix matches"), (mix, source)
+    for mix, stats in (("oxe_magic_soup", eight), ("custom_dataset", eight), (None, eight),
+                       ("libero_goal", {"q01": [0.0] * 5})):  # fmt: skip  # unknown, or not the DataConfig's width
+        got, source = decide(mix, stats)
+        assert got == ["q99"] * len(stats["q01"]) and source.startswith("default q99"), (mix, source)
+    assert decide("libero_goal", override="min_max") == (["min_max"] * 8, "explicit argument")
+    assert decide("bridge", override=["mean_std"] * 7 + ["binary"])[0] == ["mean_std"] * 7 + ["binary"]
+    with pytest.raises(StarVLAConversionError, match="state_modes: expected one mode or 8 comma-separated"):
+        decide("bridge", override="q99,binary")
 
 
 # ---------------------------------------------------------------------------------------------------- published sizes

@@ -7,6 +7,10 @@ An independent reference, written from StarVLA's code (branch starVLA_dev; each 
   `StateActionTransform.unapply` → `Normalizer.inverse` in
   `starVLA/dataloader/gr00t_lerobot/transform/state_action.py`),
   with the per-key modes of the DataConfigs the run's `data_mix` resolves to;
+* normalisation of the robot state: StarVLA's dataloader (`LeRobotSingleDataset.__getitem__` / `_pack_sample` in
+  `starVLA/dataloader/gr00t_lerobot/datasets.py`) runs the DataConfig's `transform()` on the raw state keys, then
+  concatenates them in `state_keys` order; the frameworks (QwenOFT, QwenGR00T, QwenPI, QwenPI_v3) use that state as
+  given. The server side does the same through `PolicyNormProcessor` (splitting the combined statistics per key);
 * the client-side post-processing StarVLA's simulator clients apply to those actions (LIBERO, SimplerEnv WidowX);
 * the wire format: `deployment/model_server/tools/websocket_policy_client.py` (`WebsocketClientPolicy`), openpi-style
   msgpack-numpy, the handshake metadata frame, the request payload of `examples/simBenchmarks/LIBERO/eval_files/`
@@ -53,6 +57,28 @@ STARVLA_ACTION_MODES = {
     "oxe_bridge": {**{k: "q99" for k in XYZRPY}, "gripper": "binary"},
     "oxe_rt1": {**{k: "q99" for k in XYZRPY}, "gripper": "binary"},
 }
+# --- DataConfigs: the STATE keys (one dimension each, in the order the sample and the statistics concatenate them)
+#     and each key's mode. A key missing from `normalization_modes`, or a DataConfig whose transform() lists no
+#     state transform at all, hands the raw value to the model.
+LIBERO_STATE_KEYS = (*XYZRPY, "pad", "gripper")
+STARVLA_STATE_KEYS = {
+    "libero_franka": LIBERO_STATE_KEYS, "libero_franka_q99": LIBERO_STATE_KEYS,
+    "openpi_libero_franka": LIBERO_STATE_KEYS, "oxe_bridge": LIBERO_STATE_KEYS,
+    "oxe_rt1": ("x", "y", "z", "rx", "ry", "rz", "rw", "gripper"),
+}  # fmt: skip
+STARVLA_STATE_MODES = {
+    # LIBERO data_registry/data_config.py, Libero4in1DataConfig.transform: StateActionToTensor and
+    # StateActionTransform apply to the action keys only, so the state reaches the model raw
+    "libero_franka": {},
+    # ... Libero4in1Q99DataConfig.transform: q99 for every state key
+    "libero_franka_q99": {k: "q99" for k in LIBERO_STATE_KEYS},
+    # ... OpenPILibero4in1DataConfig.transform: q99 for every state key, gripper and pad included
+    "openpi_libero_franka": {k: "q99" for k in LIBERO_STATE_KEYS},
+    # starVLA/dataloader/gr00t_lerobot/data_config.py: OxeBridgeDataConfig / OxeRT1DataConfig.transform:
+    # q99 for position, rotation and pad, binary for the gripper
+    "oxe_bridge": {k: "binary" if k == "gripper" else "q99" for k in LIBERO_STATE_KEYS},
+    "oxe_rt1": {k: "binary" if k == "gripper" else "q99" for k in STARVLA_STATE_KEYS["oxe_rt1"]},
+}
 # DATASET_NAMED_MIXTURES (starVLA/dataloader/gr00t_lerobot/mixtures.py and the LIBERO data_registry): robot types
 STARVLA_MIXTURES = {
     "libero_goal": ["libero_franka"],
@@ -76,6 +102,41 @@ def starvla_inverse(mode, x, stats):
     if mode == "binary":
         return (x > 0.5).astype(np.float32)
     raise AssertionError(mode)
+
+
+def starvla_forward(mode, x, stats):
+    """transform/state_action.py, Normalizer.forward. A dimension whose range is zero keeps its raw value (q99) or
+    becomes 0 (min_max); q99 clamps to [-2.2, 2.2] (the current code; an older version clamped to [-1, 1]); binary
+    is x > 0.5 as 0 / 1."""
+    s = {k: np.asarray(v, np.float32) for k, v in stats.items()}
+    x = np.asarray(x, np.float32)
+    if mode == "q99":
+        span = s["q99"] - s["q01"]
+        scaled = 2 * (x - s["q01"]) / np.where(span != 0, span, 1) - 1
+        return np.clip(np.where(span != 0, scaled, x), -2.2, 2.2)
+    if mode == "min_max":
+        span = s["max"] - s["min"]
+        return np.where(span != 0, 2 * (x - s["min"]) / np.where(span != 0, span, 1) - 1, 0.0).astype(np.float32)
+    if mode == "binary":
+        return (x > 0.5).astype(np.float32)
+    raise AssertionError(mode)
+
+
+def starvla_apply_state(raw, statistics, data_mix, unnorm_key):
+    """The DataConfig's state transform on raw states [B, S]: the combined 'state' statistics split per state key in
+    `state_keys` order (policy_norm_processor.py, _build_dataset_metadata; one dimension per key here), each key
+    normalised with its mode or passed through, then concatenated back (datasets.py, _pack_sample)."""
+    robot_type = starvla_resolve_robot_type(data_mix, unnorm_key)
+    keys, modes = STARVLA_STATE_KEYS[robot_type], STARVLA_STATE_MODES[robot_type]
+    combined = statistics[unnorm_key]["state"]
+    width = len(combined["q01"]) // len(keys)
+    x = np.asarray(raw, np.float32)
+    parts = []
+    for i, key in enumerate(keys):
+        cols = slice(i * width, (i + 1) * width)
+        per_key = {name: values[cols] for name, values in combined.items()}
+        parts.append(starvla_forward(modes[key], x[..., cols], per_key) if key in modes else x[..., cols])
+    return np.concatenate(parts, axis=-1)
 
 
 def starvla_resolve_robot_type(data_mix, unnorm_key):
@@ -210,11 +271,21 @@ BRIDGE_ACTION = feature([-0.40, -0.35, -0.42, -0.39, -0.44, -0.83, 0.0],
                         [-0.0289, -0.0417, -0.0260, -0.0808, -0.0929, -0.2071, 0.0],
                         [0.0288, 0.0409, 0.0405, 0.0815, 0.0782, 0.2036, 1.0])  # fmt: skip
 MASK = [True] * 6 + [False]
+# State statistics (one column per state key). LIBERO: eef position, axis-angle, two finger joints ("pad", "gripper");
+# bridge: eef position, rpy, a constant 0 pad, the gripper opening in [0, 1].
+LIBERO_STATE = feature([-0.48, -0.35, 0.0, 1.5, -1.2, -0.9, 0.0, -0.042],
+                       [0.21, 0.39, 1.35, 3.6, 1.1, 0.8, 0.042, 0.0],
+                       [-0.40, -0.30, 0.01, 2.0, -0.9, -0.6, 0.001, -0.040],
+                       [0.15, 0.33, 1.25, 3.3, 0.9, 0.6, 0.040, -0.001])  # fmt: skip
+BRIDGE_STATE = feature([0.15, -0.2, -0.05, -0.4, -0.5, -3.1, 0.0, 0.0],
+                       [0.45, 0.25, 0.3, 0.4, 0.4, 3.1, 0.0, 1.0],
+                       [0.2, -0.15, -0.02, -0.3, -0.4, -2.9, 0.0, 0.05],
+                       [0.4, 0.2, 0.2, 0.3, 0.3, 2.9, 0.0, 1.0])  # fmt: skip
 
 
 def starvla_statistics(data_mix, action=None):
     """dataset_statistics.json as StarVLA writes it: {key: {action: 6 stats + mask, state: 6 stats, counts}}."""
-    state = feature([-1.0] * 8, [1.0] * 8, [-0.9] * 8, [0.9] * 8)
+    state = LIBERO_STATE if "libero" in data_mix else BRIDGE_STATE
     keys = {"libero_goal": ["franka"], "libero_all_q99": ["franka"], "openpi_libero_all": ["franka"],
             "bridge": ["oxe_bridge"], "bridge_rt_1": ["oxe_bridge", "oxe_rt1"]}[data_mix]  # fmt: skip
     default = LIBERO_ACTION if "libero" in data_mix else BRIDGE_ACTION
@@ -262,9 +333,10 @@ def starvla_run(tmp_path_factory):
 _converted = {}
 
 
-def converted(starvla_run, data_mix, action=None, tag=""):
+def converted(starvla_run, data_mix, action=None, tag="", include_state=False):
     """Writes a StarVLA run directory (config.yaml, dataset_statistics.json, checkpoints/steps_10_pytorch_model.pt)
-    for `data_mix` and converts it; returns (out_dir, the statistics written)."""
+    for `data_mix` and converts it; returns (out_dir, the statistics written). With `include_state` the run fed the
+    state (QwenOFT writes it into the prompt, so the same weights serve)."""
     name = f"{data_mix}{tag}"
     if name not in _converted:
         run = starvla_run["root"] / f"run_{name}"
@@ -274,7 +346,7 @@ def converted(starvla_run, data_mix, action=None, tag=""):
             "framework": {"name": "QwenOFT", "qwenvl": {"base_vlm": str(starvla_run["vlm"])},
                           "action_model": {"action_dim": A, "future_action_window_size": H - 1}},
             "datasets": {"vla_data": {"data_mix": data_mix, "CoT_prompt": COT, "obs_image_size": [56, 56],
-                                      "include_state": False}},
+                                      "include_state": include_state}},
         }  # fmt: skip
         statistics = starvla_statistics(data_mix, action)
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
@@ -356,7 +428,48 @@ def test_binary_dimensions_decode_to_the_recorded_range_deliberately(starvla_run
     np.testing.assert_array_equal(got[..., 6] > 0, expected[..., 6] > 0)  # the same open / closed decisions
 
 
-# ==================================================================================================== 2. wire format
+# =============================================================================================== 2. state normalisation
+
+
+def raw_states(state_stats):
+    """Raw robot states [3, S]: inside [q01, q99], then past both ends (where q99 clamps), gripper-like values on
+    both sides of 0.5. A dimension recorded as constant (bridge's pad: q01 == q99 == 0) keeps its constant."""
+    q01, q99 = (np.asarray(state_stats[k], np.float32) for k in ("q01", "q99"))
+    span = q99 - q01
+    rows = np.stack([q01 + 0.3 * span, q99 + 0.4 * span + 0.1, q01 - 0.4 * span - 0.1])
+    rows[:, -1] = [0.3, 0.8, 0.51] if q99[-1] - q01[-1] > 0.5 else rows[:, -1]  # a [0, 1] gripper opening
+    return np.where(span != 0, rows, q01).astype(np.float32)
+
+
+@pytest.mark.parametrize("data_mix", ["libero_goal", "libero_all_q99", "openpi_libero_all", "bridge"])
+def test_state_normalisation_matches_starvla_dataloader(starvla_run, data_mix):
+    """The converted processor normalises a raw state as the run's DataConfig did when it trained (LIBERO's default
+    config leaves the state raw; its q99 / openpi variants and OXE bridge normalise it). hf_vla clamps q99 to
+    [-1, 1] where StarVLA clamps to [-2.2, 2.2]: past q01 / q99 the two agree up to that clamp (a report note)."""
+    out, statistics = converted(starvla_run, data_mix, tag="_state", include_state=True)
+    processor = VLAProcessor.from_pretrained(out)
+    report = json.loads((out / "conversion_report.json").read_text())
+    (key,) = statistics
+    robot_type = starvla_resolve_robot_type(data_mix, key)
+    modes = [STARVLA_STATE_MODES[robot_type].get(k, "identity") for k in STARVLA_STATE_KEYS[robot_type]]
+    assert report["normalization_modes"][key]["state"] == modes, (
+        f"{data_mix}: converter picked {report['normalization_modes'][key]['state']} "
+        f"({report.get('state_modes_source')}); StarVLA's DataConfig uses {modes}"
+    )
+    assert report["state_modes_source"].startswith("data_mix matches")
+
+    raw = raw_states(statistics[key]["state"])
+    images = [libero_example(s, size=64)["image"][: len(processor.camera_names)] for s in range(len(raw))]
+    got = processor(images=images, text=[LANG] * len(raw), state=raw)["state"].numpy()
+    expected = starvla_apply_state(raw, statistics, data_mix, key)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)  # inside [q01, q99]: identical
+    clamped = np.where(np.array(modes) == "q99", np.clip(expected, -1, 1), expected)
+    np.testing.assert_allclose(got, clamped, rtol=1e-6, atol=1e-6)
+    if "identity" in modes:  # LIBERO's default: the raw state, far outside [-1, 1]
+        np.testing.assert_array_equal(got, raw)
+
+
+# ==================================================================================================== 3. wire format
 
 
 @pytest.fixture(scope="module")

@@ -51,16 +51,23 @@ LAYERWISE_FIX_DATE = "2026-06-16"  # StarVLA PR #373: before it, layer-wise head
 CONDITION_MASK_DATE = "2026-08-09"
 LAYERWISE_MLP_HIDDEN = 1024  # QwenPI / QwenPI_v3 hard-code the width of their state encoder and action decoder
 # Benchmark families whose StarVLA DataConfig is documented (starvla.md §5, §7; the LIBERO data registry's
-# Libero4in1 / Libero4in1Q99 / OpenPILibero4in1 configs), matched by substrings of data_mix, the first match winning.
+# Libero4in1 / Libero4in1Q99 / OpenPILibero4in1 configs, gr00t_lerobot/data_config.py's OxeBridge / OxeRT1 configs),
+# matched by substrings of data_mix, the first match winning. Modes are per dimension in the DataConfig's key order,
+# which is the order of the statistics; a key the DataConfig gives no mode passes through raw ("identity").
+# State keys: LIBERO x y z roll pitch yaw pad gripper (Libero4in1 transforms no state key), bridge the same,
+# RT-1 x y z rx ry rz rw gripper.
+OXE_STATE_MODES = ["q99"] * 7 + ["binary"]
 KNOWN_MIXTURES = {
-    "openpi_libero": {"cameras": ["primary", "wrist"], "action_modes": ["q99"] * 7},
-    "libero+q99": {"cameras": ["primary", "wrist"], "action_modes": ["q99"] * 6 + ["identity"]},
-    "libero": {"cameras": ["primary", "wrist"], "action_modes": ["min_max"] * 6 + ["identity"]},
-    "bridge": {"cameras": ["primary"]},
-    "rt_1": {"cameras": ["primary"]},
-    "fractal": {"cameras": ["primary"]},
+    "openpi_libero": {"cameras": ["primary", "wrist"], "action_modes": ["q99"] * 7, "state_modes": ["q99"] * 8},
+    "libero+q99": {"cameras": ["primary", "wrist"], "action_modes": ["q99"] * 6 + ["identity"],
+                   "state_modes": ["q99"] * 8},
+    "libero": {"cameras": ["primary", "wrist"], "action_modes": ["min_max"] * 6 + ["identity"],
+               "state_modes": ["identity"] * 8},
+    "bridge": {"cameras": ["primary"], "state_modes": OXE_STATE_MODES},
+    "rt_1": {"cameras": ["primary"], "state_modes": OXE_STATE_MODES},
+    "fractal": {"cameras": ["primary"], "state_modes": OXE_STATE_MODES},
     "oxe": {"cameras": ["primary"]},
-}
+}  # fmt: skip
 REPORT_NAME = "conversion_report.json"
 
 
@@ -315,17 +322,40 @@ def _known_mixture(config: dict) -> tuple[str | None, dict]:
     return None, {}
 
 
+def _known_modes(feature: str, dim: int, config: dict, override=None) -> tuple[list[str] | None, str | None]:
+    """`feature`'s modes from an explicit argument or the data_mix's known DataConfig, else `(None, None)`."""
+    if override is not None:
+        return _parse_modes(override, dim, f"{feature}_modes"), "explicit argument"
+    name, facts = _known_mixture(config)
+    if len(facts.get(f"{feature}_modes", [])) == dim:
+        return list(facts[f"{feature}_modes"]), f"data_mix matches {name!r} (StarVLA's {name} DataConfig)"
+    return None, None
+
+
 def choose_action_modes(action_stats: dict, config: dict, override=None) -> tuple[list[str], str]:
     """Per-dimension action modes: explicit > the documented LIBERO DataConfig > StarVLA's mask (True → q99,
     False → binary: StarVLA sets mask=False exactly on its binary-mode dimensions, e.g. OXE grippers)."""
     dim = len(action_stats["q01"])
-    if override is not None:
-        return _parse_modes(override, dim, "action_modes"), "explicit argument"
-    name, facts = _known_mixture(config)
-    if len(facts.get("action_modes", [])) == dim:
-        return list(facts["action_modes"]), f"data_mix matches {name!r} (StarVLA's {name} DataConfig)"
+    modes, source = _known_modes("action", dim, config, override)
+    if modes is not None:
+        return modes, source
     mask = action_stats.get("mask") or [True] * dim
     return ["q99" if m else "binary" for m in mask], "statistics mask (True → q99, False → binary)"
+
+
+def choose_state_modes(state_stats: dict, config: dict, override=None) -> tuple[list[str], str]:
+    """Per-dimension state modes: explicit > the data_mix's documented DataConfig > q99.
+
+    StarVLA's dataloader normalises the state with the DataConfig's transform (LIBERO's default config leaves it
+    raw) and every framework takes it as given. dataset_statistics.json keeps no state modes and no state mask, so
+    an unknown DataConfig gets q99: the mode of the state-normalising benchmark configs, and bounded to [-1, 1].
+    """
+    dim = len(state_stats["q01"])
+    modes, source = _known_modes("state", dim, config, override)
+    if modes is not None:
+        return modes, source
+    return ["q99"] * dim, ("default q99 (StarVLA records no state modes and no known DataConfig of this width "
+                           "matches the data_mix; pass --state-modes if the run's DataConfig used others)")
 
 
 def choose_cameras(config: dict, override=None) -> tuple[list[str], str]:
@@ -536,13 +566,13 @@ def build_model(model_class, config, state: dict, variant: str, dtype: torch.dty
 
 
 def build_processor(base_vlm: str, model_config, config: dict, statistics: dict, action_modes=None,
-                    state_modes="q99", cameras=None) -> tuple[VLAProcessor, dict, list[str]]:  # fmt: skip
+                    state_modes=None, cameras=None) -> tuple[VLAProcessor, dict, list[str]]:  # fmt: skip
     """StarVLA's prompt, cameras and image size; its statistics with explicit per-dimension modes."""
     camera_names, cameras_source = choose_cameras(config, cameras)
     processor = VLAProcessor.from_vlm(
         base_vlm, model_config, camera_names=camera_names, image_size=image_size_for(config)
     )
-    state_dim, modes, notes, action_source = model_config.state_dim, {}, [], None
+    state_dim, modes, notes, action_source, state_source = model_config.state_dim, {}, [], None, None
     for key, stats in statistics.items():
         if not isinstance(stats, dict) or "action" not in stats:
             continue
@@ -555,7 +585,7 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
         entry.update({k: stats[k] for k in ("num_transitions", "num_trajectories") if k in stats})
         if stats.get("state") and state_dim:
             if len(stats["state"]["q01"]) == state_dim:
-                state_mode = _parse_modes(state_modes, state_dim, "state_modes")
+                state_mode, state_source = choose_state_modes(stats["state"], config, state_modes)
                 entry["state"] = {**{k: stats["state"][k] for k in STAT_NAMES}, "mode": state_mode}
             else:
                 notes.append(f"{key}: the state statistics have {len(stats['state']['q01'])} dimensions, the model "
@@ -565,11 +595,16 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
         except ValueError as err:
             raise StarVLAConversionError(f"dataset_statistics.json: {err}") from err
         modes[key] = {"action": action_mode, "state": entry.get("state", {}).get("mode")}
+    if sum(mode["state"] is not None for mode in modes.values()) > 1:
+        notes.append("several embodiments with state: StarVLA writes each one's state statistics in the order its "
+                     "keys first appear across the mixture (bridge_rt_1: oxe_rt1's gripper comes 4th, its state "
+                     "vector has it last); check each entry's order against the state you pass")  # fmt: skip
     if not modes:  # the processor could not decode a single action
         raise StarVLAConversionError(f"dataset_statistics.json: no entry has 'action' statistics (keys: "
                                      f"{sorted(statistics)[:10]})")
     info = {"cameras": camera_names, "cameras_source": cameras_source, "image_size": processor.image_size,
-            "normalization_modes": modes, "action_modes_source": action_source}  # fmt: skip
+            "normalization_modes": modes, "action_modes_source": action_source,
+            "state_modes_source": state_source}  # fmt: skip
     return processor, info, notes
 
 
@@ -586,7 +621,7 @@ def convert_starvla(
     dtype=None,
     *,
     action_modes=None,
-    state_modes="q99",
+    state_modes=None,
     cameras=None,
     interleave_self_attention: bool | None = None,
     condition_mask: str | None = None,
@@ -601,7 +636,7 @@ def convert_starvla(
             its config gives the backbone skeleton, its tokenizer and image processor the processor.
         dtype: weights dtype (default: the checkpoint's).
         action_modes / state_modes: one normalisation mode or one per dimension (list or comma-separated string);
-            see `choose_action_modes` for the default.
+            see `choose_action_modes` / `choose_state_modes` for the defaults.
         cameras: camera names in prompt order (default: see `choose_cameras`).
         interleave_self_attention: force the flow head's attention mode (default: see `choose_attention_mode`).
         condition_mask: force whether the flow head masks prompt padding, "always" / "training" / "never" (default:
@@ -665,7 +700,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base-vlm", help="local directory or hub id of the base VLM (default: the config's)")
     parser.add_argument("--dtype", help="weights dtype, e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--action-modes", help=f"one mode, or one per dimension comma-separated, of {list(NORM_MODES)}")
-    parser.add_argument("--state-modes", default="q99", help="as --action-modes, for the state (default: q99)")
+    parser.add_argument("--state-modes", help="as --action-modes, for the state (default: the run's DataConfig "
+                        "where known, else q99)")
     parser.add_argument("--cameras", help="comma-separated camera names, in prompt order")
     parser.add_argument("--attention-mode", choices=("interleaved", "all-cross"), help="flow heads: force the mode")
     parser.add_argument("--condition-mask", choices=CONDITION_MASKS,
@@ -690,8 +726,8 @@ def main(argv=None) -> int:
     if report["condition_mask"]:
         print(f"condition mask: {report['condition_mask']} ({report['condition_mask_reason']})")
     for key, modes in report["normalization_modes"].items():
-        print(f"normalisation [{key}]: action {modes['action']} ({report['action_modes_source']}), "
-              f"state {modes['state']}")  # fmt: skip
+        state = f", state {modes['state']} ({report['state_modes_source']})" if modes["state"] else ""
+        print(f"normalisation [{key}]: action {modes['action']} ({report['action_modes_source']}){state}")
     for note in report["notes"]:
         print(f"note: {note}")
     return 0
