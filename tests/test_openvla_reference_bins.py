@@ -299,9 +299,9 @@ def test_state_tokens_in_prompt_match_openvla_bins(bins_model):
 
 def test_stacked_views_layout_matches_llava_vla(vlm_dir):
     """LLaVA-VLA compose_robot_input: static view on top, gripper view below, each resized to (S, S // 2) (PIL
-    LANCZOS), one S x S image. hf_vla concat_views stacks the views after resizing each to image_size (PIL BILINEAR):
+    LANCZOS), one S x S image. hf_vla concat_views stacks the views after resizing each to image_size (PIL BICUBIC):
     with image_size = [S // 2, S] the layout is LLaVA-VLA's. Documented, not asserted: the resampling filter differs
-    (BILINEAR vs LANCZOS), and with a square image_size (the default) hf_vla's stacked image is 2H x W, not square."""
+    (BICUBIC vs LANCZOS), and with a square image_size (the default) hf_vla's stacked image is 2H x W, not square."""
     from PIL import Image
 
     model = AutoModelForVLA.from_vlm(vlm_dir, variant="bins", action_dim=D, action_horizon=T, num_action_tokens=N_BINS,
@@ -321,7 +321,7 @@ def test_stacked_views_layout_matches_llava_vla(vlm_dir):
 
     (stacked,) = processor._check_views([[static, gripper]], 1)[0]
     assert stacked.shape == (size, size, 3)
-    np.testing.assert_array_equal(stacked, llava_vla_stack(Image.BILINEAR))
+    np.testing.assert_array_equal(stacked, llava_vla_stack(Image.BICUBIC))
     inputs = processor(images=[[static, gripper]], text=["go"])
     assert inputs["image_grid_thw"].tolist() == [[1, size // 14, size // 14]]
     assert processor.tokenizer.decode(inputs["input_ids"][0]).count("<|vision_start|>") == 1

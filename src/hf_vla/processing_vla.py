@@ -253,7 +253,8 @@ class VLAProcessor(ProcessorMixin):
         size = view.size if isinstance(view, Image.Image) else (view.shape[1], view.shape[0])
         if size != (width, height):
             image = view if isinstance(view, Image.Image) else Image.fromarray(view)
-            return np.asarray(image.resize((width, height), Image.BILINEAR))
+            # bicubic, as Qwen's image processor and StarVLA (PIL's default) resize: the pixels a checkpoint trained on
+            return np.asarray(image.resize((width, height), Image.BICUBIC))
         return np.asarray(view)
 
     def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:

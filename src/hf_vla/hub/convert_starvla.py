@@ -377,10 +377,17 @@ def prompt_template_for(config: dict) -> str:
 
 
 def image_size_for(config: dict) -> list[int]:
+    """`[height, width]` every view is resized to. StarVLA resizes at inference to `obs_image_size` — a PIL size,
+    (width, height) — read from `framework` (QwenGR00T) or `datasets.vla_data` (the others); without one it sends the
+    frames as they come, but its training dataloader resized every view to 224 × 224, so that is the size used here
+    (older runs record `default_image_resolution` as [3, H, W])."""
     vla_data = _get(config, "datasets.vla_data", {})
-    size = vla_data.get("obs_image_size") or vla_data.get("default_image_resolution")  # older runs: [3, H, W]
-    size = [int(s) for s in size][-2:] if size else [224, 224]
-    return size * 2 if len(size) == 1 else size
+    pil_size = _get(config, "framework.obs_image_size") or vla_data.get("obs_image_size")
+    if pil_size:
+        pil_size = [int(s) for s in pil_size]
+        return pil_size * 2 if len(pil_size) == 1 else pil_size[::-1]
+    resolution = vla_data.get("default_image_resolution")
+    return [int(s) for s in resolution][-2:] if resolution else [224, 224]
 
 
 # ---------------------------------------------------------------------------------------------------- config

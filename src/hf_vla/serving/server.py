@@ -17,7 +17,7 @@ Requests. Each binary frame is one map, answered by one frame, in order.
    * images: `{"images": {camera: uint8 [H, W, 3] or [B, H, W, 3]}}` with exactly the model's cameras, or flat
      top-level keys `<camera>`, `observation/<camera>`, `observation/images/<camera>` or `observation.images.<camera>`
      (other keys are ignored); a one-camera model also takes `image` / `observation/image`. Any image size is
-     accepted (bilinear resize to `training_obs_image_size`).
+     accepted (bicubic resize to `training_obs_image_size`).
    * instruction: `prompt` or `instruction`, a string or one string per sample (a single string is broadcast).
    * state (optional): `state`, `observation/state` or `observation.state`, float [S] or [B, S].
    * `unnorm_key` (optional): which embodiment's statistics decode the actions.
@@ -801,7 +801,7 @@ class PolicyServer:
             "available_unnorm_keys": sorted(processor.norm_stats or {}),
             "default_unnorm_key": self.parser.default_unnorm_key,
             "training_obs_image_size": [height, width],
-            "eval_image_contract": f"uint8 RGB [H, W, 3] per camera, any size; resized (bilinear) to {height}x{width}",
+            "eval_image_contract": f"uint8 RGB [H, W, 3] per camera, any size; resized (bicubic) to {height}x{width}",
             "batching": {"enabled": opts.batching, "batch_window_ms": opts.batch_window_ms,
                          "max_batch": opts.max_batch},
             "post_processing": opts.postprocess.as_dict(),
