@@ -106,7 +106,7 @@ def test_overfitting_a_batch_distinguishes_images_and_instructions(tiny_vlm_dirs
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(200):  # bicubic-resized noise views: ~0.08 at 150 steps, ~0.03 at 200
         loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
