@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 import pytest
+import starvla_reference as ref
 import torch
 import torch.nn.functional as F
 from conftest import random_views
@@ -57,70 +58,17 @@ def to_starvla(model) -> dict:
 # ---------------------------------------------------------------------------------------------------- reference
 
 
-def _linear(sd, name, x):
-    return F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])
-
-
-def _mlp(sd, name, x):  # GR00T_ActionHeader.MLP: layer2(relu(layer1(x)))
-    return _linear(sd, f"{name}.layer2", F.relu(_linear(sd, f"{name}.layer1", x)))
-
-
-def _layer_norm(x, eps):  # affine-free (norm_elementwise_affine=False in every DiT norm)
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
-
-
-def _diffusers_timestep_features(buckets, channels=256):
-    """diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)`: frequency k is
-    exp(-ln(1e4)·k/(half − 1)); flip_sin_to_cos puts the cosines first."""
-    half = channels // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
-    angles = buckets.float()[:, None] * frequencies[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-def _action_time_features(buckets, width):
-    """action_encoder.SinusoidalPositionalEncoding: frequency k is exp(-ln(1e4)·k/half), sines first."""
-    half = width // 2
-    frequencies = torch.exp(-torch.arange(half, dtype=torch.float32) * (math.log(10000.0) / half))
-    angles = buckets.float()[..., None] * frequencies
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
-
-
-def _attention(sd, name, x, context, mask, head_dim):
-    """diffusers Attention + AttnProcessor2_0: scale head_dim^-0.5; a bool [B, L] encoder mask is repeated per head
-    (True = attend); `to_out.1` is dropout."""
-    q, k, v = (_linear(sd, f"{name}.to_{p}", y) for p, y in (("q", x), ("k", context), ("v", context)))
-    batch, inner = x.shape[0], q.shape[-1]
-    q, k, v = (y.reshape(batch, -1, inner // head_dim, head_dim).transpose(1, 2) for y in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, inner)
-    return _linear(sd, f"{name}.to_out.0", out)
-
-
 def _dit(sd, tokens, buckets, vl_embs, mask, head_dim, interleave=True):
-    """cross_attention_dit.DiT.forward. Block i: AdaLayerNorm (`scale, shift` = chunk of norm1.linear(silu(temb))),
-    attention to the VL tokens (even blocks, with the encoder mask) or to itself (odd blocks when interleaved, no
-    mask), residual; LayerNorm → FeedForward(GELU-tanh) → residual. Output: `shift, scale` = proj_out_1(silu(temb))
-    (shift first), LayerNorm(eps 1e-6), proj_out_2."""
-    p = "action_model.model."
-    features = _diffusers_timestep_features(buckets).to(tokens.dtype)
-    temb = _linear(sd, f"{p}timestep_encoder.timestep_embedder.linear_1", features)
-    temb = _linear(sd, f"{p}timestep_encoder.timestep_embedder.linear_2", F.silu(temb))
-    num_blocks = len({k.split(".")[3] for k in sd if k.startswith(f"{p}transformer_blocks.")})
+    """cross_attention_dit.DiT.forward: even blocks attend to the VL tokens (with the encoder mask), odd ones (when
+    interleaved) to themselves; output `shift, scale` = proj_out_1(silu(temb)) (shift first), LayerNorm(eps 1e-6),
+    proj_out_2."""
+    temb = ref.timestep_embedding(sd, buckets)
     x = tokens
-    for i in range(num_blocks):
-        b = f"{p}transformer_blocks.{i}."
-        scale, shift = _linear(sd, f"{b}norm1.linear", F.silu(temb)).chunk(2, dim=1)
-        h = _layer_norm(x, 1e-5) * (1 + scale[:, None]) + shift[:, None]
-        self_attends = interleave and i % 2 == 1
-        x = x + _attention(sd, f"{b}attn1", h, h if self_attends else vl_embs, None if self_attends else mask, head_dim)
-        h = _layer_norm(x, 1e-5)
-        x = x + _linear(sd, f"{b}ff.net.2", F.gelu(_linear(sd, f"{b}ff.net.0.proj", h), approximate="tanh"))
-    shift, scale = _linear(sd, f"{p}proj_out_1", F.silu(temb)).chunk(2, dim=1)
-    x = _layer_norm(x, 1e-6) * (1 + scale[:, None]) + shift[:, None]
-    return _linear(sd, f"{p}proj_out_2", x)
+    for i in range(ref.num_blocks(sd)):
+        x = ref.block(sd, i, x, temb, None if interleave and i % 2 == 1 else vl_embs, mask, head_dim)
+    shift, scale = ref.linear(sd, f"{ref.DIT}proj_out_1", F.silu(temb)).chunk(2, dim=1)
+    x = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return ref.linear(sd, f"{ref.DIT}proj_out_2", x)
 
 
 def _velocity(sd, noisy, buckets, vl_embs, mask, state, head_dim):
@@ -128,16 +76,16 @@ def _velocity(sd, noisy, buckets, vl_embs, mask, state, head_dim):
     embedding (positions 0..H−1); DiT input [state token (if any), future tokens, action tokens]; decoder on the DiT
     output, read at the last H positions."""
     batch, horizon, _ = noisy.shape
-    features = _linear(sd, "action_model.action_encoder.layer1", noisy)
-    tau = _action_time_features(buckets[:, None].expand(batch, horizon), features.shape[-1]).to(features.dtype)
-    features = F.silu(_linear(sd, "action_model.action_encoder.layer2", torch.cat([features, tau], dim=-1)))
-    features = _linear(sd, "action_model.action_encoder.layer3", features)
+    features = ref.linear(sd, "action_model.action_encoder.layer1", noisy)
+    tau = ref.action_time_features(buckets[:, None].expand(batch, horizon), features.shape[-1]).to(features.dtype)
+    features = F.silu(ref.linear(sd, "action_model.action_encoder.layer2", torch.cat([features, tau], dim=-1)))
+    features = ref.linear(sd, "action_model.action_encoder.layer3", features)
     features = features + sd["action_model.position_embedding.weight"][:horizon][None]
     tokens = [sd["action_model.future_tokens.weight"][None].expand(batch, -1, -1), features]
     if state is not None:
-        tokens.insert(0, _mlp(sd, "action_model.state_encoder", state))
+        tokens.insert(0, ref.mlp(sd, "action_model.state_encoder", state))
     out = _dit(sd, torch.cat(tokens, dim=1), buckets, vl_embs, mask, head_dim)
-    return _mlp(sd, "action_model.action_decoder", out)[:, -horizon:]
+    return ref.mlp(sd, "action_model.action_decoder", out)[:, -horizon:]
 
 
 def starvla_loss(sd, vl_embs, mask, actions, state, noise, time, repeats, head_dim):
@@ -284,10 +232,10 @@ def test_training_time_sampling_clamps_like_starvla(gr00t):
 
 def test_reference_pieces_against_known_values():
     """Spot checks of the reference's hand-written formulas (sinusoid layouts, bucket rounding)."""
-    tau = _action_time_features(torch.tensor([3.0]), 8)  # half 4: f_k = 1e4^(-k/4)
+    tau = ref.action_time_features(torch.tensor([3.0]), 8)  # half 4: f_k = 1e4^(-k/4)
     expected = [math.sin(3 * 10000 ** (-k / 4)) for k in range(4)] + [math.cos(3 * 10000 ** (-k / 4)) for k in range(4)]
     torch.testing.assert_close(tau[0], torch.tensor(expected))
-    emb = _diffusers_timestep_features(torch.tensor([7]), channels=8)  # half 4, shift 1: f_k = 1e4^(-k/3), cos first
+    emb = ref.timestep_features(torch.tensor([7]), channels=8)  # half 4, shift 1: f_k = 1e4^(-k/3), cos first
     expected = [math.cos(7 * 10000 ** (-k / 3)) for k in range(4)] + [math.sin(7 * 10000 ** (-k / 3)) for k in range(4)]
     torch.testing.assert_close(emb[0], torch.tensor(expected))
     assert [int(k / float(7) * 1000) for k in range(7)] == [0, 142, 285, 428, 571, 714, 857]

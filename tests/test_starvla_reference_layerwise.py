@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 import pytest
+import starvla_reference as ref
 import torch
 import torch.nn.functional as F
 from test_convert_starvla import to_starvla
@@ -51,32 +52,6 @@ ATOL = RTOL = 1e-5
 # Reference: StarVLA's layer-wise head, written from its code (not copied), on a flat StarVLA-named state dict
 
 
-def _linear(sd, name, x):
-    return F.linear(x, sd[name + ".weight"], sd[name + ".bias"])
-
-
-def _mlp(sd, name, x):
-    """LayerwiseFM_ActionHeader.MLP: layer2(relu(layer1(x))) (no input norm)."""
-    return _linear(sd, name + ".layer2", torch.relu(_linear(sd, name + ".layer1", x)))
-
-
-def starvla_action_time_features(buckets, width):
-    """action_encoder.SinusoidalPositionalEncoding: [sin(t f_k), cos(t f_k)], f_k = exp(-k ln(1e4) / (width/2))."""
-    half = width // 2
-    freqs = torch.exp(-torch.arange(half, dtype=torch.float32) * (math.log(10000.0) / half))
-    angles = buckets.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
-
-
-def starvla_timestep_features(buckets, channels=256):
-    """diffusers Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1): exponent k·(-ln 1e4)/(half - 1), then
-    [sin, cos] flipped to [cos, sin]."""
-    half = channels // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
-    angles = buckets.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
 class StarVLALayerwiseReference:
     """LayerwiseFlowmatchingActionHead (+ QwenPI_v3's project_layers) from `action_model.*` / `project_layers.*`.
 
@@ -86,8 +61,7 @@ class StarVLALayerwiseReference:
     def __init__(self, starvla_state: dict, interleave: bool, head_dim: int, num_buckets: int = 1000):
         self.sd = {k: v.float() for k, v in starvla_state.items() if k.startswith(("action_model.", "project_layers."))}
         self.interleave, self.head_dim, self.num_buckets = interleave, head_dim, num_buckets
-        prefix = "action_model.model.transformer_blocks."
-        self.num_blocks = len({k[len(prefix):].split(".")[0] for k in self.sd if k.startswith(prefix)})
+        self.num_blocks = ref.num_blocks(self.sd)
         self.width = self.sd["action_model.action_encoder.layer1.weight"].shape[0]
 
     # QwenPI_v3._project_vl_hidden_for_action: LayerNorm(H_vlm) + Linear(H_vlm → D) per layer (Identity if H == D)
@@ -97,60 +71,30 @@ class StarVLALayerwiseReference:
             name = f"project_layers.{i}"
             if name + ".0.weight" in self.sd:
                 h = F.layer_norm(h, h.shape[-1:], self.sd[name + ".0.weight"], self.sd[name + ".0.bias"], eps=1e-5)
-                h = _linear(self.sd, name + ".1", h)
+                h = ref.linear(self.sd, name + ".1", h)
             out.append(h)
         return out
-
-    def _temb(self, buckets):  # cross_attention_dit.TimestepEncoder
-        name = "action_model.model.timestep_encoder.timestep_embedder"
-        return _linear(self.sd, name + ".linear_2", F.silu(_linear(self.sd, name + ".linear_1",
-                                                                   starvla_timestep_features(buckets))))
-
-    def _attention(self, name, x, context, mask):  # diffusers Attention(bias=True), default scale head_dim^-0.5
-        batch, length, _ = x.shape
-        heads = self.width // self.head_dim
-
-        def split(t):
-            return t.view(batch, -1, heads, self.head_dim).transpose(1, 2)
-
-        q = split(_linear(self.sd, name + ".to_q", x))
-        k, v = (split(_linear(self.sd, name + p, context)) for p in (".to_k", ".to_v"))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        if mask is not None:  # key padding mask, True = real token
-            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, -1)
-        return _linear(self.sd, name + ".to_out.0", out)
-
-    def _block(self, i, x, temb, context, mask):  # cross_attention_dit.BasicTransformerBlock, norm_type ada_norm
-        name = f"action_model.model.transformer_blocks.{i}"
-        scale, shift = _linear(self.sd, name + ".norm1.linear", F.silu(temb)).chunk(2, dim=1)
-        normed = F.layer_norm(x, x.shape[-1:], eps=1e-5) * (1 + scale[:, None]) + shift[:, None]
-        x = x + self._attention(name + ".attn1", normed, normed if context is None else context, mask)
-        hidden = F.gelu(_linear(self.sd, name + ".ff.net.0.proj", F.layer_norm(x, x.shape[-1:], eps=1e-5)),
-                        approximate="tanh")
-        return x + _linear(self.sd, name + ".ff.net.2", hidden)
 
     def velocity(self, layers, noisy_actions, buckets, state=None, mask=None):
         """One head evaluation on projected `layers` (list of [B, L, D]); returns the velocity [B, H, A]."""
         batch, horizon, _ = noisy_actions.shape
         ae = "action_model.action_encoder"
-        tau = starvla_action_time_features(buckets, self.width)[:, None].expand(batch, horizon, -1)
-        features = torch.cat([_linear(self.sd, ae + ".layer1", noisy_actions), tau], dim=-1)
-        action_tokens = _linear(self.sd, ae + ".layer3", F.silu(_linear(self.sd, ae + ".layer2", features)))
+        tau = ref.action_time_features(buckets, self.width)[:, None].expand(batch, horizon, -1)
+        features = torch.cat([ref.linear(self.sd, ae + ".layer1", noisy_actions), tau], dim=-1)
+        action_tokens = ref.linear(self.sd, ae + ".layer3", F.silu(ref.linear(self.sd, ae + ".layer2", features)))
         # add_pos_embed: learned positions on the action tokens only
         action_tokens = action_tokens + self.sd["action_model.position_embedding.weight"][:horizon][None]
         tokens = [self.sd["action_model.future_tokens.weight"][None].expand(batch, -1, -1), action_tokens]
         if state is not None:  # framework passes state [B, 1, S] → one state token first
-            tokens.insert(0, _mlp(self.sd, "action_model.state_encoder", state[:, None, :]))
+            tokens.insert(0, ref.mlp(self.sd, "action_model.state_encoder", state[:, None, :]))
         hidden = torch.cat(tokens, dim=1)
-        temb = self._temb(buckets)
+        temb = ref.timestep_embedding(self.sd, buckets)
         for i in range(self.num_blocks):
-            if self.interleave and i % 2 == 1:  # self-attention over every DiT token, no mask
-                hidden = self._block(i, hidden, temb, None, None)
-            else:  # cross-attention to VLM layer i (its own list entry)
-                hidden = self._block(i, hidden, temb, layers[i], mask)
+            # odd blocks (interleaved) self-attend over every DiT token, unmasked; the others cross-attend to layer i
+            context = None if self.interleave and i % 2 == 1 else layers[i]
+            hidden = ref.block(self.sd, i, hidden, temb, context, mask, self.head_dim)
         # return_pre_output=True: proj_out_1/2 unused; decoder on the last `horizon` positions
-        return _mlp(self.sd, "action_model.action_decoder", hidden)[:, -horizon:]
+        return ref.mlp(self.sd, "action_model.action_decoder", hidden)[:, -horizon:]
 
     def loss(self, layers, actions, noise, time, repeats, state=None, mask=None):
         """QwenPI(_v3).forward + LayerwiseFlowmatchingActionHead.forward with `noise` / `time` given ([R·B, ...])."""
