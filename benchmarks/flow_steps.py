@@ -1,12 +1,14 @@
 """Flow-matching step scaling: does `predict_action(num_steps=10)` cost what the FLOPs say it should?
 
-    python benchmarks/flow_steps.py [--config small|default-heads] [--repeats N] [--threads N] [--pack-linear-weights]
+    python benchmarks/flow_steps.py [--config small|default-heads] [--batch B] [--variants gr00t,pi,pi_v3]
+                                    [--repeats N] [--threads N] [--pack-linear-weights]
 
 (from the repository root, with the package importable, e.g. `PYTHONPATH=src`). Runs offline on CPU: `small` in
 ~1 minute, `default-heads` in ~5.
 
 The flow-matching variants (`vla_gr00t`, `vla_pi`, `vla_pi_v3`) run the VLM once per call (the "prefix") and the DiT
-head once per Euler step. Two configurations, both with two 224×224 views + instruction + state, batch 1, horizon 16:
+head once per Euler step. Two configurations, both with two 224×224 views + instruction + state, horizon 16, batch 1
+(`--batch B`: B copies of the observation per call, as a micro-batching policy server runs them):
 - `small`: a random Qwen2.5-VL backbone 256 wide × 4 layers (MLP 1024) and heads scaled down to it (GR00T DiT 256 × 8,
   PI_v3 DiT 128); every step is a few hundred small ops.
 - `default-heads`: a backbone 896 wide × 8 layers (Qwen2.5-0.5B's width, MLP 4864) with each framework's own default
@@ -169,21 +171,23 @@ def machine_ridge_point(threads: int) -> tuple[float, float]:
     return 2 * 2048**3 / matmul / 1e9, big.numel() * 4 / read / 1e9
 
 
-def build(vlm_dir: str, variant: str, head_settings: dict):
+def build(vlm_dir: str, variant: str, head_settings: dict, batch: int = 1):
     torch.manual_seed(0)
     model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **COMMON, **head_settings).eval()
     processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[224, 224])
     processor.compute_norm_stats("bridge", *synthetic_statistics())
     image = example_image()
     inputs = processor(
-        images=[[image, image[::-1].copy()]], text=["put the carrot on the plate"], state=np.zeros((1, 7), np.float32)
+        images=[[image, image[::-1].copy()]] * batch, text=["put the carrot on the plate"] * batch,
+        state=np.zeros((batch, 7), np.float32),
     )
     return model, dict(inputs)
 
 
 def measure(model, inputs: dict, repeats: int) -> dict:
     head = model.action_head
-    noise = torch.randn(1, COMMON["action_horizon"], COMMON["action_dim"], generator=torch.Generator().manual_seed(0))
+    batch = inputs["input_ids"].shape[0]
+    noise = torch.randn(batch, COMMON["action_horizon"], COMMON["action_dim"], generator=torch.Generator().manual_seed(0))
     vlm_inputs = {k: v for k, v in inputs.items() if k != "state"}
 
     def prefix():  # everything predict_action does once per call, whatever the number of steps
@@ -244,6 +248,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="timed calls of each kind per variant "
                         "(default 30 for small, 10 for default-heads)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch", type=int, default=1, help="observations per predict_action call (default 1)")
+    parser.add_argument("--variants", default="gr00t,pi,pi_v3", help="comma-separated subset (default: all three)")
     parser.add_argument("--pack-linear-weights", action="store_true", help="run large linear layers on oneDNN with "
                         "packed weights (hf_vla.packed_linear)")
     args = parser.parse_args()
@@ -257,13 +263,18 @@ def main():
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"config {args.config}: VLM Qwen2.5-VL {vlm['hidden_size']}×{vlm['num_layers']} (MLP "
-          f"{vlm['intermediate_size']}), two 224×224 views, batch 1, horizon {COMMON['action_horizon']}, "
+          f"{vlm['intermediate_size']}), two 224×224 views, batch {args.batch}, horizon {COMMON['action_horizon']}, "
           f"{repeats} repeats" + (", linear weights packed for oneDNN" if args.pack_linear_weights else ""))  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as root:
         vlm_dir = build_tiny_vlm(root, family="qwen2_5_vl", **vlm)
-        for variant, head_settings in config["heads"].items():
-            model, inputs = build(vlm_dir, variant, head_settings)
+        variants = args.variants.split(",")
+        unknown = sorted(set(variants) - set(config["heads"]))
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; expected a subset of {list(config['heads'])}")
+        for variant in variants:
+            head_settings = config["heads"][variant]
+            model, inputs = build(vlm_dir, variant, head_settings, args.batch)
             if args.pack_linear_weights:
                 pack_linear_weights(model)
             result = measure(model, inputs, repeats)
