@@ -127,15 +127,20 @@ def starvla_apply_state(raw, statistics, data_mix, unnorm_key):
     `state_keys` order (policy_norm_processor.py, _build_dataset_metadata; one dimension per key here), each key
     normalised with its mode or passed through, then concatenated back (datasets.py, _pack_sample)."""
     robot_type = starvla_resolve_robot_type(data_mix, unnorm_key)
-    keys, modes = STARVLA_STATE_KEYS[robot_type], STARVLA_STATE_MODES[robot_type]
-    combined = statistics[unnorm_key]["state"]
+    return starvla_per_key(raw, statistics[unnorm_key]["state"], STARVLA_STATE_KEYS[robot_type],
+                           STARVLA_STATE_MODES[robot_type], starvla_forward)  # fmt: skip
+
+
+def starvla_per_key(x, combined, keys, modes, transform):
+    """Split the combined [D] statistics and the last axis of `x` evenly per key (the `mask` is skipped), apply
+    `transform(mode, part, per_key_stats)` to each key with a mode, pass the others through, concatenate."""
     width = len(combined["q01"]) // len(keys)
-    x = np.asarray(raw, np.float32)
+    x = np.asarray(x, np.float32)
     parts = []
     for i, key in enumerate(keys):
         cols = slice(i * width, (i + 1) * width)
-        per_key = {name: values[cols] for name, values in combined.items()}
-        parts.append(starvla_forward(modes[key], x[..., cols], per_key) if key in modes else x[..., cols])
+        per_key = {name: values[cols] for name, values in combined.items() if name != "mask"}
+        parts.append(transform(modes[key], x[..., cols], per_key) if key in modes else x[..., cols])
     return np.concatenate(parts, axis=-1)
 
 
@@ -159,16 +164,7 @@ def starvla_unapply_actions(normalized, statistics, data_mix, unnorm_key=None):
             raise ValueError("Multiple unnorm_keys in dataset_statistics.json: pass unnorm_key explicitly")
         unnorm_key = next(iter(statistics))
     modes = STARVLA_ACTION_MODES[starvla_resolve_robot_type(data_mix, unnorm_key)]
-    combined = statistics[unnorm_key]["action"]
-    width = len(combined["q01"]) // len(ACTION_KEYS)
-    x = np.asarray(normalized, np.float32)
-    parts = []
-    for i, key in enumerate(ACTION_KEYS):
-        cols = slice(i * width, (i + 1) * width)
-        per_key = {name: values[cols] for name, values in combined.items() if name != "mask"}
-        part = x[..., cols]
-        parts.append(starvla_inverse(modes[key], part, per_key) if key in modes else part)
-    return np.concatenate(parts, axis=-1)
+    return starvla_per_key(normalized, statistics[unnorm_key]["action"], ACTION_KEYS, modes, starvla_inverse)
 
 
 def libero_env_gripper(open_gripper):

@@ -173,16 +173,22 @@ def head_dim_of(model):
 # ---------------------------------------------------------------------------------------------------- head level
 
 
+def left_padded_conditions(model, generator, row, pads, with_mask, batch=2, length=9):
+    """Random conditions [batch, length, H_vlm] and their key padding mask with `pads` left-padded tokens in `row`
+    (None when not `with_mask`)."""
+    conditions = torch.randn(batch, length, model.vlm_hidden_size, generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[row, :pads] = False
+    return conditions, mask if with_mask else None
+
+
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "no_state"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["unmasked", "masked"])
 def test_head_loss_matches_reference(gr00t, with_state, with_mask):
     model, sd = gr00t
     g = torch.Generator().manual_seed(2)
-    B, L = 2, 9
-    conditions = torch.randn(B, L, model.vlm_hidden_size, generator=g)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[1, :4] = False  # left padding
-    mask = mask if with_mask else None
+    conditions, mask = left_padded_conditions(model, g, row=1, pads=4, with_mask=with_mask)
+    B = conditions.shape[0]
     actions, state = torch.randn(B, H, A, generator=g), torch.randn(B, 1, S, generator=g) if with_state else None
     noise, time = torch.randn(R * B, H, A, generator=g), torch.tensor([0.0, 0.9995, 0.25, 0.5, 1.0, 0.0419])
     with torch.no_grad():
@@ -203,11 +209,8 @@ def test_head_loss_matches_reference(gr00t, with_state, with_mask):
 def test_head_sample_matches_reference(gr00t, num_steps, with_mask):
     model, sd = gr00t
     g = torch.Generator().manual_seed(3)
-    B, L = 2, 9
-    conditions = torch.randn(B, L, model.vlm_hidden_size, generator=g)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, :5] = False
-    mask = mask if with_mask else None
+    conditions, mask = left_padded_conditions(model, g, row=0, pads=5, with_mask=with_mask)
+    B = conditions.shape[0]
     state, noise = torch.randn(B, 1, S, generator=g), torch.randn(B, H, A, generator=g)
     ours = model.action_head.sample(conditions, mask, state=state, noise=noise, num_steps=num_steps)
     reference = starvla_sample(sd, conditions, mask, state, noise, num_steps, head_dim_of(model))
