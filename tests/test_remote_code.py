@@ -37,9 +37,11 @@ def test_release_loads_without_hf_vla(tiny_vlm_dirs, tmp_path, variant):
     processor.save_pretrained(tmp_path)
     written = export_remote_code(tmp_path)
     assert "processing_vla.py" in written
+    assert "testing.py" not in written  # imported only by the modules' smoke runs, which releases leave out
     for name in written:
         source = (tmp_path / name).read_text()
         assert not re.search(r"^\s*(from|import)\s+(hf_vla|\.\.)", source, re.M), name
+        assert '__name__ == "__main__"' not in source, name
     config = json.loads((tmp_path / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"}
     # with hf_vla installed, the Auto classes keep using the package's own classes

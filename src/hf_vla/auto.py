@@ -61,3 +61,17 @@ for _config_class, _model_class in VARIANTS.values():
     register_variant(_config_class, _model_class)
 
 __all__ = ["AutoModelForVLA", "MODEL_FOR_VLA_MAPPING", "VARIANTS", "register_variant", "CONFIG_MAPPING"]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from .testing import build_tiny_vla
+
+    print("variants:", ", ".join(name.removeprefix("vla_") for name in VARIANTS))
+    model, processor = build_tiny_vla("gr00t")
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+        for auto_class in (AutoConfig, AutoModelForVLA, AutoModel, AutoProcessor):
+            print(f"{auto_class.__name__}.from_pretrained → {type(auto_class.from_pretrained(directory)).__name__}")

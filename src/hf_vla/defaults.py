@@ -70,3 +70,13 @@ def synthetic_statistics(num: int = 2048, seed: int = 0) -> tuple[np.ndarray, np
     actions[:, 6] = rng.integers(0, 2, size=num)
     states = rng.uniform(-0.5, 0.5, size=(num, 7)).astype(np.float32)
     return actions, states
+
+
+if __name__ == "__main__":
+    print("embedded default model:", default_model_dir())
+    observation = example_observation()
+    views = {camera: list(image.shape) for camera, image in observation["images"].items()}
+    print(f"example observation: {views}, {observation['instruction']!r}")
+    actions, states = synthetic_statistics()
+    print(f"synthetic statistics: actions {list(actions.shape)} in ±{np.array2string(DEFAULT_ACTION_SCALE, precision=3)}, "
+          f"states {list(states.shape)}")

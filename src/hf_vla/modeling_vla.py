@@ -130,3 +130,19 @@ class VLAPreTrainedModel(PreTrainedModel):
                 model._init_weights(module)
             child.to(vlm.dtype)  # the head only: the backbone keeps its float32 buffers (rotary frequencies)
         return model.eval()
+
+
+if __name__ == "__main__":
+    from .testing import build_tiny_vla, random_observation
+
+    model, processor = build_tiny_vla("oft")
+    print(f"{type(model).__name__}: {model.backbone.__class__.__name__} around {model.config.base_vlm}")
+    inputs = processor(**random_observation(processor))
+    with torch.no_grad():
+        hidden = model.encode(output_hidden_states=True, **inputs).hidden_states
+    print(f"backbone features: {len(hidden)} hidden states of {list(hidden[-1].shape)} for prompts of "
+          f"{list(inputs['input_ids'].shape)} tokens")
+    try:
+        type(model).from_vlm(model.config.base_vlm, action_horizn=8)
+    except ValueError as error:
+        print("misspelt field:", error)

@@ -118,3 +118,17 @@ class VLAPolicy:
         if len(self._pixel_buffers) < 2:
             self._pixel_buffers.append(encoded["pixel_values"])
         return actions[0] if unbatched else actions
+
+
+if __name__ == "__main__":
+    from .defaults import default_model_dir, example_observation
+
+    policy = VLAPolicy.from_pretrained(default_model_dir())
+    observation = example_observation()
+    chunk = policy.predict(observation)
+    print(f"{observation['instruction']!r} → action chunk {list(chunk.shape)} (robot units), first step "
+          f"{np.array2string(chunk[0], precision=3)}")
+    try:
+        policy.predict({**observation, "images": {"wrong_camera": observation["images"]["corner2"]}})
+    except ValueError as error:
+        print("bad observation:", error)

@@ -513,3 +513,16 @@ class VLAProcessor(ProcessorMixin):
 
 
 __all__ = ["VLAProcessor", "state_to_text"]
+
+
+if __name__ == "__main__":
+    from .testing import build_tiny_vla, random_observation
+
+    _, processor = build_tiny_vla("oft")
+    batch = processor(**random_observation(processor, with_actions=True), embodiment="demo")
+    print({name: list(value.shape) for name, value in batch.items()})
+    print("prompt:", processor.tokenizer.decode(batch["input_ids"][0]).replace("<|image_pad|>", "")[:200])
+    decoded = processor.decode_actions(batch["actions"], unnorm_key="demo")
+    raw = np.asarray(random_observation(processor, with_actions=True)["actions"], dtype=np.float32)
+    print("normalise → decode round trip, max |Δ| inside the q99 range:",
+          float(np.abs(decoded - raw)[np.abs(batch["actions"].numpy()) < 1].max()))

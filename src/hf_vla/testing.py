@@ -267,6 +267,127 @@ def build_tiny_vlm(
     return str(out)
 
 
+def scratch_dir(prefix: str = "hf_vla_") -> Path:
+    """A new temporary directory, removed when the process exits (smoke runs and demos write here)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
+
+
+# Head settings small enough for the tiny backbones (StarVLA's defaults are sized for 2048-wide VLMs).
+TINY_HEADS = {
+    "oft": {},
+    "gr00t": dict(dit_hidden_size=32, num_dit_layers=2, attention_head_dim=16, dit_output_dim=24, head_hidden_size=48),
+    "pi": dict(attention_head_dim=16, head_hidden_size=48),  # width = the VLM's, one block per VLM layer
+    "pi_v3": dict(dit_hidden_size=32, attention_head_dim=16, head_hidden_size=48),
+    "fast": dict(max_action_tokens=48),
+    "bins": dict(num_action_tokens=32),
+}
+
+
+def build_tiny_vla(
+    variant: str = "oft",
+    out_dir: str | os.PathLike | None = None,
+    family: str = "qwen2_5_vl",
+    action_dim: int = 7,
+    action_horizon: int = 4,
+    state_dim: int = 6,
+    seed: int = 0,
+    **overrides,
+):
+    """A tiny random VLA of `variant` around a tiny backbone written to `out_dir` (a temporary directory removed at
+    exit when None), and its processor: two cameras ("primary", "wrist") at 56 × 56, statistics of random data under the key
+    "demo" (a FAST model also gets a FAST tokenizer fitted to random smooth chunks). Returns `(model, processor)`;
+    what the modules' smoke runs start from."""
+    import numpy as np
+
+    from .auto import AutoModelForVLA
+    from .processing_vla import VLAProcessor
+
+    if variant not in TINY_HEADS:
+        raise ValueError(f"variant: expected one of {sorted(TINY_HEADS)}, got {variant!r}")
+    out_dir = scratch_dir(f"hf_vla_tiny_{variant}_") if out_dir is None else Path(out_dir)
+    vlm_dir = build_tiny_vlm(out_dir / "vlm", family=family, seed=seed)
+    rng = np.random.default_rng(seed)
+    kwargs = dict(action_dim=action_dim, action_horizon=action_horizon, state_dim=state_dim, **TINY_HEADS[variant])
+    if variant == "fast":
+        from .action_tokenizers.fast import FASTTokenizer
+
+        t = np.linspace(0, 1, action_horizon)[None, :, None]
+        phase = rng.uniform(0, 1, (256, 1, action_dim))
+        chunks = rng.uniform(0.1, 0.6, (256, 1, action_dim)) * np.sin(2 * np.pi * (t + phase))
+        kwargs["action_tokenizer"] = FASTTokenizer.fit(chunks, scale=10, vocab_size=64)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, **kwargs)
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[56, 56])
+    states = rng.normal(size=(256, state_dim)) if state_dim else None
+    processor.compute_norm_stats("demo", rng.normal(size=(256, action_dim)), states)
+    return model, processor
+
+
+def random_observation(processor, batch_size: int = 2, seed: int = 0, with_actions: bool = False) -> dict:
+    """A raw batch for `processor`: random uint8 views for its cameras, instructions, state and (`with_actions`)
+    action chunks, as keyword arguments of `processor(...)`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    height, width = processor.image_size
+    views = [[rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in processor.camera_names]
+             for _ in range(batch_size)]  # fmt: skip
+    batch = {"images": views, "text": ["open the drawer", "close the door"][:1] * batch_size}
+    if processor.state_dim:
+        batch["state"] = rng.normal(size=(batch_size, processor.state_dim))
+    if with_actions:
+        batch["actions"] = rng.normal(size=(batch_size, processor.action_horizon, processor.action_dim))
+    return batch
+
+
+def smoke_run(variant: str, family: str = "qwen2_5_vl") -> dict:
+    """Builds a tiny `variant`, computes its training loss on a random batch, predicts an action chunk, and prints
+    both; returns `{"loss": float, "actions": np.ndarray}` (robot units)."""
+    import numpy as np
+
+    model, processor = build_tiny_vla(variant, family=family)
+    inputs = processor(**random_observation(processor, with_actions=True))
+    loss = model(**inputs).loss
+    with torch.no_grad():
+        normalized = model.eval().predict_action(**{k: v for k, v in inputs.items() if k != "actions"})
+    actions = processor.decode_actions(normalized, unnorm_key="demo")
+    undecodable = int(np.isnan(actions).any(axis=(1, 2)).sum())
+    print(f"{type(model).__name__} on a tiny {family} ({model.num_parameters() / 1e6:.2f}M parameters): "
+          f"training loss {loss.item():.4f}, predicted actions {list(actions.shape)} (robot units)"
+          + (f", {undecodable} undecodable chunk(s) flagged as NaN (untrained)" if undecodable else ""))
+    return {"loss": loss.item(), "actions": actions}
+
+
+def describe_published(variant: str, vlm: str = "qwen3_vl_4b") -> None:
+    """Prints `variant`'s default head settings and parameter counts at a published backbone configuration (built on
+    the meta device: no weights, no download)."""
+    from transformers import AutoConfig
+
+    from .auto import AutoModelForVLA
+
+    config = AutoConfig.for_model(f"vla_{variant}", vlm_config=published_vlm_config(vlm).to_dict(), action_dim=7,
+                                  action_horizon=16)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+    generic = ("vlm_config", "transformers_version", "base_vlm", "initializer_range", "tie_word_embeddings")
+    settings = {k: v for k, v in config.to_diff_dict().items() if k not in generic}
+    print(f"{type(config).__name__} at {vlm}: {settings}")
+    backbone = sum(p.numel() for p in model.vlm.parameters())
+    head = getattr(model, "action_head", None)
+    if head is None:
+        print(f"parameters: backbone {backbone / 1e6:.1f}M; actions are tokens of its vocabulary "
+              f"({config.num_action_tokens} added by `from_vlm`)")
+    else:
+        print(f"parameters: backbone {backbone / 1e6:.1f}M, action head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write a tiny random Qwen-VL model directory.")
     parser.add_argument("out_dir")

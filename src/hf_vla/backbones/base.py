@@ -45,3 +45,26 @@ class BackboneAdapter:
         and may write the pixels into `out` (an earlier result's `pixel_values`) when its shape fits."""
         return image_processor(images=views, return_tensors="pt")
 
+
+
+if __name__ == "__main__":
+    import numpy as np
+
+    from ..backbones import BACKBONE_ADAPTERS
+    from ..testing import build_image_processor, build_tiny_tokenizer, tiny_vlm_config
+
+    views = list(np.random.default_rng(0).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8))
+    for model_type, adapter in BACKBONE_ADAPTERS.items():
+        tokenizer = build_tiny_tokenizer(model_type)
+        config = tiny_vlm_config(model_type, tokenizer)
+        vlm = adapter.build(config)
+        image_inputs = adapter.preprocess_images(build_image_processor(model_type), views)
+        tokens = adapter.image_token_counts(image_inputs, config.vision_config.spatial_merge_size)
+        prompt = "open the drawer"
+        hidden = adapter.encode(vlm, input_ids=torch.tensor([tokenizer.encode(prompt)]), output_hidden_states=True)
+        start, end = adapter.image_wrapper
+        print(f"{model_type}: {type(adapter).__name__} builds {type(vlm).__name__} "
+              f"({vlm.num_parameters():,} parameters), text {adapter.hidden_size(config)} wide × "
+              f"{adapter.num_layers(config)} layers")
+        print(f"  a 56×56 view → {start}{adapter.image_token}×n{end}, n per view {tokens}; encode({prompt!r}) → "
+              f"{len(hidden.hidden_states)} hidden states of {list(hidden.last_hidden_state.shape)}")

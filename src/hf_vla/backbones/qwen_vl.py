@@ -99,3 +99,30 @@ def _batchable(image_processor, views: list) -> bool:
     if channels != 3 or None in bounds:
         return False
     return smart_resize(height, width, factor, *bounds) == (height, width)
+
+
+if __name__ == "__main__":
+    from ..testing import build_image_processor, build_tiny_tokenizer, tiny_vlm_config
+
+    adapter = QwenVLAdapter()
+    rng = np.random.default_rng(0)
+    views = list(rng.integers(0, 256, (8, 224, 224, 3), dtype=np.uint8))
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        processor = build_image_processor(family)
+        reference = processor(images=views, return_tensors="pt")
+        fast = adapter.preprocess_images(processor, views)
+        difference = (fast["pixel_values"] - reference["pixel_values"]).abs().max().item()
+        same_grids = torch.equal(fast["image_grid_thw"], reference["image_grid_thw"])
+        print(f"{family}: 8 views of 224×224 → pixel_values {list(fast['pixel_values'].shape)}, image_grid_thw "
+              f"{fast['image_grid_thw'][0].tolist()} × 8 (as the processor's: {same_grids}), "
+              f"max |Δ| vs the processor {difference:.1e}")
+        proj = adapter.build(tiny_vlm_config(family, build_tiny_tokenizer(family))).model.visual.patch_embed.proj
+        patches = fast["pixel_values"].view(-1, proj.in_channels, *proj.kernel_size)
+        with torch.no_grad():
+            gap = (proj(patches) - F.conv3d(patches, proj.weight, proj.bias, stride=proj.stride)).abs().max().item()
+        print(f"  prepare() made the patch embedding a {type(proj).__name__}: max |Δ| vs Conv3d {gap:.1e}")
+    odd = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)]  # a size Qwen resizes: no batched path
+    fallback = adapter.preprocess_images(processor, odd)["pixel_values"]
+    identical = torch.equal(fallback, processor(images=odd, return_tensors="pt")["pixel_values"])
+    print(f"{family}, a 50×70 view (batchable: {_batchable(processor, odd)}) → pixel_values {list(fallback.shape)}, "
+          f"identical to the processor's: {identical}")

@@ -135,3 +135,37 @@ class CoTrainingCollator:
 
 
 __all__ = ["CoTrainingCollator", "METADATA_KEYS", "VLACollator", "VLM_BATCH_KEY"]
+
+
+if __name__ == "__main__":
+    from ..testing import build_tiny_vla
+    from .vlm_chat import VLMChatCollator
+
+    _, processor = build_tiny_vla("oft")
+    rng = np.random.default_rng(0)
+    horizon, action_dim = processor.action_horizon, processor.action_dim
+
+    def view():  # any size: the processor resizes every view to its image_size
+        return rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+    samples = [{"images": {camera: view() for camera in processor.camera_names}, "instruction": instruction,
+                "state": rng.normal(size=processor.state_dim), "actions": rng.normal(size=(horizon, action_dim)),
+                "action_mask": np.arange(horizon) < horizon - k}  # sample k ends k steps before the chunk does
+               for k, instruction in enumerate(["open the drawer", "close the door", "push the button"])]
+
+    def shapes(batch):
+        return {key: list(value.shape) if hasattr(value, "shape") else value for key, value in batch.items()}
+
+    batch = VLACollator(processor)(samples)
+    print("VLACollator, 3 raw samples →", shapes(batch))
+    print(f"valid action steps per sample: {batch['action_mask'].sum(-1).int().tolist()}; actions normalised with "
+          f"the {batch['embodiment'][0]!r} statistics to [{batch['actions'].min():.2f}, {batch['actions'].max():.2f}], "
+          f"raw_actions kept in robot units for evaluation")
+    chat = [  # what load_vlm_chat yields: images plus messages with one <image> placeholder per image
+        {"images": [view()], "messages": [{"role": "user", "content": "<image>\nWhat is on the table?"},
+                                          {"role": "assistant", "content": "A red block."}]},
+        {"images": [], "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+    ]  # fmt: skip
+    co_training = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor), chat_batch_size=2,
+                                     seed=0)  # fmt: skip
+    print("CoTrainingCollator, 2 samples → vlm_batch", shapes(co_training(samples[:2])[VLM_BATCH_KEY]))

@@ -429,11 +429,18 @@ def _summary(dataset: LeRobotDataset, index: int = 0) -> str:
 if __name__ == "__main__":
     import argparse
 
+    import tempfile
+
     parser = argparse.ArgumentParser(description="Print a summary of a local LeRobot dataset and one sample.")
-    parser.add_argument("root")
+    parser.add_argument("root", nargs="?", help="dataset directory (default: a synthetic one in a temporary folder)")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--action-horizon", type=int, default=4)
     parser.add_argument("--action-mode", default="abs", choices=ACTION_MODES)
     args = parser.parse_args()
-    print(_summary(load_lerobot(args.root, action_horizon=args.action_horizon, action_mode=args.action_mode),
-                   args.index))
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.root is None:
+            from .lerobot_writer import synthetic_episodes, write_lerobot_dataset
+
+            args.root = write_lerobot_dataset(Path(scratch) / "synthetic", synthetic_episodes(), fps=10)
+        print(_summary(load_lerobot(args.root, action_horizon=args.action_horizon, action_mode=args.action_mode),
+                       args.index))

@@ -303,11 +303,10 @@ def _pad_feature_stats(stats: Mapping | None, dim: int) -> dict:
 
 
 if __name__ == "__main__":
-    import tempfile
-
+    from ..testing import scratch_dir
     from .lerobot_writer import synthetic_episodes, write_lerobot_dataset
 
-    root = Path(tempfile.mkdtemp(prefix="mixture_demo_"))
+    root = scratch_dir("mixture_demo_")
     write_lerobot_dataset(root / "arm7", synthetic_episodes(3, 10, size=16, state_dim=7, action_dim=7,
                                                             cameras=("front",)), fps=10, video=False)
     write_lerobot_dataset(root / "arm4", synthetic_episodes(2, 8, size=16, state_dim=3, action_dim=4,

@@ -333,8 +333,22 @@ class _CallableDecoder:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 3:
-        sys.exit("usage: python -m hf_vla.data.video VIDEO.mp4 T1 [T2 ...]")
-    decoded = PyAVDecoder().decode(sys.argv[1], [float(t) for t in sys.argv[2:]])
-    means = decoded.reshape(len(decoded), -1).mean(1).round(2)
-    print(f"{decoded.shape} {decoded.dtype}; mean pixel per frame: {means}")
+    import tempfile
+
+    if len(sys.argv) == 2 or sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit("usage: python -m hf_vla.data.video [VIDEO.mp4 T1 [T2 ...]]  (no arguments: a synthetic video)")
+    with tempfile.TemporaryDirectory() as scratch:
+        if len(sys.argv) > 2:
+            path, timestamps = sys.argv[1], [float(t) for t in sys.argv[2:]]
+        else:  # frame f of a 10 fps synthetic video is filled with pixel_value(0, f)
+            from .lerobot_writer import VideoFileWriter, pixel_value
+
+            path, timestamps = f"{scratch}/synthetic.mp4", [0.0, 0.5, 1.1]
+            writer = VideoFileWriter(Path(path), fps=10, codec="h264", gop=2, crf=23)
+            writer.write(np.stack([np.full((32, 32, 3), pixel_value(0, f), np.uint8) for f in range(12)]))
+            writer.close()
+            print(f"synthetic video, frame f filled with {[pixel_value(0, round(t * 10)) for t in timestamps]} "
+                  f"at {timestamps} s")
+        decoded = PyAVDecoder().decode(path, timestamps)
+        means = decoded.reshape(len(decoded), -1).mean(1).round(2)
+        print(f"{decoded.shape} {decoded.dtype}; mean pixel per frame: {means}")

@@ -215,14 +215,12 @@ def _write_demo(root: Path) -> Path:
 
 
 if __name__ == "__main__":
-    import tempfile
-
     import torch
 
     from ..processing_vla import VLAProcessor
-    from ..testing import build_image_processor, build_tiny_tokenizer
+    from ..testing import build_image_processor, build_tiny_tokenizer, scratch_dir
 
-    dataset = load_vlm_chat(_write_demo(Path(tempfile.mkdtemp(prefix="vlm_chat_demo_"))))
+    dataset = load_vlm_chat(_write_demo(scratch_dir("vlm_chat_demo_")))
     print(dataset)
     for i in range(len(dataset)):
         sample = dataset[i]

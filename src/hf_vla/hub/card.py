@@ -156,3 +156,21 @@ def _evaluation(path: Path) -> tuple[list[dict], list[tuple[str, float]]]:
     held_out = [(key.removeprefix("eval_"), float(value)) for key, value in report.items()
                 if key.startswith("eval_action_") and isinstance(value, (int, float))]  # fmt: skip
     return rows, held_out
+
+
+if __name__ == "__main__":
+    from ..testing import build_tiny_vla, scratch_dir
+
+    model_dir = scratch_dir("card_demo_") / "tiny-oft"
+    model, processor = build_tiny_vla("oft")
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    (model_dir / "training_recipe.yaml").write_text("model:\n  variant: oft\ndata:\n  lerobot: lerobot/pusht\n")
+    closed_loop = {"push-t": {"success_rate": 0.75, "episodes": 20, "ci95": [0.53, 0.89]}}
+    (model_dir / "eval_results.json").write_text(json.dumps({"tasks": closed_loop, "eval_action_l1": 0.042}))
+    card = build_model_card(model_dir, repo_id="tester/tiny-oft")
+    print("metadata:", card.data.to_dict())
+    lines = card.text.strip().splitlines()
+    print("\n".join(lines[:5]))
+    print(f"[... {len(lines)} lines; its tables:]")
+    print("\n".join(line for line in lines if line.startswith("|") and not line.startswith("| ---")))

@@ -58,3 +58,30 @@ def push_model(
         allow_patterns=release_files(model_dir),
     )
     return str(info)
+
+
+if __name__ == "__main__":
+    from ..testing import build_tiny_vla, scratch_dir
+
+    class OfflineApi:
+        """Stands in for HfApi so that nothing leaves the machine: reports what push_model would send."""
+
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            print(f"would create {'private' if private else 'public'} repo {repo_id} (exist_ok={exist_ok})")
+
+        def upload_folder(self, folder_path, repo_id, allow_patterns, revision=None, commit_message=None):
+            return f"would upload {len(allow_patterns)} files to {repo_id}@{revision or 'main'}: {commit_message!r}"
+
+    HfApi = OfflineApi  # push_model looks HfApi up in this module
+    model_dir = scratch_dir("push_demo_")
+    model, processor = build_tiny_vla("oft", out_dir=model_dir)  # its backbone stays in model_dir/vlm, as in training
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    print(push_model(model_dir, "tester/tiny-oft", private=True, remote_code=True))
+    shipped = release_files(model_dir)
+    kept = sorted({str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()} - set(shipped))
+    print(f"shipped ({len(shipped)}):", ", ".join(shipped))
+    print(f"kept back ({len(kept)}):", ", ".join(kept))

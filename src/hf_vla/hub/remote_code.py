@@ -7,7 +7,7 @@ and import nothing that is not installed on the user's side. This module collect
 weights and sets `auto_map`, so `AutoModel.from_pretrained(repo, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(repo, trust_remote_code=True)` work where hf_vla is not installed.
 
-    python -m hf_vla.hub.remote_code MODEL_DIR
+    python -m hf_vla.hub.remote_code MODEL_DIR     (without MODEL_DIR: a smoke run on a tiny model)
 """
 
 from __future__ import annotations
@@ -34,11 +34,24 @@ def _resolve(module: str, is_package: bool, level: int, name: str | None) -> str
     return ".".join(base + ([name] if name else []))
 
 
+def _smoke_run_line(tree: ast.Module) -> int | None:
+    """First line of the module's `if __name__ == "__main__":` smoke run, which remote code leaves out (it imports
+    the package's test helpers, and transformers would fetch every module a remote file imports)."""
+    for node in tree.body:
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__":
+            return node.lineno
+    return None
+
+
 def _relative_imports(module: str) -> list[tuple[ast.ImportFrom, str]]:
     path = _module_path(module)
     tree = ast.parse(path.read_text())
+    end = _smoke_run_line(tree)
     found = []
     for node in ast.walk(tree):
+        if end is not None and getattr(node, "lineno", 0) >= end:
+            continue
         if isinstance(node, ast.ImportFrom) and node.level > 0:
             if node.module is None:
                 raise ValueError(f"{path}: `from . import x` is not supported in exported modules")
@@ -65,7 +78,13 @@ def flat_name(module: str) -> str:
 def flatten_module(module: str) -> str:
     """The module's source with each relative import rewritten to `from .<flat name> import ...`."""
     path = _module_path(module)
-    lines = path.read_text().splitlines(keepends=True)
+    source = path.read_text()
+    lines = source.splitlines(keepends=True)
+    end = _smoke_run_line(ast.parse(source))
+    if end is not None:
+        lines = lines[: end - 1]
+        while lines and not lines[-1].strip():
+            lines.pop()
     for node, target in sorted(_relative_imports(module), key=lambda item: -item[0].lineno):
         names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
         indent = lines[node.lineno - 1][: node.col_offset]
@@ -111,4 +130,16 @@ def export_remote_code(model_dir: str | Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(export_remote_code(sys.argv[1])))
+    if len(sys.argv) > 1:
+        print("\n".join(export_remote_code(sys.argv[1])))
+    else:  # smoke run: the release folder of a tiny model
+        import tempfile
+
+        from ..testing import build_tiny_vla
+
+        model, processor = build_tiny_vla("gr00t")
+        with tempfile.TemporaryDirectory() as directory:
+            model.save_pretrained(directory)
+            processor.save_pretrained(directory)
+            print("remote code of a tiny GR00T release:", ", ".join(export_remote_code(directory)))
+            print("auto_map:", json.loads((Path(directory) / "config.json").read_text())["auto_map"])

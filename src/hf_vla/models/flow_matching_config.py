@@ -63,3 +63,16 @@ class VLAFlowMatchingConfig(VLAConfig):
                 raise ValueError(f"{name}: expected a Beta parameter > 0, got {getattr(self, name)}")
         if self.condition_mask not in CONDITION_MASKS:
             raise ValueError(f"condition_mask: expected one of {CONDITION_MASKS}, got {self.condition_mask!r}")
+
+
+if __name__ == "__main__":
+    from .gr00t.configuration_gr00t import VLAGR00TConfig
+    from .pi.configuration_pi import VLAPIConfig
+    from .pi_v3.configuration_pi_v3 import VLAPIv3Config
+
+    fields = ("dit_hidden_size", "num_dit_layers", "interleave_self_attention", "repeated_diffusion_steps",
+              "state_in_prompt", "condition_mask")  # fmt: skip
+    print("StarVLA's defaults where the flow-matching variants differ (None: from the VLM):")
+    for config_class in (VLAGR00TConfig, VLAPIConfig, VLAPIv3Config):
+        config = config_class()
+        print(f"  {config.model_type:>10}: " + ", ".join(f"{name}={getattr(config, name)}" for name in fields))

@@ -103,3 +103,22 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
         vlm_inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask")}
         conditions, mask = self.conditions(**vlm_inputs)
         return self.action_head.sample(conditions, mask, state=self.head_state(state), noise=noise, num_steps=num_steps)
+
+
+if __name__ == "__main__":
+    import time
+
+    from ..testing import build_tiny_vla, random_observation
+
+    model, processor = build_tiny_vla("gr00t")
+    inputs = processor(**random_observation(processor))
+    calls = {"backbone": 0, "DiT": 0}
+    model.vlm.model.register_forward_hook(lambda *_: calls.update(backbone=calls["backbone"] + 1))
+    model.action_head.model.register_forward_hook(lambda *_: calls.update(DiT=calls["DiT"] + 1))
+    for steps in (1, 10):
+        calls.update(backbone=0, DiT=0)
+        start = time.perf_counter()
+        with torch.no_grad():
+            actions = model.predict_action(**inputs, num_steps=steps)
+        print(f"{steps:>2} Euler steps: actions {list(actions.shape)}, forwards {calls}, "
+              f"{(time.perf_counter() - start) * 1e3:.1f} ms")

@@ -204,3 +204,16 @@ class VLATokenActionModel(VLAPreTrainedModel):
         validity mask and the raw tokens)."""
         inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask", "state")}
         return self.generate_actions(**inputs).actions
+
+
+if __name__ == "__main__":
+    from ..testing import build_tiny_vla, random_observation
+
+    model, processor = build_tiny_vla("bins")
+    inputs = processor(**random_observation(processor))
+    decoding = model.generate_actions(**inputs)
+    offset, count = model.config.action_token_offset, model.config.num_action_tokens
+    print(f"{count} action tokens added at ids {offset}…{offset + count - 1} of a {len(processor.tokenizer)}-token "
+          "vocabulary")
+    print(f"greedy decoding, constrained to action tokens: {[len(ids) for ids in decoding.action_token_ids]} tokens "
+          f"per sample, valid {decoding.valid.tolist()}, actions {list(decoding.actions.shape)}")

@@ -89,3 +89,40 @@ class PolicyClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+if __name__ == "__main__":
+    import threading
+
+    import numpy as np
+
+    from ..policy import VLAPolicy
+    from ..testing import build_tiny_vla
+    from .server import PolicyServer
+
+    model, processor = build_tiny_vla("oft")
+    rng = np.random.default_rng(0)
+    observation = {  # raw camera frames of any size: the server resizes them to the model's
+        "images": {camera: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for camera in processor.camera_names},
+        "prompt": "open the drawer",
+        "state": rng.normal(size=processor.state_dim).astype(np.float32),
+    }
+    policy = VLAPolicy(model, processor)
+    with PolicyServer(policy, port=0) as server, PolicyClient("127.0.0.1", server.port) as client:
+        meta = client.metadata
+        print(f"ws://127.0.0.1:{server.port} serves {meta['model_type']}: cameras {meta['cameras']} at "
+              f"{meta['training_obs_image_size']}, chunks of {meta['action_chunk_size']} × {meta['action_dim']}, "
+              f"unnorm keys {meta['available_unnorm_keys']}")
+        reply = client.infer(observation)
+        actions = reply["actions"]
+        print(f"actions {actions.dtype} {list(actions.shape)} in {reply['server_timing']['total_ms']:.0f} ms, "
+              f"same as in-process predict: {np.allclose(actions, policy.predict(observation), atol=1e-5)}")
+        client.configure(execute_steps=2, gripper_dims=[6])
+        short = client.infer(observation)["actions"]
+        print(f"after configure(execute_steps=2, gripper_dims=[6]): {list(short.shape)}, "
+              f"gripper {actions[:2, 6].round(2)} → {short[:, 6]}")
+        try:
+            client.infer({"prompt": "no images"})
+        except ServerError as error:
+            print("error reply:", error)
+    print("server threads left:", [t.name for t in threading.enumerate() if t.name.startswith("hf-vla")])

@@ -125,3 +125,25 @@ def unpackb(data: bytes, max_array_bytes: int | None = None) -> Any:
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         raise ValueError(f"frame: not a valid msgpack message ({detail})"[:300]) from None
     return _decode(tree, "", max_array_bytes)
+
+
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    observation = {
+        "images": {camera: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for camera in ("primary", "wrist")},
+        "state": rng.normal(size=7).astype(np.float32),
+        "prompt": "pick up the red block",
+        "step": np.int64(12),
+    }
+    frame = packb(observation)
+    decoded = unpackb(frame)
+    sent = [*observation["images"].values(), observation["state"]]
+    received = [*decoded["images"].values(), decoded["state"]]
+    print(f"frame {len(frame):,} bytes for {sum(a.nbytes for a in sent):,} bytes of array data")
+    same = all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(sent, received))
+    print(f"decoded: arrays equal with their dtypes {same}, step {decoded['step']!r}, prompt {decoded['prompt']!r}, "
+          f"arrays writeable {any(a.flags.writeable for a in received)} (read-only views of the frame)")
+    try:
+        unpackb(frame, max_array_bytes=100_000)
+    except ValueError as error:
+        print("unpackb(frame, max_array_bytes=100_000):", error)

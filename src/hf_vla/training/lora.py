@@ -110,3 +110,38 @@ def _lora_parameters(model):
 
 
 __all__ = ["TARGETS", "add_lora", "head_modules", "lora_config"]
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    import torch
+
+    from ..auto import AutoModelForVLA
+    from ..testing import build_tiny_vla, random_observation, scratch_dir
+
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a shared CPU
+    work_dir = scratch_dir("lora_demo_")
+    model, processor = build_tiny_vla("oft")
+    model.save_pretrained(work_dir / "base")  # the adapter records where its base lives (see the module docstring)
+    model = AutoModelForVLA.from_pretrained(work_dir / "base")
+    total = model.num_parameters()
+    peft_model = add_lora(model, r=4, alpha=8)
+    trainable = {name: param.numel() for name, param in peft_model.named_parameters() if param.requires_grad}
+    adapted = sorted({name.split(".lora_")[0].split("language_model.")[1] for name in trainable if "lora_" in name})
+    adapters = sum(count for name, count in trainable.items() if "lora_" in name)
+    print(f"LoRA r=4 on {len(adapted)} projections of the LLM: {adapted[0]}, ..., {adapted[-1]}")
+    print(f"trainable {sum(trainable.values()):,} of {total:,} base parameters: {adapters:,} in LoRA adapters, "
+          f"{sum(trainable.values()) - adapters:,} in the fully trained head {head_modules(model)}")
+    inputs = processor(**random_observation(processor, with_actions=True))
+    optimizer = torch.optim.AdamW([param for param in peft_model.parameters() if param.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss = peft_model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(round(loss.item(), 4))
+    print("training losses (one batch):", losses)
+    peft_model.save_pretrained(work_dir / "adapter")
+    print("adapter files:", sorted(path.name for path in (work_dir / "adapter").iterdir()))

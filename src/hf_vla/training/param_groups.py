@@ -94,3 +94,24 @@ def build_param_groups(
 
 
 __all__ = ["build_param_groups", "check_paths", "flatten_paths", "freeze_modules", "matching_path"]
+
+
+if __name__ == "__main__":
+    from ..testing import build_tiny_vla
+
+    model, _ = build_tiny_vla("oft")
+    learning_rates = flatten_paths({"vlm": {"model": {"language_model": 2e-5}}, "action_head": 1e-3,
+                                    "vlm.model.language_model.layers.0": 5e-6})
+    print("learning rates by path:", learning_rates)
+    print("vlm.model.language_model.layers.0.mlp.up_proj.weight → rate of",
+          repr(matching_path("vlm.model.language_model.layers.0.mlp.up_proj.weight", learning_rates)))
+    total = model.num_parameters()
+    print(f"froze {freeze_modules(model, ['vlm.model.visual']):,} of {total:,} parameters (vlm.model.visual)")
+    decay = [name for name, param in model.named_parameters() if param.ndim > 1]  # Trainer's rule, roughly
+    for group in build_param_groups(model, 1e-4, 0.01, decay, learning_rates):
+        print(f"  {group['name']:<46} lr {group['lr']:.0e}  weight_decay {group['weight_decay']:<5}"
+              f"{sum(param.numel() for param in group['params']):>9,} parameters")
+    try:
+        build_param_groups(model, 1e-4, 0.01, decay, {"vlm.visual": 1e-5})
+    except ValueError as err:
+        print("a misspelt path fails loudly:", str(err).split(". ")[0])

@@ -148,3 +148,29 @@ def _plain(value):
 
 
 __all__ = ["apply_override", "dump_recipe", "load_recipe", "parse_overrides", "read_yaml", "split_trainer_section"]
+
+
+if __name__ == "__main__":
+    from ..testing import scratch_dir
+
+    work_dir = scratch_dir("recipe_demo_")
+    (work_dir / "oft.yaml").write_text(
+        "model: {variant: oft, action_horizon: 8}\n"
+        "data: {lerobot: /data/libero_spatial}\n"
+        "trainer:\n  max_steps: 30000\n  learning_rate: {base: 1e-4, action_head: 1e-3}\n"
+        "  lr_scheduler_type: cosine_with_min_lr\n  loss_scale: {vlm: 0.5}\n",
+        encoding="utf-8",
+    )
+    overrides = ["--trainer.max_steps", "100", "--trainer.learning_rate.vlm.model.visual", "1e-5",
+                 "--trainer.freeze=vlm.model.visual,vlm.model.language_model.embed_tokens",
+                 "--trainer.save_strategy", "no", "--model.variant", "gr00t"]  # fmt: skip
+    # Values are YAML as RecipeLoader reads it: 1e-5 is a float and `no` stays the string "no" (YAML 1.1: False).
+    print("overrides:", " ".join(overrides))
+    recipe = load_recipe(work_dir / "oft.yaml", overrides)
+    for section in SECTIONS:
+        print(f"{section}: {recipe[section]}")
+    fields, learning_rates, freeze, loss_scale = split_trainer_section(recipe["trainer"])
+    print("→ TrainingArguments:", fields)
+    print("→ VLATrainer: learning_rates", learning_rates, "freeze", freeze, "loss_scale", loss_scale)
+    dump_recipe(recipe, work_dir / "resolved.yaml")  # what train_vla.py saves beside its checkpoints
+    print("resolved.yaml reloads to the same recipe:", load_recipe(work_dir / "resolved.yaml") == recipe)

@@ -360,3 +360,55 @@ def build_grpo_trainer(vla_model, processor, dataset, reward_fn, args=None, **kw
 __all__ = ["ActionReward", "VLMSFTTrainer", "action_generation_kwargs", "action_reward", "build_grpo_trainer",
            "completion_action_indices", "decode_completions", "grpo_prompt_dataset", "image_only_processor",
            "trl_chat_dataset"]
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, SFTConfig
+
+    from ..testing import build_tiny_vla, scratch_dir
+
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a shared CPU
+    work_dir = scratch_dir("trl_demo_")
+    model, processor = build_tiny_vla("bins")
+    rng = np.random.default_rng(0)
+
+    def view():
+        return rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+
+    def logged(trainer, key):
+        return [round(entry[key], 4) for entry in trainer.state.log_history if key in entry]
+
+    settings = dict(max_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                    use_cpu=True, activation_checkpointing=False, disable_tqdm=True, seed=0)  # fmt: skip
+    chat = [{"images": [view()], "messages": [{"role": "user", "content": "<image>\nWhat is on the table?"},
+                                              {"role": "assistant", "content": "A red block."}]}] * 2
+    sft = _sft_trainer_class()(model, SFTConfig(str(work_dir / "sft"), per_device_train_batch_size=2, **settings),
+                               train_dataset=chat, processor=processor)  # fmt: skip
+    sft.remove_callback(PrinterCallback)  # the lines below summarise Trainer's per-step log dicts
+    sft.train()
+    print(f"VLMSFTTrainer on {type(model).__name__}.vlm, chat data: losses {logged(sft, 'loss')}")
+
+    horizon, action_dim = model.config.action_horizon, model.config.action_dim
+    samples = [{"images": [view() for _ in processor.camera_names], "instruction": "open the drawer",
+                "state": rng.normal(size=processor.state_dim),
+                "target": rng.uniform(-0.5, 0.5, (horizon, action_dim)).astype(np.float32)} for _ in range(4)]
+    prompts = grpo_prompt_dataset(processor, samples)
+    print("GRPO prompt parts:", [part["text"] if part["type"] == "text" else "<image>"
+                                for part in prompts[0]["prompt"][0]["content"]])
+    restriction = action_generation_kwargs(model)
+    vocabulary = model.vlm.get_output_embeddings().weight.shape[0]
+    print(f"sampling: {vocabulary - len(restriction['suppress_tokens'])} of {vocabulary} tokens allowed, "
+          f"replies of {restriction['min_new_tokens']} tokens ({horizon} steps × {action_dim} dims)")
+    reward = action_reward(model)
+    grpo = build_grpo_trainer(model, processor, prompts, reward,
+                              GRPOConfig(str(work_dir / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                                         beta=0.0, **settings))  # fmt: skip
+    grpo.remove_callback(PrinterCallback)
+    grpo.train()
+    print(f"GRPO on the backbone of {type(model).__name__}: mean reward per step {logged(grpo, 'reward')}")
+    actions, valid, rewards = reward.history[-1]
+    print(f"last step: {int(valid.sum())}/{len(valid)} completions decoded to {list(actions.shape[1:])} chunks, "
+          f"rewards (−L1 to target) {[round(r, 3) for r in rewards]}")

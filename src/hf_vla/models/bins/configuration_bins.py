@@ -36,3 +36,10 @@ class VLABinsConfig(VLATokenActionConfig):
 
 
 __all__ = ["VLABinsConfig"]
+
+
+if __name__ == "__main__":
+    from ...testing import describe_published
+
+    describe_published("bins", "qwen2_5_vl_3b")
+    describe_published("bins", "qwen3_vl_4b")

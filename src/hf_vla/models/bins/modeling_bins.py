@@ -28,3 +28,9 @@ class VLABinsForActionPrediction(VLATokenActionModel):
 
 
 __all__ = ["VLABinsForActionPrediction"]
+
+
+if __name__ == "__main__":
+    from ...testing import smoke_run
+
+    smoke_run("bins")

@@ -24,3 +24,10 @@ class VLAFASTConfig(VLATokenActionConfig):
 
 
 __all__ = ["VLAFASTConfig"]
+
+
+if __name__ == "__main__":
+    from ...testing import describe_published
+
+    describe_published("fast", "qwen2_5_vl_3b")
+    describe_published("fast", "qwen3_vl_4b")

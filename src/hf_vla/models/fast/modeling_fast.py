@@ -90,3 +90,9 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
 
 
 __all__ = ["VLAFASTForActionPrediction"]
+
+
+if __name__ == "__main__":
+    from ...testing import smoke_run
+
+    smoke_run("fast")

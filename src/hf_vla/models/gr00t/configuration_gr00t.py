@@ -21,3 +21,10 @@ class VLAGR00TConfig(VLAFlowMatchingConfig):
 
 
 __all__ = ["VLAGR00TConfig"]
+
+
+if __name__ == "__main__":
+    from ...testing import describe_published
+
+    describe_published("gr00t", "qwen2_5_vl_3b")
+    describe_published("gr00t", "qwen3_vl_4b")

@@ -21,3 +21,9 @@ class VLAGR00TForActionPrediction(VLAFlowMatchingModel):
 
 
 __all__ = ["VLAGR00TForActionPrediction"]
+
+
+if __name__ == "__main__":
+    from ...testing import smoke_run
+
+    smoke_run("gr00t")

@@ -46,3 +46,10 @@ class VLAOFTConfig(VLAConfig):
 
 
 __all__ = ["VLAOFTConfig"]
+
+
+if __name__ == "__main__":
+    from ...testing import describe_published
+
+    describe_published("oft", "qwen2_5_vl_3b")
+    describe_published("oft", "qwen3_vl_4b")

@@ -93,3 +93,9 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
 
 
 __all__ = ["VLAOFTForActionPrediction"]
+
+
+if __name__ == "__main__":
+    from ...testing import smoke_run
+
+    smoke_run("oft")

@@ -21,3 +21,10 @@ class VLAPIConfig(VLAFlowMatchingConfig):
 
 
 __all__ = ["VLAPIConfig"]
+
+
+if __name__ == "__main__":
+    from ...testing import describe_published
+
+    describe_published("pi", "qwen2_5_vl_3b")
+    describe_published("pi", "qwen3_vl_4b")

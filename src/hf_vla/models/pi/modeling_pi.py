@@ -34,3 +34,9 @@ class VLAPIForActionPrediction(VLAFlowMatchingModel):
 
 
 __all__ = ["VLAPIForActionPrediction"]
+
+
+if __name__ == "__main__":
+    from ...testing import smoke_run
+
+    smoke_run("pi")

@@ -25,3 +25,10 @@ class VLAPIv3Config(VLAPIConfig):
 
 
 __all__ = ["VLAPIv3Config"]
+
+
+if __name__ == "__main__":
+    from ...testing import describe_published
+
+    describe_published("pi_v3", "qwen2_5_vl_3b")
+    describe_published("pi_v3", "qwen3_vl_4b")

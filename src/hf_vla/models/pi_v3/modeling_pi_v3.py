@@ -14,3 +14,9 @@ class VLAPIv3ForActionPrediction(VLAPIForActionPrediction):
 
 
 __all__ = ["VLAPIv3ForActionPrediction"]
+
+
+if __name__ == "__main__":
+    from ...testing import smoke_run
+
+    smoke_run("pi_v3")
