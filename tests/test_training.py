@@ -18,7 +18,7 @@ from hf_vla.data import load_lerobot, write_lerobot_dataset
 from hf_vla.data.collators import CoTrainingCollator, VLACollator
 from hf_vla.normalization import normalize
 from hf_vla.training import VLATrainer
-from hf_vla.training.recipe import load_recipe, split_trainer_section
+from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
 
 REPO = Path(__file__).resolve().parents[1]
 CAMERAS = {"observation.images.front": "primary", "observation.images.wrist": "wrist"}
@@ -456,3 +456,26 @@ def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root):
     processor = AutoProcessor.from_pretrained(out)
     assert sorted(processor.norm_stats) == ["toy_a", "toy_b"]
     assert processor.norm_stats["toy_b"]["action"]["mode"] == ["min_max"] * ACTION_DIM
+
+
+def test_saved_recipe_reloads_unchanged(tmp_path):
+    """Strings that look like numbers or YAML 1.1 booleans stay strings through dump_recipe → load_recipe (and any
+    plain YAML reader)."""
+    recipe = {"model": {"variant": "oft"}, "data": {"lerobot": "/data/x"},
+              "trainer": {"run_name": "1e5", "save_strategy": "no", "tag": "true", "version": "1.5", "note": "null",
+                          "learning_rate": {"base": 1e-5}, "bf16": False, "max_steps": 3}}  # fmt: skip
+    dump_recipe(recipe, tmp_path / "resolved.yaml")
+    assert load_recipe(tmp_path / "resolved.yaml") == recipe
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == recipe
+
+
+def test_group_learning_rates_logged_for_no_decay_only_paths():
+    from types import SimpleNamespace
+
+    groups = [{"name": "base", "lr": 1e-4}, {"name": "action_head", "lr": 1e-3},
+              {"name": "action_head (no decay)", "lr": 1e-3}, {"name": "vlm.model.norm (no decay)", "lr": 5e-6}]
+    trainer = SimpleNamespace(learning_rates={"action_head": 1e-3, "vlm.model.norm": 5e-6},
+                              optimizer=SimpleNamespace(param_groups=groups))  # fmt: skip
+    logs = {}
+    VLATrainer._log_group_learning_rates(trainer, logs)
+    assert logs == {"learning_rate/action_head": 1e-3, "learning_rate/vlm.model.norm": 5e-6}

@@ -149,8 +149,8 @@ def _evaluation(path: Path) -> tuple[list[dict], list[tuple[str, float]]]:
     report = json.loads(path.read_text())
     rows = []
     for task, result in report.get("tasks", {}).items():
-        low, high = result.get("ci95", [None, None])
-        interval = f"{100 * low:.1f}–{100 * high:.1f}%" if low is not None else "–"
+        low, high = result.get("ci95") or (None, None)
+        interval = f"{100 * low:.1f}–{100 * high:.1f}%" if None not in (low, high) else "–"
         rows.append({"task": task, "success_rate": result["success_rate"], "episodes": result["episodes"],
                      "interval": interval})  # fmt: skip
     held_out = [(key.removeprefix("eval_"), float(value)) for key, value in report.items()

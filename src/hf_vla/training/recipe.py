@@ -133,8 +133,20 @@ def split_trainer_section(trainer: Mapping) -> tuple[dict, dict, list[str], dict
     return fields, learning_rates, list(freeze), loss_scale
 
 
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what `RecipeLoader` and plain YAML 1.1 loaders both read back unchanged: a string either would take
+    for a number or a boolean (`"1e5"`, `"no"`) is quoted."""
+
+
+RecipeDumper.yaml_implicit_resolvers = {
+    first: list(dict.fromkeys(yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])
+                              + RecipeLoader.yaml_implicit_resolvers.get(first, [])))
+    for first in {**yaml.SafeDumper.yaml_implicit_resolvers, **RecipeLoader.yaml_implicit_resolvers}
+}  # fmt: skip
+
+
 def dump_recipe(recipe: Mapping, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(recipe), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(yaml.dump(_plain(recipe), Dumper=RecipeDumper, sort_keys=False), encoding="utf-8")
 
 
 def _plain(value):

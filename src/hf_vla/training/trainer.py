@@ -258,9 +258,9 @@ class VLATrainer(Trainer):
     def _log_group_learning_rates(self, logs: dict) -> None:
         if not self.learning_rates or self.optimizer is None:
             return
-        for group in self.optimizer.param_groups:
-            name = group.get("name", "")
-            if name in self.learning_rates:  # decay groups; their no-decay twins share the rate
+        for group in self.optimizer.param_groups:  # a path's decay and no-decay groups share its rate
+            name = group.get("name", "").removesuffix(" (no decay)")
+            if name in self.learning_rates:
                 logs[f"learning_rate/{name}"] = float(group["lr"])
 
     # ------------------------------------------------------------------ end of run
