@@ -149,6 +149,11 @@ def test_batched_and_unbatched_policy_match_the_manual_pipeline(oft):
     single = policy.predict({"images": {"primary": primary[1], "wrist": wrist[1]}, "prompt": text[1], "state": state[1]})
     assert single.shape == (4, 7)
     np.testing.assert_allclose(single, batched[1], rtol=1e-4, atol=1e-5)
+    actions, normalized = policy.predict({"images": {"primary": primary[1], "wrist": wrist[1]}, "prompt": text[1],
+                                          "state": state[1]}, return_normalized=True)  # fmt: skip
+    assert normalized.shape == (4, 7) and normalized.dtype == np.float32
+    np.testing.assert_allclose(actions, single, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(processor.decode_actions(normalized, unnorm_key="bridge"), actions, rtol=1e-5, atol=1e-6)
 
 
 def test_design_snippet_runs_as_written(tiny_vlm_dirs, tmp_path):

@@ -14,7 +14,9 @@ An independent reference, written from StarVLA's code (branch starVLA_dev; each 
 * the client-side post-processing StarVLA's simulator clients apply to those actions (LIBERO, SimplerEnv WidowX);
 * the wire format: `deployment/model_server/tools/websocket_policy_client.py` (`WebsocketClientPolicy`), openpi-style
   msgpack-numpy, the handshake metadata frame, the request payload of `examples/simBenchmarks/LIBERO/eval_files/`
-  (`model2libero_interface.py`, `eval_libero.py`) and the reply / error maps of `tools/websocket_policy_server.py`.
+  (`model2libero_interface.py`, `eval_libero.py`) and the reply / error maps of `tools/websocket_policy_server.py`;
+  and the clients of StarVLA's servers before they un-normalised (2025: `batch_images` / `instructions` requests,
+  `normalized_actions` replies un-normalised by the client, `examples/LIBERO/model2libero_interface.py`).
 
 It is compared with `convert_starvla` + `VLAProcessor.decode_actions` and with `hf_vla.serving.PolicyServer` over a
 real loopback websocket. Tiny OFT model (deterministic), fp32, bounded timeouts.
@@ -235,6 +237,24 @@ def libero_query(example, unnorm_key=None):
     """examples/simBenchmarks/LIBERO/eval_files/model2libero_interface.py, ModelClient.step: a flat payload."""
     return {"examples": [example], "unnorm_key": unnorm_key, "do_sample": False, "use_ddim": True,
             "num_ddim_steps": 10}  # fmt: skip
+
+
+def legacy_query(example):
+    """StarVLA's clients before its server un-normalised (examples/LIBERO/model2libero_interface.py of 2025,
+    M1Inference.step): a flat `batch_images` / `instructions` payload; the reply is read as
+    response["data"]["normalized_actions"] [B, chunk, D] and un-normalised by the client."""
+    return {"batch_images": [list(example["image"])], "instructions": [example["lang"]], "unnorm_key": None,
+            "do_sample": False, "use_ddim": True, "num_ddim_steps": 10}  # fmt: skip
+
+
+def legacy_client_unnormalize(normalized, action_stats):
+    """M1Inference.unnormalize_actions: clip to [-1, 1], the gripper (dimension 6) to 0 / 1 at 0.5, then min / max
+    where the statistics' mask is set."""
+    mask = np.asarray(action_stats.get("mask", np.ones_like(action_stats["min"], dtype=bool)))
+    high, low = np.asarray(action_stats["max"]), np.asarray(action_stats["min"])
+    normalized = np.clip(normalized, -1, 1)
+    normalized[:, 6] = np.where(normalized[:, 6] < 0.5, 0, 1)
+    return np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
 
 
 def libero_example(seed, size=256):
@@ -525,6 +545,49 @@ def test_starvla_client_handshake_request_and_reply(libero_server):
                                        rtol=1e-5, atol=1e-5)  # fmt: skip
         ping = client.predict_action({"type": "ping", "request_id": "p"})
         assert (ping["status"], ping["ok"], ping["type"]) == ("ok", True, "ping")
+    finally:
+        client.close()
+
+
+def test_older_starvla_clients_get_normalized_actions(libero_server):
+    """Clients written for StarVLA's servers before they un-normalised read `data.normalized_actions` (the
+    framework's own output) and un-normalise it themselves; the 2025 ones also send `batch_images` /
+    `instructions` instead of `examples`. hf_vla answers both forms with both keys."""
+    server, policy, statistics = libero_server
+    client = StarVLAClient(server.port)
+    try:
+        example = libero_example(6, size=224)
+        inputs = policy.processor(images=[list(example["image"])], text=[example["lang"]])
+        with torch.no_grad():
+            framework = policy.model.predict_action(**inputs).float().numpy()  # StarVLA's normalized_actions
+        for query in (legacy_query(example), libero_query({"image": example["image"], "lang": example["lang"]})):
+            response = client.predict_action(query)
+            assert (response["status"], response["ok"]) == ("ok", True), response
+            data = response["data"]
+            assert data["normalized_actions"].dtype == np.float32 and data["normalized_actions"].shape == (1, H, A)
+            np.testing.assert_allclose(data["normalized_actions"], framework, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(data["actions"], starvla_expected(policy, statistics, example), rtol=1e-5,
+                                       atol=1e-5)  # fmt: skip
+        # LIBERO's min / max dimensions: the old client's own un-normalisation lands on the current server's actions
+        # wherever it does not clip
+        legacy = legacy_client_unnormalize(data["normalized_actions"][0].copy(), statistics["franka"]["action"])
+        inside = np.abs(data["normalized_actions"][0, :, :6]) <= 1
+        assert inside.any()
+        np.testing.assert_allclose(legacy[:, :6][inside], data["actions"][0, :, :6][inside], rtol=1e-5, atol=1e-5)
+
+        configured = client.predict_action({"type": "configure", "execute_steps": 2})
+        assert configured["ok"] is True
+        short = client.predict_action(legacy_query(example))["data"]  # cut to the steps the reply holds
+        assert short["actions"].shape == short["normalized_actions"].shape == (1, 2, A)
+        np.testing.assert_array_equal(short["normalized_actions"], data["normalized_actions"][:, :2])
+
+        bad = [({**legacy_query(example), "instructions": [LANG, LANG]}, "instructions: expected a string or 1"),
+               ({**legacy_query(example), "batch_images": [example["image"][:1]]}, "batch_images[0]: expected a list "
+                "of 2"), ({**legacy_query(example), "state": np.zeros((2, 8), np.float32)}, "state: expected [1, S]")]
+        for query, message in bad:
+            reply = client.predict_action(query)
+            assert (reply["status"], reply["ok"]) == ("error", False) and message in reply["error"]["message"], reply
+        assert client.predict_action(legacy_query(example))["ok"] is True  # still serving
     finally:
         client.close()
 

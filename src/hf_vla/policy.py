@@ -98,8 +98,12 @@ class VLAPolicy:
         return {"images": views, "text": list(instruction), "state": state}, unbatched
 
     @torch.no_grad()
-    def predict(self, obs: Mapping, unnorm_key: str | None = None, **predict_kwargs) -> np.ndarray:
-        """Action chunk in robot units: `np.float32 [B, T, D]` (or `[T, D]` for an unbatched observation)."""
+    def predict(
+        self, obs: Mapping, unnorm_key: str | None = None, return_normalized: bool = False, **predict_kwargs
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Action chunk in robot units: `np.float32 [B, T, D]` (or `[T, D]` for an unbatched observation). With
+        `return_normalized=True`, `(actions, normalized)`: the model's own output beside them, in the normalised
+        space of the statistics (what StarVLA's frameworks return as `normalized_actions`)."""
         batch, unbatched = self._batch(obs)
         key = unnorm_key or self.unnorm_key
         parameter = next(self.model.parameters())  # one lookup for both (model.device and model.dtype walk twice)
@@ -117,6 +121,9 @@ class VLAPolicy:
         actions = self.processor.decode_actions(normalized, unnorm_key=key)
         if len(self._pixel_buffers) < 2:
             self._pixel_buffers.append(encoded["pixel_values"])
+        if return_normalized:
+            normalized = normalized.detach().to("cpu", torch.float32).numpy()
+            return (actions[0], normalized[0]) if unbatched else (actions, normalized)
         return actions[0] if unbatched else actions
 
 

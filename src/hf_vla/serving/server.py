@@ -22,10 +22,14 @@ Requests. Each binary frame is one map, answered by one frame, in order.
    * state (optional): `state`, `observation/state` or `observation.state`, float [S] or [B, S].
    * `unnorm_key` (optional): which embodiment's statistics decode the actions.
 2. StarVLA form: `{"type": "infer" | "predict_action" | "ping", "request_id": ..., "payload": {"examples": [{"image":
-   [uint8 HWC per camera], "lang": str, "state"?: [S]}], "unnorm_key": ...}}`, or the payload's keys at top level.
-   Reply `{"status": "ok", "ok": True, "type": "inference_result", "request_id": ..., "data": {"actions": [B, T, D]},
-   "server_timing": {...}}`; ping → `{"status": "ok", "ok": True, "type": "ping"}`. Other framework keys
-   (`do_sample`, `use_ddim`, ...) are ignored.
+   [uint8 HWC per camera], "lang": str, "state"?: [S]}], "unnorm_key": ...}}`, or the payload's keys at top level;
+   the 2025 form `{"batch_images": [[uint8 HWC per camera]] * B, "instructions": [str] * B, "state"?: [B, S]}` too.
+   Reply `{"status": "ok", "ok": True, "type": "inference_result", "request_id": ..., "data": {"actions": [B, T, D],
+   "normalized_actions": [B, T, D]}, "server_timing": {...}}`: `actions` in robot units (current StarVLA servers),
+   `normalized_actions` the model's output before un-normalisation (what StarVLA's servers sent before they
+   un-normalised, and its clients of that time un-normalise themselves; cut to `execute_steps`, no other
+   post-processing); ping → `{"status": "ok", "ok": True, "type": "ping"}`. Other framework keys (`do_sample`,
+   `use_ddim`, ...) are ignored.
 3. `{"type": "configure", <post-processing options>}` (or the options under `payload`) sets this connection's
    action post-processing; omitted options keep their value, `None` clears one. Reply `{"status": "ok", "ok": True,
    "type": "configure", "post_processing": {...}, "action_chunk_size": n}` (the steps a reply now holds). Options,
@@ -84,7 +88,7 @@ logger = logging.getLogger("hf_vla.serving")
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
 SINGLE_CAMERA_ALIASES = ("image", "observation/image")
 STATE_KEYS = ("state", "observation/state", "observation.state")
-STARVLA_MARKERS = ("type", "payload", "examples")
+STARVLA_MARKERS = ("type", "payload", "examples", "batch_images")
 INFER_TYPES = ("infer", "predict_action")
 
 
@@ -270,6 +274,8 @@ class RequestParser:
             payload, where = message["payload"], "payload."
             if not isinstance(payload, Mapping):
                 raise ValueError(f"payload: expected a map, got {type(payload).__name__}")
+        if "examples" not in payload and "batch_images" in payload:
+            return self._starvla_batch_images(payload, where)
         examples = payload.get("examples")
         if not isinstance(examples, list) or not examples:
             raise ValueError(f"{where}examples: expected a non-empty list of examples, got {reprlib.repr(examples)}")
@@ -280,25 +286,53 @@ class RequestParser:
             field_name = f"{where}examples[{i}]"
             if not isinstance(example, Mapping):
                 raise ValueError(f"{field_name}: expected a map, got {type(example).__name__}")
-            views = example.get("image")
-            views = [views] if isinstance(views, np.ndarray) else views
-            if not isinstance(views, list) or len(views) != len(self.cameras):
-                got = len(views) if isinstance(views, list) else type(views).__name__
-                raise ValueError(f"{field_name}.image: expected a list of {len(self.cameras)} uint8 [H, W, 3] arrays "
-                                 f"(cameras {self.cameras}), got {got}")
-            views = tuple(self._image(v, f"{field_name}.image[{j}]", ranks=(3,)) for j, v in enumerate(views))
             text_key = next((k for k in ("lang", "instruction", "prompt") if k in example), "lang")
             (instruction,) = self._instructions(example.get(text_key), 1, f"{field_name}.{text_key}")
             state = None
             if example.get("state") is not None:
-                state = self._numeric(example["state"], f"{field_name}.state")
-                if state.ndim == 2 and state.shape[0] != 1:
-                    raise ValueError(f"{field_name}.state: expected [S] or [1, S] for one example, got "
-                                     f"{list(state.shape)}")
-                state = state.reshape(-1)
-                self._check_state_width(state.shape[0], f"{field_name}.state")
-            rows.append(Row(views, instruction, state, key))
+                state = self._example_state(example["state"], f"{field_name}.state")
+            rows.append(Row(self._views(example.get("image"), f"{field_name}.image"), instruction, state, key))
         return Request(rows)
+
+    def _starvla_batch_images(self, payload: Mapping, where: str) -> Request:
+        """StarVLA's request before `examples` (2025 clients, e.g. LIBERO's `M1Inference`): `batch_images` (per
+        sample, a list of views), `instructions` (one per sample) and an optional `state` ([B, S] or [B, 1, S])."""
+        images = payload["batch_images"]
+        if not isinstance(images, list) or not images:
+            raise ValueError(f"{where}batch_images: expected a non-empty list (per sample, a list of camera views), "
+                             f"got {reprlib.repr(images)}")
+        self._check_rows(len(images), f"{where}batch_images")
+        instructions = self._instructions(payload.get("instructions"), len(images), f"{where}instructions")
+        states = [None] * len(images)
+        if payload.get("state") is not None:
+            state = payload["state"]
+            if isinstance(state, np.ndarray) and state.ndim == 3 and state.shape[1] == 1:
+                state = state[:, 0]  # [B, 1, S], as StarVLA's frameworks took it
+            state = self._numeric(state, f"{where}state")
+            if state.ndim != 2 or state.shape[0] != len(images):
+                raise ValueError(f"{where}state: expected [{len(images)}, S] or [{len(images)}, 1, S] (one row per "
+                                 f"sample of batch_images), got {list(state.shape)}")
+            states = [self._example_state(row, f"{where}state[{b}]") for b, row in enumerate(state)]
+        key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
+        rows = [Row(self._views(views, f"{where}batch_images[{b}]"), instructions[b], states[b], key)
+                for b, views in enumerate(images)]  # fmt: skip
+        return Request(rows)
+
+    def _views(self, views: Any, name: str) -> tuple[np.ndarray, ...]:
+        views = [views] if isinstance(views, np.ndarray) else views
+        if not isinstance(views, list) or len(views) != len(self.cameras):
+            got = len(views) if isinstance(views, list) else type(views).__name__
+            raise ValueError(f"{name}: expected a list of {len(self.cameras)} uint8 [H, W, 3] arrays "
+                             f"(cameras {self.cameras}), got {got}")
+        return tuple(self._image(v, f"{name}[{j}]", ranks=(3,)) for j, v in enumerate(views))
+
+    def _example_state(self, value: Any, name: str) -> np.ndarray:
+        state = self._numeric(value, name)
+        if state.ndim == 2 and state.shape[0] != 1:
+            raise ValueError(f"{name}: expected [S] or [1, S] for one example, got {list(state.shape)}")
+        state = state.reshape(-1)
+        self._check_state_width(state.shape[0], name)
+        return state
 
     # -- field checks
 
@@ -382,7 +416,8 @@ class RequestParser:
 
 @dataclass
 class BatchResult:
-    actions: list[np.ndarray]  # per row, float32 [T, D]
+    actions: list[np.ndarray]  # per row, float32 [T, D] in robot units
+    normalized: list[np.ndarray] = field(default_factory=list)  # per row, the model's own output [T, D]
     infer_ms: float = 0.0
     batch_rows: int = 0
 
@@ -509,11 +544,12 @@ class MicroBatcher:
         final: list[BatchResult | Exception] = []
         for result, values in zip(results, outputs):
             error = next((v for v in values if isinstance(v, Exception)), None)
-            result.actions = values
+            if error is None:
+                result.actions, result.normalized = [v[0] for v in values], [v[1] for v in values]
             final.append(error if error is not None else result)
         return final
 
-    def _predict_rows(self, rows: list[Row]) -> list[np.ndarray | Exception]:
+    def _predict_rows(self, rows: list[Row]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         try:
             return list(self._call(rows))
         except Exception as error:
@@ -529,7 +565,8 @@ class MicroBatcher:
                 values.append(_as_request_error(error))
         return values
 
-    def _call(self, rows: list[Row]) -> np.ndarray:
+    def _call(self, rows: list[Row]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(robot-unit actions, normalised model output) per row."""
         cameras = self.policy.processor.camera_names
         obs = {
             "images": {c: np.stack([row.views[i] for row in rows]) for i, c in enumerate(cameras)},
@@ -537,7 +574,8 @@ class MicroBatcher:
         }
         if rows[0].state is not None and self.policy.processor.state_dim:
             obs["state"] = np.stack([row.state for row in rows])
-        return self.policy.predict(obs, unnorm_key=rows[0].unnorm_key)
+        actions, normalized = self.policy.predict(obs, unnorm_key=rows[0].unnorm_key, return_normalized=True)
+        return list(zip(actions, normalized))
 
     def _count(self, chunk: list) -> None:
         self.stats.predict_calls += 1
@@ -749,14 +787,15 @@ class PolicyServer:
                 raise ValueError(f"type: unknown request type {reprlib.repr(kind)}; "
                                  "expected infer, predict_action, ping or configure")
             request = self.parser.starvla(message) if starvla else self.parser.openpi(message)
-            actions, result = await self._infer(request, connection.postprocess)
+            actions, normalized, result = await self._infer(request, connection.postprocess)
             total_ms = (time.perf_counter() - start) * 1e3
             timing = {"infer_ms": result.infer_ms, "batch_size": result.batch_rows, "total_ms": total_ms}
             if connection.prev_total_ms is not None:
                 timing["prev_total_ms"] = connection.prev_total_ms
             connection.prev_total_ms = total_ms
             if starvla:
-                return {**_ok("inference_result", request_id), "data": {"actions": actions}, "server_timing": timing}
+                data = {"actions": actions, "normalized_actions": normalized}
+                return {**_ok("inference_result", request_id), "data": data, "server_timing": timing}
             return {"actions": actions, "server_timing": timing}
         except (ValueError, RuntimeError) as error:
             return _error(str(error), starvla, request_id)
@@ -764,13 +803,18 @@ class PolicyServer:
             logger.exception("request failed")
             return _error(f"internal error: {type(error).__name__}: {error}", starvla, request_id)
 
-    async def _infer(self, request: Request, postprocess: PostProcess) -> tuple[np.ndarray, BatchResult]:
+    async def _infer(self, request: Request, postprocess: PostProcess) -> tuple[np.ndarray, np.ndarray, BatchResult]:
+        """Post-processed actions and the normalised model output (cut to the same `execute_steps`, otherwise
+        untouched), each `[B, T, D]` (`[T, D]` for an unbatched request), and the batch's timing."""
         if postprocess.needs_state and any(row.state is None for row in request.rows):
             raise ValueError("state: missing; this connection's delta_dims post-processing needs the state")
         result = await self.batcher.predict(request.rows)
         chunks = [postprocess.apply(actions, row.state) for actions, row in zip(result.actions, request.rows)]
         actions = np.stack(chunks).astype(np.float32, copy=False)
-        return (actions[0] if request.unbatched else actions), result
+        normalized = np.stack(result.normalized)[:, : actions.shape[1]].astype(np.float32, copy=False)
+        if request.unbatched:
+            return actions[0], normalized[0], result
+        return actions, normalized, result
 
     def _configure(self, message: Mapping, connection: _Connection, request_id: Any) -> dict:
         top_level = {k: v for k, v in message.items() if k not in ("type", "request_id", "payload")}
