@@ -4,34 +4,30 @@
     with PolicyServer(policy, port=0) as server, PolicyClient("127.0.0.1", server.port) as client:
         actions = client.infer(obs)["actions"]
 
-Needs the `serve` extra (websockets, msgpack). The protocol is described in `hf_vla.serving.server`.
+Needs the `serve` extra (websockets, msgpack). The protocol is described in `hf_vla.serving.server`. Names are
+imported lazily, so that `python -m hf_vla.serving.<module>` runs each module cleanly.
 """
 
-from .client import PolicyClient, ServerError
-from .msgpack_numpy import Packer, packb, unpackb
+from importlib import import_module
 
-_SERVER_NAMES = {"Limits", "PolicyServer", "PostProcess", "add_arguments", "main", "options_from_args", "serve"}
+_EXPORTS = {
+    "PolicyClient": "client",
+    "ServerError": "client",
+    "Packer": "msgpack_numpy",
+    "packb": "msgpack_numpy",
+    "unpackb": "msgpack_numpy",
+    **{name: "server" for name in ("Limits", "PolicyServer", "PostProcess", "add_arguments", "main",
+                                   "options_from_args", "serve")},
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # Lazy, so that `python -m hf_vla.serving.server` does not find its module already imported.
-    if name in _SERVER_NAMES:
-        from . import server
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
 
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = [
-    "Limits",
-    "Packer",
-    "PolicyClient",
-    "PolicyServer",
-    "PostProcess",
-    "ServerError",
-    "add_arguments",
-    "main",
-    "options_from_args",
-    "packb",
-    "serve",
-    "unpackb",
-]
+def __dir__():
+    return __all__

@@ -1,19 +1,37 @@
 """Training with transformers' Trainer: `VLATrainer`, per-module learning rates and freezing, co-training; PEFT LoRA
-(`add_lora`) and TRL stages (`VLMSFTTrainer`, GRPO for token heads: `build_grpo_trainer`, `action_reward`)."""
+(`add_lora`) and TRL stages (`VLMSFTTrainer`, GRPO for token heads: `build_grpo_trainer`, `action_reward`).
 
-from .lora import add_lora, lora_config
-from .param_groups import build_param_groups, flatten_paths, freeze_modules
-from .trainer import DEFAULT_LOSS_SCALE, VLATrainer, action_error_metrics
-from .trl import action_reward, build_grpo_trainer, decode_completions, grpo_prompt_dataset, image_only_processor
+Names are imported lazily: `python -m hf_vla.training.<module>` runs each module cleanly, and importing trl (slow) waits
+for its first use.
+"""
 
-__all__ = ["DEFAULT_LOSS_SCALE", "VLATrainer", "VLMSFTTrainer", "action_error_metrics", "action_reward", "add_lora",
-           "build_grpo_trainer", "build_param_groups", "decode_completions", "flatten_paths", "freeze_modules",
-           "grpo_prompt_dataset", "image_only_processor", "lora_config"]
+from importlib import import_module
+
+_EXPORTS = {
+    "add_lora": "lora",
+    "lora_config": "lora",
+    "build_param_groups": "param_groups",
+    "flatten_paths": "param_groups",
+    "freeze_modules": "param_groups",
+    "DEFAULT_LOSS_SCALE": "trainer",
+    "VLATrainer": "trainer",
+    "action_error_metrics": "trainer",
+    "VLMSFTTrainer": "trl",
+    "action_reward": "trl",
+    "build_grpo_trainer": "trl",
+    "decode_completions": "trl",
+    "grpo_prompt_dataset": "trl",
+    "image_only_processor": "trl",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):  # importing trl is slow: VLMSFTTrainer (an SFTTrainer subclass) is built on first use
-    if name == "VLMSFTTrainer":
-        from . import trl
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
 
-        return trl.VLMSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__():
+    return __all__
