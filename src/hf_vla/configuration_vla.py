@@ -80,7 +80,8 @@ if __name__ == "__main__":
     config = VLAConfig(action_dim=7, action_horizon=8, state_dim=8)
     print(f"VLAConfig on a default {config.vlm_config.model_type} backbone: action {config.action_horizon} × "
           f"{config.action_dim}, state {config.state_dim}")
-    print("round trip through to_dict / from_dict:", VLAConfig.from_dict(config.to_dict()).to_dict() == config.to_dict())
+    reloaded = VLAConfig.from_dict(config.to_dict())
+    print("round trip through to_dict / from_dict:", reloaded.to_dict() == config.to_dict())
     for bad in ({"action_horizon": 0}, {"prompt_template": "no placeholder"}):
         try:
             VLAConfig(**bad)

@@ -78,5 +78,6 @@ if __name__ == "__main__":
     views = {camera: list(image.shape) for camera, image in observation["images"].items()}
     print(f"example observation: {views}, {observation['instruction']!r}")
     actions, states = synthetic_statistics()
-    print(f"synthetic statistics: actions {list(actions.shape)} in ±{np.array2string(DEFAULT_ACTION_SCALE, precision=3)}, "
+    scale = np.array2string(DEFAULT_ACTION_SCALE, precision=3)
+    print(f"synthetic statistics: actions {list(actions.shape)} in ±{scale}, "
           f"states {list(states.shape)}")

@@ -300,9 +300,9 @@ def build_tiny_vla(
     **overrides,
 ):
     """A tiny random VLA of `variant` around a tiny backbone written to `out_dir` (a temporary directory removed at
-    exit when None), and its processor: two cameras ("primary", "wrist") at 56 × 56, statistics of random data under the key
-    "demo" (a FAST model also gets a FAST tokenizer fitted to random smooth chunks). Returns `(model, processor)`;
-    what the modules' smoke runs start from."""
+    exit when None), and its processor: two cameras ("primary", "wrist") at 56 × 56, statistics of random data under
+    the key "demo" (a FAST model also gets a FAST tokenizer fitted to random smooth chunks). Returns
+    `(model, processor)`; what the modules' smoke runs start from."""
     import numpy as np
 
     from .auto import AutoModelForVLA
@@ -339,7 +339,7 @@ def random_observation(processor, batch_size: int = 2, seed: int = 0, with_actio
     height, width = processor.image_size
     views = [[rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in processor.camera_names]
              for _ in range(batch_size)]  # fmt: skip
-    batch = {"images": views, "text": ["open the drawer", "close the door"][:1] * batch_size}
+    batch = {"images": views, "text": [("open the drawer", "close the door")[b % 2] for b in range(batch_size)]}
     if processor.state_dim:
         batch["state"] = rng.normal(size=(batch_size, processor.state_dim))
     if with_actions:
@@ -385,7 +385,8 @@ def describe_published(variant: str, vlm: str = "qwen3_vl_4b") -> None:
         print(f"parameters: backbone {backbone / 1e6:.1f}M; actions are tokens of its vocabulary "
               f"({config.num_action_tokens} added by `from_vlm`)")
     else:
-        print(f"parameters: backbone {backbone / 1e6:.1f}M, action head {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M")
+        head_size = sum(p.numel() for p in head.parameters())
+        print(f"parameters: backbone {backbone / 1e6:.1f}M, action head {head_size / 1e6:.1f}M")
 
 
 def main(argv=None):
