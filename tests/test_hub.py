@@ -6,9 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import make_oft
 from fake_hub import FakeHub

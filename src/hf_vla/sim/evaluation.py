@@ -94,9 +94,9 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
     from tqdm.auto import tqdm
 
     tasks = distinct_task_names(config.tasks)
-    for field in ("episodes", "execute_steps"):
-        if getattr(config, field) < 1:  # no episode would end (or none would run, and 0/0 read as 0% success)
-            raise ValueError(f"{field}: expected a positive integer, got {getattr(config, field)}")
+    for name in ("episodes", "execute_steps"):
+        if getattr(config, name) < 1:  # no episode would end (or none would run, and 0/0 read as 0% success)
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(config, name)}")
     instructions = {task_name(task): text for task, text in (config.instructions or {}).items()}
     unknown = sorted(set(instructions) - set(tasks))
     if unknown:

@@ -113,7 +113,6 @@ __all__ = ["TARGETS", "add_lora", "head_modules", "lora_config"]
 
 
 if __name__ == "__main__":
-    from pathlib import Path
 
     import torch
 

@@ -353,7 +353,6 @@ __all__ = ["DEFAULT_LOSS_SCALE", "VLATrainer", "action_error_metrics"]
 
 
 if __name__ == "__main__":
-    from pathlib import Path
 
     from transformers import PrinterCallback
 

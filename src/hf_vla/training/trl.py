@@ -363,7 +363,6 @@ __all__ = ["ActionReward", "VLMSFTTrainer", "action_generation_kwargs", "action_
 
 
 if __name__ == "__main__":
-    from pathlib import Path
 
     from transformers import PrinterCallback
     from trl import GRPOConfig, SFTConfig
