@@ -20,7 +20,8 @@ from websockets.sync.client import connect
 from hf_vla import VLAPolicy
 from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
 from hf_vla.serving.msgpack_numpy import MAX_DEPTH
-from hf_vla.serving.server import ClientActivity, add_arguments, options_from_args
+from hf_vla.serving.batching import ClientActivity
+from hf_vla.serving.server import add_arguments, options_from_args
 
 CAMERAS = ("primary", "wrist")
 TIMEOUT = 30

@@ -16,8 +16,9 @@ _EXPORTS = {
     "Packer": "msgpack_numpy",
     "packb": "msgpack_numpy",
     "unpackb": "msgpack_numpy",
-    **{name: "server" for name in ("Limits", "PolicyServer", "PostProcess", "add_arguments", "main",
-                                   "options_from_args", "serve")},
+    "Limits": "protocol",
+    "PostProcess": "protocol",
+    **{name: "server" for name in ("PolicyServer", "add_arguments", "main", "options_from_args", "serve")},
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

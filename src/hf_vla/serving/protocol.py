@@ -1,0 +1,366 @@
+"""The policy server's protocol: the request forms it reads, validated into rows of one sample each, and the
+per-connection post-processing of the action chunks it returns. The forms and replies are described in
+`hf_vla.serving.server`."""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
+SINGLE_CAMERA_ALIASES = ("image", "observation/image")
+STATE_KEYS = ("state", "observation/state", "observation.state")
+STARVLA_MARKERS = ("type", "payload", "examples", "batch_images")
+INFER_TYPES = ("infer", "predict_action")
+
+
+# ---------------------------------------------------------------- post-processing
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Per-sample action post-processing (delta → absolute, gripper binarisation, first N steps)."""
+
+    execute_steps: int | None = None
+    delta_dims: tuple[int, ...] = ()
+    delta_state_dims: tuple[int, ...] | None = None
+    gripper_dims: tuple[int, ...] = ()
+    gripper_threshold: float = 0.5
+    gripper_low: float = 0.0
+    gripper_high: float = 1.0
+
+    def updated(self, options: Mapping) -> PostProcess:
+        """A copy with `options` applied (None resets an option to its default); raises ValueError on bad input."""
+        names = set(self.__dataclass_fields__)
+        unknown = sorted(str(k) for k in options if k not in names)
+        if unknown:
+            raise ValueError(f"configure: unknown option(s) {unknown}; known: {sorted(names)}")
+        defaults, values = PostProcess(), {}
+        for name, value in options.items():
+            if value is None:
+                values[name] = getattr(defaults, name)
+            elif name == "execute_steps":
+                values[name] = _as_int(value, name)
+            elif name.endswith("_dims"):
+                if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) != 1:
+                    raise ValueError(f"{name}: expected a list of dimension indices, got {reprlib.repr(value)}")
+                values[name] = tuple(_as_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                    raise ValueError(f"{name}: expected a finite number, got {reprlib.repr(value)}")
+                values[name] = float(value)
+        return replace(self, **values)
+
+    def check(self, action_horizon: int, action_dim: int, state_dim: int) -> None:
+        for name in ("gripper_threshold", "gripper_low", "gripper_high"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)}")
+        if self.execute_steps is not None and not 1 <= self.execute_steps <= action_horizon:
+            raise ValueError(f"execute_steps: expected 1..{action_horizon}, got {self.execute_steps}")
+        for name in ("delta_dims", "gripper_dims"):
+            bad = [d for d in getattr(self, name) if not 0 <= d < action_dim]
+            if bad:
+                raise ValueError(f"{name}: indices {bad} out of range for action_dim {action_dim}")
+        if self.delta_state_dims is not None and len(self.delta_state_dims) != len(self.delta_dims):
+            raise ValueError(f"delta_state_dims: expected {len(self.delta_dims)} indices (one per delta_dims), "
+                             f"got {len(self.delta_state_dims)}")
+        # the state indices the delta integration reads: delta_state_dims, or else delta_dims themselves
+        name = "delta_state_dims" if self.delta_state_dims is not None else "delta_dims"
+        bad = [d for d in getattr(self, name) if d < 0 or (state_dim and d >= state_dim)]
+        if self.delta_dims and bad:
+            raise ValueError(f"{name}: state indices {bad} out of range for state_dim {state_dim}")
+
+    @property
+    def needs_state(self) -> bool:
+        return bool(self.delta_dims)
+
+    def apply(self, actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+        """`actions` float32 [T, D] of one sample, `state` its raw state [S] → post-processed [T', D]."""
+        out = np.array(actions, dtype=np.float32)
+        if self.delta_dims:
+            dims = list(self.delta_dims)
+            state_dims = list(self.delta_state_dims if self.delta_state_dims is not None else self.delta_dims)
+            if state is None or max(state_dims) >= state.shape[-1]:
+                raise ValueError(f"state: delta_dims post-processing needs a state with indices {state_dims}")
+            out[:, dims] = state[state_dims].astype(np.float32) + np.cumsum(out[:, dims], axis=0)
+        if self.gripper_dims:
+            dims = list(self.gripper_dims)
+            out[:, dims] = np.where(out[:, dims] > self.gripper_threshold, self.gripper_high, self.gripper_low)
+        if self.execute_steps is not None:
+            out = out[: self.execute_steps]
+        return out
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: expected an integer, got {reprlib.repr(value)}")
+    return int(value)
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass
+class Row:
+    """One sample: a view per camera (uint8 [H, W, 3]), its instruction, raw state and unnorm key."""
+
+    views: tuple[np.ndarray, ...]
+    instruction: str
+    state: np.ndarray | None
+    unnorm_key: str | None
+
+    def group_key(self) -> tuple:
+        return self.unnorm_key, tuple(v.shape for v in self.views), self.state is not None
+
+
+@dataclass
+class Request:
+    rows: list[Row]
+    unbatched: bool = False
+
+
+@dataclass
+class Limits:
+    max_frame_bytes: int = 64 << 20
+    max_array_bytes: int = 32 << 20
+    max_request_rows: int = 64
+    max_instruction_chars: int = 4096
+
+
+class RequestParser:
+    """Validates decoded messages against the model (cameras, dtypes, shapes, keys) and turns them into rows."""
+
+    def __init__(self, processor, default_unnorm_key: str | None, limits: Limits):
+        self.cameras = list(processor.camera_names)
+        self.state_dim = int(processor.state_dim)
+        self.unnorm_keys = sorted(processor.norm_stats or {})
+        if default_unnorm_key is None and len(self.unnorm_keys) == 1:
+            default_unnorm_key = self.unnorm_keys[0]
+        if default_unnorm_key is not None and default_unnorm_key not in self.unnorm_keys:
+            raise ValueError(f"unnorm_key: unknown default key {default_unnorm_key!r}; available: {self.unnorm_keys}")
+        self.default_unnorm_key = default_unnorm_key
+        self.limits = limits
+
+    def openpi(self, obs: Mapping) -> Request:
+        images = obs.get("images")
+        if images is None:
+            images, prefix = self._flat_images(obs), ""
+        elif not isinstance(images, Mapping):
+            raise ValueError(f"images: expected a map camera -> uint8 array, got {type(images).__name__}")
+        else:
+            unknown = [str(c) for c in images if c not in self.cameras]
+            if unknown:
+                raise ValueError(f"images: unknown camera(s) {unknown}; this model takes {self.cameras}")
+            prefix = "images."
+        arrays = {}
+        for camera in self.cameras:
+            if camera not in images:
+                raise ValueError(f"images.{camera}: missing; this model takes cameras {self.cameras}")
+            arrays[camera] = self._image(images[camera], f"{prefix}{camera}", ranks=(3, 4))
+        ranks = {a.ndim for a in arrays.values()}
+        if len(ranks) > 1:
+            raise ValueError("images: mix of batched [B, H, W, 3] and unbatched [H, W, 3] views")
+        unbatched = ranks == {3}
+        if unbatched:
+            arrays = {c: a[None] for c, a in arrays.items()}
+        sizes = {c: a.shape[0] for c, a in arrays.items()}
+        batch = next(iter(sizes.values()))
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"images: cameras have different batch sizes {sizes}")
+        self._check_rows(batch, "images")
+
+        text_key = "instruction" if "instruction" in obs else "prompt"
+        instructions = self._instructions(obs.get(text_key), batch, text_key)
+        state_key = next((k for k in STATE_KEYS if obs.get(k) is not None), None)
+        states = [None] * batch
+        if state_key is not None:
+            state = self._numeric(obs[state_key], state_key)
+            if state.ndim == 1 and batch == 1:
+                state = state[None]
+            if state.ndim != 2 or state.shape[0] != batch:
+                raise ValueError(f"{state_key}: expected [S] or [{batch}, S], got {list(state.shape)}")
+            self._check_state_width(state.shape[1], state_key)
+            states = list(state)
+        key = self._unnorm_key(obs.get("unnorm_key"), "unnorm_key")
+        rows = [
+            Row(tuple(arrays[c][b] for c in self.cameras), instructions[b], states[b], key) for b in range(batch)
+        ]
+        return Request(rows, unbatched=unbatched)
+
+    def starvla(self, message: Mapping) -> Request:
+        payload, where = message, ""
+        if "payload" in message:
+            payload, where = message["payload"], "payload."
+            if not isinstance(payload, Mapping):
+                raise ValueError(f"payload: expected a map, got {type(payload).__name__}")
+        if "examples" not in payload and "batch_images" in payload:
+            return self._starvla_batch_images(payload, where)
+        examples = payload.get("examples")
+        if not isinstance(examples, list) or not examples:
+            raise ValueError(f"{where}examples: expected a non-empty list of examples, got {reprlib.repr(examples)}")
+        self._check_rows(len(examples), f"{where}examples")
+        key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
+        rows = []
+        for i, example in enumerate(examples):
+            field_name = f"{where}examples[{i}]"
+            if not isinstance(example, Mapping):
+                raise ValueError(f"{field_name}: expected a map, got {type(example).__name__}")
+            text_key = next((k for k in ("lang", "instruction", "prompt") if k in example), "lang")
+            (instruction,) = self._instructions(example.get(text_key), 1, f"{field_name}.{text_key}")
+            state = None
+            if example.get("state") is not None:
+                state = self._example_state(example["state"], f"{field_name}.state")
+            rows.append(Row(self._views(example.get("image"), f"{field_name}.image"), instruction, state, key))
+        return Request(rows)
+
+    def _starvla_batch_images(self, payload: Mapping, where: str) -> Request:
+        """StarVLA's request before `examples` (2025 clients, e.g. LIBERO's `M1Inference`): `batch_images` (per
+        sample, a list of views), `instructions` (one per sample) and an optional `state` ([B, S] or [B, 1, S])."""
+        images = payload["batch_images"]
+        if not isinstance(images, list) or not images:
+            raise ValueError(f"{where}batch_images: expected a non-empty list (per sample, a list of camera views), "
+                             f"got {reprlib.repr(images)}")
+        self._check_rows(len(images), f"{where}batch_images")
+        instructions = self._instructions(payload.get("instructions"), len(images), f"{where}instructions")
+        states = [None] * len(images)
+        if payload.get("state") is not None:
+            state = payload["state"]
+            if isinstance(state, np.ndarray) and state.ndim == 3 and state.shape[1] == 1:
+                state = state[:, 0]  # [B, 1, S], as StarVLA's frameworks took it
+            state = self._numeric(state, f"{where}state")
+            if state.ndim != 2 or state.shape[0] != len(images):
+                raise ValueError(f"{where}state: expected [{len(images)}, S] or [{len(images)}, 1, S] (one row per "
+                                 f"sample of batch_images), got {list(state.shape)}")
+            states = [self._example_state(row, f"{where}state[{b}]") for b, row in enumerate(state)]
+        key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
+        rows = [Row(self._views(views, f"{where}batch_images[{b}]"), instructions[b], states[b], key)
+                for b, views in enumerate(images)]  # fmt: skip
+        return Request(rows)
+
+    def _views(self, views: Any, name: str) -> tuple[np.ndarray, ...]:
+        views = [views] if isinstance(views, np.ndarray) else views
+        if not isinstance(views, list) or len(views) != len(self.cameras):
+            got = len(views) if isinstance(views, list) else type(views).__name__
+            raise ValueError(f"{name}: expected a list of {len(self.cameras)} uint8 [H, W, 3] arrays "
+                             f"(cameras {self.cameras}), got {got}")
+        return tuple(self._image(v, f"{name}[{j}]", ranks=(3,)) for j, v in enumerate(views))
+
+    def _example_state(self, value: Any, name: str) -> np.ndarray:
+        state = self._numeric(value, name)
+        if state.ndim == 2 and state.shape[0] != 1:
+            raise ValueError(f"{name}: expected [S] or [1, S] for one example, got {list(state.shape)}")
+        state = state.reshape(-1)
+        self._check_state_width(state.shape[0], name)
+        return state
+
+    # -- field checks
+
+    def _flat_images(self, obs: Mapping) -> dict:
+        found = {}
+        for camera in self.cameras:
+            names = [p + camera for p in FLAT_IMAGE_PREFIXES]
+            if len(self.cameras) == 1:
+                names += list(SINGLE_CAMERA_ALIASES)
+            name = next((n for n in names if n in obs), None)
+            if name is None:
+                keys = sorted(str(k) for k in obs)[:12]
+                raise ValueError(f"images.{camera}: missing; send an `images` map or a key among {names} "
+                                 f"(got keys {keys})")
+            found[camera] = obs[name]
+        return found
+
+    def _image(self, array: Any, name: str, ranks: tuple[int, ...]) -> np.ndarray:
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"{name}: expected a uint8 numpy array, got {type(array).__name__}")
+        if array.dtype != np.uint8:
+            raise ValueError(f"{name}: expected dtype uint8, got {array.dtype}")
+        shapes = " or ".join({3: "[H, W, 3]", 4: "[B, H, W, 3]"}[r] for r in ranks)
+        if array.ndim not in ranks or array.shape[-1] != 3 or min(array.shape[-3:-1]) < 1:
+            raise ValueError(f"{name}: expected shape {shapes}, got {list(array.shape)}")
+        return array
+
+    def _instructions(self, value: Any, batch: int, name: str) -> list[str]:
+        if value is None:
+            raise ValueError(f"{name}: missing; send the instruction as `prompt` or `instruction`"
+                             if name in ("prompt", "instruction") else f"{name}: missing instruction")
+        if isinstance(value, str):
+            value = [value] * batch
+        if not isinstance(value, (list, tuple)) or len(value) != batch or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name}: expected a string or {batch} string(s), got {reprlib.repr(value)}")
+        too_long = [i for i, v in enumerate(value) if len(v) > self.limits.max_instruction_chars]
+        if too_long:
+            raise ValueError(f"{name}: longer than {self.limits.max_instruction_chars} characters")
+        return list(value)
+
+    def _numeric(self, value: Any, name: str) -> np.ndarray:
+        if isinstance(value, (list, tuple)):
+            try:
+                value = np.asarray(value)  # no dtype: strings and booleans must not pass as numbers
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected a list of numbers") from None
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+            got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise ValueError(f"{name}: expected a float array, got {got}")
+        if value.ndim not in (1, 2):
+            raise ValueError(f"{name}: expected [S] or [B, S], got {list(value.shape)}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name}: contains NaN or inf")
+        return value.astype(np.float32)
+
+    def _check_state_width(self, width: int, name: str) -> None:
+        # A model without state still accepts one (clients often send it anyway; post-processing may use it).
+        if self.state_dim and width != self.state_dim:
+            raise ValueError(f"{name}: expected {self.state_dim} values per sample, got {width}")
+
+    def _check_rows(self, rows: int, name: str) -> None:
+        if rows < 1:
+            raise ValueError(f"{name}: expected at least one sample, got 0")
+        if rows > self.limits.max_request_rows:
+            limit = self.limits.max_request_rows
+            raise ValueError(f"{name}: {rows} samples exceed the server's max_request_rows={limit}")
+
+    def _unnorm_key(self, key: Any, name: str) -> str | None:
+        key = self.default_unnorm_key if key is None else key
+        if key is None:
+            if len(self.unnorm_keys) > 1:
+                raise ValueError(f"{name}: several embodiments are known, name one of {self.unnorm_keys}")
+            return None  # no statistics at all: predict reports it
+        if not isinstance(key, str) or key not in self.unnorm_keys:
+            raise ValueError(f"{name}: unknown key {reprlib.repr(key)}; available: {self.unnorm_keys}")
+        return key
+
+
+if __name__ == "__main__":
+    from ..testing import build_tiny_vla
+
+    _, processor = build_tiny_vla("oft")
+    parser = RequestParser(processor, default_unnorm_key=None, limits=Limits())
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    openpi = {"observation/primary": frame, "observation/wrist": frame, "prompt": "open the drawer",
+              "observation/state": rng.normal(size=processor.state_dim)}  # fmt: skip
+    starvla = {"type": "infer", "payload": {"examples": [{"image": [frame, frame], "lang": "close the door"}] * 2}}
+    legacy = {"batch_images": [[frame, frame]], "instructions": ["push the button"]}
+    for name, message, read in (("openpi", openpi, parser.openpi), ("StarVLA", starvla, parser.starvla),
+                                ("StarVLA 2025", legacy, parser.starvla)):  # fmt: skip
+        request = read(message)
+        print(f"{name:>12} form → {len(request.rows)} row(s): views {[list(v.shape) for v in request.rows[0].views]}, "
+              f"{request.rows[0].instruction!r}, state {'yes' if request.rows[0].state is not None else 'no'}, "
+              f"unbatched {request.unbatched}")
+    try:
+        parser.openpi({**openpi, "observation/state": np.zeros(3)})
+    except ValueError as error:
+        print("bad request:", error)
+    steps = np.linspace(0.1, 0.9, processor.action_horizon, dtype=np.float32)
+    chunk = np.tile(steps[:, None], (1, processor.action_dim))
+    post = PostProcess().updated({"delta_dims": [0, 1], "gripper_dims": [6], "execute_steps": 3})
+    post.check(processor.action_horizon, processor.action_dim, processor.state_dim)
+    state = np.arange(processor.state_dim, dtype=np.float32)
+    print(f"post-processing {post.as_dict()}:\n{np.array2string(post.apply(chunk, state), precision=2)}")
