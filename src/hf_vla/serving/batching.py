@@ -1,4 +1,4 @@
-"""Micro-batching for the policy server. requests from concurrent clients are queued; the batcher takes the first and
+"""Micro-batching for the policy server: requests from concurrent clients are queued; the batcher takes the first and
 keeps collecting for up to `batch_window_ms` or `max_batch` samples, but only while another connection is expected
 to send within the window (judged from each connection's usual gap between a reply and its next request), so a lone
 client or one beside idle connections never waits. It groups samples that can share a call (same unnorm key, camera
