@@ -8,7 +8,7 @@ Needs the `serve` extra (websockets, msgpack). The protocol is described in `hf_
 imported lazily, so that `python -m hf_vla.serving.<module>` runs each module cleanly.
 """
 
-from importlib import import_module
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "PolicyClient": "client",
@@ -22,13 +22,4 @@ _EXPORTS = {
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Names are imported lazily: `python -m hf_vla.training.<module>` runs each module
 for its first use.
 """
 
-from importlib import import_module
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "add_lora": "lora",
@@ -25,13 +25,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
