@@ -117,12 +117,11 @@ class VLAPolicy:
             name: value.to(device, dtype) if name == "pixel_values" else value.to(device)
             for name, value in encoded.items()
         }
-        normalized = self.model.predict_action(**inputs, **predict_kwargs)
+        normalized = self.model.predict_action(**inputs, **predict_kwargs).to("cpu", torch.float32).numpy()
         actions = self.processor.decode_actions(normalized, unnorm_key=key)
         if len(self._pixel_buffers) < 2:
             self._pixel_buffers.append(encoded["pixel_values"])
         if return_normalized:
-            normalized = normalized.detach().to("cpu", torch.float32).numpy()
             return (actions[0], normalized[0]) if unbatched else (actions, normalized)
         return actions[0] if unbatched else actions
 

@@ -238,7 +238,8 @@ class RequestParser:
             if state.ndim != 2 or state.shape[0] != len(images):
                 raise ValueError(f"{where}state: expected [{len(images)}, S] or [{len(images)}, 1, S] (one row per "
                                  f"sample of batch_images), got {list(state.shape)}")
-            states = [self._example_state(row, f"{where}state[{b}]") for b, row in enumerate(state)]
+            self._check_state_width(state.shape[1], f"{where}state")
+            states = list(state)
         key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
         rows = [Row(self._views(views, f"{where}batch_images[{b}]"), instructions[b], states[b], key)
                 for b, views in enumerate(images)]  # fmt: skip
