@@ -10,13 +10,9 @@ from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
 from transformers import AutoConfig, AutoModel
 
 from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.testing import TINY_HEADS
 
-TINY_HEADS = {
-    "gr00t": dict(dit_hidden_size=32, num_dit_layers=2, attention_head_dim=16, dit_output_dim=24, head_hidden_size=48),
-    "pi": dict(attention_head_dim=16, head_hidden_size=48),  # D = VLM width (64), one block per VLM layer
-    "pi_v3": dict(dit_hidden_size=32, attention_head_dim=16, head_hidden_size=48),
-}
-VARIANTS = list(TINY_HEADS)
+VARIANTS = ["gr00t", "pi", "pi_v3"]
 
 
 def make_flow(vlm_dir, variant, seed=0, **overrides):
