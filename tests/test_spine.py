@@ -232,6 +232,44 @@ def test_from_vlm_gives_the_whole_model_one_dtype_that_survives_save_and_load(in
         assert torch.equal(loaded.predict_action(**inputs), model.predict_action(**inputs)), dtype
 
 
+def tokenise_expanded(processor, prompts, image_grid_thw):
+    """The slow reference: every image placeholder expanded in the text, then the tokenizer's own padding."""
+    counts = [int(t * h * w) // processor.image_processor.merge_size**2 for t, h, w in image_grid_thw.tolist()]
+    expanded = processor._expand_image_tokens(prompts, counts)
+    return processor.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+
+
+@pytest.mark.parametrize("vocabulary", ["tiny", "qwen"])
+def test_prompt_tokens_equal_tokenising_the_expanded_text(tiny_vlm_dirs, vocabulary):
+    # the processor tokenises one placeholder per image and repeats its id; the result must be the tokenizer's own
+    from hf_vla.testing import build_qwen_tokenizer
+
+    _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    if vocabulary == "qwen":
+        processor.tokenizer = build_qwen_tokenizer("qwen2_5_vl")
+    rng = np.random.default_rng(4)
+    texts = ["pick up the cup", "open the drawer  ", "déplacer le bol\tà gauche", "x\n y 12345 ?!", "", "a" * 300]
+    for concat in (False, True):
+        processor.concat_views = concat
+        for batch in (1, 2, 3):
+            prompts = texts[:batch] if batch < 3 else texts[3:]
+            state = rng.normal(size=(len(prompts), processor.state_dim))
+            sample = processor(images=random_views(rng, len(prompts)), text=prompts, state=state)
+            normalized = sample["state"].numpy()
+            built = [processor.build_prompt(processor._instruction_text(text, normalized[b], b), 1 if concat else 2)
+                     for b, text in enumerate(prompts)]  # fmt: skip
+            reference = tokenise_expanded(processor, built, sample["image_grid_thw"])
+            for name in ("input_ids", "attention_mask"):
+                assert torch.equal(sample[name], reference[name]), (concat, batch, name)
+            image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            assert torch.equal(sample["mm_token_type_ids"], (reference["input_ids"] == image_id).int())
+    processor.tokenizer = copy.deepcopy(processor.tokenizer)
+    processor.tokenizer.pad_token = None
+    processor._prompt_cache.clear()
+    with pytest.raises(ValueError, match="need a pad token"):
+        processor(images=random_views(rng, 2), text=["a", "a much longer instruction"], state=np.zeros((2, 6)))
+
+
 def test_repeated_prompts_are_tokenised_once_and_stay_independent(tiny_vlm_dirs, monkeypatch):
     _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
     rng = np.random.default_rng(0)
@@ -246,7 +284,7 @@ def test_repeated_prompts_are_tokenised_once_and_stay_independent(tiny_vlm_dirs,
     other = processor(images=views, text=["pick up the cup", "close the drawer"], state=np.zeros((2, 6)))
     monkeypatch.undo()
     assert len(calls) == 1  # only the new prompt pair reached the tokenizer
-    fresh = processor.tokenizer(list(calls[0][0]), padding=True, padding_side="left", return_tensors="pt")
+    fresh = tokenise_expanded(processor, list(calls[0][0]), other["image_grid_thw"])
     torch.testing.assert_close(other["input_ids"], fresh["input_ids"])
     assert again["input_ids"][0, -1] != -7 and not torch.equal(again["input_ids"], other["input_ids"])
 

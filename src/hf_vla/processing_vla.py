@@ -387,18 +387,47 @@ class VLAProcessor(ProcessorMixin):
                 self._instruction_text(instruction, None if normalized_state is None else normalized_state[b], b)
                 for b, instruction in enumerate(text)
             ]
-            prompts = self._expand_image_tokens(
-                [self.build_prompt(instruction, views_per_prompt) for instruction in instructions], counts
-            )
-            encoded = dict(self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt"))
-            image_token_id = self.tokenizer.convert_tokens_to_ids(adapter.image_token)
-            encoded["mm_token_type_ids"] = (encoded["input_ids"] == image_token_id).int()
+            prompts = [self.build_prompt(instruction, views_per_prompt) for instruction in instructions]
+            encoded = self._tokenize_prompts(prompts, counts, adapter.image_token)
             self._prompt_cache[key] = encoded
             while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
                 self._prompt_cache.popitem(last=False)
         else:
             self._prompt_cache.move_to_end(key)
         return {name: tensor.clone() for name, tensor in encoded.items()}
+
+    def _tokenize_prompts(self, prompts: list[str], counts: list[int], image_token: str) -> dict:
+        """Tokenises the prompts with one placeholder per image, then repeats each placeholder id as many times as
+        its image has tokens (`counts`), and left-pads. The image token is an added token, which the tokenizer splits
+        out before anything else, so this equals tokenising the expanded text; it spares the tokenizer hundreds of
+        placeholders at every control step whose state text changes the prompt."""
+        image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        if image_token not in self.tokenizer.get_added_vocab():
+            raise ValueError(f"tokenizer: the image token {image_token!r} must be an added token of the vocabulary")
+        placeholder_rows = self.tokenizer(prompts)["input_ids"]
+        slots = sum(ids.count(image_token_id) for ids in placeholder_rows)
+        if slots != len(counts):
+            raise ValueError(f"images: the prompts hold {slots} image slots but {len(counts)} images were given")
+        runs, rows = iter(counts), []
+        for ids in placeholder_rows:
+            row = []
+            for token in ids:
+                row.extend([token] * next(runs) if token == image_token_id else (token,))
+            rows.append(row)
+        length = max(len(row) for row in rows)
+        if self.tokenizer.pad_token_id is None and any(len(row) != length for row in rows):
+            raise ValueError("tokenizer: prompts of different lengths need a pad token, and this tokenizer has none")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # 0: never used
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, row in enumerate(rows):
+            input_ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, length - len(row):] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": (input_ids == image_token_id).int(),
+        }
 
     def _expand_image_tokens(self, prompts: list[str], counts: list[int]) -> list[str]:
         """Each image placeholder, in order, repeated as many times as its image has tokens (`counts`)."""
