@@ -186,6 +186,18 @@ def test_reward_decodes_completions_with_the_model(vlm_dir):
     assert eos in kwargs["suppress_tokens"] and len(kwargs["suppress_tokens"]) == vocabulary - 32
 
 
+def test_grpo_prompt_images_are_the_views_the_vla_trains_on(vlm_dir):
+    # with concat_views the prompt carries one image of the stacked views, not the stack squashed to one view's size
+    model, processor = make_token_model(vlm_dir, "bins", None, concat_views=True)
+    rng = np.random.default_rng(3)
+    views = [rng.integers(0, 256, (40, 72, 3), dtype=np.uint8) for _ in range(2)]  # resized to 56 × 56, then stacked
+    dataset = grpo_prompt_dataset(processor, [{"images": views, "instruction": "open the drawer", "target": [0.0]}])
+    (image,) = dataset[0]["images"]
+    expected = processor._check_views([views], 1)[0][0]
+    assert expected.shape == (112, 56, 3)
+    np.testing.assert_array_equal(np.asarray(image), expected)
+
+
 def test_grpo_trains_a_bins_vla_from_decoded_action_rewards(vlm_dir, tmp_path):
     from trl import GRPOConfig
 

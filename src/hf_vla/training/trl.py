@@ -310,13 +310,9 @@ def grpo_prompt_dataset(processor, samples: Sequence[Mapping], columns: Sequence
     from datasets import Dataset
     from PIL import Image
 
-    height, width = processor.image_size
     rows: dict[str, list] = {"prompt": [], "images": [], **{c: [] for c in columns}}
     for b, sample in enumerate(samples):
-        views = processor._check_views([sample["images"]], 1)[0]
-        views = [processor._resized(v, f"samples[{b}]['images']", height, width) for v in views]
-        if processor.concat_views:
-            views = [np.concatenate(views, axis=0)]
+        views = processor._check_views([sample["images"]], 1)[0]  # resized (and stacked with concat_views)
         normalized_state = None
         if sample.get("state") is not None:
             raw = processor._check_array([sample["state"]], "state", (1, processor.state_dim))
