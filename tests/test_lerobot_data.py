@@ -136,6 +136,12 @@ def test_delta_and_rel_need_a_state_of_action_dim(roots):
         load_lerobot(roots["v3"], action_mode="rel", state_key=None)
 
 
+def test_action_horizon_must_be_a_positive_integer(roots):
+    for horizon in (2.5, True, 0):
+        with pytest.raises(ValueError, match=rf"action_horizon: expected a positive integer, got {horizon}"):
+            load_lerobot(roots["v3"], action_horizon=horizon)
+
+
 @pytest.mark.parametrize("name", ["v3", "v2.1", "v3_split", "v3_av1"])
 def test_decoded_frames_match_their_episode_and_frame(roots, name):
     ds = load_lerobot(roots[name], action_horizon=1)
@@ -336,7 +342,9 @@ def test_writer_refuses_video_settings_the_encoder_would_change_or_choke_on(tmp_
                             (dict(fps=0), r"fps: expected an integer ≥ 1, got 0"),
                             (dict(gop=0), r"gop: expected an integer ≥ 1, got 0"),
                             (dict(crf=99), r"crf: expected an integer in \[0, 51\] for h264, got 99"),
-                            (dict(codec="av1", crf=64), r"crf: expected an integer in \[0, 63\] for av1, got 64")]:  # fmt: skip
+                            (dict(codec="av1", crf=64), r"crf: expected an integer in \[0, 63\] for av1, got 64"),
+                            (dict(episodes_per_file=2.5), r"episodes_per_file: expected an integer ≥ 1 or None, got 2.5"),
+                            (dict(episodes_per_file=-1), r"episodes_per_file: expected an integer ≥ 1 or None, got -1")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             LeRobotWriter(tmp_path / "w", **{"fps": FPS, **kwargs})
     frames = {"action": np.zeros((2, 2), np.float32), FRONT: np.zeros((2, 33, 32, 3), np.uint8)}

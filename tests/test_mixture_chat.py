@@ -185,6 +185,24 @@ def test_load_mixture_yaml(robots):
     with pytest.raises(FileNotFoundError, match=r"datasets\[0\].*missing"):
         load_mixture({"datasets": [{"path": str(base / "missing")}]}, action_horizon=HORIZON)
 
+    # explicit nulls take the defaults; wrongly typed settings are refused by name, never coerced
+    arm7 = str(base / "arm7")
+    nulls = load_mixture({"datasets": [{"path": arm7, "embodiment": None}]}, action_horizon=HORIZON)
+    assert nulls.embodiments == ["arm7"]
+    bad_settings = [
+        ({"balance_by_length": "false"}, r"balance_by_length: expected true or false, got 'false'"),
+        ({"seed": 1.7}, r"seed: expected a non-negative integer, got 1.7"),
+        ({"weight": "abc"}, r"datasets\[0\]\.weight: expected a positive number, got 'abc'"),
+        ({"embodiment": 5}, r"datasets\[0\]\.embodiment: expected a non-empty string, got 5"),
+        ({"cameras": 5}, r"datasets\[0\]\.cameras: expected a camera key.*got 5"),
+        ({"normalization": "min_max"}, r"datasets\[0\]\.normalization: expected a mapping.*got 'min_max'"),
+    ]
+    for setting, message in bad_settings:
+        top = {k: v for k, v in setting.items() if k in ("balance_by_length", "seed")}
+        item = {"path": arm7, **{k: v for k, v in setting.items() if k not in top}}
+        with pytest.raises(ValueError, match=message):
+            load_mixture({"datasets": [item], **top}, action_horizon=HORIZON)
+
 
 # ---------------------------------------------------------------- statistics
 

@@ -80,8 +80,8 @@ class LeRobotDataset(Dataset):
         self.version = str(self.info.get("codebase_version", ""))
         self.fps = self.info["fps"]
         self.features: dict[str, dict] = self.info["features"]
-        if action_horizon < 1:
-            raise ValueError(f"action_horizon: expected a positive integer, got {action_horizon}")
+        if isinstance(action_horizon, bool) or not isinstance(action_horizon, (int, np.integer)) or action_horizon < 1:
+            raise ValueError(f"action_horizon: expected a positive integer, got {action_horizon!r}")
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {action_mode!r}")
         self.action_horizon, self.action_mode = action_horizon, action_mode

@@ -87,8 +87,10 @@ class VLAMixture(Dataset):
             raise ValueError("VLAMixture: at least one dataset is required")
         for k, entry in enumerate(self.entries):
             _check_entry(entry, f"datasets[{k}]")
-        if int(seed) < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {seed}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        if not isinstance(balance_by_length, (bool, np.bool_)):
+            raise ValueError(f"balance_by_length: expected true or false, got {balance_by_length!r}")
         self.seed, self.balance_by_length, self.epoch = int(seed), bool(balance_by_length), 0
 
         self.lengths = np.array([len(entry.dataset) for entry in self.entries], dtype=np.int64)
@@ -111,6 +113,9 @@ class VLAMixture(Dataset):
 
     def _entry_modes(self, k: int) -> tuple[list[str], list[str]]:
         entry, field = self.entries[k], f"datasets[{k}].normalization"
+        if entry.normalization is not None and not isinstance(entry.normalization, Mapping):
+            raise ValueError(f"{field}: expected a mapping {{action: mode(s), state: mode(s)}}, "
+                             f"got {entry.normalization!r}")
         spec = dict(entry.normalization or {})
         unknown = sorted(set(spec) - {"action", "state"})
         if unknown:
@@ -260,15 +265,24 @@ def _load_entry(item, field: str, base: Path, action_horizon: int, load_kwargs: 
     cameras = item.get("cameras")
     if isinstance(cameras, Mapping):
         kwargs["cameras"], kwargs["camera_rename"] = list(cameras), dict(cameras)
+    elif isinstance(cameras, str):
+        kwargs["cameras"] = [cameras]
+    elif isinstance(cameras, list):
+        kwargs["cameras"] = cameras
     elif cameras is not None:
-        kwargs["cameras"] = [cameras] if isinstance(cameras, str) else list(cameras)
+        raise ValueError(f"{field}.cameras: expected a camera key, a list of them or a mapping key -> name, "
+                         f"got {cameras!r}")
     kwargs.update({key: item[key] for key in ("action_mode", "state_key", "action_key") if key in item})
     try:
         dataset = load_lerobot(root, action_horizon=action_horizon, **kwargs)
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"{field} ({root}): {err}") from err
-    return MixtureEntry(dataset, float(item.get("weight", 1.0)), str(item.get("embodiment", root.name)),
-                        item.get("normalization"))
+    weight = item.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):  # checked for sign and finiteness later
+        raise ValueError(f"{field}.weight: expected a positive number, got {weight!r}")
+    embodiment = item.get("embodiment")
+    embodiment = root.name if embodiment is None else embodiment  # checked to be a non-empty string later
+    return MixtureEntry(dataset, float(weight), embodiment, item.get("normalization"))
 
 
 def _check_entry(entry, field: str) -> None:
