@@ -11,6 +11,7 @@ import re
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 from conftest import make_oft
@@ -19,7 +20,7 @@ from websockets.sync.client import connect
 
 from hf_vla import VLAPolicy
 from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
-from hf_vla.serving.msgpack_numpy import MAX_DEPTH
+from hf_vla.serving.msgpack_numpy import MAX_CONTAINERS, MAX_DEPTH
 from hf_vla.serving.batching import ClientActivity
 from hf_vla.serving.server import add_arguments, options_from_args
 
@@ -118,6 +119,13 @@ def test_msgpack_numpy_round_trip_and_refusals():
     with pytest.raises(ValueError, match=rf"^a(\.a)*: nested deeper than {MAX_DEPTH} levels"):
         unpackb(packb(nested))
     assert unpackb(packb(nested["a"])) == nested["a"]
+
+    # a frame of empty maps (one byte each on the wire, ~70 in Python) is refused before it grows, not decoded
+    flood = msgpack.packb([{}] * (MAX_CONTAINERS + 1))
+    with pytest.raises(ValueError, match=rf"frame: more than {MAX_CONTAINERS} maps and lists"):
+        unpackb(flood)
+    image = np.arange(224 * 224 * 3, dtype=np.uint8).reshape(224, 224, 3)
+    assert np.array_equal(unpackb(packb({"image": image.tolist()}))["image"], image)  # nested lists still pass
 
 
 def test_msgpack_numpy_matches_openpi_client_bytes():
@@ -266,7 +274,8 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
         (packb({**good, "state": np.array([np.nan] * 6)}), "state: contains NaN"),
         (packb({**good, "state": np.array(["a"] * 6)}), "state: expected a float array"),
         (packb({**good, "state": ["1.0"] * 6}), "state: expected a float array, got <U3"),  # never parsed
-        (packb({**good, "state": [True] * 6}), "state: expected a float array, got bool"),
+        (packb({**good, "state": [True] * 6}), "state: expected a list of numbers, got booleans among them"),
+        (packb({**good, "state": [True, 0.5, 0, 0, 0, 0]}), "state: expected a list of numbers, got booleans"),
         (packb({**good, "images": {c: np.zeros((0, 8, 8, 3), np.uint8) for c in CAMERAS}, "instruction": []}),
          "images: expected at least one sample, got 0"),
         (packb({**good, "unnorm_key": "mars"}), "unnorm_key: unknown key 'mars'"),

@@ -89,6 +89,19 @@ def test_bf16_loading(oft, tmp_path):
     assert np.abs(low - full).max() < 0.1 * scale + 1e-3
 
 
+def test_policy_loads_weights_and_statistics_from_the_same_place(oft, tmp_path):
+    # a release whose folders differ (a subfolder, or a revision) must not pair its weights with other statistics
+    _, model, processor = oft
+    shifted = copy.deepcopy(processor)
+    shifted.set_norm_stats("bridge", {**processor.norm_stats["bridge"], "action": {
+        **processor.norm_stats["bridge"]["action"], "mean": [100.0] * 7, "q01": [99.0] * 7, "q99": [101.0] * 7}})
+    processor.save_pretrained(tmp_path)  # the top level: other statistics
+    model.save_pretrained(tmp_path / "v2")
+    shifted.save_pretrained(tmp_path / "v2")
+    policy = VLAPolicy.from_pretrained(str(tmp_path), subfolder="v2")
+    assert policy.processor.norm_stats == shifted.norm_stats
+
+
 def test_overfitting_a_batch_distinguishes_images_and_instructions(tiny_vlm_dirs):
     """Four samples: two images × two instructions, each with its own target chunk. Driving the L1 loss down 10×
     is only possible if both the image and the instruction reach the action head."""

@@ -10,6 +10,9 @@ import torch
 from .processing_vla import VLAProcessor
 
 
+HUB_LOCATION_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
 class VLAPolicy:
     """The processor and the model in one object.
 
@@ -51,7 +54,9 @@ class VLAPolicy:
         model = AutoModelForVLA.from_pretrained(path_or_repo, dtype=dtype, **kwargs)
         if device is not None:
             model.to(device)
-        processor = VLAProcessor.from_pretrained(path_or_repo)
+        # the statistics must come from the same place as the weights: same revision, subfolder, cache, token
+        location = {key: kwargs[key] for key in HUB_LOCATION_KWARGS if key in kwargs}
+        processor = VLAProcessor.from_pretrained(path_or_repo, **location)
         return cls(model, processor, unnorm_key=unnorm_key, pack_linear_weights=pack_linear_weights)
 
     def _batch(self, obs: Mapping) -> tuple[dict, bool]:

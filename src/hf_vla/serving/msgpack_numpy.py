@@ -29,6 +29,7 @@ _REFUSED_KINDS = {"O": "object", "V": "void/structured", "c": "complex"}
 # what `x.item()` gives for a numpy scalar of each dtype kind, i.e. what a scalar's `data` may be
 _SCALAR_DATA = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float), "U": (str,), "S": (bytes,)}
 MAX_DEPTH = 64  # observations nest a few levels; a deeper frame is refused before Python's recursion limit
+MAX_CONTAINERS = 1 << 20  # maps and lists per frame: a 224×224 image sent as nested lists holds 50,400
 
 
 def _checked_dtype(spec: Any, field: str) -> np.dtype:
@@ -117,10 +118,33 @@ def _decode(node: Any, field: str, max_array_bytes: int | None, depth: int = 0) 
     return node
 
 
+class _ContainerCounter:
+    """msgpack's object/list hook: refuses a frame once it has built `MAX_CONTAINERS` maps and lists. A map costs
+    Python some 70 bytes for the one byte it takes on the wire, so without a bound a frame of empty maps would take
+    gigabytes and seconds of the server's event loop."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, container):
+        self.count += 1
+        if self.count > MAX_CONTAINERS:
+            raise _TooManyContainers
+        return container
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
 def unpackb(data: bytes, max_array_bytes: int | None = None) -> Any:
     """Inverse of `packb`. Raises ValueError for bytes that are not one well-formed message."""
+    counter = _ContainerCounter()
     try:
-        tree = msgpack.unpackb(data, raw=False)
+        tree = msgpack.unpackb(data, raw=False, object_hook=counter, list_hook=counter)
+    except _TooManyContainers:
+        raise ValueError(f"frame: more than {MAX_CONTAINERS} maps and lists; send arrays as msgpack-numpy arrays, "
+                         "not nested lists") from None
     except Exception as error:  # msgpack raises several unrelated types for bad input
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         raise ValueError(f"frame: not a valid msgpack message ({detail})"[:300]) from None

@@ -302,8 +302,10 @@ class RequestParser:
 
     def _numeric(self, value: Any, name: str) -> np.ndarray:
         if isinstance(value, (list, tuple)):
+            if _holds_bool(value):  # numpy would read [True, 0.5] as [1.0, 0.5]
+                raise ValueError(f"{name}: expected a list of numbers, got booleans among them")
             try:
-                value = np.asarray(value)  # no dtype: strings and booleans must not pass as numbers
+                value = np.asarray(value)  # no dtype: strings must not pass as numbers
             except (TypeError, ValueError):
                 raise ValueError(f"{name}: expected a list of numbers") from None
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
@@ -336,6 +338,10 @@ class RequestParser:
         if not isinstance(key, str) or key not in self.unnorm_keys:
             raise ValueError(f"{name}: unknown key {reprlib.repr(key)}; available: {self.unnorm_keys}")
         return key
+
+
+def _holds_bool(values: list | tuple) -> bool:
+    return any(_holds_bool(v) if isinstance(v, (list, tuple)) else isinstance(v, (bool, np.bool_)) for v in values)
 
 
 if __name__ == "__main__":
