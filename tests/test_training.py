@@ -305,6 +305,9 @@ def test_collator_names_the_missing_camera(dataset, vlm_dir):
         VLACollator(processor)([dataset[0], unmasked])
     with pytest.raises(ValueError, match=r"sample 1 has 'action_mask', sample 0 does not"):
         VLACollator(processor)([unmasked, dataset[0]])  # its past-the-end steps would have been trained on
+    unnamed = {k: v for k, v in dataset[0].items() if k != "embodiment"}
+    with pytest.raises(ValueError, match=r"unknown key 'other_robot'; known keys: \['"):
+        VLACollator(processor)([unnamed, dict(dataset[1], embodiment="other_robot")])  # not relabelled
 
 
 def test_logged_action_loss_is_weighted_as_trainer_weighs_loss(vlm_dir, dataset, tmp_path):

@@ -42,8 +42,9 @@ class VLACollator:
         cameras = self.processor.camera_names
         images = [[self._view(sample, b, camera) for camera in cameras] for b, sample in enumerate(samples)]
         embodiments = [sample.get("embodiment", self.embodiment) for sample in samples]
-        if embodiments[0] is None and len(self.processor.norm_stats) == 1:
-            embodiments = [next(iter(self.processor.norm_stats))] * len(samples)
+        if len(self.processor.norm_stats) == 1:  # unnamed samples take the only statistics; named ones keep their key
+            only = next(iter(self.processor.norm_stats))
+            embodiments = [only if key is None else key for key in embodiments]
         for field in ("state", "actions", "action_mask"):  # batch-wide: all samples carry one, or none does
             carriers = [field in sample for sample in samples]
             if any(carriers) and not all(carriers):
