@@ -367,6 +367,26 @@ def test_a_failing_sample_does_not_fail_its_batch_mates(server, policy):
     assert server.stats["fallbacks"] > before
 
 
+def test_a_chunk_that_did_not_decode_is_an_error_reply_not_nan_actions(server, policy, monkeypatch):
+    # FAST marks a chunk it cannot decode with NaN; a robot client must get an error, and batch mates their actions
+    predict = policy.predict
+
+    def predict_with_an_undecodable_row(obs, **kwargs):
+        actions, normalized = predict(obs, **kwargs)
+        rows = [i for i, text in enumerate(obs["instruction"]) if text.startswith("undecodable")]
+        actions[rows], normalized[rows] = np.nan, np.nan
+        return actions, normalized
+
+    monkeypatch.setattr(policy, "predict", predict_with_an_undecodable_row)
+    good = [make_obs(300 + i) for i in range(2)]
+    bad = make_obs(302, prompt="undecodable chunk")
+    replies = run_clients(server, [[obs] for obs in good] + [[bad]])
+    for obs, (reply,) in zip(good, replies):
+        np.testing.assert_allclose(reply["actions"], predict(obs), atol=1e-5)
+    assert "actions" not in replies[2][0]
+    assert "sample(s) [0] is not a valid action chunk" in replies[2][0]["error"]
+
+
 def test_the_batcher_waits_only_for_connections_likely_to_send():
     window = 0.005
     fresh = ClientActivity(last_reply=0.0)  # metadata frame sent at t=0

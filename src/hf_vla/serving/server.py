@@ -43,7 +43,8 @@ Requests. Each binary frame is one map, answered by one frame, in order.
 Errors never close the connection: openpi-form requests (and frames that cannot be read) get
 `{"error": "<field>: <what is wrong>"}`, StarVLA-form ones `{"status": "error", "ok": False, "request_id": ...,
 "error": {"message": ...}}`. Frames over `max_frame_bytes` are refused by websockets itself (close code 1009, the
-frame is never read); arrays over `max_array_bytes` and requests over `max_request_rows` samples get error replies.
+frame is never read); arrays over `max_array_bytes` and requests over `max_request_rows` samples get error replies,
+and so does a request whose predicted chunk is not finite (FAST's undecodable chunks): no client is sent NaN.
 
 HTTP: `GET /healthz` → 200 "OK" (no key needed). With an API key set, the upgrade needs `Authorization: Bearer KEY`,
 `Authorization: Api-Key KEY` (openpi-client's form) or `x-api-key: KEY`, else HTTP 401.
@@ -299,6 +300,10 @@ class PolicyServer:
         if postprocess.needs_state and any(row.state is None for row in request.rows):
             raise ValueError("state: missing; this connection's delta_dims post-processing needs the state")
         result = await self.batcher.predict(request.rows)
+        undecoded = [i for i, actions in enumerate(result.actions) if not np.isfinite(actions).all()]
+        if undecoded:  # a robot must never receive NaN as a command; FAST marks chunks it cannot decode with NaN
+            raise RuntimeError(f"actions: the model's output for sample(s) {undecoded} is not a valid action chunk "
+                               "(e.g. FAST tokens that do not decode); nothing to execute")
         chunks = [postprocess.apply(actions, row.state) for actions, row in zip(result.actions, request.rows)]
         actions = np.stack(chunks).astype(np.float32, copy=False)
         normalized = np.stack(result.normalized)[:, : actions.shape[1]].astype(np.float32, copy=False)
