@@ -183,6 +183,24 @@ def test_learning_rate_paths_inside_a_peft_model(vlm_dir, dataset, tmp_path):
     assert set(groups) == {"action_head", "action_head (no decay)", "vlm"}  # LoRA A/B matrices, the head copy
     assert len(groups["vlm"]["params"]) == 8 and groups["vlm"]["lr"] == 2e-4
 
+    # paths inside the trained head copy (PEFT names it action_head.modules_to_save.default.*) work as well
+    trainer = VLATrainer(get_peft_model(make_model(vlm_dir, dataset)[0], lora), training_args(tmp_path),
+                         processing_class=processor, learning_rates={"action_head.layer_norm1": 1e-3})  # fmt: skip
+    trainer.create_optimizer()
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert len(groups["action_head.layer_norm1 (no decay)"]["params"]) == 2
+
+
+def test_a_model_from_model_init_is_frozen_and_checked(vlm_dir, dataset, tmp_path):
+    processor = make_model(vlm_dir, dataset)[1]
+    trainer = VLATrainer(model_init=lambda: make_model(vlm_dir, dataset)[0], args=training_args(tmp_path),
+                         train_dataset=dataset, processing_class=processor, freeze=["vlm.model.visual"])  # fmt: skip
+    assert not any(p.requires_grad for p in trainer.model.vlm.model.visual.parameters())
+    assert all(p.requires_grad for p in trainer.model.action_head.parameters())
+    with pytest.raises(ValueError, match=r"learning_rates: \['vlm.visual'\] match no parameter"):
+        VLATrainer(model_init=lambda: make_model(vlm_dir, dataset)[0], args=training_args(tmp_path),
+                   processing_class=processor, learning_rates={"vlm.visual": 1e-5})  # fmt: skip
+
 
 def test_frozen_visual_with_activation_checkpointing_and_bf16(vlm_dir, dataset, tmp_path):
     model, processor = make_model(vlm_dir, dataset)
@@ -389,6 +407,20 @@ def test_recipe_overrides():
     recipe = load_recipe(REPO / "trainers" / "recipes" / "oft.yaml", ["--trainer.learning_rate", "3e-5"])
     fields, rates, _, _ = split_trainer_section(recipe["trainer"])
     assert fields["learning_rate"] == 3e-5 and rates == {"vlm.model.visual": 1e-5, "action_head": 1e-3}  # kept
+
+    # a parent path set on the command line keeps a rate written nested under it in the file
+    recipe = load_recipe(None, ["--trainer.learning_rate.vlm", "3e-5"],
+                         defaults={"trainer": {"learning_rate": {"base": 1e-4, "vlm": {"model": {"visual": 1e-5}}}}})
+    assert split_trainer_section(recipe["trainer"])[1] == {"vlm.model.visual": 1e-5, "vlm": 3e-5}
+
+    for override, message in [(["--trainer.learning_rate.action_head", "abc"], r"learning_rate\.action_head: .*'abc'"),
+                              (["--trainer.learning_rate.action_head", "null"], r"learning_rate\.action_head: .*None"),
+                              (["--trainer.learning_rate", "fast"], r"trainer\.learning_rate: expected a number"),
+                              (["--trainer.loss_scale", "0.5"], r"trainer\.loss_scale: expected a mapping"),
+                              (["--trainer.loss_scale.vlm", "true"], r"trainer\.loss_scale\.vlm: expected a number"),
+                              (["--trainer.freeze", "5"], r"trainer\.freeze: expected module paths")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            split_trainer_section(load_recipe(None, override)["trainer"])
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,20 @@
 A path matches a parameter when the parameter's name equals it or starts with it followed by a dot; when several
 paths match, the longest wins (so `vlm.model.language_model.layers.0` can override `vlm.model.language_model`).
 StarVLA names its modules differently (`qwen_vl_interface.model.model.visual`); these paths are the module names of
-the hf_vla model, as `model.named_modules()` lists them; inside a PEFT model the `base_model.model.` prefix that
-PEFT adds is ignored, so the same paths work with LoRA.
+the hf_vla model, as `model.named_modules()` lists them; inside a PEFT model the names PEFT adds are ignored (the
+`base_model.model.` prefix, and the `modules_to_save.<adapter>` / `original_module` / `base_layer` wrappers of
+trained or adapted modules), so the same paths work with LoRA.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 PEFT_PREFIX = "base_model.model."
+PEFT_WRAPPERS = re.compile(r"\.(?:modules_to_save\.[^.]+|original_module|base_layer)(?=\.)")
 
 
 def flatten_paths(tree: Mapping | None, prefix: str = "") -> dict:
@@ -30,7 +33,7 @@ def flatten_paths(tree: Mapping | None, prefix: str = "") -> dict:
 
 def matching_path(name: str, paths: Iterable[str]) -> str | None:
     """The longest of `paths` that is `name` or a dotted prefix of it."""
-    name = name.removeprefix(PEFT_PREFIX)
+    name = PEFT_WRAPPERS.sub("", name.removeprefix(PEFT_PREFIX))
     best = None
     for path in paths:
         if (name == path or name.startswith(path + ".")) and (best is None or len(path) > len(best)):

@@ -76,7 +76,9 @@ def apply_override(recipe: dict, path: list[str], value) -> None:
         if tuple(path[: depth + 1]) in PATH_KEYED:
             child = node.get(key)
             if not isinstance(child, dict):  # a scalar learning_rate becomes the base rate of a dict
-                child = node[key] = {} if child is None else {"base": child}
+                child = {} if child is None else {"base": child}
+            # flat keys, so that `vlm` set here leaves a nested `vlm: {model: {visual: ...}}` rate in place
+            child = node[key] = flatten_paths(child)
             child[".".join(path[depth + 1 :])] = value
             return
         if not isinstance(node.get(key), dict):
@@ -121,16 +123,27 @@ def split_trainer_section(trainer: Mapping) -> tuple[dict, dict, list[str], dict
     rates = trainer.get("learning_rate")
     learning_rates = {}
     if isinstance(rates, Mapping):
-        learning_rates = {k: float(v) for k, v in flatten_paths(rates).items()}
+        learning_rates = {k: _number(v, f"trainer.learning_rate.{k}") for k, v in flatten_paths(rates).items()}
         if "base" in learning_rates:
             fields["learning_rate"] = learning_rates.pop("base")
     elif rates is not None:
-        fields["learning_rate"] = float(rates)
+        fields["learning_rate"] = _number(rates, "trainer.learning_rate")
     freeze = trainer.get("freeze") or []
     if isinstance(freeze, str):
         freeze = [part.strip() for part in freeze.split(",") if part.strip()]
-    loss_scale = {k: float(v) for k, v in (trainer.get("loss_scale") or {}).items()}
-    return fields, learning_rates, list(freeze), loss_scale
+    if not isinstance(freeze, list) or not all(isinstance(path, str) for path in freeze):
+        raise ValueError(f"trainer.freeze: expected module paths (a list, or a comma-separated string), got {freeze!r}")
+    loss_scale = trainer.get("loss_scale") or {}
+    if not isinstance(loss_scale, Mapping):
+        raise ValueError(f"trainer.loss_scale: expected a mapping {{vla: weight, vlm: weight}}, got {loss_scale!r}")
+    loss_scale = {k: _number(v, f"trainer.loss_scale.{k}") for k, v in loss_scale.items()}
+    return fields, learning_rates, freeze, loss_scale
+
+
+def _number(value, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field}: expected a number, got {value!r}")
+    return float(value)
 
 
 class RecipeDumper(yaml.SafeDumper):

@@ -137,11 +137,9 @@ class VLATrainer(Trainer):
             args.remove_unused_columns = False
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = not isinstance(data_collator, CoTrainingCollator)
+        self.freeze = list(freeze or [])
         if model is not None:
-            check_paths(model, self.learning_rates, "learning_rates")
-            if freeze:
-                frozen = freeze_modules(model, freeze)
-                logger.info(f"VLATrainer: froze {frozen:,} parameters under {list(freeze)}")
+            self._check_and_freeze(model)
         self._loss_parts: torch.Tensor | None = None  # running sums of (action loss, vlm loss, micro-batches, vlm ones)
         super().__init__(
             model=model,
@@ -154,6 +152,18 @@ class VLATrainer(Trainer):
             **kwargs,
         )
         self.add_callback(DatasetEpochCallback)
+
+    def _check_and_freeze(self, model) -> None:
+        check_paths(model, self.learning_rates, "learning_rates")
+        if self.freeze:
+            frozen = freeze_modules(model, self.freeze)
+            logger.info(f"VLATrainer: froze {frozen:,} parameters under {self.freeze}")
+
+    def call_model_init(self, trial=None):
+        """A model built by `model_init` (at construction, and again by `train()`) is checked and frozen too."""
+        model = super().call_model_init(trial)
+        self._check_and_freeze(model)
+        return model
 
     # ------------------------------------------------------------------ optimisation
 
