@@ -47,6 +47,21 @@ def test_card_carries_metadata_and_computed_sections(model_dir):
     assert 'AutoModelForVLA.from_pretrained("tester/tiny-oft"' in text
 
 
+@pytest.mark.parametrize("variant, state_line", [
+    ("oft", "6 dimensions, written into the prompt as numbers: each dimension's bin among 256 uniform bins over [-1, 1]"),
+    ("bins", "6 dimensions, written into the prompt as action tokens: each dimension's bin among 32 uniform bins over [-1, 1]"),
+    ("gr00t", "6 dimensions, encoded by the action head"),
+    ("fast", "6 dimensions in the statistics, but this model does not read the state"),
+])  # fmt: skip
+def test_card_says_how_the_model_reads_the_state(variant, state_line, tmp_path):
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla(variant, out_dir=tmp_path)
+    model.save_pretrained(tmp_path / "release")
+    processor.save_pretrained(tmp_path / "release")
+    assert f"- State: {state_line}." in build_model_card(tmp_path / "release").text
+
+
 def test_card_shows_a_missing_or_partial_interval_as_a_dash(model_dir, tmp_path):
     import shutil
 

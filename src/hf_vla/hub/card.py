@@ -94,7 +94,7 @@ def build_model_card(
         action_horizon=config.action_horizon,
         action_dim=config.action_dim,
         state_dim=config.state_dim,
-        state_in_prompt=config.state_in_prompt,
+        state_usage=_state_usage(config, processor, model),
         prompt_template=config.prompt_template,
         cameras=processor.camera_names,
         image_size=processor.image_size,
@@ -108,6 +108,20 @@ def build_model_card(
         held_out=held_out,
         remote_code=bool(config.auto_map) if hasattr(config, "auto_map") else False,
     )
+
+
+def _state_usage(config, processor, model) -> str:
+    """How the model reads the robot state: prompt text, the action head's encoder, or not at all (FAST, and OFT
+    without the state in its prompt, have no other input for it)."""
+    if not config.state_dim:
+        return "not used"
+    if config.state_in_prompt:
+        written = "action tokens" if processor.state_token_template else "numbers"
+        return (f"{config.state_dim} dimensions, written into the prompt as {written}: each dimension's bin among "
+                f"{processor.state_bins} uniform bins over [-1, 1]")
+    if getattr(getattr(model, "action_head", None), "state_encoder", None) is not None:
+        return f"{config.state_dim} dimensions, encoded by the action head"
+    return f"{config.state_dim} dimensions in the statistics, but this model does not read the state"
 
 
 def _modes(stats) -> str:
