@@ -136,6 +136,12 @@ def test_bad_inputs(tiny_vlm_dirs):
         make_flow(tiny_vlm_dirs["qwen2_5_vl"], "pi", dit_hidden_size=32)
 
 
+def test_gr00t_sizes_left_to_none_follow_the_vlm(tiny_vlm_dirs):
+    model, _ = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "gr00t", dit_hidden_size=None, num_dit_layers=None)
+    assert model.action_head.future_tokens.embedding_dim == 64  # the tiny backbone: 64 wide, 2 layers
+    assert len(model.action_head.model.transformer_blocks) == 2
+
+
 def test_pi_v3_writes_state_into_the_prompt_and_pi_does_not(tiny_vlm_dirs):
     for variant, in_prompt in (("pi_v3", True), ("pi", False), ("gr00t", False)):
         _, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], variant)

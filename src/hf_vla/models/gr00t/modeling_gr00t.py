@@ -13,8 +13,8 @@ class VLAGR00TForActionPrediction(VLAFlowMatchingModel):
         super().__init__(config)
         self.action_head = self.build_action_head(
             config,
-            dit_hidden_size=config.dit_hidden_size,
-            num_layers=config.num_dit_layers,
+            dit_hidden_size=config.dit_hidden_size or self.vlm_hidden_size,  # None: as the config documents
+            num_layers=config.num_dit_layers or self.backbone.num_layers(config.vlm_config),
             cross_attention_dim=self.vlm_hidden_size,
         )
         self.post_init()
