@@ -149,6 +149,37 @@ def test_loss_depends_on_image_and_instruction(token_model):
     assert abs(base - loss(views, ["close the door"])) > 1e-6
 
 
+def test_action_mask_leaves_invalid_entries_out_of_the_bins_loss(token_model, monkeypatch):
+    from hf_vla.models.fast import modeling_fast
+    from hf_vla.models.token_actions import IGNORE_INDEX
+
+    _, variant, model, processor = token_model
+    rng = np.random.default_rng(5)
+    views, state = random_views(rng, 1), np.zeros((1, 2))
+    target = smooth_chunks(rng, 1)
+    valid = np.zeros((1, T, D), np.float32)
+    valid[:, 0, :-1] = 1  # step 0 only (an episode's end), without its last dimension (padded by a mixture)
+    warnings = []
+    monkeypatch.setattr(modeling_fast.logger, "warning_once", warnings.append)
+
+    def scored(mask):
+        inputs = processor(images=views, text=["open the drawer"], state=state, actions=target, action_mask=mask)
+        _, _, labels = model.append_targets(inputs["input_ids"], inputs["attention_mask"], inputs["actions"],
+                                            inputs.get("action_mask"))  # fmt: skip
+        assert np.isfinite(model(**inputs).loss.item())  # forward takes the mask too
+        return labels[labels != IGNORE_INDEX].tolist()
+
+    everything = scored(None)
+    assert scored(np.ones((1, T), np.float32)) == everything
+    offset, eos = model.config.action_token_offset, model.config.eos_token_id
+    if variant == "bins":  # one token per value: exactly the valid values and the end of turn are scored
+        values = model.encode_actions(processor(images=views, text=["x"], state=state, actions=target)["actions"].numpy())
+        assert scored(valid) == [offset + k for k in values[0][: D - 1]] + [eos]
+        assert not warnings
+    else:  # a FAST token codes the whole chunk: nothing can be left out, and the user is told so
+        assert scored(valid) == everything and warnings and "cannot be left out of the loss" in warnings[0]
+
+
 def test_bins_prompt_carries_state_tokens_and_one_stacked_image(tiny_vlm_dirs, fast_tokenizer, tmp_path):
     model, processor = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "bins", fast_tokenizer, concat_views=True)
     inputs = processor(images=random_views(np.random.default_rng(0), 1), text=["go"], state=[[-1.0, 1.0]])

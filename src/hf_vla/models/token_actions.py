@@ -93,6 +93,11 @@ class VLATokenActionModel(VLAPreTrainedModel):
         """(min, max) new tokens of an action reply."""
         raise NotImplementedError
 
+    def scored_reply_tokens(self, indices: list[list[int]], valid: np.ndarray) -> list[list[bool]] | None:
+        """Which tokens of each reply the loss scores, given the valid entries `valid` `[B, T, D]` (steps past an
+        episode's end, dimensions a mixture padded); None scores them all."""
+        return None
+
     # ------------------------------------------------------------------ shared
 
     @classmethod
@@ -115,16 +120,26 @@ class VLATokenActionModel(VLAPreTrainedModel):
     def _image_token_id(self) -> int:
         return self.config.vlm_config.image_token_id
 
-    def append_targets(self, input_ids, attention_mask, actions: torch.Tensor):
-        """Prompt + action tokens + end of turn, left-padded again; labels cover the reply only."""
+    def append_targets(self, input_ids, attention_mask, actions: torch.Tensor, action_mask: torch.Tensor | None = None):
+        """Prompt + action tokens + end of turn, left-padded again; labels cover the reply only, less the tokens of
+        entries `action_mask` marks invalid where the variant can tell them apart (`scored_reply_tokens`)."""
         indices = self.encode_actions(actions.detach().float().cpu().numpy())
+        scored = None
+        if action_mask is not None:
+            valid = action_mask.detach().cpu().numpy() > 0
+            valid = np.broadcast_to(valid[..., None] if valid.ndim == 2 else valid, actions.shape)
+            if not valid.all():
+                scored = self.scored_reply_tokens(indices, valid)
         offset, eos = self.config.action_token_offset, self.config.eos_token_id
         rows, labels = [], []
         for b, reply in enumerate(indices):
             prompt = input_ids[b][attention_mask[b].bool()] if attention_mask is not None else input_ids[b]
             target = torch.tensor([offset + k for k in reply] + [eos], dtype=input_ids.dtype, device=input_ids.device)
+            label = target.clone()
+            if scored is not None:
+                label[:-1][~torch.tensor(scored[b], dtype=torch.bool, device=label.device)] = IGNORE_INDEX
             rows.append(torch.cat([prompt, target]))
-            labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), target]))
+            labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), label]))
         length = max(len(r) for r in rows)
         pad = self.config.vlm_config.get_text_config().pad_token_id or 0
         ids = torch.stack([F.pad(r, (length - len(r), 0), value=pad) for r in rows])
@@ -140,17 +155,21 @@ class VLATokenActionModel(VLAPreTrainedModel):
         image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         actions: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> VLAOutput:
         r"""
         actions (`torch.Tensor` of shape `(batch, action_horizon, action_dim)`): normalised target chunk; its action
             tokens are appended to the prompt and scored with the causal-LM loss.
+        action_mask (`torch.Tensor` of shape `(batch, action_horizon)` or `(batch, action_horizon, action_dim)`,
+            *optional*): valid entries of `actions`; the tokens of invalid ones are not scored (bins), or, where a
+            token codes the whole chunk (FAST), the padding is learned as given, with a warning.
         labels (`torch.LongTensor`, *optional*): ready-made labels for an `input_ids` that already holds the reply.
         """
         if actions is not None:
             self.check_actions(actions, input_ids.shape[0])
-            input_ids, attention_mask, labels = self.append_targets(input_ids, attention_mask, actions)
+            input_ids, attention_mask, labels = self.append_targets(input_ids, attention_mask, actions, action_mask)
             mm_token_type_ids = (input_ids == self._image_token_id()).to(torch.int32)
         if labels is None:
             raise ValueError("actions: token-head training needs target actions (or labels)")

@@ -22,6 +22,9 @@ class VLABinsForActionPrediction(VLATokenActionModel):
     def decode_action_tokens(self, indices: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         return self.bins.decode(indices, self.config.action_horizon, self.config.action_dim)
 
+    def scored_reply_tokens(self, indices: list[list[int]], valid: np.ndarray) -> list[list[bool]]:
+        return valid.reshape(len(indices), -1).tolist()  # one token per value, in the order encode_actions writes
+
     def generation_limits(self) -> tuple[int, int]:
         length = self.config.action_horizon * self.config.action_dim
         return length, length

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from transformers.utils import logging
 
 from ...action_tokenizers.fast import FASTTokenizer
 from ..token_actions import VLATokenActionModel
@@ -14,6 +15,9 @@ from .configuration_fast import VLAFASTConfig
 
 ACTION_TOKENIZER_DIR = "action_tokenizer"
 HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+logger = logging.get_logger(__name__)
 
 
 class VLAFASTForActionPrediction(VLATokenActionModel):
@@ -51,6 +55,14 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
 
     def generation_limits(self) -> tuple[int, int]:
         return 1, self.config.max_action_tokens
+
+    def scored_reply_tokens(self, indices: list[list[int]], valid: np.ndarray) -> None:
+        logger.warning_once(
+            "FAST: action_mask marks entries invalid (steps past an episode's end, padded dimensions), but a FAST token "
+            "codes the whole chunk (a DCT over time, then BPE), so they cannot be left out of the loss: the model "
+            "learns them as they were padded."
+        )
+        return None
 
     # ------------------------------------------------------------------ the tokenizer travels with the weights
 
