@@ -102,6 +102,18 @@ def test_policy_loads_weights_and_statistics_from_the_same_place(oft, tmp_path):
     assert policy.processor.norm_stats == shifted.norm_stats
 
 
+def test_resized_vocabulary_reaches_the_lm_head_and_survives_save_and_load(tiny_vlm_dirs, tmp_path):
+    model, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + 8)  # e.g. after adding tokens to the processor's tokenizer
+    assert model.vlm.lm_head.weight.shape[0] == rows + 8
+    assert model.config.vlm_config.get_text_config().vocab_size == rows + 8
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForVLA.from_pretrained(tmp_path)
+    inputs = sample_inputs(processor)
+    assert torch.equal(loaded.predict_action(**inputs), model.predict_action(**inputs))
+
+
 def test_overfitting_a_batch_distinguishes_images_and_instructions(tiny_vlm_dirs):
     """Four samples: two images × two instructions, each with its own target chunk. Driving the L1 loss down 10×
     is only possible if both the image and the instruction reach the action head."""

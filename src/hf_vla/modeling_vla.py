@@ -64,6 +64,10 @@ class VLAPreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.vlm.set_input_embeddings(value)
 
+    def resize_token_embeddings(self, *args, **kwargs) -> torch.nn.Embedding:
+        """The backbone's own resize: input embeddings, LM head and the vocabulary size in `config.vlm_config`."""
+        return self.vlm.resize_token_embeddings(*args, **kwargs)
+
     @property
     def vlm_hidden_size(self) -> int:
         return self.backbone.hidden_size(self.config.vlm_config)
