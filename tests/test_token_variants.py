@@ -180,6 +180,19 @@ def test_action_mask_leaves_invalid_entries_out_of_the_bins_loss(token_model, mo
         assert scored(valid) == everything and warnings and "cannot be left out of the loss" in warnings[0]
 
 
+def test_a_state_the_model_cannot_read_is_reported(tiny_vlm_dirs, fast_tokenizer, monkeypatch):
+    from hf_vla import modeling_vla
+
+    warnings = []
+    monkeypatch.setattr(modeling_vla.logger, "warning_once", warnings.append)
+    fast, _ = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "fast", fast_tokenizer)  # state_dim 2, not in the prompt
+    assert not fast.reads_state and len(warnings) == 1 and "state_dim=2, but this model does not read" in warnings[0]
+    warnings.clear()
+    prompted, _ = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "fast", fast_tokenizer, state_in_prompt=True)
+    bins, _ = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "bins", None)
+    assert prompted.reads_state and bins.reads_state and not warnings
+
+
 def test_bins_prompt_carries_state_tokens_and_one_stacked_image(tiny_vlm_dirs, fast_tokenizer, tmp_path):
     model, processor = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "bins", fast_tokenizer, concat_views=True)
     inputs = processor(images=random_views(np.random.default_rng(0), 1), text=["go"], state=[[-1.0, 1.0]])

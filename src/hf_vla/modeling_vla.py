@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .backbones import get_backbone_adapter
 from .configuration_vla import VLAConfig
@@ -24,6 +24,8 @@ from .configuration_vla import VLAConfig
 GENERAL_CONFIG_KWARGS = {"attn_implementation", "experts_implementation", "output_attentions", "use_cache",
                          "pad_token_id", "bos_token_id", "eos_token_id", "num_labels"}  # fmt: skip
 VLM_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -57,6 +59,21 @@ class VLAPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.backbone = get_backbone_adapter(config.vlm_config)
         self.vlm = self.backbone.build(config.vlm_config)
+
+    def post_init(self):
+        super().post_init()
+        if self.config.state_dim and not self.reads_state:
+            logger.warning_once(
+                f"{self.config.model_type}: state_dim={self.config.state_dim}, but this model does not read the state "
+                "(no state_in_prompt, and no state encoder in its head): the processor normalises it and it goes no "
+                "further. Set state_in_prompt=True to write it into the prompt, or state_dim=0."
+            )
+
+    @property
+    def reads_state(self) -> bool:
+        """Whether the state reaches the model: as prompt text, or through the action head's state encoder."""
+        head = getattr(self, "action_head", None)
+        return bool(self.config.state_in_prompt) or getattr(head, "state_encoder", None) is not None
 
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()

@@ -119,7 +119,7 @@ def _state_usage(config, processor, model) -> str:
         written = "action tokens" if processor.state_token_template else "numbers"
         return (f"{config.state_dim} dimensions, written into the prompt as {written}: each dimension's bin among "
                 f"{processor.state_bins} uniform bins over [-1, 1]")
-    if getattr(getattr(model, "action_head", None), "state_encoder", None) is not None:
+    if model.reads_state:
         return f"{config.state_dim} dimensions, encoded by the action head"
     return f"{config.state_dim} dimensions in the statistics, but this model does not read the state"
 
