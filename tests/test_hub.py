@@ -139,6 +139,34 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
     assert not [f for f in report["shipped"] if "/" in f], report["shipped"]
 
 
+def test_fast_save_pretrained_pushes_its_tokenizer_with_the_weights(tmp_path):
+    script = textwrap.dedent(f"""
+        import json
+        from huggingface_hub import HfApi
+        from hf_vla import AutoModelForVLA
+        from hf_vla.testing import build_tiny_vla, random_observation
+
+        model, processor = build_tiny_vla("fast", out_dir={str(tmp_path / "build")!r})
+        model.save_pretrained({str(tmp_path / "fast")!r}, push_to_hub=True, repo_id="tester/fast")
+        files = sorted(HfApi().list_repo_files("tester/fast"))
+        loaded = AutoModelForVLA.from_pretrained("tester/fast")
+        inputs = processor(**random_observation(processor))
+        same = loaded.action_tokenizer is not None and bool(
+            (loaded.predict_action(**inputs).nan_to_num(7) == model.predict_action(**inputs).nan_to_num(7)).all())
+        print(json.dumps({{"files": files, "same": same}}))
+    """)
+    port = free_port()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    with FakeHub(port):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "action_tokenizer/processor_config.json" in report["files"] and "model.safetensors" in report["files"]
+    assert report["same"]
+
+
 def test_release_files_are_the_top_level_ones_and_the_fast_tokenizer(tmp_path):
     from hf_vla.hub.push import release_files
 

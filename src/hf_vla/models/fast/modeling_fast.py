@@ -66,10 +66,25 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
 
     # ------------------------------------------------------------------ the tokenizer travels with the weights
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """Also writes the FAST tokenizer to `action_tokenizer/`. With `push_to_hub=True` the folder is uploaded once
+        the tokenizer is in it: transformers uploads from inside its own `save_pretrained`, before this could add it.
+        `repo_id`, `commit_message`, `create_pr`, `private` and `token` go to the upload, as there."""
+        upload = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
+                  if key in kwargs}  # fmt: skip
         super().save_pretrained(save_directory, *args, **kwargs)
+        if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return
         if self.action_tokenizer is not None:
             self.action_tokenizer.save_pretrained(Path(save_directory) / ACTION_TOKENIZER_DIR)
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=kwargs.get("token"))
+            repo_id = upload.get("repo_id", Path(save_directory).name)
+            repo_id = api.create_repo(repo_id, private=upload.get("private"), exist_ok=True).repo_id
+            api.upload_folder(repo_id=repo_id, folder_path=save_directory, create_pr=upload.get("create_pr", False),
+                              commit_message=upload.get("commit_message") or "Upload model and FAST tokenizer")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
