@@ -38,7 +38,7 @@ def create_app() -> FastAPI:
         repo_id = f"{body.get('organization') or 'tester'}/{body['name']}"
         if repo_id in repos:
             return JSONResponse({"error": "You already created this model repo", "url": f"/{repo_id}"}, status_code=409)
-        repos[repo_id] = {"files": {}, "sha": hashlib.sha1(repo_id.encode()).hexdigest()}
+        repos[repo_id] = {"files": {}, "sha": hashlib.sha1(repo_id.encode()).hexdigest(), "branches": {"main"}}
         return {"url": f"{request.base_url}{repo_id}", "name": repo_id}
 
     @app.post("/api/validate-yaml")
@@ -51,11 +51,24 @@ def create_app() -> FastAPI:
         files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in body["files"]]
         return {"files": files}
 
+    @app.post("/api/models/{ns}/{name}/branch/{branch}")
+    def create_branch(ns: str, name: str, branch: str):
+        repo, error = repo_or_404(f"{ns}/{name}")
+        if error:
+            return error
+        if branch in repo["branches"]:
+            return JSONResponse({"error": "Reference already exists"}, status_code=409)
+        repo["branches"].add(branch)  # branches share one file set here: enough to check that a commit names one
+        return {}
+
     @app.post("/api/models/{ns}/{name}/commit/{revision}")
     async def commit(ns: str, name: str, revision: str, request: Request):
         repo, error = repo_or_404(f"{ns}/{name}")
         if error:
             return error
+        if revision not in repo["branches"]:  # as the Hub: a commit goes to an existing branch
+            return JSONResponse({"error": f"Invalid rev id: {revision}"}, status_code=404,
+                                headers={"X-Error-Code": "RevisionNotFound"})  # fmt: skip
         for line in (await request.body()).decode().splitlines():
             entry = json.loads(line)
             if entry["key"] == "file":

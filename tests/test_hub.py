@@ -48,8 +48,10 @@ def test_card_carries_metadata_and_computed_sections(model_dir):
 
 
 @pytest.mark.parametrize("variant, state_line", [
-    ("oft", "6 dimensions, written into the prompt as numbers: each dimension's bin among 256 uniform bins over [-1, 1]"),
-    ("bins", "6 dimensions, written into the prompt as action tokens: each dimension's bin among 32 uniform bins over [-1, 1]"),
+    ("oft", "6 dimensions, written into the prompt as numbers: each dimension's bin among 256 uniform bins over "
+            "[-1, 1]"),
+    ("bins", "6 dimensions, written into the prompt as action tokens: each dimension's bin among 32 uniform bins "
+             "over [-1, 1]"),
     ("gr00t", "6 dimensions, encoded by the action head"),
     ("fast", "6 dimensions in the statistics, but this model does not read the state"),
 ])  # fmt: skip
@@ -139,6 +141,28 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
     assert not [f for f in report["shipped"] if "/" in f], report["shipped"]
 
 
+def run_against_fake_hub(script: str, tmp_path) -> dict:
+    port = free_port()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    with FakeHub(port):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_push_to_a_new_branch_creates_it(model_dir, tmp_path):
+    report = run_against_fake_hub(textwrap.dedent(f"""
+        import json
+        from hf_vla.hub import push_model
+        for _ in range(2):  # the second push finds the branch
+            push_model({str(model_dir)!r}, "tester/branchy", revision="v2", write_card=False)
+        print(json.dumps({{"pushed": True}}))
+    """), tmp_path)
+    assert report["pushed"]
+
+
 def test_fast_save_pretrained_pushes_its_tokenizer_with_the_weights(tmp_path):
     script = textwrap.dedent(f"""
         import json
@@ -155,14 +179,7 @@ def test_fast_save_pretrained_pushes_its_tokenizer_with_the_weights(tmp_path):
             (loaded.predict_action(**inputs).nan_to_num(7) == model.predict_action(**inputs).nan_to_num(7)).all())
         print(json.dumps({{"files": files, "same": same}}))
     """)
-    port = free_port()
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
-    with FakeHub(port):
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_against_fake_hub(script, tmp_path)
     assert "action_tokenizer/processor_config.json" in report["files"] and "model.safetensors" in report["files"]
     assert report["same"]
 

@@ -50,6 +50,8 @@ def push_model(
         build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets).save(model_dir / "README.md")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision not in (None, "main") and not revision.startswith("refs/"):  # the Hub commits only to existing branches
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     info = api.upload_folder(
         folder_path=str(model_dir),
         repo_id=repo_id,
@@ -71,6 +73,9 @@ if __name__ == "__main__":
 
         def create_repo(self, repo_id, private=False, exist_ok=False):
             print(f"would create {'private' if private else 'public'} repo {repo_id} (exist_ok={exist_ok})")
+
+        def create_branch(self, repo_id, branch, exist_ok=False):
+            print(f"would create branch {branch} of {repo_id} (exist_ok={exist_ok})")
 
         def upload_folder(self, folder_path, repo_id, allow_patterns, revision=None, commit_message=None):
             return f"would upload {len(allow_patterns)} files to {repo_id}@{revision or 'main'}: {commit_message!r}"

@@ -58,9 +58,9 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
 
     def scored_reply_tokens(self, indices: list[list[int]], valid: np.ndarray) -> None:
         logger.warning_once(
-            "FAST: action_mask marks entries invalid (steps past an episode's end, padded dimensions), but a FAST token "
-            "codes the whole chunk (a DCT over time, then BPE), so they cannot be left out of the loss: the model "
-            "learns them as they were padded."
+            "FAST: action_mask marks entries invalid (steps past an episode's end, padded dimensions), but a FAST "
+            "token codes the whole chunk (a DCT over time, then BPE), so they cannot be left out of the loss: the "
+            "model learns them as they were padded."
         )
         return None
 
