@@ -510,3 +510,7 @@ def test_published_head_sizes_map_exactly(tmp_path, variant):
         model = VARIANTS[f"vla_{variant}"][1](model_config)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("action_head.")}
     assert {map_key(k, variant): shape for k, shape in starvla.items()} == ours
+
+    del action_model["future_action_window_size"]  # a config that names no horizon gets the framework's default
+    assert build_config(variant, config, state, str(tmp_path / name), None)[0].action_horizon == (
+        8 if variant == "gr00t" else 16)  # starvla.md §1.4-1.5

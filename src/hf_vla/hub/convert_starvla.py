@@ -399,7 +399,8 @@ def head_fields(variant: str, config: dict, text_config, state: dict[str, torch.
     am = _get(config, "framework.action_model", {}) or {}
     dcfg = am.get("diffusion_model_cfg") or {}
     window = am.get("future_action_window_size")
-    horizon = am.get("action_horizon") or (window + 1 if window is not None else 16)
+    # neither given: the framework class's own default (QwenGR00T 8; the others a 15-step window, i.e. 16)
+    horizon = am.get("action_horizon") or (window + 1 if window is not None else (8 if variant == "gr00t" else 16))
     fields = {"action_dim": int(am.get("action_dim") or 7), "action_horizon": int(horizon)}
     if variant == "oft":  # the state only reaches OFT as prompt text, and only when the run fed it
         include_state = bool(_get(config, "datasets.vla_data.include_state", False))
