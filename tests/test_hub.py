@@ -95,6 +95,18 @@ def test_card_reads_what_train_vla_saves(model_dir, tmp_path):
         assert build_model_card(run).data.to_dict()["datasets"] == ["lerobot/aloha", "lerobot/pusht"]
 
 
+def run_against_fake_hub(script: str, tmp_path) -> dict:
+    """Runs `script` in a child process whose Hub is a FakeHub; returns the JSON its last line prints."""
+    port = free_port()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    with FakeHub(port):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
     script = textwrap.dedent(f"""
         import json, sys, numpy as np, torch
@@ -125,31 +137,13 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
         same_again = torch.equal(again.predict_action(**inputs), reference.predict_action(**inputs))
         print(json.dumps({{"shipped": shipped, "identical": identical, "same": same, "same_again": same_again}}))
     """)
-    port = free_port()
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
-    with FakeHub(port):
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_against_fake_hub(script, tmp_path)
     assert report["identical"] and report["same"] and report["same_again"]
     for expected in ("README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
                      "chat_template.jinja", "training_recipe.yaml", "eval_results.json", "modeling_oft.py",
                      "processing_vla.py"):  # fmt: skip
         assert expected in report["shipped"], expected
     assert not [f for f in report["shipped"] if "/" in f], report["shipped"]
-
-
-def run_against_fake_hub(script: str, tmp_path) -> dict:
-    port = free_port()
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake",
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_ETAG_TIMEOUT": "5",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
-    with FakeHub(port):
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_push_to_a_new_branch_creates_it(model_dir, tmp_path):
