@@ -24,6 +24,9 @@ from .configuration_vla import VLAConfig
 GENERAL_CONFIG_KWARGS = {"attn_implementation", "experts_implementation", "output_attentions", "use_cache",
                          "pad_token_id", "bos_token_id", "eos_token_id", "num_labels"}  # fmt: skip
 VLM_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+# `from_pretrained` options that say where and how files are fetched: what a companion file (the processor's
+# statistics, FAST's tokenizer) must be fetched with too, so that it comes from the same revision and cache
+HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 logger = logging.get_logger(__name__)
 

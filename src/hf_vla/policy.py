@@ -7,10 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .modeling_vla import HUB_DOWNLOAD_KWARGS
 from .processing_vla import VLAProcessor
-
-
-HUB_LOCATION_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
 class VLAPolicy:
@@ -55,7 +53,7 @@ class VLAPolicy:
         if device is not None:
             model.to(device)
         # the statistics must come from the same place as the weights: same revision, subfolder, cache, token
-        location = {key: kwargs[key] for key in HUB_LOCATION_KWARGS if key in kwargs}
+        location = {key: kwargs[key] for key in (*HUB_DOWNLOAD_KWARGS, "subfolder") if key in kwargs}
         processor = VLAProcessor.from_pretrained(path_or_repo, **location)
         return cls(model, processor, unnorm_key=unnorm_key, pack_linear_weights=pack_linear_weights)
 

@@ -10,11 +10,11 @@ import numpy as np
 from transformers.utils import logging
 
 from ...action_tokenizers.fast import FASTTokenizer
+from ...modeling_vla import HUB_DOWNLOAD_KWARGS
 from ..token_actions import VLATokenActionModel
 from .configuration_fast import VLAFASTConfig
 
 ACTION_TOKENIZER_DIR = "action_tokenizer"
-HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
 logger = logging.get_logger(__name__)
@@ -94,7 +94,7 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
         if not location.is_dir():
             from huggingface_hub import snapshot_download
 
-            hub_options = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}  # the weights' cache, token, revision
+            hub_options = {k: kwargs[k] for k in HUB_DOWNLOAD_KWARGS if k in kwargs}
             pattern = f"{subfolder}/{ACTION_TOKENIZER_DIR}/*" if subfolder else f"{ACTION_TOKENIZER_DIR}/*"
             location = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=[pattern],
                                               **hub_options))  # fmt: skip
