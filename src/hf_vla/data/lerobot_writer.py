@@ -101,8 +101,9 @@ class LeRobotWriter:
                     (high is not None and value > high):  # the encoder would clamp it, or replace it, silently
                 expected = f"an integer ≥ {low}" if high is None else f"an integer in [{low}, {high}] for {codec}"
                 raise ValueError(f"{name}: expected {expected}, got {value!r}")
-        if episodes_per_file is not None and (isinstance(episodes_per_file, bool) or episodes_per_file < 1
-                                              if isinstance(episodes_per_file, (int, np.integer)) else True):
+        per_file = episodes_per_file
+        if per_file is not None and (isinstance(per_file, bool) or not isinstance(per_file, (int, np.integer))
+                                     or per_file < 1):  # fmt: skip
             raise ValueError(f"episodes_per_file: expected an integer ≥ 1 or None, got {episodes_per_file!r}")
         self.fps, self.robot_type, self.version, self.video = fps, robot_type, version, video
         self.codec, self.gop, self.crf = codec, gop, crf
