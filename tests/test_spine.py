@@ -386,3 +386,53 @@ def test_replaced_statistics_take_effect_in_normalising_and_decoding(tiny_vlm_di
     np.testing.assert_allclose(after, normalize(state, new["state"]), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(processor.decode_actions(chunk), unnormalize(chunk, new["action"]), rtol=1e-6, atol=1e-6)
     assert not np.allclose(after, before) and not np.allclose(processor.decode_actions(chunk), decoded_before)
+
+
+def test_stored_statistics_are_checked_plain_copies(tiny_vlm_dirs, tmp_path):
+    _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    rng = np.random.default_rng(3)
+    chunk = rng.uniform(-1, 1, size=(1, 4, 7)).astype(np.float32)
+    stats = processor.compute_norm_stats("arm", rng.normal(size=(64, 7)), rng.normal(size=(64, 6)))
+    decoded = processor.decode_actions(chunk, unnorm_key="arm")
+    stats["action"]["mode"][0] = "identity"  # the caller's dict is not the processor's
+    stats["action"]["q99"][1] = 50.0
+    np.testing.assert_array_equal(processor.decode_actions(chunk, unnorm_key="arm"), decoded)
+    processor.set_norm_stats("numpy", {"action": {k: np.asarray(v) for k, v in processor.norm_stats["arm"]["action"]
+                                                  .items()}, "num_transitions": np.int64(64)})  # fmt: skip
+    processor.save_pretrained(tmp_path)  # numpy values stored as JSON numbers
+    reloaded = VLAProcessor.from_pretrained(tmp_path)
+    for key in ("arm", "numpy"):
+        np.testing.assert_array_equal(reloaded.decode_actions(chunk, unnorm_key=key), decoded)
+
+    good = processor.norm_stats["arm"]["action"]
+    for name, low, high, message in (("std", None, None, r"std: negative at dimension\(s\) \[2\]"),
+                                     ("min", "min", "max", r"min: above max at dimension\(s\) \[2\]"),
+                                     ("q01", "q01", "q99", r"q01: above q99 at dimension\(s\) \[2\]")):  # fmt: skip
+        bad = {k: list(v) for k, v in good.items()}
+        if low is None:
+            bad["std"][2] = -1.0
+        else:
+            bad[low][2], bad[high][2] = good[high][2] + 1.0, good[low][2]
+        with pytest.raises(ValueError, match=r"norm_stats\['bad'\]\['action'\]\." + message):
+            processor.set_norm_stats("bad", {"action": bad})
+
+
+def test_processor_refuses_a_template_without_the_instruction_and_reads_bf16_tensors(tiny_vlm_dirs):
+    _, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"])
+    with pytest.raises(ValueError, match=r"prompt_template: expected a text containing '\{instruction\}'"):
+        VLAProcessor(processor.image_processor, processor.tokenizer, prompt_template="Do the task.")
+    rng = np.random.default_rng(4)
+    views = random_views(rng, 1)
+    state, actions = torch.randn(1, 6), torch.rand(1, 4, 7)
+    exact = processor(images=views, text="open", state=state.bfloat16().float(), actions=actions.bfloat16().float())
+    low = processor(images=views, text="open", state=state.bfloat16(), actions=actions.bfloat16())
+    assert torch.equal(low["state"], exact["state"]) and torch.equal(low["actions"], exact["actions"])
+
+    # the cached prompt follows the tokenizer's pad token (left padding of a batch)
+    texts = ["open", "open the drawer slowly please"]
+    first = processor(images=random_views(rng, 2), text=texts, state=np.zeros((2, 6)))["input_ids"]
+    processor.tokenizer = copy.deepcopy(processor.tokenizer)
+    processor.tokenizer.pad_token = "<|vision_end|>"
+    again = processor(images=random_views(rng, 2), text=texts, state=np.zeros((2, 6)))["input_ids"]
+    pad = processor.tokenizer.pad_token_id
+    assert again[0, 0] == pad and first[0, 0] != pad

@@ -83,6 +83,11 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
         raise ValueError(f"{field}: statistics have different lengths {lengths}")
     dim = lengths["mode"]
     expand_modes(stats["mode"], dim, f"{field}.mode")
+    values = {name: np.asarray(stats[name], dtype=np.float64) for name in STAT_NAMES}
+    for bad, message in ((values["std"] < 0, "std: negative"), (values["min"] > values["max"], "min: above max"),
+                         (values["q01"] > values["q99"], "q01: above q99")):  # fmt: skip
+        if bad.any():  # a reversed range would normalise to 0 and decode through a negative scale
+            raise ValueError(f"{field}.{message} at dimension(s) {np.flatnonzero(bad).tolist()}")
     return dim
 
 

@@ -8,6 +8,7 @@ embodiment's statistics. Back: `decode_actions` maps a predicted chunk to robot 
 from __future__ import annotations
 
 import functools
+import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -23,6 +24,21 @@ from .normalization import FeatureNormalizer, compute_stats, validate_feature_st
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
 STATE_BINS = 256  # uniform bins over [-1, 1] of StarVLA's state text
+
+
+def _json_copy(stats: Mapping, field: str) -> dict:
+    """A deep copy in JSON types, as `save_pretrained` writes it: later edits to the caller's lists cannot reach the
+    stored statistics (whose normalisers are cached), and numpy values cannot break the save."""
+
+    def plain(value):
+        if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+            return value.tolist()
+        raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+    try:
+        return json.loads(json.dumps(stats, default=plain))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{field}: statistics must be numbers, strings, lists and maps ({error})") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -105,6 +121,8 @@ class VLAProcessor(ProcessorMixin):
         self.backbone = backbone
         if len(self.image_size) != 2:
             raise ValueError(f"image_size: expected [height, width], got {image_size}")
+        if "{instruction}" not in self.prompt_template:  # as VLAConfig: without it every prompt would be the same
+            raise ValueError(f"prompt_template: expected a text containing '{{instruction}}', got {prompt_template!r}")
         if not self.camera_names:
             raise ValueError("camera_names: at least one camera is required")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None))
@@ -157,7 +175,7 @@ class VLAProcessor(ProcessorMixin):
                 got = validate_feature_stats(stats[feature], f"norm_stats[{key!r}][{feature!r}]")
                 if got != dims[feature]:
                     raise ValueError(f"norm_stats[{key!r}][{feature!r}]: expected {dims[feature]} dimensions, got {got}")
-        self.norm_stats[key] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in stats.items()}
+        self.norm_stats[key] = _json_copy(stats, f"norm_stats[{key!r}]")
         self._normalizers.clear()
 
     def compute_norm_stats(self, key: str, actions, states=None, action_mode="q99", state_mode="q99") -> dict:
@@ -259,7 +277,9 @@ class VLAProcessor(ProcessorMixin):
 
     def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
         """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""
-        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        if isinstance(value, torch.Tensor):  # numpy has no bfloat16: floating tensors come over as float32
+            value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+        array = np.asarray(value)
         if array.dtype.kind not in "fiub":  # floating, signed or unsigned integer, bool
             raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
         if array.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, array.shape)):
@@ -380,7 +400,8 @@ class VLAProcessor(ProcessorMixin):
         # tokens added to the tokenizer later change the ids, hence its length in the key
         template = (self.chat_template, self.prompt_template, self.action_query_suffix, self.action_query_token,
                     self.action_horizon)  # fmt: skip
-        key = (len(self.tokenizer), template, views_per_prompt, tuple(counts), tuple(text), state_texts)
+        key = (len(self.tokenizer), self.tokenizer.pad_token_id, template, views_per_prompt, tuple(counts), tuple(text),
+               state_texts)  # fmt: skip
         encoded = self._prompt_cache.get(key)
         if encoded is None:
             instructions = [
