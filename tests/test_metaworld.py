@@ -192,3 +192,30 @@ def test_embedded_default_model_is_a_trained_policy():
     assert report["average"]["successes"] >= 5, report["tasks"]
     results = json.loads((Path(default_model_dir()) / "eval_results.json").read_text())["tasks"]
     assert results["metaworld/drawer-open"]["episodes"] >= 20
+
+
+def test_train_metaworld_reuses_demonstrations_only_for_the_same_request(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "trainers" / "train_metaworld.py"
+    spec = importlib.util.spec_from_file_location("train_metaworld", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+
+    def fake_generate(data, tasks, episodes):  # stands in for the scripted experts
+        calls.append((list(tasks), episodes))
+        (data / "meta").mkdir(parents=True)
+        (data / "meta" / "info.json").write_text("{}")
+        return {"episodes": episodes}
+
+    data = tmp_path / "demos"
+    assert script.ensure_demonstrations(data, ["drawer-open", "door-open"], 3, fake_generate) == {"episodes": 3}
+    assert script.ensure_demonstrations(data, ["door-open", "drawer-open"], 3, fake_generate) is None  # reused
+    assert len(calls) == 1
+    for tasks, episodes in ((["door-open"], 3), (["drawer-open", "door-open"], 25)):
+        with pytest.raises(SystemExit, match=r"holds demonstrations for .*'episodes': 3.*pass another --data"):
+            script.ensure_demonstrations(data, tasks, episodes, fake_generate)
+    (data / script.DEMONSTRATIONS_REQUEST).unlink()  # a folder from elsewhere: what it holds is unknown
+    with pytest.raises(SystemExit, match="a request it does not record"):
+        script.ensure_demonstrations(data, ["drawer-open", "door-open"], 3, fake_generate)

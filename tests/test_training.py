@@ -475,7 +475,17 @@ def test_resuming_the_latest_checkpoint_needs_one(train_vla, tmp_path):
                             "--trainer.resume_from_checkpoint", "true"])  # fmt: skip
 
 
-def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root):
+def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
+    recipe = str(REPO / "trainers" / "recipes" / "oft.yaml")
+    for override, message in [(["--data.lerobt", "/data/x"], r"data: unknown key\(s\) \['lerobt'\]"),
+                              (["--model.action_horizn", "16"], r"model: unknown key\(s\) \['action_horizn'\]"),
+                              (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\]")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            train_vla.main([recipe, "--trainer.output_dir", str(tmp_path), *override])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root, caplog):
     cameras = dict(CAMERAS)
     mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "toy_a", "cameras": cameras},
                             {"path": str(dataset_root), "embodiment": "toy_b", "cameras": cameras, "weight": 2.0,
@@ -491,6 +501,7 @@ def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root):
     processor = AutoProcessor.from_pretrained(out)
     assert sorted(processor.norm_stats) == ["toy_a", "toy_b"]
     assert processor.norm_stats["toy_b"]["action"]["mode"] == ["min_max"] * ACTION_DIM
+    assert "data.camera_rename: not used with data.mixture" in caplog.text  # oft.yaml's, meant for data.lerobot
 
 
 def test_saved_recipe_reloads_unchanged(tmp_path):

@@ -28,9 +28,27 @@ from hf_vla.sim.evaluation import swapped_instructions
 from hf_vla.sim.metaworld import EASY_TASKS, generate_demonstrations
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMONSTRATIONS_REQUEST = "hf_vla_demonstrations.json"  # the tasks and episode count a --data folder was made for
 PAIR = ("faucet-open", "faucet-close")
 SHIPPED = ["config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
            "chat_template.jinja", "training_recipe.yaml", "eval_results.json", "train_results.json"]  # fmt: skip
+
+
+def ensure_demonstrations(data: Path, tasks, episodes: int, generate=generate_demonstrations) -> dict | None:
+    """Generates the demonstrations into `data` (returns the summary), or reuses the folder when an earlier run
+    generated this same request there (returns None). A folder made for other tasks or episode counts is refused:
+    training on it would silently ignore --tasks and --episodes."""
+    request = {"tasks": sorted(tasks), "episodes": episodes}
+    record = data / DEMONSTRATIONS_REQUEST
+    if (data / "meta" / "info.json").exists():
+        found = json.loads(record.read_text()) if record.exists() else "a request it does not record"
+        if found != request:
+            raise SystemExit(f"--data {data}: holds demonstrations for {found}, not {request}; pass another --data "
+                             "folder or remove this one")
+        return None
+    summary = generate(data, tasks=tasks, episodes=episodes)
+    record.write_text(json.dumps(request))
+    return summary
 
 
 def main(argv=None):
@@ -47,9 +65,9 @@ def main(argv=None):
     output, data = Path(args.output), Path(args.data)
     timings = {}
 
-    if not (data / "meta" / "info.json").exists():
-        start = time.perf_counter()
-        summary = generate_demonstrations(data, tasks=args.tasks, episodes=args.episodes)
+    start = time.perf_counter()
+    summary = ensure_demonstrations(data, args.tasks, args.episodes)
+    if summary is not None:
         timings["demonstrations_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(summary, indent=2))
 

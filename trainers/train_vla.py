@@ -170,11 +170,32 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     return train, evaluation, stats, camera_names[0], action_only
 
 
+def check_recipe_keys(recipe: dict) -> None:
+    """Every `model` / `data` key is one this script reads, and so are the keys of the fixed-schema settings under
+    them: a misspelt `--data.lerobt` would otherwise train on the synthetic set (`head` and `tiny_vlm` go to configs
+    and builders that check their own keys)."""
+    for section in ("model", "data"):
+        unknown = sorted(set(recipe[section]) - set(DEFAULTS[section]))
+        if unknown:
+            raise ValueError(f"{section}: unknown key(s) {unknown}; expected {sorted(DEFAULTS[section])}")
+        for key in ("fast", "synthetic", "normalization", "augment"):
+            value, default = recipe[section].get(key), DEFAULTS[section].get(key)
+            if isinstance(value, dict) and isinstance(default, dict):
+                unknown = sorted(set(value) - set(default))
+                if unknown:
+                    raise ValueError(f"{section}.{key}: unknown key(s) {unknown}; expected {sorted(default)}")
+
+
 def load_mixture_data(data: dict, model: dict):
     from hf_vla.data.mixture import load_mixture
 
     if data["eval_split"]:
         raise ValueError("data.eval_split: only with data.lerobot datasets (a mixture draws frames at random)")
+    per_dataset = [key for key in ("embodiment", "cameras", "camera_rename", "action_mode", "normalization")
+                   if data[key] != DEFAULTS["data"][key]]  # fmt: skip
+    if per_dataset:  # the recipes set camera_rename for data.lerobot, so this is a note rather than an error
+        logger.warning(f"data.{', data.'.join(per_dataset)}: not used with data.mixture, whose YAML sets them per "
+                       "dataset (embodiment, cameras, action_mode, normalization)")
     mixture = load_mixture(data["mixture"], action_horizon=model["action_horizon"], decoder=data["video_decoder"])
     logger.info(repr(mixture))
     camera_names = [list(entry.dataset.camera_names) for entry in mixture.entries]
@@ -251,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     recipe_path = argv[0] if argv and not argv[0].startswith("--") else None
     recipe = load_recipe(recipe_path, argv[1:] if recipe_path else argv, defaults=DEFAULTS)
+    check_recipe_keys(recipe)
     model_cfg, data, trainer_cfg = recipe["model"], recipe["data"], recipe["trainer"]
 
     fields, learning_rates, freeze, loss_scale = split_trainer_section(trainer_cfg)
