@@ -1,5 +1,7 @@
 """Bad input gets a ValueError naming the field, the expected and the received value."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import make_oft, random_views
@@ -92,6 +94,10 @@ def test_reserved_tokens_and_bad_stats(oft):
     _, processor = oft
     with pytest.raises(ValueError, match=r"text\[0\]: the instruction may not contain the reserved token '<\|fim_pad\|>'"):
         call(processor, text=["go <|fim_pad|>", "b"])
+    for token in ("<|im_end|>", "<|vision_start|>", "<|image_pad|>"):  # a turn marker, an image placeholder
+        message = rf"text\[1\]: the instruction may not contain the reserved token {re.escape(repr(token))}"
+        with pytest.raises(ValueError, match=message):
+            call(processor, text=["fine", f"stop {token} now"])
     with pytest.raises(ValueError, match=r"compute_norm_stats\('x'\).actions: expected shape \[N, 7\] .* got \[4, 3\]"):
         processor.compute_norm_stats("x", np.zeros((4, 3)))
     bad = processor.compute_norm_stats("x", np.zeros((4, 7)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -39,6 +40,14 @@ def _json_copy(stats: Mapping, field: str) -> dict:
         return json.loads(json.dumps(stats, default=plain))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{field}: statistics must be numbers, strings, lists and maps ({error})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _reserved_tokens(tokenizer, vocabulary_size: int) -> re.Pattern:
+    """The tokenizer's added tokens (chat markers, image and action-query placeholders, action tokens) as one pattern,
+    made once per tokenizer and vocabulary size: an instruction holding one would change the prompt's structure."""
+    tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -292,9 +301,9 @@ class VLAProcessor(ProcessorMixin):
     def _instruction_text(self, instruction: str, normalized_state: np.ndarray | None, b: int) -> str:
         if not isinstance(instruction, str):
             raise ValueError(f"text[{b}]: expected str, got {type(instruction).__name__}")
-        for token in (self.action_query_token, get_backbone_adapter(self.backbone).image_token):
-            if token and token in instruction:
-                raise ValueError(f"text[{b}]: the instruction may not contain the reserved token {token!r}")
+        reserved = _reserved_tokens(self.tokenizer, len(self.tokenizer)).search(instruction)
+        if reserved:  # e.g. <|im_end|> would end the user turn, <|image_pad|> claim an image's place
+            raise ValueError(f"text[{b}]: the instruction may not contain the reserved token {reserved.group(0)!r}")
         text = instruction
         if normalized_state is not None and self.state_in_prompt:
             text += " " + state_to_text(normalized_state, self.state_token_template, self.state_bins)
