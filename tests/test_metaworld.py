@@ -161,6 +161,7 @@ def test_evaluation_settings_that_would_hang_lose_results_or_be_ignored_are_refu
     never_called = lambda obs: pytest.fail("no episode should run")  # noqa: E731
     cases = [
         (dict(tasks=["reach", "reach-v3"]), r"tasks: \['reach'\] listed more than once"),
+        (dict(tasks=["reach", "drawer-opne"]), r"tasks: unknown Meta-World task\(s\) \['drawer-opne'\]; known"),
         (dict(tasks=["reach"], episodes=0), "episodes: expected a positive integer, got 0"),
         (dict(tasks=["reach"], execute_steps=0), "execute_steps: expected a positive integer, got 0"),
         (dict(tasks=["reach"], instructions={"reahc": "go"}), r"instructions: \['reahc'\] are not among"),
@@ -172,6 +173,8 @@ def test_evaluation_settings_that_would_hang_lose_results_or_be_ignored_are_refu
         swapped_instructions(["reach"])
     with pytest.raises(ValueError, match=r"tasks: \['reach'\] listed more than once"):
         generate_demonstrations("/nonexistent", tasks=["reach", "reach_v3"], episodes=1, progress=False)
+    with pytest.raises(ValueError, match=r"tasks: unknown Meta-World task\(s\) \['reahc'\]"):  # before any episode
+        generate_demonstrations("/nonexistent", tasks=["reach", "reahc"], episodes=1, progress=False)
 
 
 def test_swapped_instructions_and_task_names():

@@ -55,15 +55,27 @@ def task_name(task: str) -> str:
     return name[: -len("-v3")] if name.endswith("-v3") else name
 
 
+def known_tasks() -> list[str]:
+    """Meta-World's tasks that have a scripted expert, by `task_name`."""
+    select_gl_backend()  # before metaworld (and mujoco) are imported
+    from metaworld.policies import ENV_POLICY_MAP
+
+    return sorted(task_name(t) for t in ENV_POLICY_MAP)
+
+
 def distinct_task_names(tasks: Sequence[str]) -> list[str]:
-    """`task_name` of each, refusing a task listed twice (under any spelling): its results would overwrite each
-    other."""
+    """`task_name` of each, refusing a task listed twice (under any spelling: its results would overwrite each
+    other) and an unknown one, before any episode runs."""
     names = [task_name(t) for t in tasks]
     if not names:
         raise ValueError("tasks: expected at least one task")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"tasks: {repeated} listed more than once (in {list(tasks)})")
+    known = known_tasks()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"tasks: unknown Meta-World task(s) {unknown}; known tasks: {known}")
     return names
 
 
@@ -82,17 +94,16 @@ class MetaWorldEnv:
     """
 
     def __init__(self, task: str, image_size: int = 112, max_steps: int = 200):
-        select_gl_backend()
-        import metaworld
-        from metaworld.policies import ENV_POLICY_MAP
-
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size: expected a positive integer, got {image_size!r}")
         self.task = task_name(task)
-        env_name = f"{self.task}-v3"
-        if env_name not in ENV_POLICY_MAP:
-            known = sorted(task_name(t) for t in ENV_POLICY_MAP)
+        known = known_tasks()
+        if self.task not in known:
             raise ValueError(f"task: unknown Meta-World task {task!r}; known tasks: {known}")
+        import metaworld
+        from metaworld.policies import ENV_POLICY_MAP
+
+        env_name = f"{self.task}-v3"
         self.instruction = instruction_for(self.task)
         self.image_size, self.max_steps = image_size, max_steps
         benchmark = metaworld.MT1(env_name, seed=0)
