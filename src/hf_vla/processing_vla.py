@@ -45,7 +45,8 @@ def _json_copy(stats: Mapping, field: str) -> dict:
 @functools.lru_cache(maxsize=8)
 def _reserved_tokens(tokenizer, vocabulary_size: int) -> re.Pattern:
     """The tokenizer's added tokens (chat markers, image and action-query placeholders, action tokens) as one pattern,
-    made once per tokenizer and vocabulary size: an instruction holding one would change the prompt's structure."""
+    made once per tokenizer and vocabulary size: an instruction holding one would change the prompt's structure, and
+    the image placeholder must be one (see `_tokenize_prompts`)."""
     tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 
@@ -432,7 +433,7 @@ class VLAProcessor(ProcessorMixin):
         out before anything else, so this equals tokenising the expanded text; it spares the tokenizer hundreds of
         placeholders at every control step whose state text changes the prompt."""
         image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
-        if image_token not in self.tokenizer.get_added_vocab():
+        if not _reserved_tokens(self.tokenizer, len(self.tokenizer)).fullmatch(image_token):  # i.e. an added token
             raise ValueError(f"tokenizer: the image token {image_token!r} must be an added token of the vocabulary")
         placeholder_rows = self.tokenizer(prompts)["input_ids"]
         slots = sum(ids.count(image_token_id) for ids in placeholder_rows)
