@@ -388,6 +388,33 @@ def test_co_training_logs_both_losses_and_the_vlm_loss_falls(vlm_dir, dataset, t
     assert vlm[-1] < 0.9 * vlm[0], vlm
 
 
+@pytest.mark.parametrize("variant", ["oft", "gr00t", "pi", "pi_v3", "bins"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_co_training_reaches_every_trainable_parameter(variant, lora, vlm_dir, dataset, tmp_path):
+    # Co-training runs DDP without its unused-parameter search, so a trainable parameter that neither loss reaches
+    # hangs the reducer (the layer-wise heads' proj_out_1/2 did, and PEFT's head copy made them trainable again).
+    from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
+    from hf_vla.training import add_lora
+    from hf_vla.testing import TINY_HEADS as HEADS
+
+    torch.manual_seed(0)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, action_dim=ACTION_DIM, action_horizon=HORIZON,
+                                     state_dim=STATE_DIM, **HEADS[variant])  # fmt: skip
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[28, 28])
+    processor.set_norm_stats("toy", dataset.compute_stats())
+    if lora:
+        model = add_lora(model, r=4, base_model_name_or_path=str(vlm_dir))
+    chat = load_vlm_chat(write_chat_data(tmp_path))
+    collator = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor), chat_batch_size=2)
+    trainer = VLATrainer(model, training_args(tmp_path / "out"), data_collator=collator, train_dataset=dataset)
+    assert trainer.args.ddp_find_unused_parameters is False
+    model.train()
+    trainer.compute_loss(model, collator([dataset[i] for i in range(4)])).backward()
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    unreached = sorted(name for name, param in model.named_parameters() if param.requires_grad and param.grad is None)
+    assert trainable and not unreached, unreached
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 

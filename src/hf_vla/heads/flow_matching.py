@@ -102,6 +102,8 @@ class FlowMatchingActionHead(nn.Module):
         action_dim: A, width of one action step.
         action_horizon: H, number of action steps predicted by `sample`.
         state_dim: width of the proprioceptive state; None builds no `state_encoder` (state then cannot be given).
+        state_in_prompt: the model writes the state into the prompt (QwenPI_v3) and gives the head none; the
+            `state_encoder` is still built, for checkpoint compatibility, but frozen (`freeze_unused_parameters`).
         dit_hidden_size: D, width of the DiT and of every token it processes (768 GR00T DiT-B, H_vlm for QwenPI,
             1024 for QwenPI_v3).
         num_layers: DiT blocks (16 for GR00T; the number of VLM layers for the layer-wise forms).
@@ -131,6 +133,7 @@ class FlowMatchingActionHead(nn.Module):
         action_dim: int,
         action_horizon: int,
         state_dim: int | None = None,
+        state_in_prompt: bool = False,
         dit_hidden_size: int = 768,
         num_layers: int = 16,
         attention_head_dim: int = 64,
@@ -174,6 +177,7 @@ class FlowMatchingActionHead(nn.Module):
         self.action_dim = action_dim
         self.action_horizon = action_horizon
         self.state_dim = state_dim
+        self.state_in_prompt = state_in_prompt
         self.hidden_size = dit_hidden_size
         self.num_layers = num_layers
         self.layerwise = layerwise
@@ -213,6 +217,18 @@ class FlowMatchingActionHead(nn.Module):
                 )
                 for _ in range(num_layers)
             )
+        self.freeze_unused_parameters()
+
+    def freeze_unused_parameters(self) -> None:
+        """Freezes what no loss reaches but checkpoints carry: `proj_out_1/2` of the layer-wise forms (they decode the
+        DiT's hidden states) and the `state_encoder` when the state goes into the prompt. DDP without unused-parameter
+        search (co-training) would otherwise wait for their gradients forever. `VLATrainer` calls it again, since
+        PEFT's `modules_to_save` copies make every parameter of the head trainable."""
+        unused = [self.model.proj_out_1, self.model.proj_out_2] if self.layerwise else []
+        if self.state_in_prompt and self.state_encoder is not None:
+            unused.append(self.state_encoder)
+        for module in unused:
+            module.requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:

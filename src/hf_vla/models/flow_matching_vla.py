@@ -19,6 +19,7 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
             action_dim=config.action_dim,
             action_horizon=config.action_horizon,
             state_dim=config.state_dim or None,
+            state_in_prompt=config.state_in_prompt,
             attention_head_dim=config.attention_head_dim,
             output_dim=config.dit_output_dim,
             mlp_hidden_size=config.head_hidden_size,

@@ -34,6 +34,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from ..data.collators import METADATA_KEYS, VLM_BATCH_KEY, CoTrainingCollator, VLACollator
+from ..heads.flow_matching import FlowMatchingActionHead
 from .param_groups import build_param_groups, check_paths, freeze_modules
 
 logger = logging.get_logger(__name__)
@@ -91,7 +92,7 @@ class VLATrainer(Trainer):
     `args.remove_unused_columns=False` (raw-sample collators need every column) and, unless given,
     `args.ddp_find_unused_parameters`: True for plain VLA training (the regression and flow heads leave the VLM's
     `lm_head` unused), False for co-training (the VLM loss runs outside DDP's forward, so DDP must not search that
-    forward's graph for unused parameters; every parameter is reached by one of the two losses).
+    forward's graph for unused parameters; every trainable parameter is reached by one of the two losses).
 
     With `lr_scheduler_type="cosine_with_min_lr"` and `lr_scheduler_kwargs={"min_lr": x}`, the base group decays to
     `x` and every other group to the same fraction (`x / args.learning_rate`) of its own peak rate.
@@ -155,6 +156,9 @@ class VLATrainer(Trainer):
 
     def _check_and_freeze(self, model) -> None:
         check_paths(model, self.learning_rates, "learning_rates")
+        for module in model.modules():
+            if isinstance(module, FlowMatchingActionHead):
+                module.freeze_unused_parameters()
         if self.freeze:
             frozen = freeze_modules(model, self.freeze)
             logger.info(f"VLATrainer: froze {frozen:,} parameters under {self.freeze}")
