@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import make_oft, random_views
 
 from hf_vla import VLAPolicy
@@ -62,6 +63,8 @@ def test_nan_in_state(oft):
     state[1, 3] = np.nan
     with pytest.raises(ValueError, match="state: contains NaN or inf"):
         call(processor, state=state)
+    with pytest.raises(ValueError, match=r"state: values beyond float32's range \(largest magnitude 1e\+300\)"):
+        call(processor, state=np.full((2, 6), 1e300))  # finite as float64, inf once cast
 
 
 def test_unknown_unnorm_key_lists_known_keys(oft):
@@ -86,6 +89,17 @@ def test_unknown_unnorm_key_lists_known_keys(oft):
                       states=np.zeros((1, 6)))  # fmt: skip
         with pytest.raises(ValueError, match=r"unnorm_key: expected a key \(str\) or one per sample, got dict"):
             processor.decode_actions(normalized, unnorm_key={"libero": 1})
+        # the key is named as the key, not as the state it would have normalised
+        with pytest.raises(ValueError, match=r"^embodiment: unknown key 'mars'; known keys: \['bridge', 'libero'\]"):
+            call(processor, embodiment="mars")
+        with pytest.raises(ValueError, match=r"^embodiment: several embodiments are known"):
+            call(processor)
+        policy, image = VLAPolicy(*oft), np.zeros((48, 48, 3), np.uint8)
+        obs = {"images": {"primary": image, "wrist": image}, "instruction": "go", "state": np.zeros(6)}
+        with pytest.raises(ValueError, match=r"^unnorm_key: unknown key 'mars'; known keys: \['bridge', 'libero'\]"):
+            policy.predict(obs, unnorm_key="mars")
+        with pytest.raises(ValueError, match=r"^unnorm_key: several embodiments are known"):
+            policy.predict(obs)
     finally:
         del processor.norm_stats["libero"]
 
@@ -128,8 +142,24 @@ def test_policy_observation_errors(oft):
     image = np.zeros((48, 48, 3), np.uint8)
     with pytest.raises(ValueError, match=r"images: expected cameras \['primary', 'wrist'\], missing \['wrist'\], unknown \['top'\]"):
         policy.predict({"images": {"primary": image, "top": image}, "instruction": "go", "state": np.zeros(6)})
-    with pytest.raises(ValueError, match=r"instruction: expected 2 string\(s\)"):
-        batch = np.zeros((2, 48, 48, 3), np.uint8)
-        policy.predict({"images": {"primary": batch, "wrist": batch}, "instruction": "go", "state": np.zeros((2, 6))})
+    batch = np.zeros((2, 48, 48, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"instruction: expected a string or 2 string\(s\), got \['go'\]"):
+        policy.predict({"images": {"primary": batch, "wrist": batch}, "instruction": ["go"], "state": np.zeros((2, 6))})
+    # one string is every sample's instruction, as the server takes it
+    broadcast = policy.predict({"images": {"primary": batch, "wrist": batch}, "instruction": "go",
+                                "state": np.zeros((2, 6))})  # fmt: skip
+    np.testing.assert_array_equal(broadcast, policy.predict({"images": {"primary": batch, "wrist": batch},
+                                                             "instruction": ["go", "go"], "state": np.zeros((2, 6))}))
+    with pytest.raises(ValueError, match=r"^state: missing; this model takes a state of 6 values"):
+        policy.predict({"images": {"primary": image, "wrist": image}, "instruction": "go"})
+    with pytest.raises(ValueError, match=r"images\['wrist'\]: expected dtype uint8, got float32"):
+        policy.predict({"images": {"primary": image, "wrist": image.astype(np.float32)}, "instruction": "go"})
+    with pytest.raises(ValueError, match=r"images\['wrist'\]: expected an RGB image, got PIL mode 'RGBA'"):
+        policy.predict({"images": {"primary": image, "wrist": Image.new("RGBA", (48, 48))}, "instruction": "go"})
+    # an RGB PIL image is one unbatched view, as the processor takes it
+    pil = policy.predict({"images": {"primary": image, "wrist": Image.fromarray(image + 7)}, "instruction": "go",
+                          "state": np.zeros(6)})  # fmt: skip
+    np.testing.assert_array_equal(pil, policy.predict({"images": {"primary": image, "wrist": image + 7},
+                                                       "instruction": "go", "state": np.zeros(6)}))
     with pytest.raises(ValueError, match=r"images\['wrist'\]: expected \[B, H, W, 3\] or \[H, W, 3\], got \[48, 48\]"):
         policy.predict({"images": {"primary": image, "wrist": image[..., 0]}, "instruction": "go"})

@@ -59,6 +59,23 @@ def test_demo_prints_a_chunk(capsys):
     np.testing.assert_allclose(values, expected, atol=1e-4)  # printed at 4 decimals
 
 
+def test_demo_on_a_model_with_state_and_its_input_errors(tmp_path, capsys):
+    from hf_vla.cli import main
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla("oft", tmp_path / "build", state_dim=6)  # two cameras, "demo" statistics
+    model.save_pretrained(tmp_path / "vla")
+    processor.save_pretrained(tmp_path / "vla")
+    assert main(["demo", "--model", str(tmp_path / "vla")]) == 0  # the example has no state: a typical one is sent
+    mean = np.array2string(np.asarray(processor.norm_stats["demo"]["state"]["mean"], np.float32), precision=3)
+    assert f"state {mean} (the 'demo' statistics' typical state)" in capsys.readouterr().out
+    for argv, message in ((["--model", str(tmp_path / "missing")], "--model: no such directory"),
+                          (["--unnorm-key", "mars"], "unnorm_key: unknown key 'mars'; known keys: ['metaworld']")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", *argv])
+        assert exit_info.value.code == 2 and f"hf-vla demo: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_batched_image_path_equals_the_image_processor(tiny_vlm_dirs, family):
 

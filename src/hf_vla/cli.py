@@ -16,6 +16,8 @@ def demo(args) -> int:
     from .policy import VLAPolicy
 
     path = args.model or default_model_dir()
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():  # a path, not a hub id
+        raise FileNotFoundError(f"--model: no such directory {str(path)!r}")
     policy = VLAPolicy.from_pretrained(path)
     obs = example_observation()
     if set(obs["images"]) != set(policy.processor.camera_names):  # another model: the example view for each camera
@@ -23,6 +25,13 @@ def demo(args) -> int:
         obs["images"] = {camera: view for camera in policy.processor.camera_names}
     if args.instruction:
         obs["instruction"] = args.instruction
+    state_note = ""
+    if policy.processor.state_dim:  # the example has no state: a typical one of the embodiment
+        key = policy.processor.embodiment_key(args.unnorm_key, "--unnorm-key")
+        stats = policy.processor.norm_stats[key]["state"]
+        typical = stats.get("mean") or [(low + high) / 2 for low, high in zip(stats["min"], stats["max"])]
+        obs["state"] = np.asarray(typical, np.float32)
+        state_note = f"; state {np.array2string(obs['state'], precision=3)} (the {key!r} statistics' typical state)"
     actions = policy.predict(obs, unnorm_key=args.unnorm_key)
     print(f"model: {path} ({type(policy.model).__name__})")
     results = Path(path) / "eval_results.json"
@@ -31,7 +40,7 @@ def demo(args) -> int:
         shown = [f"{name} {row['success_rate']:.0%}" for name, row in rows.items() if "(" not in name]
         if shown:
             print("closed-loop success: " + ", ".join(shown))
-    print(f"instruction: {obs['instruction']!r}; cameras: {list(obs['images'])}")
+    print(f"instruction: {obs['instruction']!r}; cameras: {list(obs['images'])}{state_note}")
     print(f"action chunk [T={actions.shape[0]}, D={actions.shape[1]}] in robot units:")
     with np.printoptions(precision=4, suppress=True, linewidth=120):
         print(actions)
@@ -103,7 +112,10 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: its message, not a traceback
+        parser.exit(2, f"hf-vla {args.command}: {error}\n")
 
 
 if __name__ == "__main__":

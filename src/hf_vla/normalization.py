@@ -27,6 +27,15 @@ NORM_MODES = ("q99", "min_max", "mean_std", "binary", "identity")
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 
 
+def finite_float32(array: np.ndarray, field: str) -> np.ndarray:
+    """float32 copy of a finite array, refusing values beyond float32's range (the cast would make them inf)."""
+    with np.errstate(over="ignore"):
+        converted = array.astype(np.float32)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and not np.isfinite(converted).all():
+        raise ValueError(f"{field}: values beyond float32's range (largest magnitude {np.abs(array).max():.3g})")
+    return converted
+
+
 def compute_stats(values: np.ndarray | Sequence, mode: str | Sequence[str] = "q99") -> dict:
     """Statistics of a `[N, D]` array (rows are samples) in the processor's format, with a per-dimension mode."""
     x = np.asarray(values, dtype=np.float64)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .modeling_vla import HUB_DOWNLOAD_KWARGS
 from .processing_vla import VLAProcessor
@@ -70,9 +71,16 @@ class VLAPolicy:
         arrays = {}
         for camera in cameras:
             array = images[camera]
+            if isinstance(array, Image.Image):  # one unbatched view, as the processor takes it
+                if array.mode != "RGB":
+                    raise ValueError(f"images[{camera!r}]: expected an RGB image, got PIL mode {array.mode!r}")
+                array = np.asarray(array)
             if not isinstance(array, np.ndarray):
-                raise ValueError(f"images[{camera!r}]: expected a uint8 numpy array, got {type(array).__name__}")
-            if array.ndim not in (3, 4):
+                raise ValueError(f"images[{camera!r}]: expected a uint8 numpy array or an RGB PIL image, got "
+                                 f"{type(array).__name__}")
+            if array.dtype != np.uint8:
+                raise ValueError(f"images[{camera!r}]: expected dtype uint8, got {array.dtype}")
+            if array.ndim not in (3, 4) or array.shape[-1] != 3:
                 raise ValueError(f"images[{camera!r}]: expected [B, H, W, 3] or [H, W, 3], got {list(array.shape)}")
             arrays[camera] = array
         ranks = {a.ndim for a in arrays.values()}
@@ -86,17 +94,21 @@ class VLAPolicy:
             raise ValueError(f"images: cameras have different batch sizes {sizes}")
         batch_size = next(iter(sizes.values()))
 
-        instruction = obs.get("instruction", obs.get("prompt"))
-        if isinstance(instruction, str) and (unbatched or batch_size == 1):
-            instruction = [instruction]
+        instruction = obs.get("instruction")
+        if instruction is None:
+            instruction = obs.get("prompt")
+        if isinstance(instruction, str):  # one instruction for the whole batch, as the server takes it
+            instruction = [instruction] * batch_size
         if not isinstance(instruction, (list, tuple)) or len(instruction) != batch_size:
-            raise ValueError(f"instruction: expected {batch_size} string(s), got {instruction!r:.80}")
+            raise ValueError(f"instruction: expected a string or {batch_size} string(s), got {instruction!r:.80}")
 
         state = obs.get("state")
         if state is not None:
             state = np.asarray(state)
             if unbatched and state.ndim == 1:
                 state = state[None]
+        elif self.processor.state_dim:  # actions without the state the model was trained with are off-distribution
+            raise ValueError(f"state: missing; this model takes a state of {self.processor.state_dim} values")
         views = [[arrays[c][b] for c in cameras] for b in range(batch_size)]
         return {"images": views, "text": list(instruction), "state": state}, unbatched
 
@@ -108,7 +120,7 @@ class VLAPolicy:
         `return_normalized=True`, `(actions, normalized)`: the model's own output beside them, in the normalised
         space of the statistics (what StarVLA's frameworks return as `normalized_actions`)."""
         batch, unbatched = self._batch(obs)
-        key = unnorm_key or self.unnorm_key
+        key = self.processor.embodiment_key(unnorm_key or self.unnorm_key, "unnorm_key")
         parameter = next(self.model.parameters())  # one lookup for both (model.device and model.dtype walk twice)
         device, dtype = parameter.device, parameter.dtype
         try:

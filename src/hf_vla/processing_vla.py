@@ -21,7 +21,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
-from .normalization import FeatureNormalizer, compute_stats, validate_feature_stats
+from .normalization import FeatureNormalizer, compute_stats, finite_float32, validate_feature_stats
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
 STATE_BINS = 256  # uniform bins over [-1, 1] of StarVLA's state text
@@ -236,17 +236,21 @@ class VLAProcessor(ProcessorMixin):
             self._normalizers[key] = (feature_stats, FeatureNormalizer(feature_stats))
         return self._normalizers[key][1]
 
-    def _stats_for(self, key: str | None, field: str) -> dict:
+    def embodiment_key(self, key: str | None, field: str = "embodiment") -> str:
+        """The statistics key `key` names (None: the only one); errors name `field` and list the known keys."""
         if not self.norm_stats:
             raise ValueError(f"{field}: this processor has no normalisation statistics; add them with "
                              "processor.compute_norm_stats(key, actions, states) or set_norm_stats(key, stats)")
         if key is None:
             if len(self.norm_stats) > 1:
                 raise ValueError(f"{field}: several embodiments are known, name one of {sorted(self.norm_stats)}")
-            key = next(iter(self.norm_stats))
+            return next(iter(self.norm_stats))
         if key not in self.norm_stats:
             raise ValueError(f"{field}: unknown key {key!r}; known keys: {sorted(self.norm_stats)}")
-        return self.norm_stats[key]
+        return key
+
+    def _stats_for(self, key: str | None, field: str) -> dict:
+        return self.norm_stats[self.embodiment_key(key, field)]
 
     # ------------------------------------------------------------------ inputs
 
@@ -297,14 +301,19 @@ class VLAProcessor(ProcessorMixin):
             raise ValueError(f"{field}: expected shape {expected}, got {list(array.shape)}")
         if not np.isfinite(array).all():
             raise ValueError(f"{field}: contains NaN or inf")
-        return array.astype(np.float32)
+        return finite_float32(array, field)
+
+    def check_instruction(self, instruction, field: str = "text") -> None:
+        """Raises unless `instruction` is a string free of the tokenizer's added tokens: `<|im_end|>` would end the
+        user turn early, `<|image_pad|>` claim an image's place."""
+        if not isinstance(instruction, str):
+            raise ValueError(f"{field}: expected str, got {type(instruction).__name__}")
+        reserved = _reserved_tokens(self.tokenizer, len(self.tokenizer)).search(instruction)
+        if reserved:
+            raise ValueError(f"{field}: the instruction may not contain the reserved token {reserved.group(0)!r}")
 
     def _instruction_text(self, instruction: str, normalized_state: np.ndarray | None, b: int) -> str:
-        if not isinstance(instruction, str):
-            raise ValueError(f"text[{b}]: expected str, got {type(instruction).__name__}")
-        reserved = _reserved_tokens(self.tokenizer, len(self.tokenizer)).search(instruction)
-        if reserved:  # e.g. <|im_end|> would end the user turn, <|image_pad|> claim an image's place
-            raise ValueError(f"text[{b}]: the instruction may not contain the reserved token {reserved.group(0)!r}")
+        self.check_instruction(instruction, f"text[{b}]")
         text = instruction
         if normalized_state is not None and self.state_in_prompt:
             text += " " + state_to_text(normalized_state, self.state_token_template, self.state_bins)
@@ -368,6 +377,9 @@ class VLAProcessor(ProcessorMixin):
             keys = list(embodiment)
         else:
             keys = [embodiment] * batch_size
+        if state is not None or actions is not None:  # before the values, so a bad key is named as the key
+            for key in set(keys):
+                self.embodiment_key(key)
 
         extra = {}
         normalized_state = None

@@ -4,9 +4,10 @@
         print(client.metadata["action_chunk_size"])
         actions = client.infer({"images": {"primary": image}, "prompt": "pick up the cup"})["actions"]
 
-`infer` raises `ServerError` when the server answers with an error reply; `request` returns any reply as is. A reply
-that does not come within `timeout` (or any failed receive) closes the connection: replies come in request order, so
-the late one would otherwise answer the next request. Connect again to go on.
+`infer` raises `ServerError` when the server answers with an error: a text frame (how this server answers a bad
+openpi-form request, and how openpi servers send tracebacks) or an error map. `request` returns any reply as is, a
+text frame as a str. A reply that does not come within `timeout` (or any failed receive) closes the connection:
+replies come in request order, so the late one would otherwise answer the next request. Connect again to go on.
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ class PolicyClient:
             connect(uri, additional_headers=headers, compression=None, max_size=None, open_timeout=timeout)
         )
         self.metadata: dict = self._receive()  # closes the connection if it fails
+        if not isinstance(self.metadata, dict):
+            self.close()
+            raise ServerError(f"expected the server's metadata map first, got: {self.metadata!r:.2000}", self.metadata)
 
     def infer(self, obs: dict) -> dict:
         """Sends one observation (openpi form) or StarVLA request; returns the reply, raising on an error reply."""
         reply = self.request(obs)
+        if isinstance(reply, str):
+            raise ServerError(reply, reply)
         if isinstance(reply, dict) and (reply.get("error") is not None or reply.get("ok") is False):
             error = reply.get("error")
             message = error.get("message", error) if isinstance(error, dict) else error
@@ -77,9 +83,7 @@ class PolicyClient:
             # Replies come in request order: after a timeout the late reply would answer the next request.
             self.close()
             raise
-        if isinstance(reply, str):  # openpi servers send tracebacks as text frames
-            raise ServerError(f"error from the policy server:\n{reply}", reply)
-        return unpackb(reply)
+        return reply if isinstance(reply, str) else unpackb(reply)
 
     def close(self) -> None:
         self._exit.close()

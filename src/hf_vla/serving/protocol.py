@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..normalization import finite_float32
+
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
 SINGLE_CAMERA_ALIASES = ("image", "observation/image")
 STATE_KEYS = ("state", "observation/state", "observation.state")
@@ -140,6 +142,7 @@ class RequestParser:
     def __init__(self, processor, default_unnorm_key: str | None, limits: Limits):
         self.cameras = list(processor.camera_names)
         self.state_dim = int(processor.state_dim)
+        self.check_instruction = processor.check_instruction
         self.unnorm_keys = sorted(processor.norm_stats or {})
         if default_unnorm_key is None and len(self.unnorm_keys) == 1:
             default_unnorm_key = self.unnorm_keys[0]
@@ -176,7 +179,7 @@ class RequestParser:
             raise ValueError(f"images: cameras have different batch sizes {sizes}")
         self._check_rows(batch, "images")
 
-        text_key = "instruction" if "instruction" in obs else "prompt"
+        text_key = "instruction" if obs.get("instruction") is not None else "prompt"
         instructions = self._instructions(obs.get(text_key), batch, text_key)
         state_key = next((k for k in STATE_KEYS if obs.get(k) is not None), None)
         states = [None] * batch
@@ -188,6 +191,8 @@ class RequestParser:
                 raise ValueError(f"{state_key}: expected [S] or [{batch}, S], got {list(state.shape)}")
             self._check_state_width(state.shape[1], state_key)
             states = list(state)
+        else:
+            self._check_state_given("state", f" (as {', '.join(STATE_KEYS[:-1])} or {STATE_KEYS[-1]})")
         key = self._unnorm_key(obs.get("unnorm_key"), "unnorm_key")
         rows = [
             Row(tuple(arrays[c][b] for c in self.cameras), instructions[b], states[b], key) for b in range(batch)
@@ -214,10 +219,13 @@ class RequestParser:
                 raise ValueError(f"{field_name}: expected a map, got {type(example).__name__}")
             text_key = next((k for k in ("lang", "instruction", "prompt") if k in example), "lang")
             (instruction,) = self._instructions(example.get(text_key), 1, f"{field_name}.{text_key}")
+            views = self._views(example.get("image"), f"{field_name}.image")
             state = None
             if example.get("state") is not None:
                 state = self._example_state(example["state"], f"{field_name}.state")
-            rows.append(Row(self._views(example.get("image"), f"{field_name}.image"), instruction, state, key))
+            else:
+                self._check_state_given(f"{field_name}.state")
+            rows.append(Row(views, instruction, state, key))
         return Request(rows)
 
     def _starvla_batch_images(self, payload: Mapping, where: str) -> Request:
@@ -240,6 +248,8 @@ class RequestParser:
                                  f"sample of batch_images), got {list(state.shape)}")
             self._check_state_width(state.shape[1], f"{where}state")
             states = list(state)
+        else:
+            self._check_state_given(f"{where}state")
         key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
         rows = [Row(self._views(views, f"{where}batch_images[{b}]"), instructions[b], states[b], key)
                 for b, views in enumerate(images)]  # fmt: skip
@@ -291,14 +301,16 @@ class RequestParser:
         if value is None:
             raise ValueError(f"{name}: missing; send the instruction as `prompt` or `instruction`"
                              if name in ("prompt", "instruction") else f"{name}: missing instruction")
-        if isinstance(value, str):
-            value = [value] * batch
-        if not isinstance(value, (list, tuple)) or len(value) != batch or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name}: expected a string or {batch} string(s), got {reprlib.repr(value)}")
-        too_long = [i for i, v in enumerate(value) if len(v) > self.limits.max_instruction_chars]
-        if too_long:
+        texts = {name: value} if isinstance(value, str) else None
+        if texts is None:
+            if not isinstance(value, (list, tuple)) or len(value) != batch or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name}: expected a string or {batch} string(s), got {reprlib.repr(value)}")
+            texts = {f"{name}[{i}]": text for i, text in enumerate(value)}
+        if any(len(text) > self.limits.max_instruction_chars for text in texts.values()):
             raise ValueError(f"{name}: longer than {self.limits.max_instruction_chars} characters")
-        return list(value)
+        for field, text in texts.items():
+            self.check_instruction(text, field)
+        return [value] * batch if isinstance(value, str) else list(value)
 
     def _numeric(self, value: Any, name: str) -> np.ndarray:
         if isinstance(value, (list, tuple)):
@@ -315,7 +327,12 @@ class RequestParser:
             raise ValueError(f"{name}: expected [S] or [B, S], got {list(value.shape)}")
         if not np.isfinite(value).all():
             raise ValueError(f"{name}: contains NaN or inf")
-        return value.astype(np.float32)
+        return finite_float32(value, name)
+
+    def _check_state_given(self, name: str, where: str = "") -> None:
+        # Actions predicted without the state a model was trained with are off-distribution: refuse, do not guess.
+        if self.state_dim:
+            raise ValueError(f"{name}: missing; this model takes a state of {self.state_dim} values{where}")
 
     def _check_state_width(self, width: int, name: str) -> None:
         # A model without state still accepts one (clients often send it anyway; post-processing may use it).
@@ -353,8 +370,10 @@ if __name__ == "__main__":
     frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     openpi = {"observation/primary": frame, "observation/wrist": frame, "prompt": "open the drawer",
               "observation/state": rng.normal(size=processor.state_dim)}  # fmt: skip
-    starvla = {"type": "infer", "payload": {"examples": [{"image": [frame, frame], "lang": "close the door"}] * 2}}
-    legacy = {"batch_images": [[frame, frame]], "instructions": ["push the button"]}
+    state = rng.normal(size=processor.state_dim)
+    starvla = {"type": "infer", "payload": {"examples": [{"image": [frame, frame], "lang": "close the door",
+                                                          "state": state}] * 2}}  # fmt: skip
+    legacy = {"batch_images": [[frame, frame]], "instructions": ["push the button"], "state": state[None]}
     for name, message, read in (("openpi", openpi, parser.openpi), ("StarVLA", starvla, parser.starvla),
                                 ("StarVLA 2025", legacy, parser.starvla)):  # fmt: skip
         request = read(message)

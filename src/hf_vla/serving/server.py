@@ -19,11 +19,14 @@ Requests. Each binary frame is one map, answered by one frame, in order.
      (other keys are ignored); a one-camera model also takes `image` / `observation/image`. Any image size is
      accepted (bicubic resize to `training_obs_image_size`).
    * instruction: `prompt` or `instruction`, a string or one string per sample (a single string is broadcast).
-   * state (optional): `state`, `observation/state` or `observation.state`, float [S] or [B, S].
+   * state: `state`, `observation/state` or `observation.state`, float [S] or [B, S]; required when the model takes
+     one (`state_dim` > 0: actions predicted without it would be off-distribution), otherwise optional (then only
+     `delta_dims` post-processing reads it).
    * `unnorm_key` (optional): which embodiment's statistics decode the actions.
 2. StarVLA form: `{"type": "infer" | "predict_action" | "ping", "request_id": ..., "payload": {"examples": [{"image":
    [uint8 HWC per camera], "lang": str, "state"?: [S]}], "unnorm_key": ...}}`, or the payload's keys at top level;
-   the 2025 form `{"batch_images": [[uint8 HWC per camera]] * B, "instructions": [str] * B, "state"?: [B, S]}` too.
+   the 2025 form `{"batch_images": [[uint8 HWC per camera]] * B, "instructions": [str] * B, "state"?: [B, S]}` too
+   (`state` as in the openpi form: required when the model takes one).
    Reply `{"status": "ok", "ok": True, "type": "inference_result", "request_id": ..., "data": {"actions": [B, T, D],
    "normalized_actions": [B, T, D]}, "server_timing": {...}}`: `actions` in robot units (current StarVLA servers),
    `normalized_actions` the model's output before un-normalisation (what StarVLA's servers sent before they
@@ -40,9 +43,10 @@ Requests. Each binary frame is one map, answered by one frame, in order.
    * `execute_steps` N: keep only the first N steps of each chunk.
    Server-wide defaults come from `--execute-steps`, `--delta-dims`, ... flags.
 
-Errors never close the connection: openpi-form requests (and frames that cannot be read) get
-`{"error": "<field>: <what is wrong>"}`, StarVLA-form ones `{"status": "error", "ok": False, "request_id": ...,
-"error": {"message": ...}}`. Frames over `max_frame_bytes` are refused by websockets itself (close code 1009, the
+Errors never close the connection. An openpi-form request gets a text frame holding `"<field>: <what is wrong>"`,
+as openpi's own server sends its errors (openpi-client raises it: `RuntimeError("Error in inference server: ...")`);
+a StarVLA-form one gets `{"status": "error", "ok": False, "request_id": ..., "error": {"message": ...}}`, and a frame
+that cannot be read at all (not msgpack, not a map) the binary map `{"error": "<field>: <what is wrong>"}`. Frames over `max_frame_bytes` are refused by websockets itself (close code 1009, the
 frame is never read); arrays over `max_array_bytes` and requests over `max_request_rows` samples get error replies,
 and so does a request whose predicted chunk is not finite (FAST's undecodable chunks): no client is sent NaN.
 
@@ -240,8 +244,8 @@ class PolicyServer:
             activity.replied(loop.time())
             async for frame in websocket:
                 activity.request_arrived(loop.time())
-                reply = self._pack(await self._reply(frame, connection))
-                await websocket.send(reply)
+                reply = await self._reply(frame, connection)
+                await websocket.send(reply if isinstance(reply, str) else self._pack(reply))
                 activity.replied(loop.time())
         except websockets.ConnectionClosed:
             pass
@@ -258,9 +262,10 @@ class PolicyServer:
         except Exception as error:  # e.g. an echoed request_id that cannot be packed again
             return packb({"error": f"reply: cannot be packed ({error})"})
 
-    async def _reply(self, frame: bytes | str, connection: _Connection) -> dict:
+    async def _reply(self, frame: bytes | str, connection: _Connection) -> dict | str:
+        """The reply map, or an openpi-form request's error message (sent as a text frame)."""
         start = time.perf_counter()
-        starvla, request_id = False, None
+        starvla, openpi, request_id = False, False, None
         try:
             if isinstance(frame, str):
                 raise ValueError("frame: text frames are not accepted; send a binary msgpack map")
@@ -268,6 +273,7 @@ class PolicyServer:
             if not isinstance(message, dict):
                 raise ValueError(f"message: expected a map, got {type(message).__name__}")
             starvla = any(key in message for key in STARVLA_MARKERS)
+            openpi = not starvla
             request_id = message.get("request_id")
             kind = message.get("type", "infer")
             if kind == "configure":
@@ -289,10 +295,11 @@ class PolicyServer:
                 return {**_ok("inference_result", request_id), "data": data, "server_timing": timing}
             return {"actions": actions, "server_timing": timing}
         except (ValueError, RuntimeError) as error:
-            return _error(str(error), starvla, request_id)
+            return str(error) if openpi else _error(str(error), starvla, request_id)
         except Exception as error:
             logger.exception("request failed")
-            return _error(f"internal error: {type(error).__name__}: {error}", starvla, request_id)
+            message = f"internal error: {type(error).__name__}: {error}"
+            return message if openpi else _error(message, starvla, request_id)
 
     async def _infer(self, request: Request, postprocess: PostProcess) -> tuple[np.ndarray, np.ndarray, BatchResult]:
         """Post-processed actions and the normalised model output (cut to the same `execute_steps`, otherwise
@@ -306,6 +313,8 @@ class PolicyServer:
                                "(e.g. FAST tokens that do not decode); nothing to execute")
         chunks = [postprocess.apply(actions, row.state) for actions, row in zip(result.actions, request.rows)]
         actions = np.stack(chunks).astype(np.float32, copy=False)
+        if not np.isfinite(actions).all():  # e.g. a delta added to a state near float32's limit
+            raise ValueError("actions: post-processing (delta_dims) made non-finite actions; check the state sent")
         normalized = np.stack(result.normalized)[:, : actions.shape[1]].astype(np.float32, copy=False)
         if request.unbatched:
             return actions[0], normalized[0], result
