@@ -506,10 +506,35 @@ def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
     recipe = str(REPO / "trainers" / "recipes" / "oft.yaml")
     for override, message in [(["--data.lerobt", "/data/x"], r"data: unknown key\(s\) \['lerobt'\]"),
                               (["--model.action_horizn", "16"], r"model: unknown key\(s\) \['action_horizn'\]"),
-                              (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\]")]:  # fmt: skip
+                              (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\]"),
+                              (["--model.image_size", "224"], r"model\.image_size: expected \[height, width\] in pixels, got 224"),
+                              (["--model.dtype", "bf16"], r"model\.dtype: expected null, auto or a torch dtype name .*got 'bf16'"),
+                              (["--data.eval_split", "-0.1"], r"data\.eval_split: expected a fraction in \[0, 1\), got -0\.1"),
+                              (["--data.eval_split", "1"], r"data\.eval_split: expected a fraction in \[0, 1\), got 1"),
+                              (["--data.normalization", "q99"], r"data\.normalization: expected \{action: mode, state: mode\}, got 'q99'"),
+                              (["--data.augment.random_shift", "abc"], r"data\.augment: expected \{random_shift: pixels")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             train_vla.main([recipe, "--trainer.output_dir", str(tmp_path), *override])
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_train_vla_statistics_keys_of_several_datasets(train_vla, tmp_path):
+    from hf_vla.data.lerobot import compute_union_stats
+
+    roots = [write_lerobot_dataset(tmp_path / name / "toy", toy_episodes(num_episodes=2 + i), fps=10, video=False)
+             for i, name in enumerate(("a", "b"))]  # fmt: skip
+    run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.max_steps", "1", "--trainer.save_strategy",
+           "no", "--trainer.disable_tqdm", "true", "--data.eval_split", "0", "--model.action_horizon", "4",
+           "--model.image_size", "[28, 28]", "--data.lerobot", f"[{roots[0]}, {roots[1]}]"]  # fmt: skip
+    # both folders are called "toy": named after them, the second's statistics would silently replace the first's
+    with pytest.raises(ValueError, match=r"data\.embodiment: .* \['toy'\] repeat; give one statistics key per"):
+        train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "guessed")])
+    train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "one_key"), "--data.embodiment", "[toy, toy]"])
+    saved = AutoProcessor.from_pretrained(tmp_path / "one_key").norm_stats["toy"]
+    union = compute_union_stats([load_lerobot(root, action_horizon=4) for root in roots])
+    assert saved["num_transitions"] == union["num_transitions"] == 5 * 8  # one key: statistics of both datasets
+    np.testing.assert_allclose(saved["action"]["q99"], union["action"]["q99"], rtol=1e-6)
+    np.testing.assert_allclose(saved["state"]["mean"], union["state"]["mean"], rtol=1e-6)
 
 
 def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root, caplog):
@@ -524,11 +549,12 @@ def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root, caplog):
         "--trainer.max_steps", "2", "--trainer.save_strategy", "no", "--trainer.disable_tqdm", "true",
         "--data.mixture", str(tmp_path / "mix.yaml"), "--data.eval_split", "0",
         "--model.action_horizon", "4", "--model.image_size", "[28, 28]",
+        "--data.camera_rename", "{observation.images.front: primary}",
     ])  # fmt: skip
     processor = AutoProcessor.from_pretrained(out)
     assert sorted(processor.norm_stats) == ["toy_a", "toy_b"]
     assert processor.norm_stats["toy_b"]["action"]["mode"] == ["min_max"] * ACTION_DIM
-    assert "data.camera_rename: not used with data.mixture" in caplog.text  # oft.yaml's, meant for data.lerobot
+    assert "data.camera_rename: not used with data.mixture" in caplog.text  # the mixture YAML renames per dataset
 
 
 def test_saved_recipe_reloads_unchanged(tmp_path):

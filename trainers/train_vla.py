@@ -37,7 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_vla import AutoModelForVLA, VLAProcessor
 from hf_vla.data.augment import RandomShift
 from hf_vla.data.collators import CoTrainingCollator, VLACollator
-from hf_vla.data.lerobot import load_lerobot
+from hf_vla.data.lerobot import compute_union_stats, load_lerobot
 from hf_vla.normalization import normalize
 from hf_vla.training import VLATrainer
 from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
@@ -77,6 +77,10 @@ DEFAULTS = {
     },
     "trainer": {"output_dir": "outputs/vla", "report_to": "none"},
 }
+
+
+# the synthetic demo set's camera features, named as the recipes' processors expect them
+SYNTHETIC_CAMERA_RENAME = {"observation.images.front": "primary", "observation.images.wrist": "wrist"}
 
 
 class WithEmbodiment(Dataset):
@@ -119,7 +123,14 @@ def lerobot_specs(data: dict, output_dir: Path) -> list[tuple[Path, str]]:
         roots = [write_synthetic_dataset(output_dir / "synthetic_dataset", data["synthetic"])]
     roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
     names = data["embodiment"]
-    names = [r.name for r in roots] if names is None else ([names] if isinstance(names, str) else list(names))
+    if names is None:
+        names = [r.name for r in roots]
+        shared = sorted({name for name in names if names.count(name) > 1})
+        if shared:  # folder names are a guess at the embodiment: the same guess twice must not merge statistics
+            raise ValueError(f"data.embodiment: the datasets {[str(r) for r in roots]} would all be named after their "
+                             f"folders, and {shared} repeat; give one statistics key per dataset (the same key for "
+                             "datasets of one embodiment, whose statistics are then computed over both)")
+    names = [names] if isinstance(names, str) else list(names)
     if len(names) != len(roots):
         raise ValueError(f"data.embodiment: {len(names)} names for {len(roots)} datasets")
     return list(zip(roots, names))
@@ -144,21 +155,26 @@ def augmented(train_dataset, data: dict):
 def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     """(train dataset, eval dataset or None, {embodiment: stats}, [(dataset, embodiment)] without cameras)."""
     norm = data["normalization"] or {}
-    train_parts, eval_parts, stats, action_only, camera_names = [], [], {}, [], []
+    camera_rename = data["camera_rename"]
+    if camera_rename is None and data["lerobot"] is None:
+        camera_rename = SYNTHETIC_CAMERA_RENAME
+    train_parts, eval_parts, members, action_only, camera_names = [], [], {}, [], []
     for root, key in lerobot_specs(data, output_dir):
         settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"])
-        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=data["camera_rename"],
+        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=camera_rename,
                                decoder=data["video_decoder"], **settings)  # fmt: skip
-        stats[key] = dataset.compute_stats(action_mode=norm.get("action", "q99"), state_mode=norm.get("state", "q99"))
+        members.setdefault(key, []).append(dataset)
         action_only.append((load_lerobot(root, cameras=[], **settings), key))
         camera_names.append(list(dataset.camera_names))
         tagged = WithEmbodiment(dataset, key)
-        num_eval = int(round(len(dataset) * float(data["eval_split"] or 0.0)))
+        num_eval = int(round(len(dataset) * data["eval_split"]))
         # the tail of the frames is held out: whole episodes except, at most, the one that straddles the cut
         train_parts.append(augmented(Subset(tagged, range(len(dataset) - num_eval)), data))
         if num_eval:
             eval_parts.append(Subset(tagged, range(len(dataset) - num_eval, len(dataset))))
         logger.info(f"{key}: {dataset}")
+    modes = dict(action_mode=norm.get("action", "q99"), state_mode=norm.get("state", "q99"))
+    stats = {key: compute_union_stats(datasets, **modes) for key, datasets in members.items()}
     dims = {(_dim(s, "action"), _dim(s, "state")) for s in stats.values()}
     if len(dims) > 1:
         raise ValueError(f"data.lerobot: datasets of different (action, state) dimensions {sorted(dims)}; "
@@ -173,7 +189,7 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
 def check_recipe_keys(recipe: dict) -> None:
     """Every `model` / `data` key is one this script reads, and so are the keys of the fixed-schema settings under
     them: a misspelt `--data.lerobt` would otherwise train on the synthetic set (`head` and `tiny_vlm` go to configs
-    and builders that check their own keys)."""
+    and builders that check their own keys). The values this script reads itself are checked too."""
     for section in ("model", "data"):
         unknown = sorted(set(recipe[section]) - set(DEFAULTS[section]))
         if unknown:
@@ -184,6 +200,27 @@ def check_recipe_keys(recipe: dict) -> None:
                 unknown = sorted(set(value) - set(default))
                 if unknown:
                     raise ValueError(f"{section}.{key}: unknown key(s) {unknown}; expected {sorted(default)}")
+    check_recipe_values(recipe["model"], recipe["data"])
+
+
+def check_recipe_values(model: dict, data: dict) -> None:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    size = model["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ValueError(f"model.image_size: expected [height, width] in pixels, got {size!r}")
+    if model["dtype"] not in (None, "auto") and not isinstance(getattr(torch, str(model["dtype"]), None), torch.dtype):
+        raise ValueError(f"model.dtype: expected null, auto or a torch dtype name (bfloat16, float16, float32), "
+                         f"got {model['dtype']!r}")
+    if not (number(data["eval_split"]) and 0 <= data["eval_split"] < 1):
+        raise ValueError(f"data.eval_split: expected a fraction in [0, 1), got {data['eval_split']!r}")
+    if data["normalization"] is not None and not isinstance(data["normalization"], dict):
+        raise ValueError(f"data.normalization: expected {{action: mode, state: mode}}, got {data['normalization']!r}")
+    augment = data["augment"] or {}
+    shift = augment.get("random_shift") or 0 if isinstance(augment, dict) else None
+    if not (isinstance(shift, int) and not isinstance(shift, bool) and shift >= 0):
+        raise ValueError(f"data.augment: expected {{random_shift: pixels (an integer >= 0)}}, got {data['augment']!r}")
 
 
 def load_mixture_data(data: dict, model: dict):

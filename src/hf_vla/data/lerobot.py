@@ -297,6 +297,20 @@ class LeRobotDataset(Dataset):
                 f"action_mode={self.action_mode!r})")
 
 
+def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", state_mode="q99") -> dict:
+    """`LeRobotDataset.compute_stats` of several datasets of one embodiment taken together: the exact statistics of
+    their union (the same values concatenated), so that one statistics key serves all of them."""
+    if len(datasets) == 1:
+        return datasets[0].compute_stats(action_mode=action_mode, state_mode=state_mode)
+    stats = {"action": compute_feature_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
+                                             action_mode)}  # fmt: skip
+    if all(d._states is not None for d in datasets):
+        stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
+    stats["num_transitions"] = int(sum(len(d) for d in datasets))
+    stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
+    return stats
+
+
 def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
     """actions [..., T, D] and state [..., D] → actions in `mode` ("abs", "rel" a_t - s_0, "delta" see module doc)."""
     if mode == "abs":

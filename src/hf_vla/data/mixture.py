@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..normalization import STAT_NAMES, compute_stats, expand_modes
-from .lerobot import LeRobotDataset, load_lerobot
+from ..normalization import STAT_NAMES, expand_modes
+from .lerobot import LeRobotDataset, compute_union_stats, load_lerobot
 
 DEFAULT_NORM_MODE = "q99"
 _TOP_KEYS = {"seed", "balance_by_length", "datasets"}
@@ -210,14 +210,7 @@ class VLAMixture(Dataset):
             if not isinstance(dataset, LeRobotDataset):
                 raise TypeError(f"embodiment {key!r}: merging statistics needs LeRobot datasets, datasets[{k}] is a "
                                 f"{type(dataset).__name__}; give it its own embodiment key")
-        # the values LeRobotDataset.compute_stats uses, concatenated: exact statistics of the union
-        stats = {"action": compute_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
-                                         action_modes)}
-        if self.state_dims[first]:
-            stats["state"] = compute_stats(np.concatenate([d._states for d in datasets]), state_modes)
-        stats["num_transitions"] = int(sum(len(d) for d in datasets))
-        stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
-        return stats
+        return compute_union_stats(datasets, action_mode=action_modes, state_mode=state_mode)
 
     def __repr__(self) -> str:
         rows = [f"  [{k}] {entry.embodiment!r} p={p:.3f} frames={n} action_dim={a} state_dim={s}"
