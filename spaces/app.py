@@ -10,8 +10,11 @@ per-dimension plots, a 3-D end-effector path (cumulative xyz deltas) and a table
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
+from collections import deque
 from functools import lru_cache
 
 import gradio as gr
@@ -25,6 +28,9 @@ from hf_vla.defaults import DEFAULT_INSTRUCTION, EXAMPLE_TASKS, default_model_di
 MAX_CAMERAS = 4
 MAX_STATE = 16
 AXES = {7: ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], 4: ["x", "y", "z", "gripper"]}
+KEPT_DOWNLOADS = 32  # CSV files kept on disk (Gradio copies each into its cache when the reply is sent)
+_downloads: deque[str] = deque()
+_download_dir: str | None = None
 
 
 @lru_cache(maxsize=4)
@@ -34,13 +40,35 @@ def _load_policy(model: str) -> VLAPolicy:
 
 def load_policy(model: str) -> VLAPolicy:
     try:
-        return _load_policy(model)
+        policy = _load_policy(model)
     except (OSError, ValueError) as error:  # not a model directory, unknown hub id, malformed files
         raise gr.Error(f"Could not load the model {model!r}: {error}") from error
+    processor = policy.processor
+    if len(processor.camera_names) > MAX_CAMERAS or processor.state_dim > MAX_STATE:
+        raise gr.Error(f"This Space shows up to {MAX_CAMERAS} cameras and {MAX_STATE} state values; "
+                       f"{model or 'the model'} takes {len(processor.camera_names)} cameras and a state of "
+                       f"{processor.state_dim}: serve it with `hf-vla serve` instead.")
+    return policy
 
 
 def dimension_names(action_dim: int) -> list[str]:
     return AXES.get(action_dim, [f"a{i}" for i in range(action_dim)])
+
+
+def state_sliders(model: str, key: str | None) -> list[dict]:
+    """One slider per state dimension, over the range embodiment `key`'s statistics saw."""
+    processor = load_policy(model).processor
+    stats = processor.norm_stats.get(key, {}).get("state") if key else None
+    sliders = []
+    for i in range(MAX_STATE):
+        if i < processor.state_dim and stats is not None:
+            low, high = float(stats["min"][i]), float(stats["max"][i])
+            low, high = (low - 1.0, high + 1.0) if low == high else (low, high)
+            sliders.append({"visible": True, "minimum": low, "maximum": high, "value": float(np.clip(0.0, low, high)),
+                            "step": (high - low) / 100, "label": f"state[{i}]"})  # fmt: skip
+        else:
+            sliders.append({"visible": False})
+    return sliders
 
 
 def control_settings(model: str) -> tuple[str, dict, list[dict], list[dict]]:
@@ -48,19 +76,10 @@ def control_settings(model: str) -> tuple[str, dict, list[dict], list[dict]]:
     policy = load_policy(model)
     processor = policy.processor
     keys = sorted(processor.norm_stats)
-    stats = processor.norm_stats[keys[0]].get("state") if keys else None
     names = processor.camera_names
     cameras = [{"visible": i < len(names), "label": f"Camera: {names[i]}" if i < len(names) else f"Camera {i}"}
                for i in range(MAX_CAMERAS)]  # fmt: skip
-    sliders = []
-    for i in range(MAX_STATE):
-        if i < processor.state_dim and stats is not None:
-            low, high = float(stats["min"][i]), float(stats["max"][i])
-            low, high = (low - 1.0, high + 1.0) if low == high else (low, high)
-            sliders.append({"visible": True, "minimum": low, "maximum": high, "value": float(np.clip(0.0, low, high)),
-                            "label": f"state[{i}]"})  # fmt: skip
-        else:
-            sliders.append({"visible": False})
+    sliders = state_sliders(model, keys[0] if keys else None)
     config = policy.model.config
     info = (f"**{type(policy.model).__name__}** · backbone `{config.vlm_config.model_type}` · cameras {names} · "
             f"state {processor.state_dim} · actions {config.action_horizon}×{config.action_dim}")
@@ -74,6 +93,30 @@ def model_controls(model: str):
     info, embodiments, cameras, sliders = control_settings(model)
     return [model, info, gr.update(**embodiments), *(gr.update(**c) for c in cameras),
             *(gr.update(**s) for s in sliders)]  # fmt: skip
+
+
+def embodiment_controls(loaded: str, key: str | None):
+    """The loaded model's state sliders re-ranged for the chosen embodiment."""
+    processor = load_policy(loaded).processor
+    if key not in processor.norm_stats:  # a custom value being typed: Predict names the known keys
+        return [gr.update() for _ in range(MAX_STATE)]
+    return [gr.update(**slider) for slider in state_sliders(loaded, key)]
+
+
+def download_path() -> str:
+    """A new CSV path; only the last KEPT_DOWNLOADS files stay on disk, and the folder goes at exit."""
+    global _download_dir
+    if _download_dir is None:
+        _download_dir = tempfile.mkdtemp(prefix="hf_vla_space_")
+        atexit.register(shutil.rmtree, _download_dir, ignore_errors=True)
+    handle, path = tempfile.mkstemp(prefix="actions_", suffix=".csv", dir=_download_dir)
+    os.close(handle)
+    _downloads.append(path)
+    while len(_downloads) > KEPT_DOWNLOADS:
+        old = _downloads.popleft()
+        if os.path.exists(old):
+            os.remove(old)
+    return path
 
 
 def predict(model: str, loaded: str, unnorm_key: str | None, instruction: str, *inputs):
@@ -106,7 +149,7 @@ def predict(model: str, loaded: str, unnorm_key: str | None, instruction: str, *
     table = pd.DataFrame(actions.astype(np.float64), columns=names)
     table.insert(0, "step", np.arange(len(actions)))
     long = table.melt(id_vars="step", var_name="dimension", value_name="value")
-    csv = os.path.join(tempfile.mkdtemp(prefix="hf_vla_"), "actions.csv")
+    csv = download_path()
     table.to_csv(csv, index=False)
     summary = (f"{actions.shape[0]} steps × {actions.shape[1]} dims ({unnorm_key or 'default'} units); first step: "
                + ", ".join(f"{n}={v:+.4f}" for n, v in zip(names, actions[0])))  # fmt: skip
@@ -160,6 +203,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         loaded = gr.State(model)  # the model the controls were built for
         controls = [loaded, info, unnorm_key, *cameras, *sliders]
         load_button.click(model_controls, inputs=model_box, outputs=controls, api_name="load_model")
+        unnorm_key.change(embodiment_controls, inputs=[loaded, unnorm_key], outputs=sliders, api_name=False)
         predict_button.click(
             predict,
             inputs=[model_box, loaded, unnorm_key, instruction, *cameras, *sliders],

@@ -17,6 +17,7 @@ pytest.importorskip("metaworld", reason="the `sim` extra (metaworld, mujoco) is 
 
 from hf_vla.sim.evaluation import EvalConfig, InProcessPolicy, ServerPolicy, evaluate  # noqa: E402
 from hf_vla.sim.metaworld import MetaWorldEnv, generate_demonstrations  # noqa: E402
+from hf_vla.serving.client import ServerError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("door-open", "drawer-open")
@@ -76,5 +77,9 @@ def test_served_policy_reproduces_in_process_actions(trained_model):
                         obs, _, _ = env.step(action)
             report = evaluate(remote, EvalConfig(tasks=TASKS[:1], episodes=2), progress=False)
             assert report["tasks"][TASKS[0]]["episodes"] == 2
+            keyed = ServerPolicy(f"ws://127.0.0.1:{server.port}", unnorm_key="mars")  # --unnorm-key reaches the server
+            with pytest.raises(ServerError, match=r"unnorm_key: unknown key 'mars'"):
+                keyed(obs)
+            keyed.close()
         finally:
             remote.close()

@@ -71,3 +71,36 @@ def test_missing_image_is_reported(space):
     with pytest.raises(Exception, match="Add an image for camera 'corner2'"):
         client.predict(default_model_dir(), "metaworld", "go", None, None, None, None, *([0.0] * 16),
                        api_name="/predict")  # fmt: skip
+
+
+def test_models_the_controls_cannot_show_are_refused_and_sliders_follow_the_embodiment(tmp_path):
+    import app
+
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla("oft", tmp_path / "build", state_dim=20)
+    model.save_pretrained(tmp_path / "wide")
+    processor.save_pretrained(tmp_path / "wide")
+    with pytest.raises(gr.Error, match=r"up to 4 cameras and 16 state values; .* takes 2 cameras and a state of 20"):
+        app.load_policy(str(tmp_path / "wide"))
+
+    model, processor = build_tiny_vla("oft", tmp_path / "build2", state_dim=3)
+    rng = np.random.default_rng(0)
+    processor.compute_norm_stats("far", rng.normal(size=(64, 7)), rng.uniform(10, 20, size=(64, 3)))
+    model.save_pretrained(tmp_path / "two")
+    processor.save_pretrained(tmp_path / "two")
+    path = str(tmp_path / "two")
+    for key in ("demo", "far"):
+        sliders = [update for update in app.embodiment_controls(path, key) if update.get("visible")]
+        stats = processor.norm_stats[key]["state"]
+        assert [s["minimum"] for s in sliders] == pytest.approx(stats["min"])
+        assert [s["maximum"] for s in sliders] == pytest.approx(stats["max"])
+    assert all(update == gr.update() for update in app.embodiment_controls(path, "typing..."))
+
+
+def test_downloads_do_not_pile_up():
+    import app
+
+    paths = [app.download_path() for _ in range(app.KEPT_DOWNLOADS + 5)]
+    assert len(set(paths)) == len(paths)
+    assert sum(Path(p).exists() for p in paths) == app.KEPT_DOWNLOADS and Path(paths[-1]).exists()

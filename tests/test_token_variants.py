@@ -117,6 +117,13 @@ def test_overfit_then_decode_through_the_kv_cache(tiny_vlm_dirs, fast_tokenizer)
         uncached = model.generate_actions(**inputs, use_cache=False)
         assert cached.action_token_ids == uncached.action_token_ids
         assert cached.valid.all()
+        # a callback predicting mid-training: a checkpointed backbone drops its KV cache in training mode
+        model.gradient_checkpointing_enable()
+        model.train()
+        assert model.generate_actions(**inputs).action_token_ids == cached.action_token_ids
+        model.gradient_checkpointing_disable()
+        model.eval()
+        assert model.action_head is None  # the head is the vocabulary
         if variant == "fast":
             assert cached.action_token_ids == fast_tokenizer(targets)
             bound = np.sqrt(T) * 0.5 / fast_tokenizer.scale

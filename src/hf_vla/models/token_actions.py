@@ -77,6 +77,7 @@ class VLATokenActionModel(VLAPreTrainedModel):
 
     def __init__(self, config: VLATokenActionConfig):
         super().__init__(config)
+        self.action_head = None  # the head is the VLM's own vocabulary
         self.post_init()
 
     # ------------------------------------------------------------------ to implement
@@ -187,6 +188,9 @@ class VLATokenActionModel(VLAPreTrainedModel):
     @torch.no_grad()
     def generate_actions(self, use_cache: bool = True, **inputs) -> ActionDecoding:
         """Greedy, KV-cached decoding of an action reply, constrained to action tokens (and end of turn)."""
+        if self.training and self.vlm.is_gradient_checkpointing:
+            # a checkpointed backbone in training mode drops its cache while generate still feeds one token a step
+            use_cache = False
         offset, count, eos = self.config.action_token_offset, self.config.num_action_tokens, self.config.eos_token_id
         min_new, max_new = self.generation_limits()
         allowed = torch.arange(offset, offset + count)

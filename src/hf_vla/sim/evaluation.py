@@ -195,16 +195,19 @@ def add_to_model_card_results(report: Mapping, model_dir, suffix: str = "") -> P
 class ServerPolicy:
     """An openpi-protocol policy server as a policy callable (`hf-vla serve` or any compatible server)."""
 
-    def __init__(self, uri: str, api_key: str | None = None):
+    def __init__(self, uri: str, api_key: str | None = None, unnorm_key: str | None = None):
         from ..serving.client import PolicyClient
 
         self.client = PolicyClient(uri, port=None, api_key=api_key)
         self.metadata = self.client.metadata
+        self.unnorm_key = unnorm_key
 
     def __call__(self, obs: Mapping) -> np.ndarray:
         request = {"images": dict(obs["images"]), "prompt": obs["instruction"]}
         if self.metadata.get("state_dim"):
             request["state"] = obs["state"]
+        if self.unnorm_key is not None:
+            request["unnorm_key"] = self.unnorm_key
         return self.client.infer(request)["actions"]
 
     def close(self):
@@ -243,7 +246,7 @@ def add_eval_arguments(parser):
     parser.add_argument("--model", help="model directory or hub id (in-process VLAPolicy)")
     parser.add_argument("--server", help="ws://host:port of a policy server, instead of --model")
     parser.add_argument("--api-key", help="the server's API key")
-    parser.add_argument("--unnorm-key", help="statistics to decode actions with (in-process)")
+    parser.add_argument("--unnorm-key", help="statistics to decode actions with (sent to the server with --server)")
     parser.add_argument("--tasks", nargs="+", default=list(EASY_TASKS))
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="first episode seed")
@@ -266,7 +269,10 @@ def run_eval(args) -> int:
     config = EvalConfig(tasks=args.tasks, episodes=args.episodes, seed=args.seed, execute_steps=args.execute_steps,
                         max_steps=args.max_steps, image_size=args.image_size, blank_image=args.blank_image,
                         instructions=instructions, video_dir=None if args.no_video else str(Path(args.out) / "videos"))  # fmt: skip
-    policy = ServerPolicy(args.server, args.api_key) if args.server else InProcessPolicy(args.model, args.unnorm_key)
+    if args.server:
+        policy = ServerPolicy(args.server, args.api_key, unnorm_key=args.unnorm_key)
+    else:
+        policy = InProcessPolicy(args.model, args.unnorm_key)
     try:
         report = evaluate(policy, config)
     finally:
