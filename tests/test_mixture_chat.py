@@ -391,11 +391,18 @@ def test_encode_chat_truncation(chat_dir, tiny_vlm_dirs):
     full = processor.encode_chat([sample])
     last_image = int((full["input_ids"][0] == full["input_ids"].new_tensor(
         processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))).nonzero().max())
-    cut = processor.encode_chat([sample], max_length=last_image + 8)
-    assert cut["input_ids"].shape == (1, last_image + 8)
-    torch.testing.assert_close(cut["labels"][0], full["labels"][0, : last_image + 8])
+    first_reply = int((full["labels"][0] != -100).nonzero().min())
+    assert last_image < first_reply < full["input_ids"].shape[1] - 3
+    cut = processor.encode_chat([sample], max_length=first_reply + 3)
+    assert cut["input_ids"].shape == (1, first_reply + 3)
+    torch.testing.assert_close(cut["labels"][0], full["labels"][0, : first_reply + 3])
     with pytest.raises(ValueError, match=r"samples\[0\]: max_length=.*image tokens"):
         processor.encode_chat([sample], max_length=last_image)
+    # a cut before the first reply token would leave nothing to learn (the VLM loss would be NaN)
+    assert (processor.encode_chat([sample], max_length=first_reply + 1)["labels"] != -100).sum() == 1
+    with pytest.raises(ValueError, match=rf"samples\[0\]: max_length={first_reply} would cut away every reply "
+                                         rf"token .* its reply starts at token {first_reply}\)"):
+        processor.encode_chat([sample], max_length=first_reply)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])

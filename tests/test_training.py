@@ -575,6 +575,17 @@ def test_group_learning_rates_logged_for_no_decay_only_paths():
               {"name": "action_head (no decay)", "lr": 1e-3}, {"name": "vlm.model.norm (no decay)", "lr": 5e-6}]
     trainer = SimpleNamespace(learning_rates={"action_head": 1e-3, "vlm.model.norm": 5e-6},
                               optimizer=SimpleNamespace(param_groups=groups))  # fmt: skip
-    logs = {}
-    VLATrainer._log_group_learning_rates(trainer, logs)
-    assert logs == {"learning_rate/action_head": 1e-3, "learning_rate/vlm.model.norm": 5e-6}
+    assert VLATrainer._group_learning_rates(trainer) == {"learning_rate/action_head": 1e-3,
+                                                         "learning_rate/vlm.model.norm": 5e-6}
+
+
+def test_group_learning_rates_are_logged_beside_the_rate_the_step_used(vlm_dir, dataset, tmp_path):
+    model, processor = make_model(vlm_dir, dataset)
+    args = training_args(tmp_path, max_steps=4, warmup_steps=2, learning_rate=1e-4, lr_scheduler_type="linear")
+    trainer = VLATrainer(model, args, train_dataset=dataset, processing_class=processor,
+                         learning_rates={"action_head": 1e-3})  # fmt: skip
+    trainer.train()
+    rows = [(entry["learning_rate"], entry["learning_rate/action_head"]) for entry in trainer.state.log_history
+            if "learning_rate/action_head" in entry]  # fmt: skip
+    assert len(rows) == 4 and rows[0] == (0.0, 0.0)  # the first warm-up step runs at rate 0, in every group
+    assert [head for _, head in rows[1:]] == pytest.approx([10 * base for base, _ in rows[1:]])

@@ -540,6 +540,12 @@ class VLAProcessor(ProcessorMixin):
                 if image_token_id in ids[max_length:]:
                     raise ValueError(f"samples[{b}]: max_length={max_length} would cut into its image tokens (the "
                                      f"sample has {len(ids)} tokens); raise max_length or drop the sample")
+                kept = labels[1:max_length]  # the first position is never scored (labels shift by one)
+                if all(label == -100 for label in kept) and any(label != -100 for label in labels[1:]):
+                    raise ValueError(f"samples[{b}]: max_length={max_length} would cut away every reply token (the "
+                                     f"sample has {len(ids)} tokens, its reply starts at token "
+                                     f"{next(i for i, label in enumerate(labels) if label != -100)}); raise "
+                                     "max_length or drop the sample")
                 ids, labels = ids[:max_length], labels[:max_length]
             rows.append((ids, labels))
 

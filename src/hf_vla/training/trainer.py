@@ -75,6 +75,17 @@ class DatasetEpochCallback(TrainerCallback):
             dataset.set_epoch(int(state.epoch + 1e-6))  # state.epoch: epochs done, fractional after a mid-epoch resume
 
 
+class GroupRatesAtStep(TrainerCallback):
+    """Snapshots the per-group learning rates when the optimizer steps, before the scheduler moves them on: the
+    rates a step used, as Trainer's own logged `learning_rate` is."""
+
+    def __init__(self, trainer: VLATrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._rates_at_last_step = self.trainer._group_learning_rates()
+
+
 class VLATrainer(Trainer):
     r"""
     `Trainer` for `VLAPreTrainedModel`s; see the module docstring.
@@ -153,6 +164,8 @@ class VLATrainer(Trainer):
             **kwargs,
         )
         self.add_callback(DatasetEpochCallback)
+        self._rates_at_last_step: dict[str, float] = {}
+        self.add_callback(GroupRatesAtStep(self))
 
     def _check_and_freeze(self, model) -> None:
         check_paths(model, self.learning_rates, "learning_rates")
@@ -270,12 +283,17 @@ class VLATrainer(Trainer):
         super().log(logs, start_time)
 
     def _log_group_learning_rates(self, logs: dict) -> None:
+        logs.update(getattr(self, "_rates_at_last_step", None) or self._group_learning_rates())
+
+    def _group_learning_rates(self) -> dict[str, float]:
         if not self.learning_rates or self.optimizer is None:
-            return
+            return {}
+        rates = {}
         for group in self.optimizer.param_groups:  # a path's decay and no-decay groups share its rate
             name = group.get("name", "").removesuffix(" (no decay)")
             if name in self.learning_rates:
-                logs[f"learning_rate/{name}"] = float(group["lr"])
+                rates[f"learning_rate/{name}"] = float(group["lr"])
+        return rates
 
     # ------------------------------------------------------------------ end of run
 
