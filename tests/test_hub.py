@@ -93,6 +93,10 @@ def test_card_reads_what_train_vla_saves(model_dir, tmp_path):
     for spec in (json.dumps(mixture), str(run / "mix.yaml")):
         (run / "training_recipe.yaml").write_text(f"data:\n  mixture: {spec}\n")
         assert build_model_card(run).data.to_dict()["datasets"] == ["lerobot/aloha", "lerobot/pusht"]
+    (run / "training_recipe.yaml").write_text(f"data:\n  lerobot: [lerobot/pusht, {tmp_path / 'data' / 'my_demos'}]\n")
+    card = build_model_card(run)
+    assert card.data.to_dict()["datasets"] == ["lerobot/pusht"]
+    assert "Datasets: [lerobot/pusht](https://huggingface.co/datasets/lerobot/pusht), `my_demos` (local)." in card.text
 
 
 def run_against_fake_hub(script: str, tmp_path) -> dict:

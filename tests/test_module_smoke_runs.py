@@ -35,6 +35,11 @@ def module_path(module: str) -> Path:
     return PACKAGE_ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
 
 
+def command_line_modules() -> list[str]:
+    """Modules whose smoke run reads command-line arguments."""
+    return [m for m in package_modules() if any(s in module_path(m).read_text() for s in ("sys.argv", "ArgumentParser("))]
+
+
 @pytest.mark.parametrize("module", package_modules())
 def test_module_has_a_smoke_run(module):
     assert 'if __name__ == "__main__":' in module_path(module).read_text(), f"{module} has no smoke run"
@@ -44,10 +49,18 @@ def test_module_has_a_smoke_run(module):
 def smoke_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMOKE_TMP": str(tmp)}
-    result = subprocess.run([sys.executable, __file__, *package_modules()], capture_output=True, text=True, env=env,
-                            cwd=tmp, timeout=600)  # fmt: skip
+    runs = [*package_modules(), *(f"{m} --help" for m in command_line_modules())]
+    result = subprocess.run([sys.executable, __file__, *runs], capture_output=True, text=True, env=env, cwd=tmp,
+                            timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return {**json.loads(result.stdout.splitlines()[-1]), "files_left_in_cwd": sorted(os.listdir(tmp))}
+
+
+@pytest.mark.parametrize("module", command_line_modules())
+def test_command_line_module_answers_help(smoke_runs, module):
+    run = smoke_runs[f"{module} --help"]
+    assert run["error"] is None and "usage:" in run["output"], f"{module} --help:\n{run['error']}\n{run['output']}"
+    assert "--help" not in smoke_runs["files_left_in_cwd"]  # not taken for an output path
 
 
 @pytest.mark.parametrize("module", package_modules())
@@ -67,10 +80,12 @@ def _run_all(modules: list[str]) -> dict:
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")  # "found in sys.modules": expected
     tmp = os.environ.get("SMOKE_TMP", ".")
     results = {}
-    for module in modules:
+    for run in modules:
+        module, _, help_flag = run.partition(" ")
         output = io.StringIO()
         error = None
-        argv = [module] + [arg.format(tmp=tmp) for arg in ARGUMENTS.get(module, [])]
+        arguments = [help_flag] if help_flag else [arg.format(tmp=tmp) for arg in ARGUMENTS.get(module, [])]
+        argv = [module, *arguments]
         sys.argv = argv
         try:
             with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
@@ -80,7 +95,7 @@ def _run_all(modules: list[str]) -> dict:
                 error = f"exit status {exit_.code}"
         except BaseException:  # noqa: BLE001 (the report carries it to the test)
             error = traceback.format_exc()
-        results[module] = {"output": output.getvalue(), "error": error}
+        results[run] = {"output": output.getvalue(), "error": error}
     return results
 
 

@@ -592,10 +592,13 @@ def pixel_value(episode: int, frame: int, camera: int = 0) -> int:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
     import tempfile
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="lerobot_tiny_")) / "dataset"
+    parser = argparse.ArgumentParser(description="Write a small synthetic LeRobot v3.0 dataset (with videos).")
+    parser.add_argument("out", nargs="?", help="dataset folder to create (default: a new temporary folder)")
+    args = parser.parse_args()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lerobot_tiny_")) / "dataset"
     write_lerobot_dataset(out, synthetic_episodes(), fps=10, robot_type="synthetic")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         print(f"{path.stat().st_size:>8}  {path.relative_to(out)}")

@@ -331,15 +331,19 @@ class _CallableDecoder:
 
 
 if __name__ == "__main__":
-    import sys
-
+    import argparse
     import tempfile
 
-    if len(sys.argv) == 2 or sys.argv[1:2] in (["-h"], ["--help"]):
-        sys.exit("usage: python -m hf_vla.data.video [VIDEO.mp4 T1 [T2 ...]]  (no arguments: a synthetic video)")
+    parser = argparse.ArgumentParser(description="Decode frames of a video at timestamps (no arguments: a synthetic "
+                                                 "video).")
+    parser.add_argument("video", nargs="?", help="an .mp4 file")
+    parser.add_argument("timestamps", nargs="*", type=float, help="seconds")
+    args = parser.parse_args()
+    if args.video and not args.timestamps:
+        parser.error("give at least one timestamp after the video")
     with tempfile.TemporaryDirectory() as scratch:
-        if len(sys.argv) > 2:
-            path, timestamps = sys.argv[1], [float(t) for t in sys.argv[2:]]
+        if args.video:
+            path, timestamps = args.video, args.timestamps
         else:  # frame f of a 10 fps synthetic video is filled with pixel_value(0, f)
             from .lerobot_writer import VideoFileWriter, pixel_value
 

@@ -102,7 +102,9 @@ def build_model_card(
         default_unnorm_key=next(iter(processor.norm_stats), "…"),
         parameter_table=table,
         total_parameters=sum(c for _, c in table),
-        datasets=datasets,
+        # a local folder is named, not located: its path means nothing on the Hub
+        datasets=[f"[{d}](https://huggingface.co/datasets/{d})" if _looks_like_hub_id(d) else f"`{Path(d).name}` (local)"
+                  for d in datasets],  # fmt: skip
         recipe=recipe.strip() if recipe else None,
         evaluation=evaluation,
         held_out=held_out,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 from pathlib import Path
 
 PACKAGE = "hf_vla"
@@ -130,8 +129,14 @@ def export_remote_code(model_dir: str | Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        print("\n".join(export_remote_code(sys.argv[1])))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the self-contained modules that let a saved model directory "
+                                                 "load with trust_remote_code=True (no hf_vla installed).")
+    parser.add_argument("model_dir", nargs="?", help="a saved model directory (default: a tiny GR00T, for a look)")
+    args = parser.parse_args()
+    if args.model_dir:
+        print("\n".join(export_remote_code(args.model_dir)))
     else:  # smoke run: the release folder of a tiny model
         import tempfile
 
