@@ -269,6 +269,53 @@ def test_stats_feed_processor_for_a_mixed_batch(mixed, tiny_vlm_dirs):
     assert {s["embodiment"] for s in samples} == {"arm7", "arm4", "nostate"}
 
 
+def test_a_mixture_model_predicts_and_serves_each_embodiment_at_its_own_width(mixed, tiny_vlm_dirs):
+    from hf_vla import AutoModelForVLA, VLAPolicy
+    from hf_vla.serving.client import PolicyClient, ServerError
+    from hf_vla.serving.server import PolicyServer
+
+    vlm_dir = tiny_vlm_dirs["qwen2_5_vl"]
+    torch.manual_seed(0)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant="oft", action_dim=mixed.action_dim, action_horizon=HORIZON,
+                                     state_dim=mixed.state_dim)  # 7 and 7: arm4 (4, 3) and nostate (2, 0) padded
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary"], image_size=[28, 28])
+    for key, value in mixed.compute_norm_stats().items():
+        processor.set_norm_stats(key, value)
+    assert {k: processor.embodiment_dims(k) for k in ("arm7", "arm4", "nostate")} == {
+        "arm7": (7, 7), "arm4": (4, 3), "nostate": (2, 0)}
+    policy = VLAPolicy(model, processor)
+    image = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    obs = {"images": {"primary": image}, "instruction": "stack the cubes"}
+    state3 = np.array([0.2, -0.1, 0.3], np.float32)
+
+    own = policy.predict({**obs, "state": state3}, unnorm_key="arm4")
+    padded, normalized = policy.predict({**obs, "state": np.r_[state3, np.zeros(4, np.float32)]}, unnorm_key="arm4",
+                                        return_normalized=True)  # fmt: skip
+    assert own.shape == (HORIZON, 4)  # arm4's own action dimensions, not the mixture's 7
+    np.testing.assert_array_equal(own, padded)  # its own state is zero-padded, as the mixture trained it
+    np.testing.assert_allclose(own, processor.decode_actions(normalized, "arm4"), atol=1e-6)
+    assert policy.predict({**obs, "state": np.zeros(7)}, unnorm_key="arm7").shape == (HORIZON, 7)
+    nostate = policy.predict(obs, unnorm_key="nostate")  # no state: zeros, as in training
+    np.testing.assert_array_equal(nostate, policy.predict({**obs, "state": np.zeros(7)}, unnorm_key="nostate"))
+    assert nostate.shape == (HORIZON, 2)
+    with pytest.raises(ValueError, match=r"state: expected shape \[1, 3\] \(embodiment 'arm4'.s own state\) or "
+                                         r"\[1, 7\] \(padded to the model's\), got \[1, 5\]"):
+        policy.predict({**obs, "state": np.zeros(5)}, unnorm_key="arm4")
+    with pytest.raises(ValueError, match=r"state: missing; this model takes a state of 3 values"):
+        policy.predict(obs, unnorm_key="arm4")
+
+    with PolicyServer(policy, port=0) as server, PolicyClient("127.0.0.1", server.port) as client:
+        assert client.metadata["embodiment_dims"]["arm4"] == {"action_dim": 4, "state_dim": 3}
+        reply = client.infer({**obs, "state": state3, "unnorm_key": "arm4"})["actions"]
+        np.testing.assert_allclose(reply, own, atol=1e-5)
+        np.testing.assert_allclose(client.infer({**obs, "unnorm_key": "nostate"})["actions"], nostate, atol=1e-5)
+        with pytest.raises(ServerError, match=r"state: expected 3 \(embodiment 'arm4'.s own\) or 7 values per "
+                                              r"sample, got 5"):
+            client.infer({**obs, "state": np.zeros(5, np.float32), "unnorm_key": "arm4"})
+        with pytest.raises(ServerError, match=r"state: missing; this model takes a state of 3 values"):
+            client.infer({**obs, "unnorm_key": "arm4"})
+
+
 # ---------------------------------------------------------------- VLM chat data
 
 CHAT = [

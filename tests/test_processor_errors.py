@@ -121,6 +121,12 @@ def test_reserved_tokens_and_bad_stats(oft):
         processor.set_norm_stats("x", bad)
     with pytest.raises(ValueError, match=r"unknown normalisation mode\(s\) \['bogus'\]"):
         processor.compute_norm_stats("x", np.zeros((4, 7)), action_mode="bogus")
+    good = processor.compute_norm_stats("x", np.zeros((4, 7)))
+    del processor.norm_stats["x"]
+    for width in (8, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"norm_stats\['x'\]\['action'\].embodiment_dim: expected an integer "
+                                             r"in \[0, 7\]"):
+            processor.set_norm_stats("x", {**good, "action": {**good["action"], "embodiment_dim": width}})
 
 
 def test_model_rejects_wrong_query_count_and_action_shape(oft):

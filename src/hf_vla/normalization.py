@@ -92,6 +92,10 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
         raise ValueError(f"{field}: statistics have different lengths {lengths}")
     dim = lengths["mode"]
     expand_modes(stats["mode"], dim, f"{field}.mode")
+    own = stats.get("embodiment_dim", dim)
+    if isinstance(own, bool) or not isinstance(own, int) or not 0 <= own <= dim:
+        raise ValueError(f"{field}.embodiment_dim: expected an integer in [0, {dim}] (the embodiment's own dimensions, "
+                         f"the rest padding), got {own!r}")
     values = {name: np.asarray(stats[name], dtype=np.float64) for name in STAT_NAMES}
     for bad, message in ((values["std"] < 0, "std: negative"), (values["min"] > values["max"], "min: above max"),
                          (values["q01"] > values["q99"], "q01: above q99")):  # fmt: skip

@@ -17,6 +17,8 @@ class VLAPolicy:
 
     An observation is batch-first, as openpi / RLinf clients send it:
         {"images": {camera: uint8 [B, H, W, 3]}, "instruction": [str] * B, "state": float [B, S]}
+    The state is required when the model takes one. For an embodiment that a cross-embodiment mixture padded, the
+    state may be its own (narrower) one and the actions come back at its own width.
     A single unbatched observation ({camera: [H, W, 3]}, one string, state [S]) is accepted too; its result is [T, D]
     instead of [B, T, D]. `prompt` is accepted as a synonym of `instruction`.
 
@@ -107,8 +109,6 @@ class VLAPolicy:
             state = np.asarray(state)
             if unbatched and state.ndim == 1:
                 state = state[None]
-        elif self.processor.state_dim:  # actions without the state the model was trained with are off-distribution
-            raise ValueError(f"state: missing; this model takes a state of {self.processor.state_dim} values")
         views = [[arrays[c][b] for c in cameras] for b in range(batch_size)]
         return {"images": views, "text": list(instruction), "state": state}, unbatched
 
@@ -121,6 +121,9 @@ class VLAPolicy:
         space of the statistics (what StarVLA's frameworks return as `normalized_actions`)."""
         batch, unbatched = self._batch(obs)
         key = self.processor.embodiment_key(unnorm_key or self.unnorm_key, "unnorm_key")
+        state_width = self.processor.embodiment_dims(key)[1]
+        if batch["state"] is None and state_width:  # actions without the state the model trained with: off-distribution
+            raise ValueError(f"state: missing; this model takes a state of {state_width} values")
         parameter = next(self.model.parameters())  # one lookup for both (model.device and model.dtype walk twice)
         device, dtype = parameter.device, parameter.dtype
         try:

@@ -252,6 +252,16 @@ class VLAProcessor(ProcessorMixin):
     def _stats_for(self, key: str | None, field: str) -> dict:
         return self.norm_stats[self.embodiment_key(key, field)]
 
+    def embodiment_dims(self, key: str | None) -> tuple[int, int]:
+        """(action, state) widths of embodiment `key` itself. A cross-embodiment mixture pads every embodiment to the
+        model's widths and records the real ones as `embodiment_dim`; other statistics span the model's widths."""
+        stats = (self.norm_stats or {}).get(key) if key is not None else None
+        if stats is None:
+            return self.action_dim, self.state_dim
+        action = stats["action"].get("embodiment_dim", self.action_dim)
+        state = stats["state"].get("embodiment_dim", self.state_dim) if "state" in stats else self.state_dim
+        return action, state
+
     # ------------------------------------------------------------------ inputs
 
     def _check_views(self, images, batch_size: int) -> list[list[np.ndarray]]:
@@ -288,6 +298,25 @@ class VLAProcessor(ProcessorMixin):
             # bicubic, as Qwen's image processor and StarVLA (PIL's default) resize: the pixels a checkpoint trained on
             return np.asarray(image.resize((width, height), Image.BICUBIC))
         return np.asarray(view)
+
+    def _own_state_width(self, keys: list) -> int:
+        """The state width the batch's embodiment gives itself (the model's unless a mixture padded it)."""
+        try:
+            widths = {self.embodiment_dims(self.embodiment_key(key))[1] for key in set(keys)}
+        except ValueError:  # no statistics, or no key among several: normalising the state reports it, if given
+            return self.state_dim
+        return widths.pop() if len(widths) == 1 else self.state_dim
+
+    def _padded_state(self, state, width: int, keys: list, batch_size: int) -> np.ndarray:
+        """The raw state at the model's width; an embodiment's own, narrower state is zero-padded as in training."""
+        shape = tuple(np.shape(state))
+        if width < self.state_dim and shape == (batch_size, width):
+            raw = self._check_array(state, "state", (batch_size, width))
+            return np.pad(raw, ((0, 0), (0, self.state_dim - width)))
+        if width < self.state_dim and shape != (batch_size, self.state_dim):
+            raise ValueError(f"state: expected shape [{batch_size}, {width}] (embodiment {keys[0]!r}'s own state) or "
+                             f"[{batch_size}, {self.state_dim}] (padded to the model's), got {list(shape)}")
+        return self._check_array(state, "state", (batch_size, self.state_dim))
 
     def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
         """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""
@@ -383,10 +412,13 @@ class VLAProcessor(ProcessorMixin):
 
         extra = {}
         normalized_state = None
+        if state is not None and self.state_dim == 0:
+            raise ValueError("state: this model takes no state (state_dim=0)")
+        own_state = self._own_state_width(keys) if self.state_dim else 0
+        if state is None and self.state_dim and own_state == 0:
+            state = np.zeros((batch_size, 0), np.float32)  # an embodiment without state: zeros, as a mixture pads it
         if state is not None:
-            if self.state_dim == 0:
-                raise ValueError("state: this model takes no state (state_dim=0)")
-            raw = self._check_array(state, "state", (batch_size, self.state_dim))
+            raw = self._padded_state(state, own_state, keys, batch_size)
             normalized_state = self._normalize_rows(raw, keys, "state", "state")
             extra["state"] = torch.from_numpy(normalized_state)
         if actions is not None:
@@ -583,7 +615,9 @@ class VLAProcessor(ProcessorMixin):
             return self._normalize_rows(actions, list(unnorm_key), "action", "unnorm_key", inverse=True)
         if unnorm_key is not None and not isinstance(unnorm_key, str):
             raise ValueError(f"unnorm_key: expected a key (str) or one per sample, got {type(unnorm_key).__name__}")
-        return self._normalizer(self._stats_for(unnorm_key, "unnorm_key")["action"]).unnormalize(actions)
+        key = self.embodiment_key(unnorm_key, "unnorm_key")
+        decoded = self._normalizer(self.norm_stats[key]["action"]).unnormalize(actions)
+        return decoded[..., : self.embodiment_dims(key)[0]]  # a padded embodiment's own dimensions
 
     @property
     def model_input_names(self):

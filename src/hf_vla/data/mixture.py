@@ -35,7 +35,9 @@ When no dataset has a state, samples carry neither "state" nor "state_dim_mask".
 
 Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "num_transitions", "num_trajectories"}}`
 in the processor's format at the mixture's dimensions (padded dimensions: mode "identity", zeros, std 1), ready for
-`VLAProcessor.set_norm_stats`. Entries that share an embodiment are merged by recomputing the statistics from their
+`VLAProcessor.set_norm_stats`; a padded feature records its own width as `embodiment_dim`, so that
+`decode_actions` / `VLAPolicy.predict` return the embodiment's own action dimensions and take its own state width.
+Entries that share an embodiment are merged by recomputing the statistics from their
 concatenated parquet values (so quantiles are exact and every transition weighs the same); they must agree on
 dimensions and normalisation modes.
 """
@@ -306,6 +308,8 @@ def _pad_feature_stats(stats: Mapping | None, dim: int) -> dict:
     padded = {name: [float(v) for v in (stats[name] if stats else [])] + [1.0 if name == "std" else 0.0] * (dim - have)
               for name in STAT_NAMES}
     padded["mode"] = list(stats["mode"] if stats else []) + ["identity"] * (dim - have)
+    if have < dim:  # the processor decodes and takes state at the embodiment's own width
+        padded["embodiment_dim"] = have
     return padded
 
 

@@ -143,6 +143,7 @@ class RequestParser:
         self.cameras = list(processor.camera_names)
         self.state_dim = int(processor.state_dim)
         self.check_instruction = processor.check_instruction
+        self.embodiment_dims = processor.embodiment_dims
         self.unnorm_keys = sorted(processor.norm_stats or {})
         if default_unnorm_key is None and len(self.unnorm_keys) == 1:
             default_unnorm_key = self.unnorm_keys[0]
@@ -181,6 +182,7 @@ class RequestParser:
 
         text_key = "instruction" if obs.get("instruction") is not None else "prompt"
         instructions = self._instructions(obs.get(text_key), batch, text_key)
+        key = self._unnorm_key(obs.get("unnorm_key"), "unnorm_key")
         state_key = next((k for k in STATE_KEYS if obs.get(k) is not None), None)
         states = [None] * batch
         if state_key is not None:
@@ -189,11 +191,9 @@ class RequestParser:
                 state = state[None]
             if state.ndim != 2 or state.shape[0] != batch:
                 raise ValueError(f"{state_key}: expected [S] or [{batch}, S], got {list(state.shape)}")
-            self._check_state_width(state.shape[1], state_key)
-            states = list(state)
+            states = list(self._state_at_model_width(state, state_key, key))
         else:
-            self._check_state_given("state", f" (as {', '.join(STATE_KEYS[:-1])} or {STATE_KEYS[-1]})")
-        key = self._unnorm_key(obs.get("unnorm_key"), "unnorm_key")
+            self._check_state_given("state", key, f" (as {', '.join(STATE_KEYS[:-1])} or {STATE_KEYS[-1]})")
         rows = [
             Row(tuple(arrays[c][b] for c in self.cameras), instructions[b], states[b], key) for b in range(batch)
         ]
@@ -222,9 +222,9 @@ class RequestParser:
             views = self._views(example.get("image"), f"{field_name}.image")
             state = None
             if example.get("state") is not None:
-                state = self._example_state(example["state"], f"{field_name}.state")
+                state = self._example_state(example["state"], f"{field_name}.state", key)
             else:
-                self._check_state_given(f"{field_name}.state")
+                self._check_state_given(f"{field_name}.state", key)
             rows.append(Row(views, instruction, state, key))
         return Request(rows)
 
@@ -237,6 +237,7 @@ class RequestParser:
                              f"got {reprlib.repr(images)}")
         self._check_rows(len(images), f"{where}batch_images")
         instructions = self._instructions(payload.get("instructions"), len(images), f"{where}instructions")
+        key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
         states = [None] * len(images)
         if payload.get("state") is not None:
             state = payload["state"]
@@ -246,11 +247,9 @@ class RequestParser:
             if state.ndim != 2 or state.shape[0] != len(images):
                 raise ValueError(f"{where}state: expected [{len(images)}, S] or [{len(images)}, 1, S] (one row per "
                                  f"sample of batch_images), got {list(state.shape)}")
-            self._check_state_width(state.shape[1], f"{where}state")
-            states = list(state)
+            states = list(self._state_at_model_width(state, f"{where}state", key))
         else:
-            self._check_state_given(f"{where}state")
-        key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
+            self._check_state_given(f"{where}state", key)
         rows = [Row(self._views(views, f"{where}batch_images[{b}]"), instructions[b], states[b], key)
                 for b, views in enumerate(images)]  # fmt: skip
         return Request(rows)
@@ -263,13 +262,11 @@ class RequestParser:
                              f"(cameras {self.cameras}), got {got}")
         return tuple(self._image(v, f"{name}[{j}]", ranks=(3,)) for j, v in enumerate(views))
 
-    def _example_state(self, value: Any, name: str) -> np.ndarray:
+    def _example_state(self, value: Any, name: str, key: str | None) -> np.ndarray:
         state = self._numeric(value, name)
         if state.ndim == 2 and state.shape[0] != 1:
             raise ValueError(f"{name}: expected [S] or [1, S] for one example, got {list(state.shape)}")
-        state = state.reshape(-1)
-        self._check_state_width(state.shape[0], name)
-        return state
+        return self._state_at_model_width(state.reshape(1, -1), name, key)[0]
 
     # -- field checks
 
@@ -329,15 +326,23 @@ class RequestParser:
             raise ValueError(f"{name}: contains NaN or inf")
         return finite_float32(value, name)
 
-    def _check_state_given(self, name: str, where: str = "") -> None:
+    def _check_state_given(self, name: str, key: str | None, where: str = "") -> None:
         # Actions predicted without the state a model was trained with are off-distribution: refuse, do not guess.
-        if self.state_dim:
-            raise ValueError(f"{name}: missing; this model takes a state of {self.state_dim} values{where}")
+        width = self.embodiment_dims(key)[1]
+        if width:
+            raise ValueError(f"{name}: missing; this model takes a state of {width} values{where}")
 
-    def _check_state_width(self, width: int, name: str) -> None:
-        # A model without state still accepts one (clients often send it anyway; post-processing may use it).
+    def _state_at_model_width(self, state: np.ndarray, name: str, key: str | None) -> np.ndarray:
+        """`[B, S]` rows at the model's width: an embodiment that a mixture padded may send its own, narrower state,
+        zero-padded here as in training. A model without state takes any (post-processing may read it)."""
+        width = state.shape[1]
+        own = self.embodiment_dims(key)[1]
+        if self.state_dim and width == own < self.state_dim:
+            return np.pad(state, ((0, 0), (0, self.state_dim - own)))
         if self.state_dim and width != self.state_dim:
-            raise ValueError(f"{name}: expected {self.state_dim} values per sample, got {width}")
+            expected = f"{own} (embodiment {key!r}'s own) or {self.state_dim}" if own < self.state_dim else self.state_dim
+            raise ValueError(f"{name}: expected {expected} values per sample, got {width}")
+        return state
 
     def _check_rows(self, rows: int, name: str) -> None:
         if rows < 1:

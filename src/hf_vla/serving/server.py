@@ -6,7 +6,9 @@ Transport: websockets, binary frames of msgpack with numpy arrays (see `msgpack_
 
 Handshake. On connect the server sends one metadata map first: `model_type`, `action_chunk_size` (the steps a reply
 holds: the server's `execute_steps`, else `action_horizon`; openpi's chunk broker indexes up to it), `action_horizon`,
-`action_dim`, `state_dim`, `cameras`, `available_unnorm_keys`, `default_unnorm_key`, `training_obs_image_size`
+`action_dim`, `state_dim`, `cameras`, `available_unnorm_keys`, `embodiment_dims` (per key, the widths of that
+embodiment's actions and state: smaller than the model's for one a cross-embodiment mixture padded; replies and
+states use them), `default_unnorm_key`, `training_obs_image_size`
 ([H, W] the views are resized to), `eval_image_contract`, `ckpt_path`, and the server's batching, post-processing and
 size limits.
 
@@ -347,6 +349,9 @@ class PolicyServer:
             "state_dim": processor.state_dim,
             "cameras": list(processor.camera_names),
             "available_unnorm_keys": sorted(processor.norm_stats or {}),
+            # each embodiment's own widths (a cross-embodiment mixture pads smaller ones to action_dim / state_dim)
+            "embodiment_dims": {key: dict(zip(("action_dim", "state_dim"), processor.embodiment_dims(key)))
+                                for key in sorted(processor.norm_stats or {})},  # fmt: skip
             "default_unnorm_key": self.parser.default_unnorm_key,
             "training_obs_image_size": [height, width],
             "eval_image_contract": f"uint8 RGB [H, W, 3] per camera, any size; resized (bicubic) to {height}x{width}",
