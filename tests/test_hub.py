@@ -43,7 +43,7 @@ def test_card_carries_metadata_and_computed_sections(model_dir):
     text = card.text
     assert "| `action_head.fc1` | 8,320 |" in text  # Linear(64 → 128): 64·128 + 128
     assert "| drawer-open | 90.0% | 20 | 70.0–97.0% |" in text
-    assert "variant: oft" in text and "| `bridge` | q99 | q99 | 256 |" in text
+    assert "variant: oft" in text and "| `bridge` | q99 | q99 | abs | 256 |" in text
     assert 'AutoModelForVLA.from_pretrained("tester/tiny-oft"' in text
 
 

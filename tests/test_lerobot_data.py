@@ -14,6 +14,7 @@ import torch
 from hf_vla.data import LeRobotWriter, PyAVDecoder, VideoDecodeError, load_lerobot, write_lerobot_dataset
 from hf_vla.data.lerobot_writer import pixel_value, synthetic_episodes
 from hf_vla.data.video import decode_frames_naively
+from hf_vla.normalization import absolute_actions
 
 FPS = 10
 FRONT, WRIST = "observation.images.front", "observation.images.wrist"
@@ -124,6 +125,8 @@ def test_action_modes_against_hand_computation(roots, episodes):
     np.testing.assert_allclose(by_mode["abs"]["actions"], a)
     np.testing.assert_allclose(by_mode["rel"]["actions"], a - s0, rtol=1e-6)
     np.testing.assert_allclose(by_mode["delta"]["actions"], np.stack([a[0] - s0, a[1] - a[0], a[2] - a[1]]), rtol=1e-6)
+    for mode in ("abs", "delta", "rel"):  # decoding with the state turns each back into the recorded actions
+        np.testing.assert_allclose(absolute_actions(by_mode[mode]["actions"], s0, mode), a, rtol=1e-6, atol=1e-6)
     # delta padding happens in raw space, so padded steps are zero deltas
     end = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode="delta")[row_of(episodes, 1, 12)]
     assert end["action_mask"].tolist() == [True, False, False] and not end["actions"][1:].any()
@@ -197,6 +200,7 @@ def test_stats_match_numpy(roots, episodes):
     expected = np.concatenate(expected)
     np.testing.assert_allclose(delta["action"]["mean"], expected.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(delta["action"]["max"], expected.max(0), rtol=1e-6)
+    assert (stats["action_mode"], delta["action_mode"]) == ("abs", "delta")  # what decoding must invert
 
 
 def test_corrupt_or_missing_video_names_the_file(roots, tmp_path):

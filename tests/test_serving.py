@@ -18,7 +18,7 @@ from conftest import make_oft
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from hf_vla import VLAPolicy
+from hf_vla import VLAPolicy, VLAProcessor
 from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
 from hf_vla.serving.msgpack_numpy import MAX_CONTAINERS, MAX_DEPTH
 from hf_vla.serving.batching import ClientActivity
@@ -427,6 +427,33 @@ def test_the_batcher_waits_only_for_connections_likely_to_send():
     assert not steady.expected_by(deadline=10.005, now=10.0, window_s=window)  # idle for seconds
     steady.request_arrived(0.033)
     assert not steady.expected_by(deadline=0.036, now=0.034, window_s=window)  # already queued
+
+
+def test_a_model_trained_on_delta_actions_returns_absolute_ones(tmp_path):
+    from hf_vla.normalization import absolute_actions
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla("oft", state_dim=7)  # actions and state of one width, as delta needs
+    stats = dict(processor.norm_stats["demo"], action_mode="delta")
+    processor.set_norm_stats("demo", stats)
+    processor.save_pretrained(tmp_path)
+    assert VLAProcessor.from_pretrained(tmp_path).norm_stats["demo"]["action_mode"] == "delta"
+    policy = VLAPolicy(model, processor)
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=7).astype(np.float32)
+    obs = {"images": {c: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for c in processor.camera_names},
+           "instruction": "open the drawer", "state": state}  # fmt: skip
+    actions, normalized = policy.predict(obs, return_normalized=True)
+    deltas = processor.decode_actions(normalized)  # without the state: as the model predicts them
+    np.testing.assert_allclose(actions, state + np.cumsum(deltas, axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(actions, absolute_actions(deltas, state, "delta"), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"state: expected finite values of shape \[S\] for actions \[4, 7\]"):
+        processor.decode_actions(normalized, state=state[None])
+    with PolicyServer(policy, port=0) as server, client_for(server) as client:
+        np.testing.assert_allclose(client.infer(obs)["actions"], actions, atol=1e-5)
+        client.configure(delta_dims=[0, 1, 2])  # would add the state a second time
+        with pytest.raises(ServerError, match=r"delta_dims: embodiment 'demo' was trained on 'delta' actions"):
+            client.infer(obs)
 
 
 def test_batching_can_be_disabled(policy):

@@ -25,6 +25,9 @@ import numpy as np
 
 NORM_MODES = ("q99", "min_max", "mean_std", "binary", "identity")
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
+# How a chunk's actions relate to the state at its first frame: "abs" as recorded, "rel" a_t - s_0, "delta" a_0 - s_0
+# then a_t - a_{t-1}. Statistics record the mode of the actions they describe; decoding with the state inverts it.
+ACTION_MODES = ("abs", "delta", "rel")
 
 
 def finite_float32(array: np.ndarray, field: str) -> np.ndarray:
@@ -102,6 +105,30 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
         if bad.any():  # a reversed range would normalise to 0 and decode through a negative scale
             raise ValueError(f"{field}.{message} at dimension(s) {np.flatnonzero(bad).tolist()}")
     return dim
+
+
+def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
+    """Absolute actions [..., T, D] and the state [..., D] → actions in `mode` (see ACTION_MODES)."""
+    if mode == "abs":
+        return actions
+    state = np.asarray(state, dtype=np.float32)[..., None, :]
+    if mode == "rel":
+        return actions - state
+    if mode == "delta":
+        return np.diff(actions, axis=-2, prepend=state)
+    raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
+
+
+def absolute_actions(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
+    """The inverse of `apply_action_mode`: actions [..., T, D] in `mode` and the state [..., D] → absolute actions."""
+    if mode == "abs":
+        return actions
+    state = np.asarray(state, dtype=np.float32)[..., None, :]
+    if mode == "rel":
+        return actions + state
+    if mode == "delta":
+        return state + np.cumsum(actions, axis=-2, dtype=np.float32)
+    raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
 
 
 class FeatureNormalizer:

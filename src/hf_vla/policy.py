@@ -18,7 +18,8 @@ class VLAPolicy:
     An observation is batch-first, as openpi / RLinf clients send it:
         {"images": {camera: uint8 [B, H, W, 3]}, "instruction": [str] * B, "state": float [B, S]}
     The state is required when the model takes one. For an embodiment that a cross-embodiment mixture padded, the
-    state may be its own (narrower) one and the actions come back at its own width.
+    state may be its own (narrower) one and the actions come back at its own width. Actions are absolute: a model
+    trained on delta / rel actions gets them turned back with the observation's state.
     A single unbatched observation ({camera: [H, W, 3]}, one string, state [S]) is accepted too; its result is [T, D]
     instead of [B, T, D]. `prompt` is accepted as a synonym of `instruction`.
 
@@ -136,7 +137,8 @@ class VLAPolicy:
             for name, value in encoded.items()
         }
         normalized = self.model.predict_action(**inputs, **predict_kwargs).to("cpu", torch.float32).numpy()
-        actions = self.processor.decode_actions(normalized, unnorm_key=key)
+        # relative (delta / rel) actions come back absolute, from the state they were predicted from
+        actions = self.processor.decode_actions(normalized, unnorm_key=key, state=batch["state"])
         if len(self._pixel_buffers) < 2:
             self._pixel_buffers.append(encoded["pixel_values"])
         if return_normalized:

@@ -21,7 +21,9 @@ from transformers.processing_utils import ProcessorMixin
 
 from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
-from .normalization import FeatureNormalizer, compute_stats, finite_float32, validate_feature_stats
+from .normalization import (
+    ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, validate_feature_stats
+)
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
 STATE_BINS = 256  # uniform bins over [-1, 1] of StarVLA's state text
@@ -185,6 +187,9 @@ class VLAProcessor(ProcessorMixin):
                 got = validate_feature_stats(stats[feature], f"norm_stats[{key!r}][{feature!r}]")
                 if got != dims[feature]:
                     raise ValueError(f"norm_stats[{key!r}][{feature!r}]: expected {dims[feature]} dimensions, got {got}")
+        if stats.get("action_mode", "abs") not in ACTION_MODES:
+            raise ValueError(f"norm_stats[{key!r}]['action_mode']: expected one of {list(ACTION_MODES)}, got "
+                             f"{stats['action_mode']!r}")
         self.norm_stats[key] = _json_copy(stats, f"norm_stats[{key!r}]")
         self._normalizers.clear()
 
@@ -600,9 +605,14 @@ class VLAProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ outputs
 
-    def decode_actions(self, actions, unnorm_key: str | Sequence[str] | None = None) -> np.ndarray:
+    def decode_actions(self, actions, unnorm_key: str | Sequence[str] | None = None, state=None) -> np.ndarray:
         """Normalised chunk (`torch` or numpy, `[..., action_dim]`) → robot units, `np.float32` of the same shape.
-        `unnorm_key`: one embodiment's statistics, or one key per sample (first axis) for a mixed batch."""
+        `unnorm_key`: one embodiment's statistics, or one key per sample (first axis) for a mixed batch (then at the
+        model's width; one key gives its embodiment's own width).
+
+        `state` (one key only): the raw state the chunk was predicted from, `[S]` or `[B, S]`. For an embodiment
+        trained on relative actions (statistics `action_mode` "rel" or "delta", see `hf_vla.normalization`) the
+        chunk then comes back absolute; without it, as the model predicts it."""
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().to("cpu", torch.float32).numpy()
         actions = np.asarray(actions, dtype=np.float32)
@@ -616,8 +626,20 @@ class VLAProcessor(ProcessorMixin):
         if unnorm_key is not None and not isinstance(unnorm_key, str):
             raise ValueError(f"unnorm_key: expected a key (str) or one per sample, got {type(unnorm_key).__name__}")
         key = self.embodiment_key(unnorm_key, "unnorm_key")
-        decoded = self._normalizer(self.norm_stats[key]["action"]).unnormalize(actions)
-        return decoded[..., : self.embodiment_dims(key)[0]]  # a padded embodiment's own dimensions
+        width = self.embodiment_dims(key)[0]
+        decoded = self._normalizer(self.norm_stats[key]["action"]).unnormalize(actions)[..., :width]
+        mode = self.norm_stats[key].get("action_mode", "abs")
+        if state is None or mode == "abs":
+            return decoded
+        state = np.asarray(state, dtype=np.float32)
+        if state.ndim != decoded.ndim - 1 or state.shape[:-1] != decoded.shape[:-2] or not np.isfinite(state).all():
+            expected = ", ".join([*map(str, decoded.shape[:-2]), "S"])
+            raise ValueError(f"state: expected finite values of shape [{expected}] for actions {list(decoded.shape)}, "
+                             f"got {list(state.shape)}")
+        if state.shape[-1] < width:
+            raise ValueError(f"state: {mode!r} actions of embodiment {key!r} are relative to its first {width} state "
+                             f"values, got {state.shape[-1]}")
+        return absolute_actions(decoded, state[..., :width], mode)
 
     @property
     def model_input_names(self):

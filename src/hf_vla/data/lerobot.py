@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
+from ..normalization import ACTION_MODES, apply_action_mode
 from ..normalization import compute_stats as compute_feature_stats
 from .video import as_decoder
 
-ACTION_MODES = ("abs", "delta", "rel")
 CAMERA_DTYPES = ("video", "image")
 _IMAGE_FILES_CACHED = 4  # image-mode parquet files whose image columns stay in memory per process
 
@@ -274,6 +274,7 @@ class LeRobotDataset(Dataset):
             stats["state"] = compute_feature_stats(self._states, state_mode)
         stats["num_transitions"] = len(self)
         stats["num_trajectories"] = self.num_episodes
+        stats["action_mode"] = self.action_mode  # how decoded actions become absolute again (with the state)
         return stats
 
     def _action_values_for_stats(self, block: int = 65536) -> np.ndarray:
@@ -308,19 +309,11 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
         stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
     stats["num_transitions"] = int(sum(len(d) for d in datasets))
     stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
+    modes = {d.action_mode for d in datasets}
+    if len(modes) > 1:  # one key cannot map both absolute and relative actions back
+        raise ValueError(f"datasets of one statistics key have different action modes {sorted(modes)}")
+    stats["action_mode"] = modes.pop()
     return stats
-
-
-def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
-    """actions [..., T, D] and state [..., D] → actions in `mode` ("abs", "rel" a_t - s_0, "delta" see module doc)."""
-    if mode == "abs":
-        return actions
-    state = np.asarray(state, dtype=np.float32)[..., None, :]
-    if mode == "rel":
-        return actions - state
-    if mode == "delta":
-        return np.diff(actions, axis=-2, prepend=state)
-    raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
 
 
 # ---- metadata readers ----

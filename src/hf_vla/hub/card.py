@@ -78,7 +78,7 @@ def build_model_card(
     )
     normalisation = [
         {"key": key, "action_modes": _modes(stats.get("action")), "state_modes": _modes(stats.get("state")),
-         "transitions": stats.get("num_transitions", "–")}
+         "relative_to_state": stats.get("action_mode", "abs"), "transitions": stats.get("num_transitions", "–")}
         for key, stats in processor.norm_stats.items()
     ]  # fmt: skip
     return ModelCard.from_template(

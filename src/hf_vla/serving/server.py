@@ -40,7 +40,9 @@ Requests. Each binary frame is one map, answered by one frame, in order.
    "type": "configure", "post_processing": {...}, "action_chunk_size": n}` (the steps a reply now holds). Options,
    applied per sample in this order:
    * `delta_dims` [i, ...] and `delta_state_dims` (default: the same indices): delta → absolute,
-     `action[t, i] = state[j] + sum(action[:t+1, i])`; the observation must then carry its state.
+     `action[t, i] = state[j] + sum(action[:t+1, i])`; the observation must then carry its state. For checkpoints
+     whose statistics do not say so: an embodiment whose statistics record `action_mode` rel / delta already gets
+     absolute actions from the policy, and a request for it with `delta_dims` set is refused.
    * `gripper_dims`, `gripper_threshold` (0.5), `gripper_low` (0.0), `gripper_high` (1.0): binarise to high / low.
    * `execute_steps` N: keep only the first N steps of each chunk.
    Server-wide defaults come from `--execute-steps`, `--delta-dims`, ... flags.
@@ -308,6 +310,11 @@ class PolicyServer:
         untouched), each `[B, T, D]` (`[T, D]` for an unbatched request), and the batch's timing."""
         if postprocess.needs_state and any(row.state is None for row in request.rows):
             raise ValueError("state: missing; this connection's delta_dims post-processing needs the state")
+        key = request.rows[0].unnorm_key
+        mode = (self.policy.processor.norm_stats or {}).get(key, {}).get("action_mode", "abs")
+        if postprocess.delta_dims and mode != "abs":
+            raise ValueError(f"delta_dims: embodiment {key!r} was trained on {mode!r} actions, which the policy "
+                             "already returns absolute; configure delta_dims=None for it")
         result = await self.batcher.predict(request.rows)
         undecoded = [i for i, actions in enumerate(result.actions) if not np.isfinite(actions).all()]
         if undecoded:  # a robot must never receive NaN as a command; FAST marks chunks it cannot decode with NaN
