@@ -211,8 +211,9 @@ def test_corrupt_or_missing_video_names_the_file(roots, tmp_path):
     with pytest.raises(VideoDecodeError, match=str(video)):
         ds[0]
     video.unlink()
-    with pytest.raises(FileNotFoundError, match=str(video)):
-        load_lerobot(root, cameras=[FRONT])[0]
+    with pytest.raises(FileNotFoundError, match=rf"1 video file\(s\) of .* missing, e.g. \['{video}'\]"):
+        load_lerobot(root, cameras=[FRONT])  # at load time, not at the first sample of that file
+    assert len(load_lerobot(root, cameras=[])) == len(ds)  # a camera not read needs no video
 
 
 def test_missing_parquet_names_the_file(roots, tmp_path):
@@ -262,6 +263,33 @@ def test_malformed_columns_are_refused_naming_file_and_column(roots, tmp_path):
         path = _rewrite_data(root, edit)
         with pytest.raises(ValueError, match=f"{path}: {message}"):
             load_lerobot(root)
+
+
+def test_malformed_metadata_and_arguments_are_named(roots, tmp_path):
+    import json
+
+    root = shutil.copytree(roots["v3"], tmp_path / "meta")
+    with pytest.raises(ValueError, match=r"state_key 'observation.states' is not a feature of .*; available: \["):
+        load_lerobot(root, state_key="observation.states")  # a typo must not train without state
+    assert "state" not in load_lerobot(root, state_key=None, cameras=[])[0]
+    assert load_lerobot(root, cameras=FRONT).camera_names == [FRONT]  # one camera as a string
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k != "fps"}))
+    with pytest.raises(ValueError, match=r"meta/info.json: missing key\(s\) \['fps'\]"):
+        load_lerobot(root)
+    info_path.write_text(json.dumps({**info, "video_path": None}))
+    with pytest.raises(ValueError, match=r"meta/info.json: video features but no 'video_path' template"):
+        load_lerobot(root)
+    info_path.write_text(json.dumps(info))
+    episodes = next((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    pq.write_table(pq.read_table(episodes).drop_columns([f"videos/{FRONT}/from_timestamp"]), episodes)
+    with pytest.raises(ValueError, match=rf"{episodes}: missing column\(s\) \['videos/{FRONT}/from_timestamp'\]"):
+        load_lerobot(root)
+    root = shutil.copytree(roots["v3"], tmp_path / "tasks")
+    _rewrite_data(root, lambda t: _set_column(t, "task_index", [7] * t.num_rows))
+    with pytest.raises(ValueError, match=r"task_index \[7\] of the data files not in the task list"):
+        load_lerobot(root)
 
 
 def test_a_2d_feature_stored_as_nested_lists_reads_row_by_row(roots, episodes, tmp_path):

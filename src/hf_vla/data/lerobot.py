@@ -33,6 +33,7 @@ from ..normalization import compute_stats as compute_feature_stats
 from .video import as_decoder
 
 CAMERA_DTYPES = ("video", "image")
+DEFAULT_STATE_KEY = "observation.state"
 _IMAGE_FILES_CACHED = 4  # image-mode parquet files whose image columns stay in memory per process
 
 
@@ -40,7 +41,7 @@ def load_lerobot(
     root,
     action_horizon: int = 1,
     cameras: Sequence[str] | None = None,
-    state_key: str | None = "observation.state",
+    state_key: str | None = DEFAULT_STATE_KEY,
     action_key: str = "action",
     action_mode: str = "abs",
     camera_rename: Mapping[str, str] | None = None,
@@ -57,7 +58,8 @@ class LeRobotDataset(Dataset):
         root: dataset directory (holds meta/info.json).
         action_horizon: T, the number of actions per sample.
         cameras: camera feature keys to return, in this order; all video/image features when None.
-        state_key: the state feature; samples have no "state" when it is None or absent from the dataset.
+        state_key: the state feature; None for none. The default, "observation.state", may be absent (samples then
+            have no "state"); any other name must be a feature of the dataset.
         action_key: the action feature.
         action_mode: "abs", "delta" or "rel" (the last two need a state of the action's dimension).
         camera_rename: {feature key: output name} for the "images" dict.
@@ -69,7 +71,7 @@ class LeRobotDataset(Dataset):
         root,
         action_horizon: int = 1,
         cameras: Sequence[str] | None = None,
-        state_key: str | None = "observation.state",
+        state_key: str | None = DEFAULT_STATE_KEY,
         action_key: str = "action",
         action_mode: str = "abs",
         camera_rename: Mapping[str, str] | None = None,
@@ -77,9 +79,14 @@ class LeRobotDataset(Dataset):
     ):
         self.root = Path(root)
         self.info = _read_json(self.root / "meta" / "info.json")
+        missing = [key for key in ("fps", "features", "data_path") if key not in self.info]
+        if missing:
+            raise ValueError(f"{self.root / 'meta' / 'info.json'}: missing key(s) {missing}")
         self.version = str(self.info.get("codebase_version", ""))
         self.fps = self.info["fps"]
         self.features: dict[str, dict] = self.info["features"]
+        if any(f.get("dtype") == "video" for f in self.features.values()) and not self.info.get("video_path"):
+            raise ValueError(f"{self.root / 'meta' / 'info.json'}: video features but no 'video_path' template")
         if isinstance(action_horizon, bool) or not isinstance(action_horizon, (int, np.integer)) or action_horizon < 1:
             raise ValueError(f"action_horizon: expected a positive integer, got {action_horizon!r}")
         if action_mode not in ACTION_MODES:
@@ -89,8 +96,11 @@ class LeRobotDataset(Dataset):
         if action_key not in self.features:
             raise ValueError(f"action_key {action_key!r} is not a feature of {self.root}; "
                              f"available: {self._numeric_keys()}")
+        if state_key not in (None, DEFAULT_STATE_KEY) and state_key not in self.features:
+            raise ValueError(f"state_key {state_key!r} is not a feature of {self.root}; available: "
+                             f"{self._numeric_keys()} (None for no state)")
         self.state_key = state_key if state_key in self.features else None
-        self.cameras = self._select_cameras(cameras)
+        self.cameras = self._select_cameras([cameras] if isinstance(cameras, str) else cameras)
         self.camera_names = self._rename_cameras(camera_rename or {})
         self.decoder = as_decoder(decoder)
 
@@ -103,9 +113,24 @@ class LeRobotDataset(Dataset):
                              "(expected v3.0, v2.1 or v2.0)")
         self._load_columns()
         self._check_action_mode()
+        self._check_files()
         self._image_tables: OrderedDict[int, dict] = OrderedDict()
 
     # ---- setup ----
+    def _check_files(self):
+        """Task indices that name a task and video files that exist, found now rather than mid-training (a partly
+        downloaded dataset fails at the first sample of a missing file otherwise)."""
+        unknown = sorted(set(np.unique(self._task_index).tolist()) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"{self.root}: task_index {unknown[:10]} of the data files not in the task list "
+                             f"(known: {sorted(self.tasks)[:10]})")
+        videos = {path for episode in self.episodes.values() for key, (path, _) in episode["videos"].items()
+                  if key in self.cameras}  # fmt: skip
+        missing = sorted(path for path in videos if not (self.root / path).is_file())
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} video file(s) of {self.root} missing, e.g. "
+                                    f"{[str(self.root / path) for path in missing[:3]]}")
+
     def _numeric_keys(self) -> list[str]:
         return [k for k, f in self.features.items() if f["dtype"] not in CAMERA_DTYPES + ("string",)]
 
@@ -319,6 +344,8 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
 # ---- metadata readers ----
 def _read_v3_meta(root: Path, info: dict) -> tuple[dict[int, str], dict[int, dict]]:
     tasks_table = _read_parquet(root / "meta" / "tasks.parquet")
+    if "task_index" not in tasks_table.column_names:
+        raise ValueError(f"{root / 'meta' / 'tasks.parquet'}: missing column 'task_index'; has {tasks_table.column_names}")
     # lerobot 0.6 names the task column "task"; 0.4 left it an unnamed pandas index
     task_column = "task" if "task" in tasks_table.column_names else "__index_level_0__"
     tasks = dict(zip(tasks_table.column("task_index").to_pylist(), tasks_table.column(task_column).to_pylist()))
@@ -327,8 +354,14 @@ def _read_v3_meta(root: Path, info: dict) -> tuple[dict[int, str], dict[int, dic
     if not episode_files:
         raise FileNotFoundError(f"no episode metadata under {root / 'meta' / 'episodes'}")
     episodes = {}
+    video_keys = [key for key, feature in info["features"].items() if feature["dtype"] == "video"]
+    required = ["episode_index", "length", "data/chunk_index", "data/file_index",
+                *(f"videos/{key}/{part}" for key in video_keys for part in ("chunk_index", "file_index", "from_timestamp"))]
     for path in episode_files:
         names = pq.ParquetFile(path).schema_arrow.names
+        missing = [column for column in required if column not in names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
         table = _read_parquet(path, [n for n in names if not n.startswith("stats/")])
         for row in table.to_pylist():
             data_file = info["data_path"].format(chunk_index=row["data/chunk_index"],
