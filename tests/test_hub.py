@@ -11,7 +11,7 @@ import pytest
 from conftest import make_oft
 from fake_hub import FakeHub
 
-from hf_vla.hub import build_model_card
+from hf_vla.hub import build_model_card, push_model
 
 
 def free_port() -> int:
@@ -159,6 +159,46 @@ def test_push_to_a_new_branch_creates_it(model_dir, tmp_path):
         print(json.dumps({{"pushed": True}}))
     """), tmp_path)
     assert report["pushed"]
+
+
+def test_a_new_release_replaces_the_files_of_the_last_one(model_dir, tmp_path):
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(model_dir, first)
+    second.mkdir()
+    (second / "README.md").write_text("hand-written")  # kept as it is: write_card=False
+    report = run_against_fake_hub(textwrap.dedent(f"""
+        import json, torch
+        from pathlib import Path
+        from huggingface_hub import HfApi
+        from hf_vla import AutoModelForVLA, VLAProcessor
+        from hf_vla.hub import build_model_card, push_model
+
+        push_model({str(first)!r}, "tester/releases", remote_code=True)  # unsharded, with eval results and modules
+        HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="notes/extra.txt", repo_id="tester/releases")
+        model = AutoModelForVLA.from_pretrained({str(first)!r})
+        torch.nn.init.normal_(next(model.action_head.parameters()))  # new weights, saved as shards
+        model.save_pretrained({str(second)!r}, max_shard_size="100KB")
+        VLAProcessor.from_pretrained({str(first)!r}).save_pretrained({str(second)!r})
+        push_model({str(second)!r}, "tester/releases", write_card=False)
+        files = sorted(HfApi().list_repo_files("tester/releases"))
+        loaded = AutoModelForVLA.from_pretrained("tester/releases")
+        same = all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        card = build_model_card({str(first)!r}, repo_id="tester/releases", revision="v2").text
+        print(json.dumps({{"files": files, "same": same, "card": card}}))
+    """), tmp_path)
+    files = report["files"]
+    assert report["same"]  # the shards, not the first release's model.safetensors
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert "eval_results.json" not in files and not [f for f in files if f.endswith(".py")]
+    assert "README.md" in files and "notes/extra.txt" in files  # not release files of this push: left alone
+    assert 'AutoModelForVLA.from_pretrained("tester/releases", revision="v2", dtype=torch.bfloat16)' in report["card"]
+    assert not (second / "modeling_oft.py").exists()
+
+    (second / "model.safetensors").write_text("left over")
+    with pytest.raises(ValueError, match=r"holds both model.safetensors and model.safetensors.index.json"):
+        push_model(second, "tester/releases")
 
 
 def test_fast_save_pretrained_pushes_its_tokenizer_with_the_weights(tmp_path):

@@ -50,8 +50,10 @@ def build_model_card(
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
     template: str | Path | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
-    """Renders the card of a saved model directory (config, processor and optional recipe/evaluation files)."""
+    """Renders the card of a saved model directory (config, processor and optional recipe/evaluation files).
+    `revision`: the branch the card is pushed to; its usage snippets then load that branch."""
     from ..auto import AutoModelForVLA
     from ..processing_vla import VLAProcessor
 
@@ -86,6 +88,7 @@ def build_model_card(
         template_path=str(template or template_path()),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
+        revision_arg=f', revision="{revision}"' if revision not in (None, "main") else "",
         variant=f"vla_{variant}",
         starvla_name=STARVLA_NAMES.get(variant, variant),
         head_description=HEADS.get(variant, "an action head"),

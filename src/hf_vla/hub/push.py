@@ -9,7 +9,7 @@ from huggingface_hub import HfApi
 
 from ..models.fast.modeling_fast import ACTION_TOKENIZER_DIR
 from .card import build_model_card
-from .remote_code import export_remote_code
+from .remote_code import export_remote_code, remove_remote_code
 
 # What a release carries from the model directory's top level: weights, configs, processor/tokenizer/statistics,
 # remote code, the training recipe and evaluation results; plus the FAST tokenizer's folder.
@@ -40,26 +40,46 @@ def push_model(
 ) -> str:
     """Uploads `model_dir` to `repo_id` (created if missing) and returns the commit URL. The model card is rendered
     into `model_dir/README.md` first unless `write_card=False` (then an existing README.md is uploaded as it is).
-    `remote_code=True` also writes self-contained modules + `auto_map`, so the release loads without hf_vla."""
+    `remote_code=True` also writes self-contained modules + `auto_map`, so the release loads without hf_vla;
+    `remote_code=False` removes those of an earlier export. Release files that an earlier push to the same branch
+    left and this one does not carry are deleted in the same commit."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a directory written by save_pretrained")
+    if (model_dir / "model.safetensors").is_file() and (model_dir / "model.safetensors.index.json").is_file():
+        # a sharded save_pretrained leaves an earlier unsharded file in place, and loaders prefer that one
+        raise ValueError(f"{model_dir}: holds both model.safetensors and model.safetensors.index.json (shards); "
+                         "remove the one an earlier save_pretrained left")
     if remote_code:
         export_remote_code(model_dir)
+    else:  # an earlier --remote-code push's modules would otherwise ship again (stale after an upgrade)
+        remove_remote_code(model_dir)
     if write_card:
-        build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets).save(model_dir / "README.md")
+        card = build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets, revision=revision)
+        card.save(model_dir / "README.md")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision not in (None, "main") and not revision.startswith("refs/"):  # the Hub commits only to existing branches
         api.create_branch(repo_id, branch=revision, exist_ok=True)
+    files = release_files(model_dir)
+    # release files of an earlier push that this one does not carry (e.g. model.safetensors after a switch to
+    # shards, which loaders would still prefer) go in the same commit; the README and anything else stay
+    stale = [name for name in api.list_repo_files(repo_id, revision=revision)
+             if name not in files and name != "README.md" and _is_release_file(name)]  # fmt: skip
     info = api.upload_folder(
         folder_path=str(model_dir),
         repo_id=repo_id,
         revision=revision,
         commit_message=commit_message,
-        allow_patterns=release_files(model_dir),
+        allow_patterns=files,
+        delete_patterns=stale or None,
     )
     return str(info)
+
+
+def _is_release_file(name: str) -> bool:
+    top_level = "/" not in name and any(fnmatch(name, pattern) for pattern in RELEASE_PATTERNS)
+    return top_level or name.startswith(f"{ACTION_TOKENIZER_DIR}/")
 
 
 if __name__ == "__main__":
@@ -77,7 +97,11 @@ if __name__ == "__main__":
         def create_branch(self, repo_id, branch, exist_ok=False):
             print(f"would create branch {branch} of {repo_id} (exist_ok={exist_ok})")
 
-        def upload_folder(self, folder_path, repo_id, allow_patterns, revision=None, commit_message=None):
+        def list_repo_files(self, repo_id, revision=None):
+            return []
+
+        def upload_folder(self, folder_path, repo_id, allow_patterns, revision=None, commit_message=None,
+                          delete_patterns=None):
             return f"would upload {len(allow_patterns)} files to {repo_id}@{revision or 'main'}: {commit_message!r}"
 
     HfApi = OfflineApi  # push_model looks HfApi up in this module
