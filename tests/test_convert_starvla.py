@@ -196,6 +196,12 @@ def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path, capsys):
 
     with pytest.raises(StarVLAConversionError, match=r"dtype: expected a floating-point torch dtype, got 'int8'"):
         convert_starvla(run, tmp_path / "int8", dtype="int8")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint" * 10)
+    for path, message in ((tmp_path / "missing.pt", r"checkpoint file not found: .*missing\.pt"),
+                          (corrupt, r"corrupt\.pt: not a readable checkpoint \(UnpicklingError")):  # fmt: skip
+        with pytest.raises(StarVLAConversionError, match=message):
+            convert_starvla(run, tmp_path / "unread", checkpoint_path=path)
     stats_file = run / "dataset_statistics.json"
     for edit, message in [
         (lambda s: s["franka"]["state"].pop("q01"), r"franka\.state: missing \['q01'\]|state_dim"),

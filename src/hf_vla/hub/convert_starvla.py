@@ -136,12 +136,18 @@ def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoin
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise StarVLAConversionError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: its own loader's message, without the traceback
+        raise StarVLAConversionError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                                     f"{str(error).splitlines()[0] if str(error) else ''})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StarVLAConversionError(f"{path}: expected a flat state dict of tensors (StarVLA's checkpoint format)")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DeepSpeed wrapper
