@@ -38,7 +38,8 @@ def create_app() -> FastAPI:
         repo_id = f"{body.get('organization') or 'tester'}/{body['name']}"
         if repo_id in repos:
             return JSONResponse({"error": "You already created this model repo", "url": f"/{repo_id}"}, status_code=409)
-        repos[repo_id] = {"files": {}, "sha": hashlib.sha1(repo_id.encode()).hexdigest(), "branches": {"main"}}
+        repos[repo_id] = {"files": {}, "sha": hashlib.sha1(repo_id.encode()).hexdigest(), "branches": {"main"},
+                          "private": body.get("visibility") == "private" or bool(body.get("private"))}
         return {"url": f"{request.base_url}{repo_id}", "name": repo_id}
 
     @app.post("/api/validate-yaml")
@@ -85,7 +86,7 @@ def create_app() -> FastAPI:
 
     def info(repo_id: str, repo: dict) -> dict:
         siblings = [{"rfilename": path, "size": len(content)} for path, content in sorted(repo["files"].items())]
-        return {"id": repo_id, "modelId": repo_id, "sha": repo["sha"], "siblings": siblings, "private": False,
+        return {"id": repo_id, "modelId": repo_id, "sha": repo["sha"], "siblings": siblings, "private": repo["private"],
                 "tags": [], "lastModified": "2026-01-01T00:00:00.000Z"}  # fmt: skip
 
     @app.get("/api/models/{ns}/{name}")

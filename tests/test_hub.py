@@ -201,6 +201,38 @@ def test_a_new_release_replaces_the_files_of_the_last_one(model_dir, tmp_path):
         push_model(second, "tester/releases")
 
 
+def test_push_keeps_hand_written_cards_and_private_repos_private(model_dir, tmp_path):
+    import shutil
+
+    from hf_vla.hub.push import is_unedited_card, signed_card
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    card = signed_card(str(build_model_card(folder, repo_id="tester/x")))
+    assert is_unedited_card(card) and not is_unedited_card(card.replace("## Limitations", "## Limits"))
+    for text in ("# my own card", card.replace("## Limitations", "## Limits")):  # hand-written, or edited
+        (folder / "README.md").write_text(text)
+        with pytest.raises(ValueError, match=r"README.md: not the card an earlier push generated .* --no-card"):
+            push_model(folder, "tester/x")  # refused before anything is uploaded
+    report = run_against_fake_hub(textwrap.dedent(f"""
+        import json
+        from huggingface_hub import HfApi
+        from hf_vla.hub import push_model
+
+        push_model({str(folder)!r}, "tester/mine", write_card=False)  # the hand-edited card, as it is
+        card = HfApi().hf_hub_download("tester/mine", "README.md")
+        try:
+            push_model({str(folder)!r}, "tester/mine", private=True, write_card=False)
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+        push_model({str(folder)!r}, "tester/secret", private=True, write_card=False)
+        print(json.dumps({{"card": open(card).read(), "refused": refused,
+                           "secret": HfApi().repo_info("tester/secret").private}}))
+    """), tmp_path)
+    assert "## Limits" in report["card"] and report["secret"] is True
+    assert report["refused"].startswith("private: tester/mine exists and is public")
+
+
 def test_fast_save_pretrained_pushes_its_tokenizer_with_the_weights(tmp_path):
     script = textwrap.dedent(f"""
         import json

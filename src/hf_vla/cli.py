@@ -51,7 +51,8 @@ def push(args) -> int:
     from .hub import push_model
 
     url = push_model(args.model_dir, args.repo_id, private=args.private, license=args.license,
-                     datasets=args.dataset or None, revision=args.revision, remote_code=args.remote_code)  # fmt: skip
+                     datasets=args.dataset or None, revision=args.revision, remote_code=args.remote_code,
+                     write_card=not args.no_card)  # fmt: skip
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
     return 0
 
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", action="append", help="hub id of a training dataset (repeatable)")
     p.add_argument("--revision")
     p.add_argument("--remote-code", action="store_true", help="also ship self-contained modules (trust_remote_code)")
+    p.add_argument("--no-card", action="store_true", help="upload README.md as it is instead of generating the card")
     p.set_defaults(func=push)
     p = commands.add_parser("serve", help="serve a model over openpi's websocket protocol (needs the `serve` extra)")
     try:

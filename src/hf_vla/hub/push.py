@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -54,11 +55,18 @@ def push_model(
         export_remote_code(model_dir)
     else:  # an earlier --remote-code push's modules would otherwise ship again (stale after an upgrade)
         remove_remote_code(model_dir)
+    readme = model_dir / "README.md"
+    if write_card and readme.is_file() and not is_unedited_card(readme.read_text(encoding="utf-8")):
+        raise ValueError(f"{readme}: not the card an earlier push generated (hand-written, or edited since); upload "
+                         "it as it is with write_card=False (hf-vla push --no-card), or delete it to generate the card")
     if write_card:
         card = build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets, revision=revision)
-        card.save(model_dir / "README.md")
+        readme.write_text(signed_card(str(card)), encoding="utf-8")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if private and api.repo_info(repo_id).private is False:  # exist_ok leaves an existing repo's visibility alone
+        raise ValueError(f"private: {repo_id} exists and is public, and pushing does not change that; make it private "
+                         "on the Hub first, or push without private")
     if revision not in (None, "main") and not revision.startswith("refs/"):  # the Hub commits only to existing branches
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     files = release_files(model_dir)
@@ -77,6 +85,20 @@ def push_model(
     return str(info)
 
 
+def signed_card(text: str) -> str:
+    """The card with a last line recording its digest, so that a later push can tell it was not edited."""
+    return f"{text.rstrip()}\n\n<!-- hf-vla push: {_digest(text.rstrip())} -->\n"
+
+
+def is_unedited_card(text: str) -> bool:
+    body, _, signature = text.rstrip().rpartition("\n\n<!-- hf-vla push: ")
+    return bool(body) and signature == f"{_digest(body)} -->"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def _is_release_file(name: str) -> bool:
     top_level = "/" not in name and any(fnmatch(name, pattern) for pattern in RELEASE_PATTERNS)
     return top_level or name.startswith(f"{ACTION_TOKENIZER_DIR}/")
@@ -93,6 +115,9 @@ if __name__ == "__main__":
 
         def create_repo(self, repo_id, private=False, exist_ok=False):
             print(f"would create {'private' if private else 'public'} repo {repo_id} (exist_ok={exist_ok})")
+
+        def repo_info(self, repo_id):
+            return type("RepoInfo", (), {"private": None})()
 
         def create_branch(self, repo_id, branch, exist_ok=False):
             print(f"would create branch {branch} of {repo_id} (exist_ok={exist_ok})")
