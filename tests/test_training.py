@@ -136,6 +136,28 @@ def test_loss_falls_with_cosine_with_min_lr(variant, vlm_dir, dataset, tmp_path)
         assert rates["action_head"] == pytest.approx(1e-5 * head_rate / base_rate)
 
 
+def test_gradient_accumulation_equals_one_large_batch_when_chunks_are_partly_padded(vlm_dir, dataset, tmp_path):
+    # the last frames of an episode hold 4, 3, 2 and 1 valid steps: micro-batches of unequal weight
+    tail = torch.utils.data.Subset(dataset, [4, 5, 6, 7])
+    assert [int(dataset[i]["action_mask"].sum()) for i in tail.indices] == [4, 3, 2, 1]
+    weights = {}
+    for batch_size, accumulation in ((4, 1), (1, 4), (2, 2)):
+        model, processor = make_model(vlm_dir, dataset)
+        args = training_args(tmp_path / f"{batch_size}x{accumulation}", per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)  # fmt: skip
+        trainer = VLATrainer(model, args, train_dataset=tail, processing_class=processor)
+        trainer.train()
+        weights[batch_size, accumulation] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = logged(trainer, "loss")
+        if batch_size == 4:
+            reference_loss = losses[0]
+        assert losses[0] == pytest.approx(reference_loss, rel=1e-4) and logged(trainer, "action_loss") == pytest.approx(losses)
+    for setting in ((1, 4), (2, 2)):  # an SGD step of rate 1 is the gradient itself
+        for name, value in weights[setting].items():
+            torch.testing.assert_close(value, weights[4, 1][name], rtol=1e-4, atol=1e-6, msg=f"{setting} {name}")
+
+
 def test_learning_rate_groups_and_freezing(vlm_dir, dataset, tmp_path):
     model, processor = make_model(vlm_dir, dataset)
     rates = {"vlm.model.visual": 1e-5, "vlm.model.language_model": 1e-4, "vlm.model.language_model.layers.1": 3e-4,

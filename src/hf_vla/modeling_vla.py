@@ -57,6 +57,9 @@ class VLAPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     # The action loss is a per-batch mean: Trainer must divide it by the gradient-accumulation steps itself.
     accepts_loss_kwargs = False
+    # True where that mean is over the valid entries of the chunk (action_mask): VLATrainer then weighs each
+    # micro-batch by its share of the valid entries of the optimizer step, as one large batch would.
+    loss_averages_action_entries = False
 
     def __init__(self, config: VLAConfig):
         super().__init__(config)

@@ -13,6 +13,7 @@ from ..modeling_vla import VLAOutput, VLAPreTrainedModel
 
 class VLAFlowMatchingModel(VLAPreTrainedModel):
     layerwise = False  # True: block i of the DiT reads VLM layer i
+    loss_averages_action_entries = True  # the flow-matching MSE is a mean over the valid (action_mask) entries
 
     def build_action_head(self, config, **head_kwargs) -> FlowMatchingActionHead:
         return FlowMatchingActionHead(

@@ -75,6 +75,15 @@ class DatasetEpochCallback(TrainerCallback):
             dataset.set_epoch(int(state.epoch + 1e-6))  # state.epoch: epochs done, fractional after a mid-epoch resume
 
 
+def action_entries(batch: Mapping) -> torch.Tensor:
+    """How many entries of the batch's target chunks are valid (`action_mask`: per step or per entry)."""
+    actions, mask = batch["actions"], batch.get("action_mask")
+    if mask is None:
+        return torch.tensor(actions.numel())
+    mask = mask.bool()
+    return mask.sum() * actions.shape[-1] if mask.dim() == actions.dim() - 1 else mask.sum()
+
+
 class GroupRatesAtStep(TrainerCallback):
     """Snapshots the per-group learning rates when the optimizer steps, before the scheduler moves them on: the
     rates a step used, as Trainer's own logged `learning_rate` is."""
@@ -109,7 +118,8 @@ class VLATrainer(Trainer):
     `x` and every other group to the same fraction (`x / args.learning_rate`) of its own peak rate.
     """
 
-    # The action loss is a per-batch mean; Trainer must divide it by the gradient-accumulation steps.
+    # Trainer divides every micro-batch's loss by the gradient-accumulation steps; `compute_loss` scales the action
+    # term so that, after that division, the step's gradient is that of one batch of all its micro-batches.
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -225,19 +235,43 @@ class VLATrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`loss_scale["vla"]` · action loss (+ `loss_scale["vlm"]` · VLM loss when co-training). With
+        `num_items_in_batch` (the valid action entries of the whole optimizer step, see `_get_num_items_in_batch`),
+        a micro-batch's mean action loss is weighted by its share of them: a sample whose chunk is mostly padding
+        weighs as much under gradient accumulation or DDP as in one large batch."""
         vlm_batch = inputs.get(VLM_BATCH_KEY)
         model_inputs = {k: v for k, v in inputs.items() if k not in METADATA_KEYS and k != VLM_BATCH_KEY}
         outputs = model(**model_inputs)
         action_loss = outputs.action_loss if outputs.action_loss is not None else outputs.loss
-        loss = self.loss_scale["vla"] * outputs.loss
+        share = None
+        if num_items_in_batch is not None and model.training and "actions" in inputs:
+            share = action_entries(inputs).to(outputs.loss.device) / num_items_in_batch.clamp_min(1)
+        vla_term = outputs.loss
+        if share is not None:  # Trainer divides by the accumulation steps and DDP averages over processes
+            averaged = self.args.average_tokens_across_devices and self.args.world_size > 1
+            vla_term = vla_term * share * self.current_gradient_accumulation_steps * (
+                self.args.world_size if averaged else 1)
+        loss = self.loss_scale["vla"] * vla_term
         vlm_loss = None
         if vlm_batch is not None and model.training:
             with self.accelerator.autocast():  # accelerate patches only forward() with autocast
                 vlm_loss = self.accelerator.unwrap_model(model).vlm_loss(**vlm_batch)
             loss = loss + self.loss_scale["vlm"] * vlm_loss
         if model.training:
-            self._record_loss_parts(action_loss, vlm_loss)
+            self._record_loss_parts(action_loss, vlm_loss, share)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The valid action entries of one optimizer step's micro-batches (summed over processes when
+        `average_tokens_across_devices`), for models whose loss averages over them; Trainer's label count
+        otherwise."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not getattr(model, "loss_averages_action_entries", False) or not all("actions" in b for b in batch_samples):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = sum(action_entries(batch) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate (6 × tokens × parameters), with the parameters counted once per model instead of by a
@@ -250,15 +284,18 @@ class VLATrainer(Trainer):
             counted = self._counted_parameters = (self.model, self.model.num_parameters(exclude_embeddings=True))
         return 6 * inputs[main_input].numel() * counted[1]
 
-    def _record_loss_parts(self, action_loss: torch.Tensor, vlm_loss: torch.Tensor | None) -> None:
-        # Weighted as Trainer weighs the logged `loss`: a mean over optimizer steps of each step's mean, and an
-        # epoch's last step may hold fewer micro-batches than the others.
+    def _record_loss_parts(self, action_loss: torch.Tensor, vlm_loss: torch.Tensor | None,
+                           share: torch.Tensor | None = None) -> None:
+        # Weighted as Trainer weighs the logged `loss`: a mean over optimizer steps of each step's mean (the action
+        # loss by the micro-batch's share of the step's valid entries when known), and an epoch's last step may hold
+        # fewer micro-batches than the others.
         weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
+        action_weight = weight if share is None else share.detach().float()
         zero = action_loss.new_zeros((), dtype=torch.float32)
         part = torch.stack([
-            action_loss.detach().float() * weight,
+            action_loss.detach().float() * action_weight,
             zero if vlm_loss is None else vlm_loss.detach().float() * weight,
-            zero + weight,
+            zero + action_weight,
             zero + (weight if vlm_loss is not None else 0.0),
         ])  # fmt: skip
         self._loss_parts = part if self._loss_parts is None else self._loss_parts + part

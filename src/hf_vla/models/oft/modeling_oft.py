@@ -12,6 +12,7 @@ from .configuration_oft import VLAOFTConfig
 
 class VLAOFTForActionPrediction(VLAPreTrainedModel):
     config_class = VLAOFTConfig
+    loss_averages_action_entries = True  # the L1 loss is a mean over the valid (action_mask) entries
 
     def __init__(self, config: VLAOFTConfig):
         super().__init__(config)
