@@ -394,6 +394,29 @@ def test_co_training_chat_stream_moves_on_every_epoch_in_workers_and_is_reproduc
         assert chat_ids(num_workers) == epochs
 
 
+def test_resumed_co_training_continues_the_chat_stream(vlm_dir, dataset, tmp_path):
+    from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
+
+    chat = [*load_vlm_chat(write_chat_data(tmp_path)), {"images": [], "messages": [
+        {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi, I am a robot arm."}]}]
+    # 3 samples, 1 per batch: which ones a step draws depends on the stream's position
+
+    def run(output_dir, resume=None):
+        model, processor = make_model(vlm_dir, dataset)
+        collator = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor), chat_batch_size=1,
+                                      seed=5)  # fmt: skip
+        # 24 samples in batches of 4 with accumulation 2: 3 steps an epoch, so step 4 is in the second epoch
+        args = training_args(output_dir, max_steps=5, save_strategy="steps", save_steps=4, learning_rate=2e-3,
+                             gradient_accumulation_steps=2)  # fmt: skip
+        trainer = VLATrainer(model, args, data_collator=collator, train_dataset=dataset)
+        trainer.train(resume_from_checkpoint=resume)
+        return {entry["step"]: entry["vlm_loss"] for entry in trainer.state.log_history if "vlm_loss" in entry}
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
+    assert resumed[5] == pytest.approx(full[5], rel=1e-5)
+
+
 def test_co_training_logs_both_losses_and_the_vlm_loss_falls(vlm_dir, dataset, tmp_path):
     from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
 

@@ -120,11 +120,20 @@ class CoTrainingCollator:
         return batch
 
     def _next_chat_sample(self):
+        return self.chat_dataset[self._next_chat_index()]
+
+    def _next_chat_index(self) -> int:
         if not self._order:
             if self._rng is None:  # created lazily, inside the DataLoader worker that uses it
                 self._rng = np.random.default_rng(self._stream_seed())
             self._order = self._rng.permutation(len(self.chat_dataset)).tolist()
-        return self.chat_dataset[self._order.pop()]
+        return self._order.pop()
+
+    def skip(self, batches: int) -> None:
+        """Moves the chat stream past `batches` calls' draws without reading any sample: what a resumed run does
+        to continue the stream where the interrupted one stood (in-process collation only)."""
+        for _ in range(batches * self.chat_batch_size):
+            self._next_chat_index()
 
     def _stream_seed(self) -> list[int]:
         worker = torch.utils.data.get_worker_info()

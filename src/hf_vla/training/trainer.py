@@ -23,6 +23,7 @@ checkpoints, resuming, logging integrations — is Trainer's own):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -82,6 +83,25 @@ def action_entries(batch: Mapping) -> torch.Tensor:
         return torch.tensor(actions.numel())
     mask = mask.bool()
     return mask.sum() * actions.shape[-1] if mask.dim() == actions.dim() - 1 else mask.sum()
+
+
+class ChatStreamResume(TrainerCallback):
+    """On resume, moves a co-training collator's chat stream past the draws of the micro-batches already trained, so
+    that a resumed run sees the chat samples the uninterrupted one would have. Exact when batches are collated in
+    the training process (`dataloader_num_workers=0`); worker processes re-seed their streams every epoch."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        collator = getattr(train_dataloader, "collate_fn", None)
+        if not state.global_step or not isinstance(collator, CoTrainingCollator) or args.ignore_data_skip:
+            return
+        if args.dataloader_num_workers:
+            logger.warning("resuming co-training with dataloader workers: the chat stream restarts (exact with "
+                           "dataloader_num_workers=0)")
+            return
+        batches = len(train_dataloader)
+        steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        epochs, steps = divmod(state.global_step, steps_per_epoch)
+        collator.skip(epochs * batches + steps * args.gradient_accumulation_steps)
 
 
 class GroupRatesAtStep(TrainerCallback):
@@ -176,6 +196,7 @@ class VLATrainer(Trainer):
         self.add_callback(DatasetEpochCallback)
         self._rates_at_last_step: dict[str, float] = {}
         self.add_callback(GroupRatesAtStep(self))
+        self.add_callback(ChatStreamResume)
 
     def _check_and_freeze(self, model) -> None:
         check_paths(model, self.learning_rates, "learning_rates")
@@ -231,6 +252,18 @@ class VLATrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         finally:
             self.args.lr_scheduler_kwargs = kwargs
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation scores actions only: a co-training collator's VLA part collates its batches (chat batches
+        would be built for nothing, and would move the training run's chat stream)."""
+        collator = self.data_collator
+        if not isinstance(collator, CoTrainingCollator):
+            return super().get_eval_dataloader(eval_dataset)
+        self.data_collator = collator.vla_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
 
     # ------------------------------------------------------------------ loss
 
