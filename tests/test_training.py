@@ -517,16 +517,23 @@ def test_every_recipe_trains_with_its_defaults(variant, train_vla, tmp_path):
     assert yaml.safe_load((out / "training_recipe.yaml").read_text())["model"]["variant"] == variant
 
 
-def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root):
+def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root, caplog):
     out = tmp_path / "run"
-    metrics = train_vla.main([
+    run = [
         str(REPO / "trainers" / "recipes" / "oft.yaml"),
         "--trainer.output_dir", str(out), "--trainer.max_steps", "3", "--trainer.save_steps", "2",
         "--trainer.disable_tqdm", "true", "--trainer.logging_steps", "1",
         "--trainer.learning_rate.action_head", "3e-3",
         "--data.lerobot", str(dataset_root), "--data.embodiment", "toy", "--data.eval_split", "0.2",
         "--model.action_horizon", "4", "--model.image_size", "[28, 28]",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    metrics = train_vla.main(run)
+    assert load_recipe(out / "checkpoint-2" / "training_recipe.yaml") == load_recipe(out / "training_recipe.yaml")
+    # resuming with other data settings continues, but says what differs from the checkpoint's run
+    train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "resumed"), "--trainer.resume_from_checkpoint",
+                    str(out / "checkpoint-2"), "--data.embodiment", "toy2", "--data.eval_split", "0"])  # fmt: skip
+    assert "\"data.embodiment: 'toy' -> 'toy2'\", 'data.eval_split: 0.2 -> 0']" in caplog.text
+    assert "with model/data settings other than its run's" in caplog.text
     assert {"train_loss", "eval_action_l1", "eval_action_mse"} <= set(metrics)
     recipe = yaml.safe_load((out / "training_recipe.yaml").read_text())
     assert recipe["trainer"]["learning_rate"]["action_head"] == 3e-3

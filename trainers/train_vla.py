@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import transformers
 from torch.utils.data import ConcatDataset, Dataset, Subset
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vla import AutoModelForVLA, VLAProcessor
@@ -43,6 +43,7 @@ from hf_vla.training import VLATrainer
 from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
 
 logger = logging.getLogger("train_vla")
+RECIPE_FILE = "training_recipe.yaml"
 
 DEFAULTS = {
     "model": {
@@ -292,6 +293,32 @@ def build_model(model: dict, vlm: str, action_dim: int, state_dim: int, action_t
 # ---------------------------------------------------------------------------------------------------- main
 
 
+class RecipeIntoCheckpoints(TrainerCallback):
+    """Copies the resolved recipe into every checkpoint-N, so that each one is a model directory that says how it
+    was trained (and a resumed run can compare its settings)."""
+
+    def __init__(self, recipe_file: Path):
+        self.recipe_file = recipe_file
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir() and self.recipe_file.is_file():
+            shutil.copy2(self.recipe_file, checkpoint / RECIPE_FILE)
+
+
+def warn_about_changed_settings(recipe: dict, saved_file: Path) -> None:
+    """A resumed run continues the checkpoint's run: model and data settings that differ from its recipe (other
+    statistics, another action mode, ...) are most likely a mistake, so they are listed."""
+    if not saved_file.is_file():
+        return
+    saved = load_recipe(saved_file)
+    changed = [f"{section}.{key}: {saved[section].get(key)!r} -> {recipe[section].get(key)!r}"
+               for section in ("model", "data") for key in sorted(set(saved.get(section, {})) | set(recipe[section]))
+               if section in saved and saved[section].get(key) != recipe[section].get(key)]  # fmt: skip
+    if changed:
+        logger.warning(f"resuming {saved_file.parent} with model/data settings other than its run's: {changed}")
+
+
 def training_arguments(fields: dict) -> TrainingArguments:
     fields = dict(fields)
     if not torch.cuda.is_available():
@@ -355,6 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = training_arguments(fields)
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    if resume:
+        warn_about_changed_settings(recipe, Path(resume) / RECIPE_FILE)
+    if args.should_save:  # written now, and into every checkpoint: a crashed run still says how it was trained
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, output_dir / RECIPE_FILE)
 
     collator = VLACollator(processor)
     if data["vlm_chat"]:
@@ -367,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = VLATrainer(
         model, args, data_collator=collator, train_dataset=train, eval_dataset=evaluation,
         processing_class=processor, learning_rates=learning_rates, freeze=freeze, loss_scale=loss_scale,
+        callbacks=[RecipeIntoCheckpoints(output_dir / RECIPE_FILE)],
     )  # fmt: skip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters, {trainable:,} trainable; "
@@ -384,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     if args.should_save:
-        dump_recipe(recipe, output_dir / "training_recipe.yaml")
+        dump_recipe(recipe, output_dir / RECIPE_FILE)
         logger.info(f"model directory ready: {output_dir}")
     trainer.end()  # waits for every rank, finishes trackers and destroys the process group so every rank exits
     if torch.distributed.is_available() and torch.distributed.is_initialized():
