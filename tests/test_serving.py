@@ -456,6 +456,34 @@ def test_a_model_trained_on_delta_actions_returns_absolute_ones(tmp_path):
             client.infer(obs)
 
 
+def test_a_client_that_leaves_while_queued_costs_no_prediction(policy, monkeypatch):
+    predict = policy.predict
+
+    def slow_predict(obs, **kwargs):
+        time.sleep(0.4)
+        return predict(obs, **kwargs)
+
+    monkeypatch.setattr(policy, "predict", slow_predict)
+    obs = make_obs(500)
+    with PolicyServer(policy, port=0) as server:
+        def busy_client():
+            with client_for(server) as client:
+                client.infer(obs)
+
+        busy = threading.Thread(target=busy_client)
+        busy.start()  # occupies the worker for 0.4 s
+        time.sleep(0.1)
+        for _ in range(4):  # requests that queue behind it, from clients that then leave
+            with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
+                ws.recv(timeout=TIMEOUT)
+                ws.send(packb(obs))
+        busy.join(TIMEOUT)
+        time.sleep(0.6)
+        with client_for(server) as client:
+            np.testing.assert_allclose(client.infer(obs)["actions"], predict(obs), atol=1e-5)
+        assert server.stats["rows"] == 2  # the busy client's and the last one's: none for the 4 that left
+
+
 def test_batching_can_be_disabled(policy):
     obs = [make_obs(300 + i) for i in range(4)]
     with PolicyServer(policy, port=0, batching=False) as server:

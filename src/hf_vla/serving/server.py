@@ -248,7 +248,9 @@ class PolicyServer:
             activity.replied(loop.time())
             async for frame in websocket:
                 activity.request_arrived(loop.time())
-                reply = await self._reply(frame, connection)
+                reply = await self._reply_unless_closed(websocket, frame, connection)
+                if reply is None:  # the client left while its request waited: nothing to send
+                    break
                 await websocket.send(reply if isinstance(reply, str) else self._pack(reply))
                 activity.replied(loop.time())
         except websockets.ConnectionClosed:
@@ -258,6 +260,18 @@ class PolicyServer:
         finally:
             self._connections -= 1
             self.batcher.clients.discard(activity)
+
+    async def _reply_unless_closed(self, websocket: ServerConnection, frame, connection: _Connection):
+        """The reply, or None when the connection closes first: the request is then withdrawn from the batcher's
+        queue (its future cancelled), so a client that left costs no prediction."""
+        work = asyncio.ensure_future(self._reply(frame, connection))
+        closed = asyncio.ensure_future(websocket.wait_closed())
+        done, _ = await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            closed.cancel()
+            return work.result()
+        work.cancel()
+        return None
 
     @staticmethod
     def _pack(reply: dict) -> bytes:
