@@ -223,9 +223,13 @@ def test_refuses_checkpoints_that_do_not_map_exactly(vlms, tmp_path):
     missing = {k: v for k, v in good.items() if k != "action_model.model.fc2.bias"}
     extra = {**good, "dino_encoder.body.cls_token": torch.zeros(1, 1, 8)}
     wrong = {**good, "action_model.model.fc2.weight": torch.zeros(A + 1, 128)}
+    embed = next(k for k in good if k.endswith("embed_tokens.weight"))
+    rows = {**good, embed: torch.cat([good[embed], torch.zeros(8, good[embed].shape[1])])}  # lm_head keeps its rows
+    tied = original.config.get_text_config().tie_word_embeddings
     cases = [
         ("missing", missing, "action_head.fc2.bias"),
         ("extra", extra, "dino_encoder.body.cls_token"),
+        ("rows", rows, "but of shape" if tied else "vocabulary size is the number of rows of the checkpoint's embed"),
         ("shape", wrong, "action_model.model.fc2.weight -> action_head.fc2.weight: checkpoint [8, 128]"),
     ]
     for name, state, needle in cases:

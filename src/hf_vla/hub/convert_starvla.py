@@ -201,7 +201,10 @@ def map_state_dict(state: dict, variant: str, expected: dict[str, tuple], tied: 
     duplicates = 0
     for target, source in tied.items():
         if target in mapped and source in mapped:
-            if not torch.equal(mapped[target], mapped[source]):
+            if mapped[target].shape != mapped[source].shape:
+                unexpected.append(f"{sources[target]} (tied to {sources[source]}, but of shape "
+                                  f"{list(mapped[target].shape)} against {list(mapped[source].shape)})")
+            elif not torch.equal(mapped[target], mapped[source]):
                 unexpected.append(f"{sources[target]} (tied to {sources[source]}, but holds different values)")
             del mapped[target]
             duplicates += 1
@@ -215,9 +218,12 @@ def map_state_dict(state: dict, variant: str, expected: dict[str, tuple], tied: 
     if missing or unexpected or mismatched:
         sections = (("missing (hf_vla names)", missing), ("unexpected (StarVLA names)", unexpected),
                     ("shape mismatches", mismatched))  # fmt: skip
+        note = ""
+        if any("lm_head" in line or "embed_tokens" in line for line in mismatched):
+            note = "\n(the model's vocabulary size is the number of rows of the checkpoint's embed_tokens)"
         raise StarVLAConversionError(
             f"the checkpoint does not map exactly onto vla_{variant}; refusing to convert:\n"
-            + "\n".join(_format_keys(title, keys) for title, keys in sections if keys),
+            + "\n".join(_format_keys(title, keys) for title, keys in sections if keys) + note,
             {"missing": missing, "unexpected": unexpected, "mismatched": mismatched},
         )
     return mapped, {"checkpoint": len(state), "loaded": len(mapped), "tied_duplicates": duplicates}
