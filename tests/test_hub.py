@@ -176,7 +176,8 @@ def test_a_new_release_replaces_the_files_of_the_last_one(model_dir, tmp_path):
         from hf_vla.hub import build_model_card, push_model
 
         push_model({str(first)!r}, "tester/releases", remote_code=True)  # unsharded, with eval results and modules
-        HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="notes/extra.txt", repo_id="tester/releases")
+        for user_file in ("notes/extra.txt", "handler.py", "LICENSE.txt"):  # the user's, not a release's
+            HfApi().upload_file(path_or_fileobj=b"x", path_in_repo=user_file, repo_id="tester/releases")
         model = AutoModelForVLA.from_pretrained({str(first)!r})
         torch.nn.init.normal_(next(model.action_head.parameters()))  # new weights, saved as shards
         model.save_pretrained({str(second)!r}, max_shard_size="100KB")
@@ -191,8 +192,8 @@ def test_a_new_release_replaces_the_files_of_the_last_one(model_dir, tmp_path):
     files = report["files"]
     assert report["same"]  # the shards, not the first release's model.safetensors
     assert "model.safetensors" not in files and "model.safetensors.index.json" in files
-    assert "eval_results.json" not in files and not [f for f in files if f.endswith(".py")]
-    assert "README.md" in files and "notes/extra.txt" in files  # not release files of this push: left alone
+    assert "eval_results.json" not in files and [f for f in files if f.endswith(".py")] == ["handler.py"]
+    assert {"README.md", "notes/extra.txt", "LICENSE.txt"} <= set(files)  # not release files: left alone
     assert 'AutoModelForVLA.from_pretrained("tester/releases", revision="v2", dtype=torch.bfloat16)' in report["card"]
     assert not (second / "modeling_oft.py").exists()
 
@@ -209,6 +210,8 @@ def test_push_keeps_hand_written_cards_and_private_repos_private(model_dir, tmp_
     folder = shutil.copytree(model_dir, tmp_path / "model")
     card = signed_card(str(build_model_card(folder, repo_id="tester/x")))
     assert is_unedited_card(card) and not is_unedited_card(card.replace("## Limitations", "## Limits"))
+    old = "---\nlibrary_name: hf_vla\nlicense: mit\n---\n# an unsigned card of an earlier hf_vla"
+    assert is_unedited_card(old)  # regenerated, as before cards were signed
     for text in ("# my own card", card.replace("## Limitations", "## Limits")):  # hand-written, or edited
         (folder / "README.md").write_text(text)
         with pytest.raises(ValueError, match=r"README.md: not the card an earlier push generated .* --no-card"):

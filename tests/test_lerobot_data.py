@@ -132,6 +132,13 @@ def test_action_modes_against_hand_computation(roots, episodes):
     assert end["action_mask"].tolist() == [True, False, False] and not end["actions"][1:].any()
 
 
+def test_one_statistics_key_needs_datasets_of_one_width(roots):
+    from hf_vla.data.lerobot import compute_union_stats
+
+    with pytest.raises(ValueError, match=r"datasets of one statistics key have different \(action, state\) widths"):
+        compute_union_stats([load_lerobot(roots["v3"], cameras=[]), load_lerobot(roots["image"], cameras=[])])
+
+
 def test_delta_and_rel_need_a_state_of_action_dim(roots):
     with pytest.raises(ValueError, match=r"state 'observation.state' has dim 3, action 'action' has dim 4"):
         load_lerobot(roots["image"], action_mode="delta")

@@ -314,6 +314,11 @@ def test_a_mixture_model_predicts_and_serves_each_embodiment_at_its_own_width(mi
             client.infer({**obs, "state": np.zeros(5, np.float32), "unnorm_key": "arm4"})
         with pytest.raises(ServerError, match=r"state: missing; this model takes a state of 3 values"):
             client.infer({**obs, "unnorm_key": "arm4"})
+        client.configure(gripper_dims=[6])  # valid for the model's 7 dimensions, not for arm4's 4
+        with pytest.raises(ServerError, match=r"gripper_dims: indices \[6\] out of range for action_dim 4 "
+                                              r"\(embodiment 'arm4'.s own width\)"):
+            client.infer({**obs, "state": state3, "unnorm_key": "arm4"})
+        assert client.infer({**obs, "state": np.zeros(7), "unnorm_key": "arm7"})["actions"].shape == (HORIZON, 7)
 
 
 # ---------------------------------------------------------------- VLM chat data

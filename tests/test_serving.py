@@ -449,11 +449,28 @@ def test_a_model_trained_on_delta_actions_returns_absolute_ones(tmp_path):
     np.testing.assert_allclose(actions, absolute_actions(deltas, state, "delta"), rtol=1e-6)
     with pytest.raises(ValueError, match=r"state: expected finite values of shape \[S\] for actions \[4, 7\]"):
         processor.decode_actions(normalized, state=state[None])
+    with pytest.raises(ValueError, match=r"state: absolute actions for \['demo'\] .* one unnorm_key at a time"):
+        processor.decode_actions(normalized[None], unnorm_key=["demo"], state=state[None])
     with PolicyServer(policy, port=0) as server, client_for(server) as client:
         np.testing.assert_allclose(client.infer(obs)["actions"], actions, atol=1e-5)
         client.configure(delta_dims=[0, 1, 2])  # would add the state a second time
         with pytest.raises(ServerError, match=r"delta_dims: embodiment 'demo' was trained on 'delta' actions"):
             client.infer(obs)
+
+    # a model that does not read the state still needs it to turn its deltas into actions
+    model, processor = build_tiny_vla("oft", state_dim=0)
+    processor.set_norm_stats("demo", dict(processor.norm_stats["demo"], action_mode="delta"))
+    policy = VLAPolicy(model, processor)
+    actions, normalized = policy.predict(obs, return_normalized=True)
+    np.testing.assert_allclose(actions, state + np.cumsum(processor.decode_actions(normalized), axis=0), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    without = {k: v for k, v in obs.items() if k != "state"}
+    with pytest.raises(ValueError, match=r"state: missing; embodiment 'demo' predicts 'delta' actions"):
+        policy.predict(without)
+    with PolicyServer(policy, port=0) as server, client_for(server) as client:
+        np.testing.assert_allclose(client.infer(obs)["actions"], actions, atol=1e-5)
+        with pytest.raises(ServerError, match=r"state: missing; embodiment 'demo' predicts 'delta' actions"):
+            client.infer(without)
 
 
 def test_a_client_that_leaves_while_queued_costs_no_prediction(policy, monkeypatch):

@@ -533,7 +533,12 @@ def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root, caplog):
     train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "resumed"), "--trainer.resume_from_checkpoint",
                     str(out / "checkpoint-2"), "--data.embodiment", "toy2", "--data.eval_split", "0"])  # fmt: skip
     assert "\"data.embodiment: 'toy' -> 'toy2'\", 'data.eval_split: 0.2 -> 0']" in caplog.text
-    assert "with model/data settings other than its run's" in caplog.text
+    assert "with model/data settings other than its run's" in caplog.text and "model.vlm" not in caplog.text
+    # the synthetic set's cameras are named for the recipes; selecting one of them keeps its name
+    train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(tmp_path / "one"),
+                    "--trainer.max_steps", "1", "--data.cameras", "[observation.images.front]",
+                    "--model.image_size", "[28, 28]", "--data.eval_split", "0"])  # fmt: skip
+    assert AutoProcessor.from_pretrained(tmp_path / "one").camera_names == ["primary"]
     assert {"train_loss", "eval_action_l1", "eval_action_mse"} <= set(metrics)
     recipe = yaml.safe_load((out / "training_recipe.yaml").read_text())
     assert recipe["trainer"]["learning_rate"]["action_head"] == 3e-3

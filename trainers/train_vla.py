@@ -157,8 +157,9 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     """(train dataset, eval dataset or None, {embodiment: stats}, [(dataset, embodiment)] without cameras)."""
     norm = data["normalization"] or {}
     camera_rename = data["camera_rename"]
-    if camera_rename is None and data["lerobot"] is None:
-        camera_rename = SYNTHETIC_CAMERA_RENAME
+    if camera_rename is None and data["lerobot"] is None:  # the synthetic set, of the cameras selected
+        camera_rename = {k: v for k, v in SYNTHETIC_CAMERA_RENAME.items() if data["cameras"] in (None, []) or
+                         k in data["cameras"]}  # fmt: skip
     train_parts, eval_parts, members, action_only, camera_names = [], [], {}, [], []
     for root, key in lerobot_specs(data, output_dir):
         settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"])
@@ -312,9 +313,16 @@ def warn_about_changed_settings(recipe: dict, saved_file: Path) -> None:
     if not saved_file.is_file():
         return
     saved = load_recipe(saved_file)
-    changed = [f"{section}.{key}: {saved[section].get(key)!r} -> {recipe[section].get(key)!r}"
-               for section in ("model", "data") for key in sorted(set(saved.get(section, {})) | set(recipe[section]))
-               if section in saved and saved[section].get(key) != recipe[section].get(key)]  # fmt: skip
+    # a tiny backbone built into each run's own output directory is the same backbone
+    built = {str(Path(r["trainer"].get("output_dir", "")) / "tiny_vlm") for r in (saved, recipe) if "trainer" in r}
+    changed = []
+    for section in ("model", "data"):
+        if section not in saved:
+            continue
+        for key in sorted(set(saved[section]) | set(recipe[section])):
+            before, after = saved[section].get(key), recipe[section].get(key)
+            if before != after and not ((section, key) == ("model", "vlm") and {before, after} <= built):
+                changed.append(f"{section}.{key}: {before!r} -> {after!r}")
     if changed:
         logger.warning(f"resuming {saved_file.parent} with model/data settings other than its run's: {changed}")
 

@@ -123,8 +123,15 @@ class VLAPolicy:
         batch, unbatched = self._batch(obs)
         key = self.processor.embodiment_key(unnorm_key or self.unnorm_key, "unnorm_key")
         state_width = self.processor.embodiment_dims(key)[1]
-        if batch["state"] is None and state_width:  # actions without the state the model trained with: off-distribution
+        action_mode = self.processor.norm_stats[key].get("action_mode", "abs")
+        raw_state = batch["state"]
+        if raw_state is None and state_width:  # actions without the state the model trained with: off-distribution
             raise ValueError(f"state: missing; this model takes a state of {state_width} values")
+        if raw_state is None and action_mode != "abs":
+            raise ValueError(f"state: missing; embodiment {key!r} predicts {action_mode!r} actions, which are turned "
+                             "into absolute ones from the state")
+        if not self.processor.state_dim:  # a model without state ignores one (decoding may still need it)
+            batch["state"] = None
         parameter = next(self.model.parameters())  # one lookup for both (model.device and model.dtype walk twice)
         device, dtype = parameter.device, parameter.dtype
         try:
@@ -138,7 +145,7 @@ class VLAPolicy:
         }
         normalized = self.model.predict_action(**inputs, **predict_kwargs).to("cpu", torch.float32).numpy()
         # relative (delta / rel) actions come back absolute, from the state they were predicted from
-        actions = self.processor.decode_actions(normalized, unnorm_key=key, state=batch["state"])
+        actions = self.processor.decode_actions(normalized, unnorm_key=key, state=raw_state)
         if len(self._pixel_buffers) < 2:
             self._pixel_buffers.append(encoded["pixel_values"])
         if return_normalized:

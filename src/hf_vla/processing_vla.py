@@ -622,6 +622,11 @@ class VLAProcessor(ProcessorMixin):
             if actions.ndim < 2 or len(unnorm_key) != actions.shape[0]:
                 raise ValueError(f"unnorm_key: expected one key per sample of actions {list(actions.shape)}, got "
                                  f"{len(unnorm_key)} keys")
+            relative = sorted({k for k in unnorm_key if self.norm_stats[self.embodiment_key(k, "unnorm_key")]
+                               .get("action_mode", "abs") != "abs"})  # fmt: skip
+            if state is not None and relative:
+                raise ValueError(f"state: absolute actions for {relative} (relative action modes) are decoded one "
+                                 "unnorm_key at a time")
             return self._normalize_rows(actions, list(unnorm_key), "action", "unnorm_key", inverse=True)
         if unnorm_key is not None and not isinstance(unnorm_key, str):
             raise ValueError(f"unnorm_key: expected a key (str) or one per sample, got {type(unnorm_key).__name__}")

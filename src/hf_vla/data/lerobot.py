@@ -328,9 +328,13 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
     their union (the same values concatenated), so that one statistics key serves all of them."""
     if len(datasets) == 1:
         return datasets[0].compute_stats(action_mode=action_mode, state_mode=state_mode)
+    widths = {str(d.root): (d._actions.shape[1], 0 if d._states is None else d._states.shape[1]) for d in datasets}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"datasets of one statistics key have different (action, state) widths {widths}; give them "
+                         "keys of their own")
     stats = {"action": compute_feature_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
                                              action_mode)}  # fmt: skip
-    if all(d._states is not None for d in datasets):
+    if datasets[0]._states is not None:
         stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
     stats["num_transitions"] = int(sum(len(d) for d in datasets))
     stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))

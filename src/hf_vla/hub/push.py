@@ -10,7 +10,7 @@ from huggingface_hub import HfApi
 
 from ..models.fast.modeling_fast import ACTION_TOKENIZER_DIR
 from .card import build_model_card
-from .remote_code import export_remote_code, remove_remote_code
+from .remote_code import export_remote_code, generated_module_names, remove_remote_code
 
 # What a release carries from the model directory's top level: weights, configs, processor/tokenizer/statistics,
 # remote code, the training recipe and evaluation results; plus the FAST tokenizer's folder.
@@ -91,17 +91,38 @@ def signed_card(text: str) -> str:
 
 
 def is_unedited_card(text: str) -> bool:
+    """A signed card whose text matches its signature, or an unsigned card of an hf_vla version that did not sign
+    (its front matter names the library)."""
     body, _, signature = text.rstrip().rpartition("\n\n<!-- hf-vla push: ")
-    return bool(body) and signature == f"{_digest(body)} -->"
+    if body:
+        return signature == f"{_digest(body)} -->"
+    front_matter = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    return "library_name: hf_vla" in front_matter
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+# What save_pretrained (model, processor, tokenizer), Trainer and train_vla write at a model directory's top level
+WRITTEN_FILES = {
+    "config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json",
+    "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "model.safetensors.index.json", "eval_results.json", "train_results.json", "all_results.json",
+    "training_recipe.yaml",
+}  # fmt: skip
+
+
 def _is_release_file(name: str) -> bool:
-    top_level = "/" not in name and any(fnmatch(name, pattern) for pattern in RELEASE_PATTERNS)
-    return top_level or name.startswith(f"{ACTION_TOKENIZER_DIR}/")
+    """A file an hf_vla release writes (so a later release may delete it): weights, the known configs and results,
+    the generated remote-code modules and the FAST tokenizer's folder. Other files on the branch (a LICENSE, an
+    endpoint's handler.py) are the user's."""
+    if name.startswith(f"{ACTION_TOKENIZER_DIR}/"):
+        return True
+    if "/" in name:
+        return False
+    return name in WRITTEN_FILES or fnmatch(name, "model*.safetensors") or name in generated_module_names()
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ class MicroBatcher:
             "images": {c: np.stack([row.views[i] for row in rows]) for i, c in enumerate(cameras)},
             "instruction": [row.instruction for row in rows],
         }
-        if rows[0].state is not None and self.policy.processor.state_dim:
+        if all(row.state is not None for row in rows):  # the policy decides whether the model reads it
             obs["state"] = np.stack([row.state for row in rows])
         actions, normalized = self.policy.predict(obs, unnorm_key=rows[0].unnorm_key, return_normalized=True)
         return list(zip(actions, normalized))

@@ -325,10 +325,17 @@ class PolicyServer:
         if postprocess.needs_state and any(row.state is None for row in request.rows):
             raise ValueError("state: missing; this connection's delta_dims post-processing needs the state")
         key = request.rows[0].unnorm_key
-        mode = (self.policy.processor.norm_stats or {}).get(key, {}).get("action_mode", "abs")
+        processor = self.policy.processor
+        mode = (processor.norm_stats or {}).get(key, {}).get("action_mode", "abs")
         if postprocess.delta_dims and mode != "abs":
             raise ValueError(f"delta_dims: embodiment {key!r} was trained on {mode!r} actions, which the policy "
                              "already returns absolute; configure delta_dims=None for it")
+        action_width, state_width = processor.embodiment_dims(key)
+        if (action_width, state_width) != (processor.action_dim, processor.state_dim):
+            try:  # a padded embodiment's chunks and states have its own, narrower widths
+                postprocess.check(processor.action_horizon, action_width, state_width)
+            except ValueError as error:
+                raise ValueError(f"{error} (embodiment {key!r}'s own width)") from None
         result = await self.batcher.predict(request.rows)
         undecoded = [i for i, actions in enumerate(result.actions) if not np.isfinite(actions).all()]
         if undecoded:  # a robot must never receive NaN as a command; FAST marks chunks it cannot decode with NaN

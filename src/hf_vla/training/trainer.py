@@ -98,7 +98,11 @@ class ChatStreamResume(TrainerCallback):
             logger.warning("resuming co-training with dataloader workers: the chat stream restarts (exact with "
                            "dataloader_num_workers=0)")
             return
-        batches = len(train_dataloader)
+        try:
+            batches = len(train_dataloader)
+        except TypeError:  # an iterable dataset: no epoch length to count the trained batches with
+            logger.warning("resuming co-training on an iterable dataset: the chat stream restarts")
+            return
         steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
         epochs, steps = divmod(state.global_step, steps_per_epoch)
         collator.skip(epochs * batches + steps * args.gradient_accumulation_steps)
@@ -256,12 +260,18 @@ class VLATrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation scores actions only: a co-training collator's VLA part collates its batches (chat batches
         would be built for nothing, and would move the training run's chat stream)."""
+        return self._without_chat(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._without_chat(super().get_test_dataloader, test_dataset)
+
+    def _without_chat(self, build, dataset):
         collator = self.data_collator
         if not isinstance(collator, CoTrainingCollator):
-            return super().get_eval_dataloader(eval_dataset)
+            return build(dataset)
         self.data_collator = collator.vla_collator
         try:
-            return super().get_eval_dataloader(eval_dataset)
+            return build(dataset)
         finally:
             self.data_collator = collator
 
@@ -277,7 +287,7 @@ class VLATrainer(Trainer):
         outputs = model(**model_inputs)
         action_loss = outputs.action_loss if outputs.action_loss is not None else outputs.loss
         share = None
-        if num_items_in_batch is not None and model.training and "actions" in inputs:
+        if num_items_in_batch is not None and model.training and "actions" in inputs and self.compute_loss_func is None:
             share = action_entries(inputs).to(outputs.loss.device) / num_items_in_batch.clamp_min(1)
         vla_term = outputs.loss
         if share is not None:  # Trainer divides by the accumulation steps and DDP averages over processes
