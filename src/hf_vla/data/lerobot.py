@@ -332,15 +332,15 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
     if len(set(widths.values())) > 1:
         raise ValueError(f"datasets of one statistics key have different (action, state) widths {widths}; give them "
                          "keys of their own")
+    modes = {d.action_mode for d in datasets}
+    if len(modes) > 1:  # one key cannot map both absolute and relative actions back
+        raise ValueError(f"datasets of one statistics key have different action modes {sorted(modes)}")
     stats = {"action": compute_feature_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
                                              action_mode)}  # fmt: skip
     if datasets[0]._states is not None:
         stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
     stats["num_transitions"] = int(sum(len(d) for d in datasets))
     stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
-    modes = {d.action_mode for d in datasets}
-    if len(modes) > 1:  # one key cannot map both absolute and relative actions back
-        raise ValueError(f"datasets of one statistics key have different action modes {sorted(modes)}")
     stats["action_mode"] = modes.pop()
     return stats
 
