@@ -50,9 +50,10 @@ Requests. Each binary frame is one map, answered by one frame, in order.
 Errors never close the connection. An openpi-form request gets a text frame holding `"<field>: <what is wrong>"`,
 as openpi's own server sends its errors (openpi-client raises it: `RuntimeError("Error in inference server: ...")`);
 a StarVLA-form one gets `{"status": "error", "ok": False, "request_id": ..., "error": {"message": ...}}`, and a frame
-that cannot be read at all (not msgpack, not a map) the binary map `{"error": "<field>: <what is wrong>"}`. Frames over `max_frame_bytes` are refused by websockets itself (close code 1009, the
-frame is never read); arrays over `max_array_bytes` and requests over `max_request_rows` samples get error replies,
-and so does a request whose predicted chunk is not finite (FAST's undecodable chunks): no client is sent NaN.
+that cannot be read at all (not msgpack, not a map) the binary map `{"error": "<field>: <what is wrong>"}`. Frames
+over `max_frame_bytes` are refused by websockets itself (close code 1009, the frame is never read); arrays over
+`max_array_bytes` and requests over `max_request_rows` samples get error replies, and so does a request whose
+predicted chunk is not finite (FAST's undecodable chunks): no client is sent NaN.
 
 HTTP: `GET /healthz` → 200 "OK" (no key needed). With an API key set, the upgrade needs `Authorization: Bearer KEY`,
 `Authorization: Api-Key KEY` (openpi-client's form) or `x-api-key: KEY`, else HTTP 401.
