@@ -1,5 +1,5 @@
 """Multi-process training on CPU, launched the way trainers/README.md tells users: 2-process DDP over gloo (with
-`accelerate launch` and with `torchrun`) and 2-process DeepSpeed ZeRO-2. Each run is a bounded subprocess."""
+`accelerate launch` and with `torchrun`) and 2-process DeepSpeed ZeRO-2 and ZeRO-3. Each run is a bounded subprocess."""
 
 import contextlib
 import importlib.util
@@ -18,7 +18,7 @@ from transformers import AutoProcessor
 from hf_vla import AutoModelForVLA
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "trainers" / "recipes" / "oft.yaml")
+RECIPES = REPO / "trainers" / "recipes"
 TINY_RUN = [
     "--trainer.max_steps", "3", "--trainer.logging_steps", "1", "--trainer.save_steps", "2",
     "--trainer.disable_tqdm", "true", "--trainer.per_device_train_batch_size", "2",
@@ -43,10 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, output_dir: Path, *overrides: str, timeout: int = 300) -> str:
+def launch(launcher: str, output_dir: Path, *overrides: str, recipe: str = "oft", timeout: int = 300) -> str:
     # a fresh rendezvous port per run: a default port still held by an earlier run would hang the new one
     port = ["--main_process_port" if launcher == "accelerate" else "--master_port", str(free_port())]
-    command = [*LAUNCHERS[launcher], *port, str(REPO / "trainers" / "train_vla.py"), RECIPE,
+    command = [*LAUNCHERS[launcher], *port, str(REPO / "trainers" / "train_vla.py"), str(RECIPES / f"{recipe}.yaml"),
                "--trainer.output_dir", str(output_dir), *TINY_RUN, *overrides]  # fmt: skip
     marker = f"{os.getpid()}-{output_dir}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -125,4 +125,29 @@ def test_deepspeed_zero2_saves_a_loadable_model(tmp_path):
     assert "world size 2" in output
     assert (tmp_path / "run" / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer state
     assert len(trained_steps(tmp_path / "run")) == 3
+    assert_loadable(tmp_path / "run")
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_zero3_gathers_the_trained_weights_on_save(tmp_path):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 avoids building its ops)")
+    from safetensors.torch import load_file
+
+    # PI_v3: a layer-wise head with frozen modules (proj_out_1/2, state_encoder), the case ZeRO-3 partitions unevenly
+    deepspeed_config = str(REPO / "trainers" / "deepspeed" / "zero3.json")
+    output = launch("torchrun", tmp_path / "run", "--trainer.deepspeed", deepspeed_config, recipe="pi_v3", timeout=480)
+    assert "world size 2" in output
+    assert len(trained_steps(tmp_path / "run")) == 3
+    # every tensor whole (ZeRO-3 holds 1/2 of each per rank; an ungathered save writes empty tensors)
+    final = load_file(tmp_path / "run" / "model.safetensors")
+    step2 = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    AutoModelForVLA.from_pretrained(tmp_path / "run").save_pretrained(tmp_path / "plain")  # a one-process save
+    expected = {name: tensor.shape for name, tensor in load_file(tmp_path / "plain" / "model.safetensors").items()}
+    assert {name: tensor.shape for name, tensor in final.items()} == expected
+    # the third step changed the trained head and left the frozen modules as they were
+    head = "action_head.model.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(final[head], step2[head])
+    frozen = [name for name in final if ".proj_out_" in name or ".state_encoder." in name]
+    assert frozen and all(torch.equal(final[name], step2[name]) for name in frozen)
     assert_loadable(tmp_path / "run")
