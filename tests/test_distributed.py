@@ -122,7 +122,7 @@ def test_deepspeed_zero2_saves_a_loadable_model(tmp_path):
     # the first run JIT-compiles DeepSpeed's shared-memory op (~40-80 s, cached in ~/.cache/torch_extensions)
     deepspeed_config = str(REPO / "trainers" / "deepspeed" / "zero2.json")
     output = launch("torchrun", tmp_path / "run", "--trainer.deepspeed", deepspeed_config, timeout=480)
-    assert "world size 2" in output
+    assert "world size 2; DeepSpeed ZeRO-2" in output
     assert (tmp_path / "run" / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer state
     assert len(trained_steps(tmp_path / "run")) == 3
     assert_loadable(tmp_path / "run")
@@ -137,7 +137,7 @@ def test_deepspeed_zero3_gathers_the_trained_weights_on_save(tmp_path):
     # PI_v3: a layer-wise head with frozen modules (proj_out_1/2, state_encoder), the case ZeRO-3 partitions unevenly
     deepspeed_config = str(REPO / "trainers" / "deepspeed" / "zero3.json")
     output = launch("torchrun", tmp_path / "run", "--trainer.deepspeed", deepspeed_config, recipe="pi_v3", timeout=480)
-    assert "world size 2" in output
+    assert "world size 2; DeepSpeed ZeRO-3" in output
     assert len(trained_steps(tmp_path / "run")) == 3
     # every tensor whole (ZeRO-3 holds 1/2 of each per rank; an ungathered save writes empty tensors)
     final = load_file(tmp_path / "run" / "model.safetensors")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -550,6 +551,17 @@ def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root, caplog):
     head_rates = [entry["learning_rate/action_head"] for entry in json.loads(
         (out / "trainer_state.json").read_text())["log_history"] if "learning_rate/action_head" in entry]
     assert head_rates and max(head_rates) <= 3e-3
+
+
+def test_fsdp_that_accelerate_does_not_enable_is_reported(train_vla, caplog, monkeypatch):
+    # accelerate turns FSDP on for GPU process groups only; on CPU the same launch runs plain DDP
+    trainer = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=False,
+                              args=SimpleNamespace(fsdp_plugin_args=None))  # fmt: skip
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert train_vla.sharding(trainer) == "" and "FSDP" not in caplog.text
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    assert train_vla.sharding(trainer) == ""
+    assert "FSDP was asked for, but accelerate enables it on GPUs only" in caplog.text
 
 
 def test_resuming_the_latest_checkpoint_needs_one(train_vla, tmp_path):

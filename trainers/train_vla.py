@@ -340,6 +340,18 @@ def training_arguments(fields: dict) -> TrainingArguments:
                         "TrainingArguments fields)") from err
 
 
+def sharding(trainer) -> str:
+    """How the launch shards the model, for the start-up log line (a launcher that silently ran plain DDP shows)."""
+    if trainer.is_deepspeed_enabled:
+        return f"; DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    if trainer.is_fsdp_enabled:
+        return f"; FSDP{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
+    if trainer.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        logger.warning("FSDP was asked for, but accelerate enables it on GPUs only: this run replicates the model on "
+                       "every process (DDP). On CPU, shard with DeepSpeed ZeRO-3 instead (trainers/deepspeed/zero3.json)")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     recipe_path = argv[0] if argv and not argv[0].startswith("--") else None
@@ -411,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters, {trainable:,} trainable; "
-                f"{len(train)} training samples; world size {args.world_size}")
+                f"{len(train)} training samples; world size {args.world_size}{sharding(trainer)}")
 
     result = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(args.output_dir)
