@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
+from test_starvla_reference_deployment import starvla_forward
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from hf_vla import AutoModelForVLA, VLAProcessor
@@ -31,6 +32,7 @@ from hf_vla.hub.convert_starvla import (
     main,
     map_key,
 )
+from hf_vla.normalization import normalize
 from hf_vla.testing import build_tiny_vlm
 
 COT = ("Your task is {instruction}. To identify the key objects for your task. "
@@ -458,6 +460,16 @@ def test_state_normalisation_modes():
     assert decide("bridge", override=["mean_std"] * 7 + ["binary"])[0] == ["mean_std"] * 7 + ["binary"]
     with pytest.raises(StarVLAConversionError, match="state_modes: expected one mode or 8 comma-separated"):
         decide("bridge", override="q99,binary")
+    # StarVLA's q99 keeps a constant dimension's raw value (bridge's pad, or a joint that never moved): identity
+    constant = {"q01": [-1.0, 0.7, 0.0] + [-1.0] * 5, "q99": [1.0, 0.7, 0.0] + [1.0] * 5}
+    got, source = decide("bridge", constant)
+    assert got == ["q99", "identity", "identity"] + ["q99"] * 4 + ["binary"] and "constant dimension" in source
+    assert decide("libero_goal", constant)[0] == ["identity"] * 8
+    assert decide("bridge", constant, override="min_max")[0] == ["min_max"] * 8  # StarVLA's min_max gives 0 there
+    stats = {**constant, "min": constant["q01"], "max": constant["q99"], "mean": [0.0] * 8, "std": [1.0] * 8}
+    raw = np.array([0.5, 0.7, 0.0, 2.0, -0.2, 0.0, 0.9, 0.8], np.float32)
+    expected = [starvla_forward(mode, raw[i], {k: v[i] for k, v in stats.items()}) for i, mode in enumerate(oxe)]
+    np.testing.assert_allclose(normalize(raw, {**stats, "mode": got}), np.clip(expected, -1, 1), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- published sizes

@@ -468,6 +468,8 @@ def test_state_normalisation_matches_starvla_dataloader(starvla_run, data_mix):
     (key,) = statistics
     robot_type = starvla_resolve_robot_type(data_mix, key)
     modes = [STARVLA_STATE_MODES[robot_type].get(k, "identity") for k in STARVLA_STATE_KEYS[robot_type]]
+    constant = np.equal(statistics[key]["state"]["q01"], statistics[key]["state"]["q99"])
+    modes = ["identity" if mode == "q99" and same else mode for mode, same in zip(modes, constant)]  # raw, as q99's
     assert report["normalization_modes"][key]["state"] == modes, (
         f"{data_mix}: converter picked {report['normalization_modes'][key]['state']} "
         f"({report.get('state_modes_source')}); StarVLA's DataConfig uses {modes}"
@@ -481,7 +483,7 @@ def test_state_normalisation_matches_starvla_dataloader(starvla_run, data_mix):
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)  # inside [q01, q99]: identical
     clamped = np.where(np.array(modes) == "q99", np.clip(expected, -1, 1), expected)
     np.testing.assert_allclose(got, clamped, rtol=1e-6, atol=1e-6)
-    if "identity" in modes:  # LIBERO's default: the raw state, far outside [-1, 1]
+    if set(modes) == {"identity"}:  # LIBERO's default: the raw state, far outside [-1, 1]
         np.testing.assert_array_equal(got, raw)
 
 

@@ -364,10 +364,16 @@ def choose_state_modes(state_stats: dict, config: dict, override=None) -> tuple[
     """
     dim = len(state_stats["q01"])
     modes, source = _known_modes("state", dim, config, override)
-    if modes is not None:
-        return modes, source
-    return ["q99"] * dim, ("default q99 (StarVLA records no state modes and no known DataConfig of this width "
-                           "matches the data_mix; pass --state-modes if the run's DataConfig used others)")
+    if modes is None:
+        modes, source = ["q99"] * dim, ("default q99 (StarVLA records no state modes and no known DataConfig of this "
+                                        "width matches the data_mix; pass --state-modes if the run's DataConfig used "
+                                        "others)")
+    # StarVLA's q99 passes a constant dimension (q01 == q99) through raw where hf_vla's maps it to 0
+    constant = [low == high for low, high in zip(state_stats["q01"], state_stats.get("q99", [None] * dim))]
+    if any(mode == "q99" and same for mode, same in zip(modes, constant)):
+        modes = ["identity" if mode == "q99" and same else mode for mode, same in zip(modes, constant)]
+        source += "; q99 on a constant dimension (q01 == q99) → identity, which keeps its raw value as StarVLA does"
+    return modes, source
 
 
 def choose_cameras(config: dict, override=None) -> tuple[list[str], str]:
