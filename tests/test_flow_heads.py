@@ -325,6 +325,27 @@ def test_action_mask_excludes_masked_steps():
     )
 
 
+def test_bf16_head_builds_the_path_at_the_time_its_bucket_names(monkeypatch):
+    """A bf16 head rounds only the DiT's input: x_t and the target come from the float32 time and chunk, so the
+    bucket the DiT is told is the time x_t was built at (a bf16 time lands up to 4 buckets away near t = 1)."""
+    head = tiny_head().to(torch.bfloat16)
+    conditions, actions, state, noise = tiny_inputs()
+    time = torch.tensor([0.9931, 0.4567])
+    seen = {}
+
+    def record(noisy_actions, buckets, *args):
+        seen.update(noisy_actions=noisy_actions, buckets=buckets)
+        return torch.zeros_like(noisy_actions)
+
+    monkeypatch.setattr(head, "predict_velocity", record)
+    loss = head(conditions.to(torch.bfloat16), None, actions, state=state.to(torch.bfloat16), noise=noise, time=time)
+    t = time[:, None, None]
+    assert seen["noisy_actions"].dtype == torch.bfloat16 and seen["buckets"].tolist() == [993, 456]
+    expected = ((1 - t) * noise + t * actions).to(torch.bfloat16)
+    torch.testing.assert_close(seen["noisy_actions"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(loss, (actions - noise).pow(2).mean())  # a zero velocity: the float32 target's size
+
+
 def test_condition_mask_hides_padding():
     head = tiny_head().eval()
     conditions, _, state, noise = tiny_inputs()

@@ -395,23 +395,25 @@ class FlowMatchingActionHead(nn.Module):
             if action_mask is not None:
                 action_mask = action_mask.repeat(repeats, *([1] * (action_mask.dim() - 1)))
 
-        actions = actions.to(self.dtype)
+        # The path and its target in float32 whatever the head's dtype: a bf16 time would put x_t at another time
+        # than the bucket the DiT is told (and x_t at t = 0.999 on the clean chunk); only the DiT's input is rounded.
+        actions = actions.float()
         batch = actions.shape[0]
         noise = torch.randn_like(actions) if noise is None else noise.to(actions)
-        time = self.sample_time(batch, actions.device) if time is None else time.to(actions.device)
+        time = self.sample_time(batch, actions.device) if time is None else time.to(actions)
         if noise.shape != actions.shape or time.shape != (batch,):
             raise ValueError(
                 f"noise must be {tuple(actions.shape)} and time ({batch},) (batch x repeated_diffusion_steps); "
                 f"got {tuple(noise.shape)} and {tuple(time.shape)}."
             )
-        t = time.to(actions.dtype)[:, None, None]
+        t = time[:, None, None]
         noisy_actions = (1 - t) * noise + t * actions
         target_velocity = actions - noise
 
         predicted = self.predict_velocity(
-            noisy_actions, self.time_to_bucket(time), conditions, condition_mask, state_tokens
+            noisy_actions.to(self.dtype), self.time_to_bucket(time), conditions, condition_mask, state_tokens
         )
-        squared_error = (predicted.float() - target_velocity.float()).pow(2)
+        squared_error = (predicted.float() - target_velocity).pow(2)
         if action_mask is None:
             return squared_error.mean()
         mask = action_mask.to(squared_error.dtype)
