@@ -79,6 +79,27 @@ def test_backbone_runs_once_per_predict_action(flow):
             hook.remove()
 
 
+def test_step_counts_follow_the_config_as_edited(flow, monkeypatch):
+    """`num_inference_steps` and `repeated_diffusion_steps` are read from the config at each call, as saving and
+    reloading would apply them."""
+    _, _, model, processor = flow
+    inputs = batch_for(processor, actions=True)
+    monkeypatch.setattr(model.config, "num_inference_steps", 3)
+    monkeypatch.setattr(model.config, "repeated_diffusion_steps", 3)
+    calls = []
+    hook = model.action_head.model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    try:
+        model.predict_action(**inputs)
+        assert calls == [2] * 3
+        calls.clear()
+        model(**inputs)
+        assert calls == [3 * 2]  # every sample three times, each with its own noise and time
+        with pytest.raises(ValueError, match=r"noise must be \(6, 4, 7\)"):
+            model(**inputs, noise=torch.randn(2 * 2, 4, 7), time=torch.rand(2 * 2))
+    finally:
+        hook.remove()
+
+
 def test_predictions_depend_on_image_instruction_and_state(flow):
     _, variant, model, processor = flow
     rng = np.random.default_rng(1)

@@ -366,11 +366,12 @@ class FlowMatchingActionHead(nn.Module):
         action_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         time: torch.Tensor | None = None,
+        repeats: int | None = None,
     ) -> torch.Tensor:
         """Flow-matching training loss (scalar, float32).
 
-        Every sample is repeated `R = repeated_diffusion_steps` times along the batch (tiled: copy `r` of sample `b`
-        sits at row `r·B + b`), each copy with its own noise and time.
+        Every sample is repeated `R = repeats` times (default `repeated_diffusion_steps`) along the batch (tiled: copy
+        `r` of sample `b` sits at row `r·B + b`), each copy with its own noise and time.
 
         Args:
             conditions: `[B, L, C]` (GR00T form) or a sequence of `num_layers` tensors `[B, L, H]` (layer-wise form).
@@ -380,8 +381,11 @@ class FlowMatchingActionHead(nn.Module):
             action_mask: `[B, H]` (or `[B, H, A]`) mask of valid steps; the loss is the mean over valid entries.
             noise: `[R·B, H, A]` initial noise; drawn from N(0, I) when None.
             time: `[R·B]` times in [0, 1] (1 = clean); drawn from the Beta schedule when None.
+            repeats: R for this call.
         """
-        repeats = self.repeated_diffusion_steps
+        repeats = self.repeated_diffusion_steps if repeats is None else repeats
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeated_diffusion_steps: expected a positive integer, got {repeats!r}")
         conditions = self.prepare_conditions(conditions)
         state_tokens = self.encode_state(state, actions.shape[0])
         if repeats > 1:

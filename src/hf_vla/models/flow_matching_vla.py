@@ -88,8 +88,9 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
             mm_token_type_ids=mm_token_type_ids,
         )
         loss = self.action_head(
-            conditions, mask, actions, state=self.head_state(state), action_mask=action_mask, noise=noise, time=time
-        )
+            conditions, mask, actions, state=self.head_state(state), action_mask=action_mask, noise=noise, time=time,
+            repeats=self.config.repeated_diffusion_steps,
+        )  # fmt: skip
         return VLAOutput(loss=loss, action_loss=loss)
 
     @torch.no_grad()
@@ -104,6 +105,7 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
         head alone (default `config.num_inference_steps`), starting from `noise` (drawn when omitted)."""
         vlm_inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask")}
         conditions, mask = self.conditions(**vlm_inputs)
+        num_steps = self.config.num_inference_steps if num_steps is None else num_steps
         return self.action_head.sample(conditions, mask, state=self.head_state(state), noise=noise, num_steps=num_steps)
 
 
