@@ -319,6 +319,28 @@ def test_an_episode_without_rows_is_refused(roots, tmp_path):
         load_lerobot(root)
 
 
+def test_rows_out_of_frame_order_or_duplicated_frames_are_refused(roots, episodes, tmp_path):
+    """A sample's action chunk is the rows after its own: rows out of frame order would give wrong chunks."""
+    second = row_of(episodes, 1, 0)  # episode 1 shares its file with episodes 0 and 2; its frame_index starts at 0
+
+    def swapped(table):
+        rows = list(range(table.num_rows))
+        rows[second], rows[second + 3] = rows[second + 3], rows[second]
+        return table.take(pa.array(rows))
+
+    def duplicated(table):
+        frames = table.column("frame_index").to_pylist()
+        frames[second + 2] = 1
+        return _set_column(table, "frame_index", frames)
+
+    for edit, got in [(swapped, "got 3 at the episode's row 0"), (duplicated, "got 1 at the episode's row 2")]:
+        root = shutil.copytree(roots["v3"], tmp_path / edit.__name__)
+        path = _rewrite_data(root, edit)
+        with pytest.raises(ValueError, match=rf"{path}: episode 1: frame_index: expected 0..12 in row order, {got}"):
+            load_lerobot(root)
+    assert [load_lerobot(roots[name])[second]["frame_index"] for name in ("v3", "v3_split", "v2.1")] == [0, 0, 0]
+
+
 def test_decoder_seeks_once_per_call_and_not_at_all_when_reading_on(roots):
     video = roots["v3"] / f"videos/{FRONT}/chunk-000/file-000.mp4"
     timestamps = [1.5, 1.2, 1.9, 1.3]  # unsorted on purpose; returned in this order

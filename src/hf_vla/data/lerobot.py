@@ -203,7 +203,8 @@ class LeRobotDataset(Dataset):
         self._episode_bounds()
 
     def _episode_bounds(self):
-        """Per row: the first row of its episode and one past its last (rows of an episode are contiguous)."""
+        """Per row: the first row of its episode and one past its last (rows of an episode are contiguous, in frame
+        order)."""
         n = len(self._episode_index)
         starts = np.flatnonzero(np.diff(self._episode_index, prepend=-1) != 0)
         ends = np.append(starts[1:], n)
@@ -226,6 +227,14 @@ class LeRobotDataset(Dataset):
         self._row_start = np.repeat(starts, lengths)
         self._row_end = np.repeat(ends, lengths)
         self.num_episodes = len(starts)
+        # a sample's action chunk is the rows after its own, so row k of an episode must be its frame k
+        misplaced = np.flatnonzero(self._frame_index != np.arange(n) - self._row_start)
+        if len(misplaced):
+            row = misplaced[0]
+            start, end = self._row_start[row], self._row_end[row]
+            raise ValueError(f"{self.root / self._data_files[self._row_file[row]]}: episode "
+                             f"{self._episode_index[row]}: frame_index: expected 0..{end - start - 1} in row order, "
+                             f"got {self._frame_index[row]} at the episode's row {row - start}")
 
     # ---- samples ----
     def __len__(self) -> int:
