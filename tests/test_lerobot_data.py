@@ -299,6 +299,32 @@ def test_malformed_metadata_and_arguments_are_named(roots, tmp_path):
         load_lerobot(root)
 
 
+def test_non_finite_actions_or_states_are_refused_at_load_naming_file_column_and_frame(roots, tmp_path):
+    def put(key, row, dim, value, kind=None):
+        def edit(table):
+            rows = table.column(key).to_pylist()
+            rows[row][dim] = value
+            if kind is None:
+                return _set_column(table, key, rows)
+            return table.set_column(table.column_names.index(key), key, pa.array(rows, type=kind))
+        return edit
+
+    # v3_split: episodes 0 and 1 in file-000 (13 rows from row 12 on for episode 1), episode 2 in file-001
+    cases = [("file-001", put("action", 5, 1, float("nan")), r"column 'action': expected finite values, got nan in "
+                                                             r"dimension 1 at episode 2 frame 5"),
+             ("file-000", put("observation.state", 12 + 4, 2, float("-inf")),
+              r"column 'observation.state': expected finite values, got -inf in dimension 2 at episode 1 frame 4"),
+             ("file-000", put("action", 3, 0, 1e39, pa.list_(pa.float64())),  # float32 would hold it as inf
+              r"column 'action': expected finite values, got 1e\+39 \(beyond float32's range\) in dimension 0 at "
+              r"episode 0 frame 3")]
+    for i, (file, edit, message) in enumerate(cases):
+        root = shutil.copytree(roots["v3_split"], tmp_path / str(i))
+        path = root / f"data/chunk-000/{file}.parquet"
+        pq.write_table(edit(pq.read_table(path)), path)
+        with pytest.raises(ValueError, match=f"{path}: {message}"):
+            load_lerobot(root)
+
+
 def test_a_2d_feature_stored_as_nested_lists_reads_row_by_row(roots, episodes, tmp_path):
     root = shutil.copytree(roots["v3"], tmp_path / "nested")
     nested = pa.list_(pa.list_(pa.float32()))

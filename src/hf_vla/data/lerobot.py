@@ -196,11 +196,23 @@ class LeRobotDataset(Dataset):
         self._frame_index = columns["frame_index"].reshape(-1).astype(np.int64)
         self._timestamp = columns["timestamp"].reshape(-1).astype(np.float64)
         self._task_index = columns["task_index"].reshape(-1).astype(np.int64)
-        self._actions = columns[self.action_key].reshape(len(self._episode_index), -1).astype(np.float32)
-        self._states = None
-        if self.state_key:
-            self._states = columns[self.state_key].reshape(len(self._episode_index), -1).astype(np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, refused just below
+            self._actions = columns[self.action_key].reshape(len(self._episode_index), -1).astype(np.float32)
+            self._states = None
+            if self.state_key:
+                self._states = columns[self.state_key].reshape(len(self._episode_index), -1).astype(np.float32)
+        for key, values in ((self.action_key, self._actions), (self.state_key, self._states)):
+            if values is not None and not np.isfinite(values).all():
+                self._refuse_non_finite(key, columns[key].reshape(len(values), -1), values)
         self._episode_bounds()
+
+    def _refuse_non_finite(self, key: str, raw: np.ndarray, values: np.ndarray):
+        row, dim = np.argwhere(~np.isfinite(values))[0]
+        value = raw[row, dim]
+        got = f"{value} (beyond float32's range)" if np.isfinite(value) else str(value)
+        path = self.root / self._data_files[self._row_file[row]]
+        raise ValueError(f"{path}: column {key!r}: expected finite values, got {got} in dimension {dim} at episode "
+                         f"{self._episode_index[row]} frame {self._frame_index[row]}")
 
     def _episode_bounds(self):
         """Per row: the first row of its episode and one past its last (rows of an episode are contiguous, in frame
