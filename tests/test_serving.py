@@ -663,6 +663,44 @@ def test_hf_vla_serve_logs_the_address_it_bound(tmp_path):
             process.terminate()
 
 
+def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(monkeypatch, capsys):
+    import hf_vla.cli
+    import torch
+
+    from hf_vla.cli import main
+
+    def run(argv):
+        with pytest.raises(SystemExit) as excinfo:
+            main(argv)
+        assert excinfo.value.code == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error
+        return error.strip().splitlines()[-1]
+
+    offline = "We couldn't connect to 'https://huggingface.co' to load the files"
+    assert run(["demo", "--model", "no-such-model"]).startswith(
+        f"hf-vla demo: --model: cannot load 'no-such-model': {offline}")
+    assert run(["serve", "no-such-model"]).startswith(f"hf-vla serve: MODEL: cannot load 'no-such-model': {offline}")
+    assert run(["serve", "/nonexistent/model"]) == "hf-vla serve: MODEL: no such directory '/nonexistent/model'"
+    assert run(["serve", "--model", "./missing"]) == "hf-vla serve: --model: no such directory './missing'"
+
+    monkeypatch.setattr(hf_vla.cli, "load_policy", lambda *a, **k: pytest.fail("refused before loading the model"))
+    if torch.cuda.is_available():  # a device this machine lacks
+        no_device = "cuda:99"
+        missing = f"expected a cuda index below {torch.cuda.device_count()} (the devices this machine has), got 'cuda:99'"
+    else:
+        no_device, missing = "cuda", "expected a device this machine has, got 'cuda' (torch finds no cuda device)"
+    for argv, message in [(["--port", "99999"], "argument --port: expected 0..65535 (0: any free port), got 99999"),
+                          (["--port", "-5"], "argument --port: expected 0..65535 (0: any free port), got -5"),
+                          (["--port", "80a"], "argument --port: expected an integer 0..65535, got '80a'"),
+                          (["--device", "bogus"], "argument --device: expected a torch device such as cpu, cuda or "
+                                                  "cuda:1, got 'bogus'"),
+                          (["--device", no_device], f"argument --device: {missing}")]:
+        assert run(["serve", *argv]) == f"hf-vla serve: error: {message}"
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--port", "0", "--device", "cpu"])
+    assert (args.port, args.device) == (0, "cpu")
+
+
 def test_other_commands_work_without_the_serve_extra(monkeypatch, capsys):
     import sys
 

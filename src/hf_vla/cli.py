@@ -8,17 +8,29 @@ import sys
 import numpy as np
 
 
+def load_policy(path, option: str = "--model", **kwargs):
+    """`VLAPolicy.from_pretrained(path, **kwargs)` for a command-line option: a missing directory or a hub id that
+    cannot be fetched is a ValueError naming the option (`main` prints it as one line) instead of an OSError."""
+    from pathlib import Path
+
+    from .policy import VLAPolicy
+
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():  # a path, not a hub id
+        raise FileNotFoundError(f"{option}: no such directory {str(path)!r}")
+    try:
+        return VLAPolicy.from_pretrained(path, **kwargs)
+    except OSError as error:  # transformers: not a local folder and not on the Hub (or offline and not cached)
+        raise ValueError(f"{option}: cannot load {str(path)!r}: {' '.join(str(error).split())}") from error
+
+
 def demo(args) -> int:
     import json
     from pathlib import Path
 
     from .defaults import default_model_dir, example_observation
-    from .policy import VLAPolicy
 
     path = args.model or default_model_dir()
-    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():  # a path, not a hub id
-        raise FileNotFoundError(f"--model: no such directory {str(path)!r}")
-    policy = VLAPolicy.from_pretrained(path)
+    policy = load_policy(path)
     obs = example_observation()
     if set(obs["images"]) != set(policy.processor.camera_names):  # another model: the example view for each camera
         view = next(iter(obs["images"].values()))

@@ -435,17 +435,47 @@ def _dims(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..65535, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected 0..65535 (0: any free port), got {port}")
+    return port
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has, found before the model loads (not as a traceback from `model.to`)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if device.type == "cpu" or not hasattr(backend, "is_available"):
+        return text
+    if not backend.is_available():
+        raise argparse.ArgumentTypeError(f"expected a device this machine has, got {text!r} (torch finds no "
+                                         f"{device.type} device)")
+    if device.index is not None and device.index >= backend.device_count():
+        raise argparse.ArgumentTypeError(f"expected a {device.type} index below {backend.device_count()} (the "
+                                         f"devices this machine has), got {text!r}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `serve` options, for `main` and for an `hf-vla serve` sub-command."""
     parser.add_argument("model_path", nargs="?", metavar="MODEL", help="model directory or hub id")
     parser.add_argument("--model", help="the same, as an option (default: the embedded default model)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="0..65535 (0: any free port)")
     parser.add_argument("--api-key", default=os.environ.get("HF_VLA_API_KEY"),
                         help="require this key (default: $HF_VLA_API_KEY; none = open)")
     parser.add_argument("--unnorm-key", help="default embodiment statistics for decoding actions")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    parser.add_argument("--device", help="torch device, e.g. cuda")
+    parser.add_argument("--device", type=_device, help="torch device, e.g. cuda")
     parser.add_argument("--pack-linear-weights", action="store_true",
                         help="CPU float32: run large linear layers through oneDNN on weights packed once (faster, "
                              "a second copy of those weights in memory)")
@@ -499,13 +529,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per connection is noise
     if args.model and args.model_path and args.model != args.model_path:
         raise SystemExit(f"hf-vla serve: two models given ({args.model_path!r} and --model {args.model!r})")
+    option = "MODEL" if args.model_path else "--model"
     args.model = args.model or args.model_path
     if args.model is None:
         from ..defaults import default_model_dir
 
         args.model = default_model_dir()
         print("note: serving the embedded default model (a tiny policy trained on Meta-World)", file=sys.stderr)
-    serve(args.model, **options_from_args(args))
+    from ..cli import load_policy
+
+    options = options_from_args(args)
+    loading = {key: options.pop(key) for key in ("dtype", "device", "pack_linear_weights")}
+    policy = load_policy(args.model, option, **loading)
+    PolicyServer(policy, ckpt_path=str(args.model), **options).serve_forever()
     return 0
 
 
@@ -515,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: its message, not a traceback (as `hf-vla serve`)
+        parser.exit(2, f"hf-vla serve: {error}\n")
 
 
 if __name__ == "__main__":
