@@ -177,6 +177,49 @@ def test_evaluation_settings_that_would_hang_lose_results_or_be_ignored_are_refu
         generate_demonstrations("/nonexistent", tasks=["reach", "reahc"], episodes=1, progress=False)
 
 
+def test_execute_steps_beyond_the_policy_chunk_is_refused_not_capped():
+    from hf_vla import VLAPolicy
+    from hf_vla.defaults import default_model_dir
+    from hf_vla.serving import PolicyServer
+    from hf_vla.sim.evaluation import InProcessPolicy, ServerPolicy
+
+    policy = VLAPolicy.from_pretrained(default_model_dir())  # action_horizon 8
+    message = r"execute_steps: expected 1..8 \(the policy's action chunk length\), got 9"
+    with pytest.raises(ValueError, match=message):
+        evaluate(InProcessPolicy(policy), EvalConfig(tasks=["reach"], execute_steps=9), progress=False)
+    with PolicyServer(policy, port=0) as server:
+        remote = ServerPolicy(f"ws://127.0.0.1:{server.port}")
+        try:
+            with pytest.raises(ValueError, match=message):
+                evaluate(remote, EvalConfig(tasks=["reach"], execute_steps=9), progress=False)
+        finally:
+            remote.close()
+
+
+def test_hf_vla_eval_reports_bad_model_server_and_execute_steps_in_one_line(tmp_path, capsys):
+    import socket
+
+    from hf_vla.cli import main
+    from hf_vla.defaults import default_model_dir
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    common = ["--tasks", "drawer-open", "--episodes", "1", "--no-video", "--out", str(tmp_path)]
+    for argv, message in [
+        (["--model", "/nonexistent/model"], "hf-vla eval: --model: no such directory '/nonexistent/model'"),
+        (["--model", "no-such-model"], "hf-vla eval: --model: cannot load 'no-such-model': We couldn't connect"),
+        (["--server", f"ws://127.0.0.1:{free}"], f"hf-vla eval: --server: cannot connect to 'ws://127.0.0.1:{free}': "),
+        (["--model", default_model_dir(), "--execute-steps", "99"],
+         "hf-vla eval: execute_steps: expected 1..8 (the policy's action chunk length), got 99"),
+    ]:
+        with pytest.raises(SystemExit) as excinfo:
+            main(["eval", "metaworld", *argv, *common])
+        error = capsys.readouterr().err
+        assert excinfo.value.code == 2 and "Traceback" not in error and error.startswith(message), (argv, error)
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_swapped_instructions_and_task_names():
     assert swapped_instructions(["faucet-open", "faucet-close-v3"]) == {
         "faucet-open": "close the faucet",

@@ -2,7 +2,8 @@
 
 A policy here is any `policy(observation) -> float [T, D]` (an action chunk in robot units): `VLAPolicy.predict` in
 process, or `ServerPolicy` (the openpi protocol, through `hf_vla.serving.client`). The loop executes the first
-`execute_steps` actions of each chunk, then asks again, until the task succeeds or `max_steps` pass.
+`execute_steps` actions of each chunk, then asks again, until the task succeeds or `max_steps` pass. A policy with an
+`action_horizon` attribute (both of those) refuses an `execute_steps` beyond it.
 
 Conditions for ablations: `blank_image=True` replaces every camera view by black pixels, and `instructions` overrides
 the instruction per task (e.g. faucet-open evaluated with "close the faucet").
@@ -97,6 +98,10 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
     for name in ("episodes", "execute_steps"):
         if getattr(config, name) < 1:  # no episode would end (or none would run, and 0/0 read as 0% success)
             raise ValueError(f"{name}: expected a positive integer, got {getattr(config, name)}")
+    horizon = getattr(policy, "action_horizon", None)
+    if horizon is not None and config.execute_steps > horizon:  # the chunks would silently cap it
+        raise ValueError(f"execute_steps: expected 1..{horizon} (the policy's action chunk length), "
+                         f"got {config.execute_steps}")
     instructions = {task_name(task): text for task, text in (config.instructions or {}).items()}
     unknown = sorted(set(instructions) - set(tasks))
     if unknown:
@@ -200,6 +205,7 @@ class ServerPolicy:
 
         self.client = PolicyClient(uri, port=None, api_key=api_key)
         self.metadata = self.client.metadata
+        self.action_horizon = self.metadata.get("action_chunk_size")  # the steps a reply holds; other servers: None
         self.unnorm_key = unnorm_key
 
     def __call__(self, obs: Mapping) -> np.ndarray:
@@ -215,14 +221,16 @@ class ServerPolicy:
 
 
 class InProcessPolicy:
-    """`VLAPolicy.predict` as a policy callable; the state is passed only to models that take one."""
+    """`VLAPolicy.predict` as a policy callable; the state is passed only to models that take one. `model`: a
+    `VLAPolicy`, or a model directory / hub id to load one from."""
 
-    def __init__(self, model: str, unnorm_key: str | None = None):
+    def __init__(self, model, unnorm_key: str | None = None):
         from ..policy import VLAPolicy
 
-        self.policy = VLAPolicy.from_pretrained(model)
+        self.policy = model if isinstance(model, VLAPolicy) else VLAPolicy.from_pretrained(model)
         self.unnorm_key = unnorm_key
         self.takes_state = self.policy.processor.state_dim > 0
+        self.action_horizon = self.policy.processor.action_horizon
 
     def __call__(self, obs: Mapping) -> np.ndarray:
         query = dict(obs) if self.takes_state else {k: v for k, v in obs.items() if k != "state"}
@@ -270,9 +278,16 @@ def run_eval(args) -> int:
                         max_steps=args.max_steps, image_size=args.image_size, blank_image=args.blank_image,
                         instructions=instructions, video_dir=None if args.no_video else str(Path(args.out) / "videos"))  # fmt: skip
     if args.server:
-        policy = ServerPolicy(args.server, args.api_key, unnorm_key=args.unnorm_key)
+        from websockets.exceptions import WebSocketException
+
+        try:
+            policy = ServerPolicy(args.server, args.api_key, unnorm_key=args.unnorm_key)
+        except (OSError, WebSocketException) as error:  # refused, unknown host, timed out, HTTP 401, ...
+            raise ValueError(f"--server: cannot connect to {args.server!r}: {error}") from error
     else:
-        policy = InProcessPolicy(args.model, args.unnorm_key)
+        from ..cli import load_policy
+
+        policy = InProcessPolicy(load_policy(args.model), args.unnorm_key)
     try:
         report = evaluate(policy, config)
     finally:
@@ -303,7 +318,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description="Closed-loop Meta-World evaluation of a VLA policy.")
     add_eval_arguments(parser)
-    return run_eval(parser.parse_args(argv))
+    try:
+        return run_eval(parser.parse_args(argv))
+    except (ValueError, FileNotFoundError) as error:  # bad input: its message, not a traceback (as `hf-vla eval`)
+        parser.exit(2, f"{parser.prog}: {error}\n")
 
 
 if __name__ == "__main__":
