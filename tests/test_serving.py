@@ -93,6 +93,8 @@ def test_msgpack_numpy_round_trip_and_refusals():
         (frame("<c8", [1], b"\0" * 8), "obs.img: complex"),
         (frame("<f4", [3], b"\0" * 8), r"obs.img: shape \[3\] of dtype <f4 needs 12 bytes, got 8"),
         (frame("<f4", [-1], b""), "obs.img: array shape"),
+        (frame("<f8", [0, 2**63], b""), r"obs.img: array shape \[0, 9223372036854775808\] is beyond numpy's limits"),
+        (frame("<f8", [0] * 65, b""), r"obs.img: array shape \[0, 0, .*\] is beyond numpy's limits \(.*found 65\)"),
         (frame("nonsense", [1], b"\0"), "obs.img: unknown dtype"),
         (frame("|u1", [2000], b"\0" * 2000), "obs.img: array of 2000 bytes exceeds the limit of 1000"),
         (b"\xc1", "frame: not a valid msgpack message"),
@@ -288,6 +290,8 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
          "images: 9 samples exceed the server's max_request_rows=8"),
         (packb({"images": {b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "|O", b"shape": [1]}}),
          "images: object dtype"),
+        (packb({**good, "state": {b"__ndarray__": True, b"data": b"", b"dtype": "<f8", b"shape": [0, 2**63]}}),
+         "state: array shape [0, 9223372036854775808] is beyond numpy's limits"),
         (packb({**good, "instruction": "pick <|image_pad|>"}), "instruction: the instruction may not contain the "
                                                               "reserved token '<|image_pad|>'"),
         (packb({**make_obs(6, batch=3), "instruction": ["a", "b", "c <|im_end|>"]}), "instruction[2]: the "
@@ -300,7 +304,8 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
         (packb({"type": "infer", "batch_images": [[image, image]], "instructions": ["go"]}),
          "state: missing; this model takes a state of 6 values"),
     ]
-    unreadable = ("message: expected a map", "frame:", "object dtype", "exceeds the limit")  # never became a request
+    unreadable = ("message: expected a map", "frame:", "object dtype", "exceeds the limit",
+                  "beyond numpy's limits")  # never became a request
     expected = policy.predict(good)
     with client_for(server) as client:
         for frame, message in cases:

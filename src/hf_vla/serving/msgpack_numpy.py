@@ -82,7 +82,10 @@ def _decode_array(node: dict, field: str, max_array_bytes: int | None) -> np.nda
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
         raise ValueError(f"{field}: shape {list(shape)} of dtype {dtype.str} needs {expected} bytes, got {len(data)}")
-    return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
+    try:
+        return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
+    except ValueError as error:  # numpy's own limits: more than 64 dimensions, a shape beyond its index range
+        raise ValueError(f"{field}: array shape {reprlib.repr(shape)} is beyond numpy's limits ({error})") from None
 
 
 def _decode_scalar(node: dict, field: str) -> np.generic:
