@@ -214,6 +214,7 @@ def bins_model(vlm_dir):
 def prompt_inputs(processor, batch, state=None):
     rng = np.random.default_rng(1)
     views = [[rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(2)] for _ in range(batch)]
+    state = np.zeros((batch, S)) if state is None else state
     return processor(images=views, text=["pick up the block"] * batch, state=state)
 
 

@@ -4,10 +4,11 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from conftest import make_oft, random_views
 
-from hf_vla import VLAPolicy
+from hf_vla import VLAPolicy, VLAProcessor
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,22 @@ def test_model_rejects_wrong_query_count_and_action_shape(oft):
         model(**inputs, actions=inputs["state"].new_zeros(1, 4, 7))  # torch would broadcast it into the loss
 
 
+@pytest.mark.parametrize("variant", ["oft", "gr00t", "bins"])
+def test_models_refuse_image_tokens_without_pixels(variant, oft, tmp_path):
+    """Without pixel_values the backbone embeds the image placeholders as text: a blind prediction, not an error."""
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = oft if variant == "oft" else build_tiny_vla(variant, tmp_path)
+    inputs = call(processor, actions=np.zeros((2, 4, 7)))
+    count = int((inputs["input_ids"] == model.config.vlm_config.image_token_id).sum())
+    blind = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    for run in (lambda: model.predict_action(**blind), lambda: model(**blind)):
+        with pytest.raises(ValueError, match=rf"^pixel_values: missing, but input_ids hold {count} image tokens"):
+            run()
+    with pytest.raises(ValueError, match=r"^image_grid_thw: missing; Qwen-VL reads each image's"):
+        model.predict_action(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
+
+
 def test_policy_observation_errors(oft):
     model, processor = oft
     policy = VLAPolicy(model, processor)
@@ -169,3 +186,103 @@ def test_policy_observation_errors(oft):
                                                        "instruction": "go", "state": np.zeros(6)}))
     with pytest.raises(ValueError, match=r"images\['wrist'\]: expected \[B, H, W, 3\] or \[H, W, 3\], got \[48, 48\]"):
         policy.predict({"images": {"primary": image, "wrist": image[..., 0]}, "instruction": "go"})
+
+
+def test_processor_settings_and_statistics_keys(oft):
+    _, processor = oft
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    for names, message in (("primary", r"expected a list of camera names, got 'primary'"),
+                           (["primary", ""], r"expected a list of camera names"),
+                           (["front", "front"], r"expected distinct names, got \['front', 'front'\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^camera_names: {message}"):
+            type(processor)(image_processor, tokenizer, camera_names=names)
+    stats = processor.norm_stats["bridge"]
+    for key in (5, None, ("a",), ""):  # JSON keys: an int would break save_pretrained and come back as a string
+        with pytest.raises(ValueError, match=rf"^norm_stats: expected a non-empty string key, got {re.escape(repr(key))}"):
+            processor.set_norm_stats(key, stats)
+        with pytest.raises(ValueError, match=r"^norm_stats: expected a non-empty string key"):
+            processor.compute_norm_stats(key, np.zeros((4, 7)))
+    with pytest.raises(ValueError, match=r"^norm_stats\['k'\]: expected a dict of 'action' .* got NoneType"):
+        processor.set_norm_stats("k", None)
+    huge = {**stats, "action": {**stats["action"], "q99": [1e39] * 7}}
+    with pytest.raises(ValueError, match=r"norm_stats\['k'\]\['action'\].q99: values beyond float32's range"):
+        processor.set_norm_stats("k", huge)
+    flags = {**stats, "action": {**stats["action"], "max": [True] * 7}}
+    with pytest.raises(ValueError, match=r"norm_stats\['k'\]\['action'\].max: expected numbers, got booleans"):
+        processor.set_norm_stats("k", flags)
+    nan = np.zeros((4, 7))
+    nan[2, 1] = np.nan
+    for actions, message in ((nan, "contains NaN or inf"),
+                             (np.zeros((0, 7)), r"expected shape .* with N ≥ 1, got \[0, 7\]"),
+                             ([[0.0] * 7, [0.0] * 6], "expected a numeric array")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^compute_norm_stats\('k'\).actions: {message}"):
+            processor.compute_norm_stats("k", actions)
+    assert "k" not in processor.norm_stats
+
+
+def test_empty_images_booleans_and_mask_values(oft):
+    model, processor = oft
+    views = random_views(np.random.default_rng(0), 2)
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((48, 0, 3), np.uint8)):
+        views[1][0] = empty
+        with pytest.raises(ValueError, match=r"^images\[1\]\[0\]: expected an image of at least 1 × 1 pixels, got"):
+            call(processor, images=views)
+    with pytest.raises(ValueError, match=r"^state: expected a numeric array, got dtype bool"):
+        call(processor, state=np.ones((2, 6), bool))
+    with pytest.raises(ValueError, match=r"^actions: expected a numeric array, got dtype bool"):
+        call(processor, actions=np.ones((2, 4, 7), bool))
+    actions = np.zeros((2, 4, 7))
+    assert call(processor, actions=actions, action_mask=np.ones((2, 4), bool))["action_mask"].dtype == torch.float32
+    for mask in (np.full((2, 4), -1.0), np.full((2, 4, 7), 0.5)):  # a negative loss, or a silent loss weight
+        with pytest.raises(ValueError, match=r"^action_mask: expected booleans or 0 / 1, got values"):
+            call(processor, actions=actions, action_mask=mask)
+    # the model checks what reaches it without the processor
+    batch = call(processor, actions=actions)
+    for mask, message in ((torch.full((2, 4), -1.0), r"expected booleans or 0 / 1, got values \[-1.0\]"),
+                          (torch.ones(2, 3), r"expected shape \[2, 4\] or \[2, 4, 7\], got \[2, 3\]"),
+                          (np.ones((2, 4)), r"expected a torch.Tensor \(the processor's output\), got ndarray")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^action_mask: {message}"):
+            model(**batch, action_mask=mask)
+    with pytest.raises(ValueError, match=r"^actions: expected a torch.Tensor \(the processor's output\), got ndarray"):
+        model(**{**batch, "actions": actions})
+
+
+def test_policy_refuses_unknown_keys_and_mismatched_processor(oft, tiny_vlm_dirs):
+    model, processor = oft
+    policy, image = VLAPolicy(model, processor), np.zeros((48, 48, 3), np.uint8)
+    obs = {"images": {"primary": image, "wrist": image}, "instruction": "go", "state": np.zeros(6)}
+    with pytest.raises(ValueError, match=r"^observation: unknown key\(s\) \['states'\]; expected \['images', "):
+        policy.predict({**obs, "states": np.zeros(6)})
+    with pytest.raises(ValueError, match=r"^observation: both 'instruction' and 'prompt' given"):
+        policy.predict({**obs, "prompt": "stop"})
+    processor.compute_norm_stats("other", np.random.default_rng(1).normal(size=(64, 7)) * 50, np.ones((4, 6)))
+    try:  # the observation's unnorm_key is used, as the server takes it
+        np.testing.assert_array_equal(policy.predict({**obs, "unnorm_key": "other"}),
+                                      policy.predict(obs, unnorm_key="other"))  # fmt: skip
+        assert not np.allclose(policy.predict(obs, unnorm_key="other"), policy.predict(obs, unnorm_key="bridge"))
+        with pytest.raises(ValueError, match=r"^unnorm_key: the observation names 'other', the call 'bridge'"):
+            policy.predict({**obs, "unnorm_key": "other"}, unnorm_key="bridge")
+        with pytest.raises(ValueError, match=r"^unnorm_key: expected a key \(str\), got list"):
+            policy.predict(obs, unnorm_key=["bridge"])
+    finally:
+        del processor.norm_stats["other"]
+    for state, message in (([[0.0] * 6, [0.0] * 5], "expected a numeric array .* ragged"),
+                           (np.ones(6, bool), "expected a numeric array, got dtype bool"),
+                           (np.zeros((1, 1, 6)), r"expected shape \[S\], got \[1, 1, 6\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^state: {message}"):
+            policy.predict({**obs, "state": state})
+    stateless_processor = VLAProcessor.from_vlm(tiny_vlm_dirs["qwen2_5_vl"], model.config, state_dim=0,
+                                                camera_names=["primary", "wrist"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"^VLAPolicy: the processor does not match the model: state_dim 6 \(model\) "
+                                         r"vs 0 \(processor\)"):
+        VLAPolicy(model, stateless_processor)
+
+
+def test_policy_of_a_stateless_model_still_checks_a_given_state(tiny_vlm_dirs):
+    stateless = make_oft(tiny_vlm_dirs["qwen2_5_vl"], state_dim=0)
+    policy, image = VLAPolicy(*stateless), np.zeros((48, 48, 3), np.uint8)
+    obs = {"images": {"primary": image, "wrist": image}, "instruction": "go"}
+    np.testing.assert_array_equal(policy.predict({**obs, "state": np.ones(9)}), policy.predict(obs))  # unused
+    for state, message in ((np.full(9, np.nan), "contains NaN or inf"), ("garbage", "expected a numeric array")):
+        with pytest.raises(ValueError, match=rf"^state: {message}"):
+            policy.predict({**obs, "state": state})

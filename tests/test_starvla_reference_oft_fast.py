@@ -371,7 +371,7 @@ def test_oft_extra_placeholders_differ_deliberately(oft):
     takes the last H; hf_vla's processor refuses such an instruction and the model requires exactly H (deliberate)."""
     _, model, processor, views, _ = oft
     with pytest.raises(ValueError, match="reserved token"):
-        processor(images=views[:1], text=[f"open {model.config.action_token} the drawer"])
+        processor(images=views[:1], text=[f"open {model.config.action_token} the drawer"], state=np.zeros((1, S)))
 
 
 # ==================================================================================================== FAST

@@ -98,13 +98,27 @@ class VLAPreTrainedModel(PreTrainedModel):
     def encode(self, output_hidden_states: bool = False, **vlm_inputs):
         """Runs the backbone (no LM head) on the processor's multimodal inputs."""
         inputs = {k: v for k, v in vlm_inputs.items() if k in VLM_INPUT_NAMES and v is not None}
+        self.backbone.check_inputs(self.config.vlm_config, inputs)
         return self.backbone.encode(self.vlm, output_hidden_states=output_hidden_states, **inputs)
 
-    def check_actions(self, actions: torch.Tensor, batch_size: int) -> None:
+    def check_actions(self, actions: torch.Tensor, batch_size: int, action_mask: torch.Tensor | None = None) -> None:
+        """Training targets as the processor gives them: normalised `[B, T, D]` chunks and a 0 / 1 mask of valid
+        steps `[B, T]` or entries `[B, T, D]` (other values would weigh the loss, or flip its sign)."""
         expected = (batch_size, self.config.action_horizon, self.config.action_dim)
+        for name, value in (("actions", actions), ("action_mask", action_mask)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name}: expected a torch.Tensor (the processor's output), got {type(value).__name__}")
         if tuple(actions.shape) != expected:
             raise ValueError(f"actions: expected shape {list(expected)} (one chunk per prompt), got "
                              f"{list(actions.shape)}")
+        if action_mask is None:
+            return
+        if tuple(action_mask.shape) not in (expected[:2], expected):
+            raise ValueError(f"action_mask: expected shape {list(expected[:2])} or {list(expected)}, got "
+                             f"{list(action_mask.shape)}")
+        if action_mask.dtype != torch.bool and not ((action_mask == 0) | (action_mask == 1)).all():
+            raise ValueError(f"action_mask: expected booleans or 0 / 1, got values "
+                             f"{action_mask.unique()[:8].tolist()}")
 
     def predict_action(self, **inputs) -> torch.Tensor:
         raise NotImplementedError

@@ -88,6 +88,9 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
         if not np.isfinite(values).all():
             bad = np.flatnonzero(~np.isfinite(values)).tolist()
             raise ValueError(f"{field}.{name}: not finite at dimension(s) {bad}")
+        finite_float32(values, f"{field}.{name}")  # statistics are applied in float32
+        if any(isinstance(value, (bool, np.bool_)) for value in np.ravel(np.asarray(stats[name], dtype=object))):
+            raise ValueError(f"{field}.{name}: expected numbers, got booleans among them")
     if isinstance(stats["mode"], str):
         raise ValueError(f"{field}.mode: expected one mode per dimension, got the string {stats['mode']!r}")
     lengths = {k: len(stats[k]) for k in (*STAT_NAMES, "mode")}

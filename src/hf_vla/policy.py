@@ -12,6 +12,9 @@ from .modeling_vla import HUB_DOWNLOAD_KWARGS
 from .processing_vla import VLAProcessor
 
 
+OBSERVATION_KEYS = ("images", "instruction", "prompt", "state", "unnorm_key")
+
+
 class VLAPolicy:
     """The processor and the model in one object.
 
@@ -21,7 +24,8 @@ class VLAPolicy:
     state may be its own (narrower) one and the actions come back at its own width. Actions are absolute: a model
     trained on delta / rel actions gets them turned back with the observation's state.
     A single unbatched observation ({camera: [H, W, 3]}, one string, state [S]) is accepted too; its result is [T, D]
-    instead of [B, T, D]. `prompt` is accepted as a synonym of `instruction`.
+    instead of [B, T, D]. `prompt` is accepted as a synonym of `instruction`, and `unnorm_key` may come with the
+    observation, as the server takes it; any other key is refused rather than ignored.
 
     `pack_linear_weights=True` runs the model's large float32 linear layers on CPU through oneDNN with weights packed
     once (`hf_vla.packed_linear`): faster CPU inference for a second copy of those weights in memory.
@@ -30,6 +34,12 @@ class VLAPolicy:
     def __init__(
         self, model, processor: VLAProcessor, unnorm_key: str | None = None, pack_linear_weights: bool = False
     ):
+        settings = ("action_dim", "action_horizon", "state_dim", "state_in_prompt")
+        differ = {name: (getattr(model.config, name), getattr(processor, name)) for name in settings
+                  if getattr(model.config, name) != getattr(processor, name)}  # fmt: skip
+        if differ:  # e.g. a processor without state for a model that reads one would predict from no state
+            raise ValueError("VLAPolicy: the processor does not match the model: "
+                             + ", ".join(f"{name} {m!r} (model) vs {p!r} (processor)" for name, (m, p) in differ.items()))
         self.model = model.eval()
         self.processor = processor
         self.unnorm_key = unnorm_key
@@ -64,6 +74,11 @@ class VLAPolicy:
     def _batch(self, obs: Mapping) -> tuple[dict, bool]:
         if not isinstance(obs, Mapping):
             raise ValueError(f"observation: expected a dict, got {type(obs).__name__}")
+        unknown = sorted(map(str, set(obs) - set(OBSERVATION_KEYS)))
+        if unknown:  # a misspelt "states" or "unnorm" would otherwise be dropped without a word
+            raise ValueError(f"observation: unknown key(s) {unknown}; expected {list(OBSERVATION_KEYS)}")
+        if "instruction" in obs and "prompt" in obs:
+            raise ValueError("observation: both 'instruction' and 'prompt' given; send one")
         images = obs.get("images")
         if not isinstance(images, Mapping):
             raise ValueError(f"images: expected a dict camera -> uint8 array, got {type(images).__name__}")
@@ -107,9 +122,19 @@ class VLAPolicy:
 
         state = obs.get("state")
         if state is not None:
-            state = np.asarray(state)
+            try:
+                state = np.asarray(state)
+            except ValueError:
+                raise ValueError("state: expected a numeric array [B, S] or [S], got ragged nested sequences") from None
+            if state.dtype.kind not in "fiu":
+                raise ValueError(f"state: expected a numeric array, got dtype {state.dtype}")
             if unbatched and state.ndim == 1:
                 state = state[None]
+            if state.ndim != 2 or state.shape[0] != batch_size:
+                expected = "[S]" if unbatched else f"[{batch_size}, S]"
+                raise ValueError(f"state: expected shape {expected}, got {list(np.shape(obs['state']))}")
+            if not np.isfinite(state).all():
+                raise ValueError("state: contains NaN or inf")
         views = [[arrays[c][b] for c in cameras] for b in range(batch_size)]
         return {"images": views, "text": list(instruction), "state": state}, unbatched
 
@@ -121,6 +146,12 @@ class VLAPolicy:
         `return_normalized=True`, `(actions, normalized)`: the model's own output beside them, in the normalised
         space of the statistics (what StarVLA's frameworks return as `normalized_actions`)."""
         batch, unbatched = self._batch(obs)
+        if obs.get("unnorm_key") is not None:
+            if unnorm_key is not None and unnorm_key != obs["unnorm_key"]:
+                raise ValueError(f"unnorm_key: the observation names {obs['unnorm_key']!r}, the call {unnorm_key!r}")
+            unnorm_key = obs["unnorm_key"]
+        if unnorm_key is not None and not isinstance(unnorm_key, str):
+            raise ValueError(f"unnorm_key: expected a key (str), got {type(unnorm_key).__name__}")
         key = self.processor.embodiment_key(unnorm_key or self.unnorm_key, "unnorm_key")
         state_width = self.processor.embodiment_dims(key)[1]
         action_mode = self.processor.norm_stats[key].get("action_mode", "abs")

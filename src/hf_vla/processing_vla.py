@@ -118,6 +118,10 @@ class VLAProcessor(ProcessorMixin):
         **kwargs,
     ):
         self.norm_stats = {}
+        if isinstance(camera_names, str) or not all(isinstance(name, str) and name for name in camera_names):
+            raise ValueError(f"camera_names: expected a list of camera names, got {camera_names!r}")
+        if len(set(camera_names)) != len(camera_names):
+            raise ValueError(f"camera_names: expected distinct names, got {list(camera_names)}")
         self.camera_names = list(camera_names)
         self.image_size = [int(s) for s in image_size]
         self.action_dim = int(action_dim)
@@ -179,6 +183,11 @@ class VLAProcessor(ProcessorMixin):
 
     def set_norm_stats(self, key: str, stats: Mapping) -> None:
         """Registers one embodiment's statistics (`{"action": {...}, "state": {...}}`) after checking dimensions."""
+        if not isinstance(key, str) or not key:  # keys are JSON object keys and name the embodiment in requests
+            raise ValueError(f"norm_stats: expected a non-empty string key, got {key!r}")
+        if not isinstance(stats, Mapping):
+            raise ValueError(f"norm_stats[{key!r}]: expected a dict of 'action' (and 'state') statistics, got "
+                             f"{type(stats).__name__}")
         if "action" not in stats:
             raise ValueError(f"norm_stats[{key!r}]: missing 'action' statistics")
         dims = {"action": self.action_dim, "state": self.state_dim}
@@ -195,6 +204,8 @@ class VLAProcessor(ProcessorMixin):
 
     def compute_norm_stats(self, key: str, actions, states=None, action_mode="q99", state_mode="q99") -> dict:
         """Computes and registers statistics from arrays: actions `[N, D]` (or `[N, T, D]`), states `[N, S]`."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"norm_stats: expected a non-empty string key, got {key!r}")
         actions = self._flatten_rows(actions, self.action_dim, f"compute_norm_stats({key!r}).actions")
         stats = {"action": compute_stats(actions, action_mode), "num_transitions": int(actions.shape[0])}
         if states is not None:
@@ -205,9 +216,14 @@ class VLAProcessor(ProcessorMixin):
 
     @staticmethod
     def _flatten_rows(values, dim: int, field: str) -> np.ndarray:
-        array = np.asarray(values, dtype=np.float64)
-        if array.ndim < 2 or array.shape[-1] != dim:
-            raise ValueError(f"{field}: expected shape [N, {dim}] or [N, T, {dim}], got {list(array.shape)}")
+        try:
+            array = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{field}: expected a numeric array [N, {dim}] or [N, T, {dim}]") from None
+        if array.ndim < 2 or array.shape[-1] != dim or array.shape[0] == 0:
+            raise ValueError(f"{field}: expected shape [N, {dim}] or [N, T, {dim}] with N ≥ 1, got {list(array.shape)}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{field}: contains NaN or inf")
         return array.reshape(-1, dim)
 
     def _normalize_rows(self, raw: np.ndarray, keys: list, feature: str, field: str, inverse: bool = False):
@@ -298,6 +314,8 @@ class VLAProcessor(ProcessorMixin):
         elif view.ndim != 3 or view.shape[-1] != 3:
             raise ValueError(f"{field}: expected shape [H, W, 3], got {list(view.shape)}")
         size = view.size if isinstance(view, Image.Image) else (view.shape[1], view.shape[0])
+        if min(size) < 1:
+            raise ValueError(f"{field}: expected an image of at least 1 × 1 pixels, got {size[1]} × {size[0]}")
         if size != (width, height):
             image = view if isinstance(view, Image.Image) else Image.fromarray(view)
             # bicubic, as Qwen's image processor and StarVLA (PIL's default) resize: the pixels a checkpoint trained on
@@ -323,12 +341,16 @@ class VLAProcessor(ProcessorMixin):
                              f"[{batch_size}, {self.state_dim}] (padded to the model's), got {list(shape)}")
         return self._check_array(state, "state", (batch_size, self.state_dim))
 
-    def _check_array(self, value, field: str, shape: tuple) -> np.ndarray:
-        """`shape` uses None for the batch axis; raises on wrong shape or non-finite values."""
+    def _check_array(self, value, field: str, shape: tuple, kinds: str = "fiu") -> np.ndarray:
+        """`shape` uses None for the batch axis; raises on wrong shape or non-finite values, and on a dtype outside
+        `kinds` (floating, signed and unsigned integers; booleans are not measurements)."""
         if isinstance(value, torch.Tensor):  # numpy has no bfloat16: floating tensors come over as float32
             value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
-        array = np.asarray(value)
-        if array.dtype.kind not in "fiub":  # floating, signed or unsigned integer, bool
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged nested lists
+            raise ValueError(f"{field}: expected a numeric array, got ragged nested sequences") from None
+        if array.dtype.kind not in kinds:
             raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
         if array.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, array.shape)):
             expected = "[" + ", ".join("B" if e is None else str(e) for e in shape) + "]"
@@ -422,6 +444,8 @@ class VLAProcessor(ProcessorMixin):
         own_state = self._own_state_width(keys) if self.state_dim else 0
         if state is None and self.state_dim and own_state == 0:
             state = np.zeros((batch_size, 0), np.float32)  # an embodiment without state: zeros, as a mixture pads it
+        if state is None and self.state_dim and self.state_in_prompt:  # (a head's state encoder checks its own)
+            raise ValueError(f"state: missing; this model reads a state of {own_state} values in its prompt")
         if state is not None:
             raw = self._padded_state(state, own_state, keys, batch_size)
             normalized_state = self._normalize_rows(raw, keys, "state", "state")
@@ -432,7 +456,9 @@ class VLAProcessor(ProcessorMixin):
         if action_mask is not None:
             full = (batch_size, self.action_horizon, self.action_dim)
             mask = np.asarray(action_mask)
-            mask = self._check_array(mask, "action_mask", full if mask.ndim == 3 else full[:2])
+            mask = self._check_array(mask, "action_mask", full if mask.ndim == 3 else full[:2], kinds="fiub")
+            if not np.isin(mask, (0, 1)).all():  # other values would weigh the loss, or flip its sign
+                raise ValueError(f"action_mask: expected booleans or 0 / 1, got values {np.unique(mask)[:8].tolist()}")
             extra["action_mask"] = torch.from_numpy(mask)
 
         for b, instruction in enumerate(text):
@@ -641,9 +667,12 @@ class VLAProcessor(ProcessorMixin):
             expected = ", ".join([*map(str, decoded.shape[:-2]), "S"])
             raise ValueError(f"state: expected finite values of shape [{expected}] for actions {list(decoded.shape)}, "
                              f"got {list(state.shape)}")
-        if state.shape[-1] < width:
+        own_state = self.embodiment_dims(key)[1]
+        if state.shape[-1] < width or (self.state_dim and state.shape[-1] not in (own_state, self.state_dim)):
+            widths = f"{own_state} or {self.state_dim}" if own_state != self.state_dim else f"{self.state_dim}"
+            expected = widths if self.state_dim else f"at least {width}"
             raise ValueError(f"state: {mode!r} actions of embodiment {key!r} are relative to its first {width} state "
-                             f"values, got {state.shape[-1]}")
+                             f"values; expected {expected} values, got {state.shape[-1]}")
         return absolute_actions(decoded, state[..., :width], mode)
 
     @property

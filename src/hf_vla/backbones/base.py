@@ -32,6 +32,14 @@ class BackboneAdapter:
     def language_model(self, vlm: nn.Module) -> nn.Module:
         return vlm.model.language_model
 
+    def check_inputs(self, vlm_config, inputs: dict) -> None:
+        """Refuses image placeholders without pixels: the backbone would embed them as text and act blind."""
+        token, input_ids = getattr(vlm_config, "image_token_id", None), inputs.get("input_ids")
+        if inputs.get("pixel_values") is None and token is not None and input_ids is not None:
+            count = int((input_ids == token).sum())
+            if count:
+                raise ValueError(f"pixel_values: missing, but input_ids hold {count} image tokens")
+
     def encode(self, vlm: nn.Module, **inputs) -> "transformers.modeling_outputs.BaseModelOutputWithPast":  # noqa: F821
         """Runs the VLM without its LM head; returns hidden states (and the KV cache when `use_cache=True`)."""
         return vlm.model(**inputs)

@@ -35,6 +35,12 @@ class QwenVLAdapter(BackboneAdapter):
             conv.__class__ = PatchConv3d  # same module, matmul forward
         return vlm
 
+    def check_inputs(self, vlm_config, inputs: dict) -> None:
+        super().check_inputs(vlm_config, inputs)
+        if inputs.get("pixel_values") is not None and inputs.get("image_grid_thw") is None:
+            raise ValueError("image_grid_thw: missing; Qwen-VL reads each image's (t, h, w) patch grid beside its "
+                             "pixel_values (the processor returns both)")
+
     def image_token_counts(self, image_inputs: dict, merge_size: int) -> list[int]:
         # Each image is a (t, h, w) grid of patches; spatial merging folds merge_size² patches into one token.
         return [t * h * w // merge_size**2 for t, h, w in torch.as_tensor(image_inputs["image_grid_thw"]).tolist()]

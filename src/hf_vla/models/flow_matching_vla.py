@@ -50,8 +50,12 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
 
     def head_state(self, state: torch.Tensor | None) -> torch.Tensor | None:
         # Variants that write the state into the prompt (state_in_prompt) do not also encode it.
-        if state is None or self.config.state_in_prompt or self.action_head.state_encoder is None:
+        if self.config.state_in_prompt or self.action_head.state_encoder is None:
             return None
+        if state is None:  # predicting without the state the head was trained with is off-distribution
+            raise ValueError(f"state: missing; this model's head encodes a state of {self.config.state_dim} values")
+        if not isinstance(state, torch.Tensor):
+            raise ValueError(f"state: expected a torch.Tensor (the processor's output), got {type(state).__name__}")
         return state
 
     def forward(
@@ -78,7 +82,7 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
         """
         if actions is None:
             raise ValueError("actions: flow-matching training needs target actions; use predict_action for inference")
-        self.check_actions(actions, input_ids.shape[0])
+        self.check_actions(actions, input_ids.shape[0], action_mask)
         conditions, mask = self.conditions(
             training=True,
             input_ids=input_ids,

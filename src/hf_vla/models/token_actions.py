@@ -169,7 +169,7 @@ class VLATokenActionModel(VLAPreTrainedModel):
         labels (`torch.LongTensor`, *optional*): ready-made labels for an `input_ids` that already holds the reply.
         """
         if actions is not None:
-            self.check_actions(actions, input_ids.shape[0])
+            self.check_actions(actions, input_ids.shape[0], action_mask)
             input_ids, attention_mask, labels = self.append_targets(input_ids, attention_mask, actions, action_mask)
             mm_token_type_ids = (input_ids == self._image_token_id()).to(torch.int32)
         if labels is None:
@@ -197,6 +197,7 @@ class VLATokenActionModel(VLAPreTrainedModel):
         if min_new < max_new:
             allowed = torch.cat([allowed, torch.tensor([eos])])
         vlm_inputs = {k: v for k, v in inputs.items() if k in VLM_INPUT_NAMES}
+        self.backbone.check_inputs(self.config.vlm_config, vlm_inputs)
         prompt_length = vlm_inputs["input_ids"].shape[1]
         # Settings not given here come from `self.vlm.generation_config`: the defaults of the backbone's config (see
         # `from_vlm`), the same for a model built from a hub VLM and for its saved copy.

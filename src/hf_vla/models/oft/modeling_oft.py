@@ -76,7 +76,7 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
 
         loss = None
         if actions is not None:
-            self.check_actions(actions, predicted.shape[0])
+            self.check_actions(actions, predicted.shape[0], action_mask)
             error = F.l1_loss(predicted.float(), actions.float(), reduction="none")
             if action_mask is None:
                 loss = error.mean()
