@@ -53,6 +53,10 @@ def test_binary_uses_the_midpoint_and_decodes_to_the_extremes():
     stats = compute_stats(x, "binary")
     np.testing.assert_array_equal(normalize(x, stats)[:, 0], [0, 1, 1, 0])
     np.testing.assert_array_equal(unnormalize(np.array([[0.2], [0.7]]), stats)[:, 0], [-1.0, 1.0])
+    # an undecodable token row is NaN in every dimension: the gripper must not come back as a finite command
+    both = {**compute_stats(np.array([[0.0, -1.0], [2.0, 1.0]]), "q99"), "mode": ["q99", "binary"]}
+    np.testing.assert_array_equal(unnormalize(np.array([[np.nan, np.nan], [0.0, 0.9]]), both),
+                                  np.array([[np.nan, np.nan], [1.0, 1.0]], np.float32))  # fmt: skip
 
 
 def test_bad_inputs():

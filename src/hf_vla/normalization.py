@@ -173,8 +173,9 @@ class FeatureNormalizer:
     def unnormalize(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, dtype=np.float32)
         x = y * self.half_range + self.center
-        if self.any_binary:
-            x = np.where(self.binary, np.where(y > 0.5, self.binary_high, self.binary_low), x)
+        if self.any_binary:  # a NaN (an undecodable token row) stays NaN rather than becoming the low value
+            thresholded = np.where(y > 0.5, self.binary_high, self.binary_low)
+            x = np.where(self.binary, np.where(np.isnan(y), np.nan, thresholded), x)
         return x
 
 
