@@ -143,6 +143,17 @@ def test_overfitting_a_batch_distinguishes_images_and_instructions(tiny_vlm_dirs
     assert torch.allclose(predicted, batch["actions"], atol=0.3)
 
 
+def test_backbone_builds_no_kv_cache_unless_asked(oft):
+    """The backbone config's use_cache=True would build, then drop, a full KV cache in every training forward."""
+    _, model, processor = oft
+    inputs = sample_inputs(processor)
+    assert model.encode(**inputs).past_key_values is None
+    vlm_inputs = {k: v for k, v in inputs.items() if k != "state"}
+    cached = model.backbone.encode(model.vlm, use_cache=True, **vlm_inputs)  # what a caller that wants it asks
+    assert cached.past_key_values is not None
+    torch.testing.assert_close(model.encode(**inputs).last_hidden_state, cached.last_hidden_state)
+
+
 def test_untrained_predictions_depend_on_image_and_instruction(oft):
     _, model, processor = oft
     rng = np.random.default_rng(0)

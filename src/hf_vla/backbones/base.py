@@ -41,8 +41,9 @@ class BackboneAdapter:
                 raise ValueError(f"pixel_values: missing, but input_ids hold {count} image tokens")
 
     def encode(self, vlm: nn.Module, **inputs) -> "transformers.modeling_outputs.BaseModelOutputWithPast":  # noqa: F821
-        """Runs the VLM without its LM head; returns hidden states (and the KV cache when `use_cache=True`)."""
-        return vlm.model(**inputs)
+        """Runs the VLM without its LM head; returns hidden states (and the KV cache when `use_cache=True`: off by
+        default, since the backbone config's default, on, would build a cache every forward and drop it)."""
+        return vlm.model(**{"use_cache": False, **inputs})
 
     def image_token_counts(self, image_inputs: dict, merge_size: int) -> list[int]:
         """Number of placeholder tokens each image occupies after the vision encoder."""
