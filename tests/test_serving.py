@@ -10,6 +10,7 @@ import http.client
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -21,7 +22,8 @@ from websockets.sync.client import connect
 from hf_vla import VLAPolicy, VLAProcessor
 from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
 from hf_vla.serving.msgpack_numpy import MAX_CONTAINERS, MAX_DEPTH
-from hf_vla.serving.batching import ClientActivity
+from hf_vla.serving.batching import ClientActivity, MicroBatcher
+from hf_vla.serving.protocol import Row
 from hf_vla.serving.server import add_arguments, options_from_args
 
 CAMERAS = ("primary", "wrist")
@@ -417,6 +419,33 @@ def test_a_chunk_that_did_not_decode_is_an_error_reply_not_nan_actions(server, p
     for obs, (reply,) in zip(good, replies):
         np.testing.assert_allclose(reply["actions"], predict(obs), atol=1e-5)
     assert isinstance(replies[2][0], str) and "sample(s) [0] is not a valid action chunk" in replies[2][0]
+
+
+@pytest.mark.parametrize("condition_mask", ["always", "never"])
+def test_models_that_attend_to_padding_batch_no_rows_of_other_requests(condition_mask):
+    """Unmasked padding changes a flow model's output next to a longer prompt: its batches never mix requests."""
+    calls = []
+
+    def predict(obs, **kwargs):
+        calls.append(list(obs["instruction"]))
+        actions = np.zeros((len(obs["instruction"]), 4, 7), np.float32)
+        return actions, actions
+
+    config = SimpleNamespace(condition_mask=condition_mask)
+    policy = SimpleNamespace(model=SimpleNamespace(config=config), processor=SimpleNamespace(camera_names=["primary"]),
+                             predict=predict)  # fmt: skip
+    batcher = MicroBatcher(policy, enabled=True, window_ms=10, max_batch=8)
+    try:
+        view = np.zeros((8, 8, 3), np.uint8)
+        jobs = [[Row((view,), f"request {j} row {r}", None, "k") for r in range(2)] for j in range(3)]
+        results = batcher._predict_jobs(jobs)
+    finally:
+        batcher.close()
+    assert all(len(result.actions) == 2 for result in results)
+    if condition_mask == "always":
+        assert calls == [[f"request {j} row {r}" for j in range(3) for r in range(2)]]
+    else:
+        assert calls == [[f"request {j} row {r}" for r in range(2)] for j in range(3)]
 
 
 def test_the_batcher_waits_only_for_connections_likely_to_send():

@@ -75,6 +75,10 @@ class MicroBatcher:
 
     def __init__(self, policy, enabled: bool, window_ms: float, max_batch: int):
         self.policy = policy
+        # A flow model that attends to the prompt's padding (condition_mask "never" / "training": StarVLA checkpoints
+        # from before its masking fix) answers differently next to a longer prompt: such models batch a request's
+        # own rows only, never another client's.
+        self.requests_alone = getattr(policy.model.config, "condition_mask", "always") != "always"
         self.enabled = enabled
         self.window_s = window_ms / 1e3
         self.max_batch = max_batch
@@ -138,7 +142,7 @@ class MicroBatcher:
         groups = defaultdict(list)
         for j, rows in enumerate(jobs):
             for r, row in enumerate(rows):
-                groups[row.group_key()].append((j, r, row))
+                groups[(*row.group_key(), j) if self.requests_alone else row.group_key()].append((j, r, row))
         outputs: list[list[Any]] = [[None] * len(rows) for rows in jobs]
         results = [BatchResult([]) for _ in jobs]
         size = self.max_batch if self.enabled else max(len(m) for m in groups.values())

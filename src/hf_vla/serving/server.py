@@ -59,7 +59,8 @@ HTTP: `GET /healthz` → 200 "OK" (no key needed). With an API key set, the upgr
 `Authorization: Api-Key KEY` (openpi-client's form) or `x-api-key: KEY`, else HTTP 401.
 
 Micro-batching (`hf_vla.serving.batching`): requests from concurrent clients that can share a `policy.predict` call
-are merged, without making a lone client wait.
+are merged, without making a lone client wait. A flow model that attends to prompt padding (`condition_mask` other
+than "always") would answer differently beside a longer prompt, so its requests are never merged.
 """
 
 from __future__ import annotations
