@@ -349,6 +349,14 @@ def test_collator_names_the_missing_camera(dataset, vlm_dir):
     unnamed = {k: v for k, v in dataset[0].items() if k != "embodiment"}
     with pytest.raises(ValueError, match=r"unknown key 'other_robot'; known keys: \['"):
         VLACollator(processor)([unnamed, dict(dataset[1], embodiment="other_robot")])  # not relabelled
+    listed = dict(dataset[1], images=list(dataset[1]["images"].values()))
+    with pytest.raises(ValueError, match=r"^VLACollator: sample 1: images: expected a dict camera -> image, got list"):
+        VLACollator(processor)([dataset[0], listed])
+    with pytest.raises(ValueError, match=r"^VLACollator: sample\(s\) \[0\] have no 'instruction'"):
+        VLACollator(processor)([{k: v for k, v in dataset[0].items() if k != "instruction"}, dataset[1]])
+    narrow = dict(dataset[1], state=dataset[1]["state"][:-1])
+    with pytest.raises(ValueError, match=r"^VLACollator: 'state' of sample 1 has shape \[\d+\], sample 0's \[\d+\]"):
+        VLACollator(processor)([dataset[0], narrow])
 
 
 def test_logged_action_loss_is_weighted_as_trainer_weighs_loss(vlm_dir, dataset, tmp_path):

@@ -53,12 +53,15 @@ class VLACollator:
                                  f"{'has' if carriers[0] else 'does not'}; mix samples with and without it apart")
         kwargs = {}
         if "state" in samples[0] and self.processor.state_dim > 0:
-            kwargs["state"] = np.stack([sample["state"] for sample in samples])
+            kwargs["state"] = _stack(samples, "state")
         has_actions = "actions" in samples[0]
         if has_actions:
-            kwargs["actions"] = np.stack([sample["actions"] for sample in samples])
+            kwargs["actions"] = _stack(samples, "actions")
             if "action_mask" in samples[0]:
-                kwargs["action_mask"] = np.stack([sample["action_mask"] for sample in samples])
+                kwargs["action_mask"] = _stack(samples, "action_mask")
+        missing = [b for b, sample in enumerate(samples) if "instruction" not in sample]
+        if missing:
+            raise ValueError(f"VLACollator: sample(s) {missing} have no 'instruction'")
         batch = self.processor(
             images=images,
             text=[sample["instruction"] for sample in samples],
@@ -72,6 +75,9 @@ class VLACollator:
 
     def _view(self, sample: Mapping, index: int, camera: str):
         views = sample.get("images", {})
+        if not isinstance(views, Mapping):
+            raise ValueError(f"VLACollator: sample {index}: images: expected a dict camera -> image, got "
+                             f"{type(views).__name__}")
         if camera not in views:
             raise KeyError(
                 f"VLACollator: sample {index} has no image for camera {camera!r} (the processor expects "
@@ -79,6 +85,15 @@ class VLACollator:
                 "loading the data (cameras=..., camera_rename=...) to match processor.camera_names."
             )
         return views[camera]
+
+
+def _stack(samples: Sequence[Mapping], field: str) -> np.ndarray:
+    shapes = [np.shape(sample[field]) for sample in samples]
+    if len(set(shapes)) != 1:  # e.g. two embodiments' widths that no mixture padded to one
+        other = next(b for b, shape in enumerate(shapes) if shape != shapes[0])
+        raise ValueError(f"VLACollator: {field!r} of sample {other} has shape {list(shapes[other])}, sample 0's "
+                         f"{list(shapes[0])}; a batch needs one shape")
+    return np.stack([sample[field] for sample in samples])
 
 
 class CoTrainingCollator:
