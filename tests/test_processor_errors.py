@@ -157,6 +157,8 @@ def test_models_refuse_image_tokens_without_pixels(variant, oft, tmp_path):
             run()
     with pytest.raises(ValueError, match=r"^image_grid_thw: missing; Qwen-VL reads each image's"):
         model.predict_action(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
+    with pytest.raises(TypeError, match=r"predict_action: unexpected argument\(s\) \['num_step'\]; expected the "):
+        model.predict_action(**inputs, num_step=1)  # read as nothing, it would run the default step count
 
 
 def test_policy_observation_errors(oft):

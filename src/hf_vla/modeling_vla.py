@@ -24,6 +24,7 @@ from .configuration_vla import VLAConfig
 GENERAL_CONFIG_KWARGS = {"attn_implementation", "experts_implementation", "output_attentions", "use_cache",
                          "pad_token_id", "bos_token_id", "eos_token_id", "num_labels"}  # fmt: skip
 VLM_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+PROCESSOR_OUTPUT_NAMES = (*VLM_INPUT_NAMES, "state", "actions", "action_mask")
 # `from_pretrained` options that say where and how files are fetched: what a companion file (the processor's
 # statistics, FAST's tokenizer) must be fetched with too, so that it comes from the same revision and cache
 HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
@@ -122,6 +123,14 @@ class VLAPreTrainedModel(PreTrainedModel):
 
     def predict_action(self, **inputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_predict_inputs(self, inputs: dict, options: tuple[str, ...] = ()) -> None:
+        """Refuses what `predict_action` would otherwise drop unread (a misspelt `num_step=1`)."""
+        unknown = sorted(set(inputs) - set(PROCESSOR_OUTPUT_NAMES) - set(options))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.predict_action: unexpected argument(s) {unknown}; expected the "
+                            f"processor's outputs {list(PROCESSOR_OUTPUT_NAMES)}"
+                            + (f" and {list(options)}" if options else ""))
 
     def vlm_loss(self, **chat_batch) -> torch.Tensor:
         """The backbone's own causal-LM loss on a VLM chat batch (co-training: `input_ids`, ..., `labels`)."""

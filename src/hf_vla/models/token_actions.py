@@ -226,6 +226,7 @@ class VLATokenActionModel(VLAPreTrainedModel):
     def predict_action(self, **inputs) -> torch.Tensor:
         """Normalised chunk `[B, T, D]`; rows whose tokens do not decode are NaN (see `generate_actions` for the
         validity mask and the raw tokens)."""
+        self.check_predict_inputs(inputs, options=("use_cache",))
         inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask", "state")}
         return self.generate_actions(**inputs).actions
 

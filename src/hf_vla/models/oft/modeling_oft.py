@@ -89,6 +89,7 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
     @torch.no_grad()
     def predict_action(self, **inputs) -> torch.Tensor:
         """One forward pass; the normalised action chunk `[B, action_horizon, action_dim]`."""
+        self.check_predict_inputs(inputs)
         inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask", "state")}
         return self.forward(**inputs).actions
 
