@@ -305,6 +305,19 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
          "examples[0].state: missing; this model takes a state of 6 values"),
         (packb({"type": "infer", "batch_images": [[image, image]], "instructions": ["go"]}),
          "state: missing; this model takes a state of 6 values"),
+        # one field under two names: which the client meant would be a guess
+        (packb({**good, "prompt": "stop"}), "instruction, prompt: the same field sent under several names"),
+        (packb({**good, "observation/state": good["state"]}), "state, observation/state: the same field"),
+        (packb({**good, "observation/wrist": image}), "images: sent both as an `images` map and as "
+                                                      "['observation/wrist']"),
+        (packb({"primary": image, "observation.images.primary": image, "wrist": image, "prompt": "go",
+                "state": good["state"]}), "primary, observation.images.primary: the same field"),
+        (packb({"type": "infer", "examples": [{"image": [image, image], "lang": "go", "prompt": "stop",
+                                               "state": good["state"]}]}),
+         "examples[0].lang, examples[0].prompt: the same field sent under several names"),
+        (packb({"type": "infer", "payload": {"examples": [{"image": [image, image], "lang": "go",
+                                                           "state": good["state"]}]}, "unnorm_key": "other"}),
+         "['unnorm_key']: sent beside `payload`, which holds the request"),
     ]
     unreadable = ("message: expected a map", "frame:", "object dtype", "exceeds the limit",
                   "beyond numpy's limits")  # never became a request

@@ -5,7 +5,7 @@ per-connection post-processing of the action chunks it returns. The forms and re
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -159,6 +159,9 @@ class RequestParser:
         elif not isinstance(images, Mapping):
             raise ValueError(f"images: expected a map camera -> uint8 array, got {type(images).__name__}")
         else:
+            flat = sorted(str(name) for name in self._flat_image_names() if name in obs)
+            if flat:
+                raise ValueError(f"images: sent both as an `images` map and as {flat}; send one")
             unknown = [str(c) for c in images if c not in self.cameras]
             if unknown:
                 raise ValueError(f"images: unknown camera(s) {unknown}; this model takes {self.cameras}")
@@ -180,10 +183,10 @@ class RequestParser:
             raise ValueError(f"images: cameras have different batch sizes {sizes}")
         self._check_rows(batch, "images")
 
-        text_key = "instruction" if obs.get("instruction") is not None else "prompt"
+        text_key = _one_of(obs, ("instruction", "prompt"), "") or "prompt"
         instructions = self._instructions(obs.get(text_key), batch, text_key)
         key = self._unnorm_key(obs.get("unnorm_key"), "unnorm_key")
-        state_key = next((k for k in STATE_KEYS if obs.get(k) is not None), None)
+        state_key = _one_of(obs, STATE_KEYS, "")
         states = [None] * batch
         if state_key is not None:
             state = self._numeric(obs[state_key], state_key)
@@ -205,6 +208,9 @@ class RequestParser:
             payload, where = message["payload"], "payload."
             if not isinstance(payload, Mapping):
                 raise ValueError(f"payload: expected a map, got {type(payload).__name__}")
+            beside = [name for name in ("examples", "batch_images", "unnorm_key") if name in message]
+            if beside:
+                raise ValueError(f"{beside}: sent beside `payload`, which holds the request; send them inside it")
         if "examples" not in payload and "batch_images" in payload:
             return self._starvla_batch_images(payload, where)
         examples = payload.get("examples")
@@ -217,7 +223,7 @@ class RequestParser:
             field_name = f"{where}examples[{i}]"
             if not isinstance(example, Mapping):
                 raise ValueError(f"{field_name}: expected a map, got {type(example).__name__}")
-            text_key = next((k for k in ("lang", "instruction", "prompt") if k in example), "lang")
+            text_key = _one_of(example, ("lang", "instruction", "prompt"), f"{field_name}.") or "lang"
             (instruction,) = self._instructions(example.get(text_key), 1, f"{field_name}.{text_key}")
             views = self._views(example.get("image"), f"{field_name}.image")
             state = None
@@ -270,13 +276,16 @@ class RequestParser:
 
     # -- field checks
 
+    def _flat_image_names(self, camera: str | None = None) -> list[str]:
+        """The keys a camera (by default, any camera) may be sent under without an `images` map."""
+        names = [p + c for c in ([camera] if camera else self.cameras) for p in FLAT_IMAGE_PREFIXES]
+        return names + list(SINGLE_CAMERA_ALIASES) if len(self.cameras) == 1 else names
+
     def _flat_images(self, obs: Mapping) -> dict:
         found = {}
         for camera in self.cameras:
-            names = [p + camera for p in FLAT_IMAGE_PREFIXES]
-            if len(self.cameras) == 1:
-                names += list(SINGLE_CAMERA_ALIASES)
-            name = next((n for n in names if n in obs), None)
+            names = self._flat_image_names(camera)
+            name = _one_of(obs, names, "")
             if name is None:
                 keys = sorted(str(k) for k in obs)[:12]
                 raise ValueError(f"images.{camera}: missing; send an `images` map or a key among {names} "
@@ -360,6 +369,16 @@ class RequestParser:
         if not isinstance(key, str) or key not in self.unnorm_keys:
             raise ValueError(f"{name}: unknown key {reprlib.repr(key)}; available: {self.unnorm_keys}")
         return key
+
+
+def _one_of(message: Mapping, names: Sequence[str], where: str) -> str | None:
+    """The one key among `names` (synonyms of one field) that `message` sets, or None; two set is an error, since
+    which one the client meant is a guess."""
+    present = [name for name in names if message.get(name) is not None]
+    if len(present) > 1:
+        raise ValueError(f"{', '.join(where + name for name in present)}: the same field sent under several names; "
+                         "send one")
+    return present[0] if present else None
 
 
 def _holds_bool(values: list | tuple) -> bool:
