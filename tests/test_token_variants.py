@@ -142,6 +142,20 @@ def test_undecodable_sequences_are_flagged(token_model):
     assert np.isfinite(actions[0]).all() and np.isnan(actions[1:]).all()
 
 
+def test_fast_decoding_chooses_only_ids_its_tokenizer_can_decode(tiny_vlm_dirs, fast_tokenizer, monkeypatch):
+    """A 64-token FAST tokenizer on a model with 128 action rows (as a 1024-token BPE on a 2048-row -Action model):
+    ids past the tokenizer's vocabulary would only ever decode to a NaN chunk."""
+    from hf_vla.models import token_actions
+
+    model, processor = make_token_model(tiny_vlm_dirs["qwen2_5_vl"], "fast", fast_tokenizer, num_action_tokens=128)
+    allowed, allow_only = [], token_actions.AllowOnly
+    monkeypatch.setattr(token_actions, "AllowOnly", lambda ids: allowed.append(ids) or allow_only(ids))
+    model.generate_actions(**batch(processor, np.random.default_rng(0)))
+    offset, size = model.config.action_token_offset, fast_tokenizer.bpe.get_vocab_size(with_added_tokens=True)
+    assert model.config.num_action_tokens == 128 and size == 64
+    assert allowed[0].tolist() == [*range(offset, offset + size), model.config.eos_token_id]
+
+
 def test_loss_depends_on_image_and_instruction(token_model):
     _, _, model, processor = token_model
     rng = np.random.default_rng(2)

@@ -185,13 +185,18 @@ class VLATokenActionModel(VLAPreTrainedModel):
         loss = F.cross_entropy(logits.float(), targets[scored])
         return VLAOutput(loss=loss, action_loss=loss)
 
+    def decodable_action_tokens(self) -> int:
+        """How many action tokens, from the first, decoding may choose among (every one, unless a variant's
+        vocabulary is smaller than the rows the model reserves)."""
+        return self.config.num_action_tokens
+
     @torch.no_grad()
     def generate_actions(self, use_cache: bool = True, **inputs) -> ActionDecoding:
         """Greedy, KV-cached decoding of an action reply, constrained to action tokens (and end of turn)."""
         if self.training and self.vlm.is_gradient_checkpointing:
             # a checkpointed backbone in training mode drops its cache while generate still feeds one token a step
             use_cache = False
-        offset, count, eos = self.config.action_token_offset, self.config.num_action_tokens, self.config.eos_token_id
+        offset, count, eos = self.config.action_token_offset, self.decodable_action_tokens(), self.config.eos_token_id
         min_new, max_new = self.generation_limits()
         allowed = torch.arange(offset, offset + count)
         if min_new < max_new:

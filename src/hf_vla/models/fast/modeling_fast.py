@@ -53,6 +53,11 @@ class VLAFASTForActionPrediction(VLATokenActionModel):
             indices, time_horizon=self.config.action_horizon, action_dim=self.config.action_dim, return_valid=True
         )
 
+    def decodable_action_tokens(self) -> int:
+        # a tokenizer fitted with a smaller vocabulary than the model's rows (a 1024-token BPE on a 2048-row -Action
+        # backbone): the ids past its vocabulary would only decode to a NaN chunk
+        return min(self.config.num_action_tokens, self._tokenizer().bpe.get_vocab_size(with_added_tokens=True))
+
     def generation_limits(self) -> tuple[int, int]:
         return 1, self.config.max_action_tokens
 
