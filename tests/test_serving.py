@@ -518,6 +518,18 @@ def test_a_model_trained_on_delta_actions_returns_absolute_ones(tmp_path):
         np.testing.assert_allclose(client.infer(obs)["actions"], actions, atol=1e-5)
         with pytest.raises(ServerError, match=r"state: missing; embodiment 'demo' predicts 'delta' actions"):
             client.infer(without)
+        example = {"image": [obs["images"][c] for c in processor.camera_names], "lang": obs["instruction"]}
+        reply = client.request({"type": "infer", "payload": {"examples": [example]}})  # refused as it is read
+        assert reply["error"]["message"].startswith("payload.examples[0].state: missing; embodiment 'demo' predicts 'delta'")
+        # the evaluation's policies hand the state to a stateless model too
+        from hf_vla.sim.evaluation import InProcessPolicy, ServerPolicy
+
+        remote = ServerPolicy(f"ws://127.0.0.1:{server.port}")
+        try:
+            for evaluated in (InProcessPolicy(policy), remote):
+                np.testing.assert_allclose(evaluated(obs), actions, atol=1e-5)
+        finally:
+            remote.close()
 
 
 def test_a_client_that_leaves_while_queued_costs_no_prediction(policy, monkeypatch):

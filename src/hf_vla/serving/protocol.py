@@ -144,6 +144,7 @@ class RequestParser:
         self.state_dim = int(processor.state_dim)
         self.check_instruction = processor.check_instruction
         self.embodiment_dims = processor.embodiment_dims
+        self.norm_stats = processor.norm_stats
         self.unnorm_keys = sorted(processor.norm_stats or {})
         if default_unnorm_key is None and len(self.unnorm_keys) == 1:
             default_unnorm_key = self.unnorm_keys[0]
@@ -340,10 +341,15 @@ class RequestParser:
         width = self.embodiment_dims(key)[1]
         if width:
             raise ValueError(f"{name}: missing; this model takes a state of {width} values{where}")
+        mode = (self.norm_stats or {}).get(key, {}).get("action_mode", "abs")
+        if mode != "abs":
+            raise ValueError(f"{name}: missing; embodiment {key!r} predicts {mode!r} actions, which are made absolute "
+                             f"from the state{where}")
 
     def _state_at_model_width(self, state: np.ndarray, name: str, key: str | None) -> np.ndarray:
         """`[B, S]` rows at the model's width: an embodiment that a mixture padded may send its own, narrower state,
-        zero-padded here as in training. A model without state takes any (post-processing may read it)."""
+        zero-padded here as in training. A model without state takes any (decoding relative actions and post-processing
+        may read it)."""
         width = state.shape[1]
         own = self.embodiment_dims(key)[1]
         if self.state_dim and width == own < self.state_dim:

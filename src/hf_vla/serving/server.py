@@ -14,17 +14,20 @@ size limits.
 
 Requests. Each binary frame is one map, answered by one frame, in order.
 
-1. openpi form (any map without `type`, `payload` or `examples`): an observation, reply
+1. openpi form (any map without `type`, `payload`, `examples` or `batch_images`): an observation, reply
    `{"actions": float32 [T, D] (or [B, T, D] for a batched observation), "server_timing": {...}}`.
    * images: `{"images": {camera: uint8 [H, W, 3] or [B, H, W, 3]}}` with exactly the model's cameras, or flat
-     top-level keys `<camera>`, `observation/<camera>`, `observation/images/<camera>` or `observation.images.<camera>`
-     (other keys are ignored); a one-camera model also takes `image` / `observation/image`. Any image size is
-     accepted (bicubic resize to `training_obs_image_size`).
+     top-level keys `<camera>`, `observation/<camera>`, `observation/images/<camera>` or `observation.images.<camera>`;
+     a one-camera model also takes `image` / `observation/image`. Any image size is accepted (bicubic resize to
+     `training_obs_image_size`).
    * instruction: `prompt` or `instruction`, a string or one string per sample (a single string is broadcast).
    * state: `state`, `observation/state` or `observation.state`, float [S] or [B, S]; required when the model takes
-     one (`state_dim` > 0: actions predicted without it would be off-distribution), otherwise optional (then only
-     `delta_dims` post-processing reads it).
+     one (`state_dim` > 0: actions predicted without it would be off-distribution) or when the embodiment's
+     statistics record relative actions (`action_mode` rel / delta: they are made absolute from it), otherwise
+     optional (then only `delta_dims` post-processing reads it).
    * `unnorm_key` (optional): which embodiment's statistics decode the actions.
+   Unrelated keys are ignored, but one field sent under two names (`instruction` and `prompt`, two state keys, two
+   names of a camera, an `images` map beside flat camera keys) is an error, as are keys beside a `payload`.
 2. StarVLA form: `{"type": "infer" | "predict_action" | "ping", "request_id": ..., "payload": {"examples": [{"image":
    [uint8 HWC per camera], "lang": str, "state"?: [S]}], "unnorm_key": ...}}`, or the payload's keys at top level;
    the 2025 form `{"batch_images": [[uint8 HWC per camera]] * B, "instructions": [str] * B, "state"?: [B, S]}` too

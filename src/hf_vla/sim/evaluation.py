@@ -210,7 +210,7 @@ class ServerPolicy:
 
     def __call__(self, obs: Mapping) -> np.ndarray:
         request = {"images": dict(obs["images"]), "prompt": obs["instruction"]}
-        if self.metadata.get("state_dim"):
+        if obs.get("state") is not None:  # a stateless model may still decode relative actions from it
             request["state"] = obs["state"]
         if self.unnorm_key is not None:
             request["unnorm_key"] = self.unnorm_key
@@ -221,20 +221,18 @@ class ServerPolicy:
 
 
 class InProcessPolicy:
-    """`VLAPolicy.predict` as a policy callable; the state is passed only to models that take one. `model`: a
-    `VLAPolicy`, or a model directory / hub id to load one from."""
+    """`VLAPolicy.predict` as a policy callable (a stateless model still gets the state: relative actions are made
+    absolute from it). `model`: a `VLAPolicy`, or a model directory / hub id to load one from."""
 
     def __init__(self, model, unnorm_key: str | None = None):
         from ..policy import VLAPolicy
 
         self.policy = model if isinstance(model, VLAPolicy) else VLAPolicy.from_pretrained(model)
         self.unnorm_key = unnorm_key
-        self.takes_state = self.policy.processor.state_dim > 0
         self.action_horizon = self.policy.processor.action_horizon
 
     def __call__(self, obs: Mapping) -> np.ndarray:
-        query = dict(obs) if self.takes_state else {k: v for k, v in obs.items() if k != "state"}
-        return self.policy.predict(query, unnorm_key=self.unnorm_key)
+        return self.policy.predict(dict(obs), unnorm_key=self.unnorm_key)
 
     def close(self):
         pass
