@@ -561,6 +561,12 @@ def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root, caplog):
     assert head_rates and max(head_rates) <= 3e-3
 
 
+def test_train_vla_help_prints_the_recipe_sections(train_vla, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_vla.main(["trainers/recipes/oft.yaml", "--help"])
+    assert exit_info.value.code == 0 and "Recipe sections" in capsys.readouterr().out
+
+
 def test_fsdp_that_accelerate_does_not_enable_is_reported(train_vla, caplog, monkeypatch):
     # accelerate turns FSDP on for GPU process groups only; on CPU the same launch runs plain DDP
     trainer = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=False,

@@ -3,7 +3,7 @@
 
     python trainers/train_vla.py trainers/recipes/oft.yaml [--section.key value ...]
 
-Recipe sections (defaults in DEFAULTS below; the recipes in trainers/recipes/ document every key):
+Recipe sections (every key and its default: DEFAULTS below; trainers/recipes/ shows the common ones):
   model:   variant, vlm (hub id or path; null builds a tiny random backbone into <output_dir>/tiny_vlm), action_dim /
            state_dim (null: the dataset's), action_horizon, image_size, dtype, head (variant config fields),
            action_tokenizer / fast (FAST only: a saved FAST tokenizer, or how to fit one on the training actions)
@@ -348,12 +348,16 @@ def sharding(trainer) -> str:
         return f"; FSDP{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
     if trainer.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         logger.warning("FSDP was asked for, but accelerate enables it on GPUs only: this run replicates the model on "
-                       "every process (DDP). On CPU, shard with DeepSpeed ZeRO-3 instead (trainers/deepspeed/zero3.json)")
+                       "every process (DDP). On CPU, shard with DeepSpeed ZeRO-3 instead "
+                       "(trainers/deepspeed/zero3.json)")
     return ""
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        raise SystemExit(0)
     recipe_path = argv[0] if argv and not argv[0].startswith("--") else None
     recipe = load_recipe(recipe_path, argv[1:] if recipe_path else argv, defaults=DEFAULTS)
     check_recipe_keys(recipe)

@@ -35,10 +35,12 @@ logger = logging.get_logger(__name__)
 @dataclass
 class VLAOutput(ModelOutput):
     """
-    loss (`torch.FloatTensor`, *optional*): the training loss (action loss, plus weighted auxiliary losses).
+    loss (`torch.FloatTensor`, *optional*): the training loss: the action loss (`VLATrainer` adds co-training's
+        VLM loss itself).
     action_loss (`torch.FloatTensor`, *optional*): the action loss alone, for logging.
     actions (`torch.FloatTensor` of shape `(batch, action_horizon, action_dim)`, *optional*):
-        the head's prediction in normalised action space (for flow heads: the predicted velocity).
+        OFT's predicted chunk in normalised action space (None for flow and token heads, which sample or decode it
+        in `predict_action`).
     """
 
     loss: torch.FloatTensor | None = None

@@ -404,7 +404,8 @@ class VLAProcessor(ProcessorMixin):
         Args:
             images: per sample, a list with one view per camera (`uint8 [H, W, 3]` arrays or RGB PIL images).
             text: the instructions, one per sample (a single string for a batch of one).
-            state: raw robot state `[B, state_dim]`, optional.
+            state: raw robot state `[B, state_dim]` (or a padded embodiment's own `[B, S]`); required when the model
+                writes it into its prompt (a head's state encoder checks its own).
             actions: raw target chunks `[B, action_horizon, action_dim]` (training).
             embodiment: which statistics normalise state and actions: one key, or one per sample for mixed batches
                 (optional when only one is known).
@@ -556,7 +557,7 @@ class VLAProcessor(ProcessorMixin):
 
         Labels are -100 except on each assistant reply and its end-of-turn token. Images are resized to
         `image_size`; a batch without images has no pixel tensors. `max_length` truncates, and raises rather than
-        cut into a sample's image tokens.
+        cut into a sample's image tokens or cut away every token of its replies.
         """
         from .data.vlm_chat import render_with_reply_spans, spans_after_expansion
 

@@ -33,14 +33,15 @@ Alignment. Samples keep the underlying dataset's keys; actions are zero-padded t
     "embodiment"      str: the entry's statistics key
 When no dataset has a state, samples carry neither "state" nor "state_dim_mask".
 
-Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "num_transitions", "num_trajectories"}}`
+Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "action_mode", "num_transitions",
+"num_trajectories"}}`
 in the processor's format at the mixture's dimensions (padded dimensions: mode "identity", zeros, std 1), ready for
 `VLAProcessor.set_norm_stats` (`for key, stats in mixture.compute_norm_stats().items(): processor.set_norm_stats(key,
 stats)`); a padded feature records its own width as `embodiment_dim`, so that
 `decode_actions` / `VLAPolicy.predict` return the embodiment's own action dimensions and take its own state width.
 Entries that share an embodiment are merged by recomputing the statistics from their
 concatenated parquet values (so quantiles are exact and every transition weighs the same); they must agree on
-dimensions and normalisation modes.
+dimensions, normalisation modes and action mode.
 """
 
 from __future__ import annotations

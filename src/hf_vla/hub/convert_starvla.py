@@ -727,7 +727,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", help="weights dtype, e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--action-modes", help=f"one mode, or one per dimension comma-separated, of {list(NORM_MODES)}")
     parser.add_argument("--state-modes", help="as --action-modes, for the state (default: the run's DataConfig "
-                        "where known, else q99)")
+                        "where known, else q99; q99 on a constant dimension becomes identity, as StarVLA keeps it raw)")
     parser.add_argument("--cameras", help="comma-separated camera names, in prompt order")
     parser.add_argument("--attention-mode", choices=("interleaved", "all-cross"), help="flow heads: force the mode")
     parser.add_argument("--condition-mask", choices=CONDITION_MASKS,

@@ -75,7 +75,8 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
         r"""
         state (`torch.Tensor` of shape `(batch, state_dim)`, *optional*): normalised proprioceptive state.
         actions (`torch.Tensor` of shape `(batch, action_horizon, action_dim)`): normalised target chunk.
-        action_mask (`torch.Tensor` of shape `(batch, action_horizon)`, *optional*): 1 for valid steps.
+        action_mask (`torch.Tensor` of shape `(batch, action_horizon)` or `(batch, action_horizon, action_dim)`,
+            *optional*): 1 for valid steps (or entries), 0 for steps past an episode's end or padded dimensions.
         noise (`torch.Tensor` of shape `(repeats · batch, action_horizon, action_dim)`, *optional*) and
         time (`torch.Tensor` of shape `(repeats · batch,)`, *optional*, 1 = clean actions): fix the flow-matching
             sample so a loss can be reproduced exactly; drawn at random when omitted.
