@@ -408,10 +408,13 @@ def test_a_failing_sample_does_not_fail_its_batch_mates(server, policy, monkeypa
     good = [make_obs(200 + i) for i in range(3)]
     bad = make_obs(203, prompt="fails in predict")
     before = server.stats["fallbacks"]
-    replies = run_clients(server, [[obs] for obs in good] + [[bad]])
-    for obs, (reply,) in zip(good, replies):
-        np.testing.assert_allclose(reply["actions"], predict(obs), atol=1e-5)
-    assert replies[3][0] == "text[0]: this sample fails in predict"
+    for _ in range(5):  # until the bad request shares a batch (a loaded machine can make the clients miss the window)
+        replies = run_clients(server, [[obs] for obs in good] + [[bad]])
+        for obs, (reply,) in zip(good, replies):
+            np.testing.assert_allclose(reply["actions"], predict(obs), atol=1e-5)
+        assert replies[3][0] == "text[0]: this sample fails in predict"
+        if server.stats["fallbacks"] > before:
+            break
     assert server.stats["fallbacks"] > before
 
 
