@@ -224,6 +224,12 @@ def test_starvla_request_shapes(server, policy):
         error = client.request({"type": "infer", "payload": {"examples": [two_states]}})
         assert error["error"]["message"] == "payload.examples[0].state: expected [S] or [1, S] for one example, got [2, 3]"
         assert "unknown request type" in client.request({"type": "train"})["error"]["message"]
+        # the 2025 form: a [B, 1, S] state, as StarVLA's frameworks took it, as an array or as nested lists
+        batch_images = [example["image"] for example in examples]
+        for state in (obs["state"][:, None], obs["state"][:, None].tolist()):
+            legacy = client.request({"batch_images": batch_images, "instructions": obs["instruction"],
+                                     "state": state, "unnorm_key": "other"})  # fmt: skip
+            np.testing.assert_allclose(legacy["data"]["actions"], expected, atol=1e-5)
 
 
 @OPENPI_CONNECT_WARNING

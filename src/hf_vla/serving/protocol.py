@@ -247,10 +247,7 @@ class RequestParser:
         key = self._unnorm_key(payload.get("unnorm_key"), f"{where}unnorm_key")
         states = [None] * len(images)
         if payload.get("state") is not None:
-            state = payload["state"]
-            if isinstance(state, np.ndarray) and state.ndim == 3 and state.shape[1] == 1:
-                state = state[:, 0]  # [B, 1, S], as StarVLA's frameworks took it
-            state = self._numeric(state, f"{where}state")
+            state = self._numeric(payload["state"], f"{where}state", batch_of_one_step=True)  # as StarVLA took it
             if state.ndim != 2 or state.shape[0] != len(images):
                 raise ValueError(f"{where}state: expected [{len(images)}, S] or [{len(images)}, 1, S] (one row per "
                                  f"sample of batch_images), got {list(state.shape)}")
@@ -319,7 +316,8 @@ class RequestParser:
             self.check_instruction(text, field)
         return [value] * batch if isinstance(value, str) else list(value)
 
-    def _numeric(self, value: Any, name: str) -> np.ndarray:
+    def _numeric(self, value: Any, name: str, batch_of_one_step: bool = False) -> np.ndarray:
+        """A finite float32 `[S]` or `[B, S]` array (`batch_of_one_step`: also StarVLA's `[B, 1, S]`, squeezed)."""
         if isinstance(value, (list, tuple)):
             if _holds_bool(value):  # numpy would read [True, 0.5] as [1.0, 0.5]
                 raise ValueError(f"{name}: expected a list of numbers, got booleans among them")
@@ -330,8 +328,11 @@ class RequestParser:
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
             got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
             raise ValueError(f"{name}: expected a float array, got {got}")
+        if batch_of_one_step and value.ndim == 3 and value.shape[1] == 1:
+            value = value[:, 0]
         if value.ndim not in (1, 2):
-            raise ValueError(f"{name}: expected [S] or [B, S], got {list(value.shape)}")
+            raise ValueError(f"{name}: expected [S] or [B, S]{' or [B, 1, S]' if batch_of_one_step else ''}, got "
+                             f"{list(value.shape)}")
         if not np.isfinite(value).all():
             raise ValueError(f"{name}: contains NaN or inf")
         return finite_float32(value, name)
