@@ -21,8 +21,8 @@ from websockets.sync.client import connect
 
 from hf_vla import VLAPolicy, VLAProcessor
 from hf_vla.serving import Limits, PolicyClient, PolicyServer, PostProcess, ServerError, packb, unpackb
-from hf_vla.serving.msgpack_numpy import MAX_CONTAINERS, MAX_DEPTH
 from hf_vla.serving.batching import ClientActivity, MicroBatcher
+from hf_vla.serving.msgpack_numpy import MAX_CONTAINERS, MAX_DEPTH
 from hf_vla.serving.protocol import Row
 from hf_vla.serving.server import add_arguments, options_from_args
 
@@ -732,9 +732,9 @@ def test_hf_vla_serve_logs_the_address_it_bound(tmp_path):
 
 
 def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(monkeypatch, capsys):
-    import hf_vla.cli
     import torch
 
+    import hf_vla.cli
     from hf_vla.cli import main
 
     def run(argv):

@@ -11,7 +11,6 @@ from PIL import Image
 from .modeling_vla import HUB_DOWNLOAD_KWARGS
 from .processing_vla import VLAProcessor
 
-
 OBSERVATION_KEYS = ("images", "instruction", "prompt", "state", "unnorm_key")
 
 
