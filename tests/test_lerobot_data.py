@@ -359,12 +359,23 @@ def test_rows_out_of_frame_order_or_duplicated_frames_are_refused(roots, episode
         frames[second + 2] = 1
         return _set_column(table, "frame_index", frames)
 
-    for edit, got in [(swapped, "got 3 at the episode's row 0"), (duplicated, "got 1 at the episode's row 2")]:
+    def shifted(table):  # consecutive frames from 1, as some converted datasets number them: accepted
+        frames = table.column("frame_index").to_pylist()
+        episode = table.column("episode_index").to_pylist()
+        return _set_column(table, "frame_index", [f + (e == 1) for f, e in zip(frames, episode)])
+
+    for edit, got in [(swapped, "expected consecutive frames 3..15 in row order, got 1 at the episode's row 1"),
+                      (duplicated, "expected consecutive frames 0..12 in row order, got 1 at the episode's row 2")]:
         root = shutil.copytree(roots["v3"], tmp_path / edit.__name__)
         path = _rewrite_data(root, edit)
-        with pytest.raises(ValueError, match=rf"{path}: episode 1: frame_index: expected 0..12 in row order, {got}"):
+        with pytest.raises(ValueError, match=rf"{path}: episode 1: frame_index: {got}"):
             load_lerobot(root)
     assert [load_lerobot(roots[name])[second]["frame_index"] for name in ("v3", "v3_split", "v2.1")] == [0, 0, 0]
+    root = shutil.copytree(roots["v3"], tmp_path / "shifted")
+    _rewrite_data(root, shifted)
+    original, renumbered = load_lerobot(roots["v3"]), load_lerobot(root)
+    assert renumbered[second]["frame_index"] == 1
+    np.testing.assert_array_equal(renumbered[second]["actions"], original[second]["actions"])
 
 
 def test_decoder_seeks_once_per_call_and_not_at_all_when_reading_on(roots):

@@ -157,7 +157,9 @@ def test_models_refuse_image_tokens_without_pixels(variant, oft, tmp_path):
             run()
     with pytest.raises(ValueError, match=r"^image_grid_thw: missing; Qwen-VL reads each image's"):
         model.predict_action(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
-    with pytest.raises(TypeError, match=r"predict_action: unexpected argument\(s\) \['num_step'\]; expected the "):
+    options = ", 'state', 'noise', 'num_steps'" if variant == "gr00t" else ""  # a flow model's own arguments
+    message = rf"predict_action: unexpected argument\(s\) \['num_step'\]; expected the processor's outputs \[.*\]"
+    with pytest.raises(TypeError, match=message + (r" and \['state', 'noise', 'num_steps'\]$" if options else "$")):
         model.predict_action(**inputs, num_step=1)  # read as nothing, it would run the default step count
 
 
@@ -257,6 +259,12 @@ def test_policy_refuses_unknown_keys_and_mismatched_processor(oft, tiny_vlm_dirs
         policy.predict({**obs, "states": np.zeros(6)})
     with pytest.raises(ValueError, match=r"^observation: both 'instruction' and 'prompt' given"):
         policy.predict({**obs, "prompt": "stop"})
+    np.testing.assert_array_equal(policy.predict({**obs, "prompt": None}), policy.predict(obs))  # null: not sent
+    for state in ([True, 0.5, 0, 0, 0, 0], [[0.0] * 5 + [False]]):  # numpy would read them as 1.0 / 0.0
+        with pytest.raises(ValueError, match=r"^state: expected numbers, got booleans among them"):
+            policy.predict({**obs, "state": state})
+    with pytest.raises(ValueError, match=r"^state: expected numbers, got booleans among them"):
+        call(processor, state=[[0.0] * 6, [True] + [0.0] * 5])
     processor.compute_norm_stats("other", np.random.default_rng(1).normal(size=(64, 7)) * 50, np.ones((4, 6)))
     try:  # the observation's unnorm_key is used, as the server takes it
         np.testing.assert_array_equal(policy.predict({**obs, "unnorm_key": "other"}),

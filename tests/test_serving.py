@@ -443,9 +443,10 @@ def test_a_chunk_that_did_not_decode_is_an_error_reply_not_nan_actions(server, p
     assert isinstance(replies[2][0], str) and "sample(s) [0] is not a valid action chunk" in replies[2][0]
 
 
-@pytest.mark.parametrize("condition_mask", ["always", "never"])
-def test_models_that_attend_to_padding_batch_no_rows_of_other_requests(condition_mask):
-    """Unmasked padding changes a flow model's output next to a longer prompt: its batches never mix requests."""
+@pytest.mark.parametrize("condition_mask, state_in_prompt", [("always", False), ("never", False), ("never", True)])
+def test_models_that_attend_to_padding_batch_only_prompts_of_one_length(condition_mask, state_in_prompt):
+    """Unmasked padding changes a flow model's output next to a longer prompt: its batches hold one instruction
+    (one request when the state text is in the prompt too); models that mask padding batch every compatible row."""
     calls = []
 
     def predict(obs, **kwargs):
@@ -453,21 +454,39 @@ def test_models_that_attend_to_padding_batch_no_rows_of_other_requests(condition
         actions = np.zeros((len(obs["instruction"]), 4, 7), np.float32)
         return actions, actions
 
-    config = SimpleNamespace(condition_mask=condition_mask)
+    config = SimpleNamespace(condition_mask=condition_mask, state_in_prompt=state_in_prompt)
     policy = SimpleNamespace(model=SimpleNamespace(config=config), processor=SimpleNamespace(camera_names=["primary"]),
                              predict=predict)  # fmt: skip
     batcher = MicroBatcher(policy, enabled=True, window_ms=10, max_batch=8)
     try:
         view = np.zeros((8, 8, 3), np.uint8)
-        jobs = [[Row((view,), f"request {j} row {r}", None, "k") for r in range(2)] for j in range(3)]
+        texts = ["open the drawer", "open the drawer and then close it"]  # two clients each, in parallel envs
+        jobs = [[Row((view,), texts[j % 2], None, "k")] for j in range(4)]
         results = batcher._predict_jobs(jobs)
     finally:
         batcher.close()
-    assert all(len(result.actions) == 2 for result in results)
+    assert all(len(result.actions) == 1 for result in results)
     if condition_mask == "always":
-        assert calls == [[f"request {j} row {r}" for j in range(3) for r in range(2)]]
+        assert calls == [[texts[j % 2] for j in range(4)]]
+    elif not state_in_prompt:
+        assert calls == [[texts[0], texts[0]], [texts[1], texts[1]]]
     else:
-        assert calls == [[f"request {j} row {r}" for r in range(2)] for j in range(3)]
+        assert calls == [[texts[j % 2]] for j in range(4)]
+
+
+def test_a_camera_named_image_is_its_own_alias_and_null_keys_are_absent():
+    from hf_vla.serving.protocol import RequestParser
+
+    processor = SimpleNamespace(camera_names=["image"], state_dim=0, check_instruction=lambda *args: None,
+                                embodiment_dims=lambda key: (7, 0), norm_stats={"k": {}})  # fmt: skip
+    parser = RequestParser(processor, default_unnorm_key=None, limits=Limits())
+    view = np.zeros((8, 8, 3), np.uint8)
+    for name in ("image", "observation/image", "observation.images.image"):  # openpi LIBERO clients send the second
+        assert np.shares_memory(parser.openpi({name: view, "prompt": "go"}).rows[0].views[0], view)
+    request = parser.openpi({"images": {"image": view}, "image": None, "prompt": "go", "instruction": None})
+    assert request.rows[0].instruction == "go"
+    with pytest.raises(ValueError, match=r"^image, observation/image: the same field sent under several names"):
+        parser.openpi({"image": view, "observation/image": view, "prompt": "go"})
 
 
 def test_the_batcher_waits_only_for_connections_likely_to_send():

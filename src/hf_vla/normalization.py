@@ -30,6 +30,11 @@ STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 ACTION_MODES = ("abs", "delta", "rel")
 
 
+def holds_bool(values: list | tuple) -> bool:
+    """Whether nested lists hold a boolean, which numpy would silently read as 0 / 1 beside numbers."""
+    return any(holds_bool(v) if isinstance(v, (list, tuple)) else isinstance(v, (bool, np.bool_)) for v in values)
+
+
 def finite_float32(array: np.ndarray, field: str) -> np.ndarray:
     """float32 copy of a finite array, refusing values beyond float32's range (the cast would make them inf)."""
     with np.errstate(over="ignore"):

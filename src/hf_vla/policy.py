@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .modeling_vla import HUB_DOWNLOAD_KWARGS
+from .normalization import holds_bool
 from .processing_vla import VLAProcessor
 
 OBSERVATION_KEYS = ("images", "instruction", "prompt", "state", "unnorm_key")
@@ -76,7 +77,7 @@ class VLAPolicy:
         unknown = sorted(map(str, set(obs) - set(OBSERVATION_KEYS)))
         if unknown:  # a misspelt "states" or "unnorm" would otherwise be dropped without a word
             raise ValueError(f"observation: unknown key(s) {unknown}; expected {list(OBSERVATION_KEYS)}")
-        if "instruction" in obs and "prompt" in obs:
+        if obs.get("instruction") is not None and obs.get("prompt") is not None:
             raise ValueError("observation: both 'instruction' and 'prompt' given; send one")
         images = obs.get("images")
         if not isinstance(images, Mapping):
@@ -121,6 +122,8 @@ class VLAPolicy:
 
         state = obs.get("state")
         if state is not None:
+            if isinstance(state, (list, tuple)) and holds_bool(state):
+                raise ValueError("state: expected numbers, got booleans among them")
             try:
                 state = np.asarray(state)
             except ValueError:

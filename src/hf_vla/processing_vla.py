@@ -22,7 +22,8 @@ from transformers.processing_utils import ProcessorMixin
 from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
-    ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, validate_feature_stats
+    ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, holds_bool,
+    validate_feature_stats
 )
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
@@ -346,6 +347,8 @@ class VLAProcessor(ProcessorMixin):
         `kinds` (floating, signed and unsigned integers; booleans are not measurements)."""
         if isinstance(value, torch.Tensor):  # numpy has no bfloat16: floating tensors come over as float32
             value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+        if "b" not in kinds and isinstance(value, (list, tuple)) and holds_bool(value):
+            raise ValueError(f"{field}: expected numbers, got booleans among them")
         try:
             array = np.asarray(value)
         except ValueError:  # ragged nested lists

@@ -239,14 +239,17 @@ class LeRobotDataset(Dataset):
         self._row_start = np.repeat(starts, lengths)
         self._row_end = np.repeat(ends, lengths)
         self.num_episodes = len(starts)
-        # a sample's action chunk is the rows after its own, so row k of an episode must be its frame k
-        misplaced = np.flatnonzero(self._frame_index != np.arange(n) - self._row_start)
+        # a sample's action chunk is the rows after its own, so an episode's rows must be consecutive frames in order
+        # (from 0 in LeRobot's own datasets; a converted one may start later)
+        first = self._frame_index[self._row_start]
+        misplaced = np.flatnonzero(self._frame_index != first + np.arange(n) - self._row_start)
         if len(misplaced):
             row = misplaced[0]
             start, end = self._row_start[row], self._row_end[row]
             raise ValueError(f"{self.root / self._data_files[self._row_file[row]]}: episode "
-                             f"{self._episode_index[row]}: frame_index: expected 0..{end - start - 1} in row order, "
-                             f"got {self._frame_index[row]} at the episode's row {row - start}")
+                             f"{self._episode_index[row]}: frame_index: expected consecutive frames "
+                             f"{first[row]}..{first[row] + end - start - 1} in row order, got {self._frame_index[row]} "
+                             f"at the episode's row {row - start}")
 
     # ---- samples ----
     def __len__(self) -> int:

@@ -108,7 +108,7 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
     ) -> torch.Tensor:
         """Normalised chunk `[B, action_horizon, action_dim]`: one backbone pass, then `num_steps` Euler steps of the
         head alone (default `config.num_inference_steps`), starting from `noise` (drawn when omitted)."""
-        self.check_predict_inputs(inputs)
+        self.check_predict_inputs(inputs, options=("state", "noise", "num_steps"))
         vlm_inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask")}
         conditions, mask = self.conditions(**vlm_inputs)
         num_steps = self.config.num_inference_steps if num_steps is None else num_steps

@@ -76,9 +76,12 @@ class MicroBatcher:
     def __init__(self, policy, enabled: bool, window_ms: float, max_batch: int):
         self.policy = policy
         # A flow model that attends to the prompt's padding (condition_mask "never" / "training": StarVLA checkpoints
-        # from before its masking fix) answers differently next to a longer prompt: such models batch a request's
-        # own rows only, never another client's.
-        self.requests_alone = getattr(policy.model.config, "condition_mask", "always") != "always"
+        # from before its masking fix) answers differently next to a longer prompt: it batches rows of one prompt
+        # length only, i.e. of one instruction (with same-sized images), or, when the state is written into the
+        # prompt too, a request's own rows.
+        config = policy.model.config
+        self.pads_into_conditions = getattr(config, "condition_mask", "always") != "always"
+        self.state_in_prompt = bool(getattr(config, "state_in_prompt", False))
         self.enabled = enabled
         self.window_s = window_ms / 1e3
         self.max_batch = max_batch
@@ -142,7 +145,7 @@ class MicroBatcher:
         groups = defaultdict(list)
         for j, rows in enumerate(jobs):
             for r, row in enumerate(rows):
-                groups[(*row.group_key(), j) if self.requests_alone else row.group_key()].append((j, r, row))
+                groups[self._group(row, j)].append((j, r, row))
         outputs: list[list[Any]] = [[None] * len(rows) for rows in jobs]
         results = [BatchResult([]) for _ in jobs]
         size = self.max_batch if self.enabled else max(len(m) for m in groups.values())
@@ -165,6 +168,11 @@ class MicroBatcher:
                 result.actions, result.normalized = [v[0] for v in values], [v[1] for v in values]
             final.append(error if error is not None else result)
         return final
+
+    def _group(self, row: Row, job: int) -> tuple:
+        if not self.pads_into_conditions:
+            return row.group_key()
+        return (*row.group_key(), ("request", job) if self.state_in_prompt else row.instruction)
 
     def _predict_rows(self, rows: list[Row]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..normalization import finite_float32
+from ..normalization import finite_float32, holds_bool
 
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
 SINGLE_CAMERA_ALIASES = ("image", "observation/image")
@@ -160,7 +160,7 @@ class RequestParser:
         elif not isinstance(images, Mapping):
             raise ValueError(f"images: expected a map camera -> uint8 array, got {type(images).__name__}")
         else:
-            flat = sorted(str(name) for name in self._flat_image_names() if name in obs)
+            flat = sorted(str(name) for name in self._flat_image_names() if obs.get(name) is not None)
             if flat:
                 raise ValueError(f"images: sent both as an `images` map and as {flat}; send one")
             unknown = [str(c) for c in images if c not in self.cameras]
@@ -277,7 +277,8 @@ class RequestParser:
     def _flat_image_names(self, camera: str | None = None) -> list[str]:
         """The keys a camera (by default, any camera) may be sent under without an `images` map."""
         names = [p + c for c in ([camera] if camera else self.cameras) for p in FLAT_IMAGE_PREFIXES]
-        return names + list(SINGLE_CAMERA_ALIASES) if len(self.cameras) == 1 else names
+        names += list(SINGLE_CAMERA_ALIASES) if len(self.cameras) == 1 else []
+        return list(dict.fromkeys(names))  # a camera named "image" is its own alias
 
     def _flat_images(self, obs: Mapping) -> dict:
         found = {}
@@ -319,7 +320,7 @@ class RequestParser:
     def _numeric(self, value: Any, name: str, batch_of_one_step: bool = False) -> np.ndarray:
         """A finite float32 `[S]` or `[B, S]` array (`batch_of_one_step`: also StarVLA's `[B, 1, S]`, squeezed)."""
         if isinstance(value, (list, tuple)):
-            if _holds_bool(value):  # numpy would read [True, 0.5] as [1.0, 0.5]
+            if holds_bool(value):
                 raise ValueError(f"{name}: expected a list of numbers, got booleans among them")
             try:
                 value = np.asarray(value)  # no dtype: strings must not pass as numbers
@@ -386,10 +387,6 @@ def _one_of(message: Mapping, names: Sequence[str], where: str) -> str | None:
         raise ValueError(f"{', '.join(where + name for name in present)}: the same field sent under several names; "
                          "send one")
     return present[0] if present else None
-
-
-def _holds_bool(values: list | tuple) -> bool:
-    return any(_holds_bool(v) if isinstance(v, (list, tuple)) else isinstance(v, (bool, np.bool_)) for v in values)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ HTTP: `GET /healthz` → 200 "OK" (no key needed). With an API key set, the upgr
 
 Micro-batching (`hf_vla.serving.batching`): requests from concurrent clients that can share a `policy.predict` call
 are merged, without making a lone client wait. A flow model that attends to prompt padding (`condition_mask` other
-than "always") would answer differently beside a longer prompt, so its requests are never merged.
+than "always") would answer differently beside a longer prompt, so it merges rows of one instruction only (of one
+request only when its prompt also holds the state).
 """
 
 from __future__ import annotations
