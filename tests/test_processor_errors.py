@@ -157,9 +157,9 @@ def test_models_refuse_image_tokens_without_pixels(variant, oft, tmp_path):
             run()
     with pytest.raises(ValueError, match=r"^image_grid_thw: missing; Qwen-VL reads each image's"):
         model.predict_action(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
-    options = ", 'state', 'noise', 'num_steps'" if variant == "gr00t" else ""  # a flow model's own arguments
-    message = rf"predict_action: unexpected argument\(s\) \['num_step'\]; expected the processor's outputs \[.*\]"
-    with pytest.raises(TypeError, match=message + (r" and \['state', 'noise', 'num_steps'\]$" if options else "$")):
+    own = r" and \['state', 'noise', 'num_steps'\]" if variant == "gr00t" else ""  # a flow model's own arguments
+    message = r"predict_action: unexpected argument\(s\) \['num_step'\]; expected the processor's outputs \[.*\]"
+    with pytest.raises(TypeError, match=message + own + "$"):
         model.predict_action(**inputs, num_step=1)  # read as nothing, it would run the default step count
 
 
