@@ -4,6 +4,8 @@ import tempfile
 # Tests never touch the network, and module/cache writes stay out of the user's home.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Child processes (CLI runs, launchers, the closed-loop training) train tiny models too: one thread each, as above.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _scratch = tempfile.mkdtemp(prefix="hf_vla_tests_")
 os.environ.setdefault("HF_HOME", os.path.join(_scratch, "hf_home"))
 os.environ.setdefault("HF_MODULES_CACHE", os.path.join(_scratch, "modules"))
@@ -19,10 +21,11 @@ hf_logging.set_verbosity_error()
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models train much faster on one intra-op thread, and far more steadily on a shared 2-core machine
-    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    """Tiny models train much faster on one intra-op thread, and far more steadily on a shared 2-core machine: with
+    two threads a step waits for whichever core another process holds (measured 3-8x slower under load). Every test
+    gets it; the modules that still name it in `pytestmark` opted in before it applied to the whole session."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
