@@ -1,10 +1,12 @@
 import os
 import tempfile
+from pathlib import Path
 
 # Tests never touch the network, and module/cache writes stay out of the user's home.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Child processes (CLI runs, launchers, the closed-loop training) train tiny models too: one thread each, as above.
+# Child processes (CLI runs, launchers, the closed-loop training) train tiny models too: one thread each, like the
+# one_thread fixture below gives this process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 _scratch = tempfile.mkdtemp(prefix="hf_vla_tests_")
 os.environ.setdefault("HF_HOME", os.path.join(_scratch, "hf_home"))
@@ -75,6 +77,31 @@ def make_oft(vlm_dir, action_dim=7, action_horizon=4, state_dim=6, seed=0):
         "bridge", rng.normal(size=(256, action_dim)), rng.normal(size=(256, state_dim)) if state_dim else None
     )
     return model, processor
+
+
+def _waits_for_trained_model(item) -> bool:
+    """The closed-loop Meta-World tests: they need the model its module trains in a child process."""
+    return "trained_model" in getattr(item, "fixturenames", ()) and hasattr(item.module, "prepare_trained_model")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    # the tests that wait for the closed-loop model run last, so that it trains beside the rest of the suite
+    waiting = [item for item in items if _waits_for_trained_model(item)]
+    items[:] = [item for item in items if not _waits_for_trained_model(item)] + waiting
+
+
+def pytest_collection_finish(session):
+    waiting = [item for item in session.items if _waits_for_trained_model(item)]
+    if waiting and not session.config.option.collectonly:
+        waiting[0].module.prepare_trained_model(Path(tempfile.mkdtemp(prefix="closed_loop_", dir=_scratch)))
+
+
+def pytest_sessionfinish(session):
+    for item in session.items:
+        if _waits_for_trained_model(item):
+            item.module.stop_pipeline()
+            break
 
 
 def pytest_configure(config):

@@ -4,10 +4,15 @@ Two tasks, a few minutes of CPU training, 10 unseen episodes each. Zero and rand
 a model whose training or inference path is broken (wrong normalisation, images or instructions not reaching the
 head, chunks executed out of order) cannot reach the threshold either. The same model is then rolled out through the
 policy server and a websocket client, which must reproduce the in-process actions.
+
+The demonstrations and the training run in one child process that conftest starts as soon as tests needing the
+trained model are collected, and those tests run last: the rest of the suite is single-threaded, so the child trains
+on the core the other tests leave free instead of holding the whole suite up for minutes.
 """
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +30,50 @@ DEMOS_PER_TASK = 25
 TRAIN_STEPS = 700
 EPISODES = 10
 THRESHOLD = 0.6  # average success over both tasks; zero and random actions score 0
+PIPELINE_TIMEOUT = 1800  # seconds from its start: demonstrations (~1-2 min) and training (~3-5 min on one core)
+_pipeline = {}  # the running child: process, output directory, log, start time
+
+
+def prepare_trained_model(root: Path):
+    """Demonstrations, then train_vla.py, in a child process (this file run as a script); returns at once."""
+    if _pipeline:
+        return
+    log = open(root / "pipeline.log", "w")  # a file, not a pipe: nobody reads the child's output while it runs
+    process = subprocess.Popen([sys.executable, __file__, str(root)], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
+    _pipeline.update(process=process, output=root / "model", log=log, start=time.monotonic())
+
+
+def stop_pipeline():
+    """Kills a child still running at the end of the session (its tests were deselected, or the run was stopped)."""
+    if _pipeline and _pipeline["process"].poll() is None:
+        _pipeline["process"].kill()
+        _pipeline["process"].wait()
+    if _pipeline:
+        _pipeline["log"].close()
+
+
+def _run_pipeline(root: Path):
+    generate_demonstrations(root / "demos", tasks=TASKS, episodes=DEMOS_PER_TASK, progress=False)
+    command = [sys.executable, str(ROOT / "trainers" / "train_vla.py"), str(ROOT / "trainers/recipes/metaworld.yaml"),
+               "--data.lerobot", str(root / "demos"), "--trainer.output_dir", str(root / "model"),
+               "--trainer.max_steps", str(TRAIN_STEPS), "--trainer.save_steps", "100000",
+               "--trainer.logging_steps", "100", "--trainer.disable_tqdm", "true"]  # fmt: skip
+    subprocess.run(command, check=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("closed_loop")
-    generate_demonstrations(root / "demos", tasks=TASKS, episodes=DEMOS_PER_TASK, progress=False)
-    output = root / "model"
-    command = [sys.executable, str(ROOT / "trainers" / "train_vla.py"), str(ROOT / "trainers/recipes/metaworld.yaml"),
-               "--data.lerobot", str(root / "demos"), "--trainer.output_dir", str(output),
-               "--trainer.max_steps", str(TRAIN_STEPS), "--trainer.save_steps", "100000",
-               "--trainer.logging_steps", "100", "--trainer.disable_tqdm", "true"]  # fmt: skip
-    subprocess.run(command, check=True, timeout=1200)
-    return output
+    prepare_trained_model(tmp_path_factory.mktemp("closed_loop"))  # unless conftest started it already
+    process = _pipeline["process"]
+    try:
+        process.wait(timeout=max(1.0, PIPELINE_TIMEOUT - (time.monotonic() - _pipeline["start"])))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log = Path(_pipeline["log"].name).read_text()
+    assert process.returncode == 0, f"demonstrations + training failed or ran past {PIPELINE_TIMEOUT} s:\n{log[-6000:]}"
+    return _pipeline["output"]
 
 
 def test_trained_policy_succeeds_in_closed_loop(trained_model):
@@ -83,3 +119,7 @@ def test_served_policy_reproduces_in_process_actions(trained_model):
             keyed.close()
         finally:
             remote.close()
+
+
+if __name__ == "__main__":
+    _run_pipeline(Path(sys.argv[1]))
