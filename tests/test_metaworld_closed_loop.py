@@ -10,6 +10,9 @@ trained model are collected, and those tests run last: the rest of the suite is 
 on the core the other tests leave free instead of holding the whole suite up for minutes.
 """
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,16 +47,31 @@ def prepare_trained_model(root: Path):
     _pipeline.update(process=process, output=root / "model", log=log, start=time.monotonic())
 
 
+def _kill_pipeline():
+    """Kills the child and the train_vla.py process it started (its own session: one process group)."""
+    process = _pipeline["process"]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def stop_pipeline():
-    """Kills a child still running at the end of the session (its tests were deselected, or the run was stopped)."""
-    if _pipeline and _pipeline["process"].poll() is None:
-        _pipeline["process"].kill()
-        _pipeline["process"].wait()
+    """Kills a child still running at the end of the session (its tests failed early, or the run was stopped)."""
     if _pipeline:
+        if _pipeline["process"].poll() is None:
+            _kill_pipeline()
         _pipeline["log"].close()
 
 
 def _run_pipeline(root: Path):
+    import threading
+
+    def exit_with_the_test_run(parent=os.getppid()):  # a killed pytest leaves no training behind
+        while os.getppid() == parent:
+            time.sleep(2)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=exit_with_the_test_run, daemon=True).start()
     generate_demonstrations(root / "demos", tasks=TASKS, episodes=DEMOS_PER_TASK, progress=False)
     command = [sys.executable, str(ROOT / "trainers" / "train_vla.py"), str(ROOT / "trainers/recipes/metaworld.yaml"),
                "--data.lerobot", str(root / "demos"), "--trainer.output_dir", str(root / "model"),
@@ -69,8 +87,7 @@ def trained_model(tmp_path_factory):
     try:
         process.wait(timeout=max(1.0, PIPELINE_TIMEOUT - (time.monotonic() - _pipeline["start"])))
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        _kill_pipeline()
     log = Path(_pipeline["log"].name).read_text()
     assert process.returncode == 0, f"demonstrations + training failed or ran past {PIPELINE_TIMEOUT} s:\n{log[-6000:]}"
     return _pipeline["output"]
