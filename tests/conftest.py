@@ -94,7 +94,9 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
     waiting = [item for item in session.items if _waits_for_trained_model(item)]
     if waiting and not session.config.option.collectonly:
-        waiting[0].module.prepare_trained_model(Path(tempfile.mkdtemp(prefix="closed_loop_", dir=_scratch)))
+        factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's basetemp: old runs get removed
+        root = factory.mktemp("closed_loop") if factory else Path(tempfile.mkdtemp(prefix="closed_loop_", dir=_scratch))
+        waiting[0].module.prepare_trained_model(root)
 
 
 def pytest_sessionfinish(session):

@@ -39,8 +39,6 @@ _pipeline = {}  # the running child: process, output directory, log, start time
 
 def prepare_trained_model(root: Path):
     """Demonstrations, then train_vla.py, in a child process (this file run as a script); returns at once."""
-    if _pipeline:
-        return
     log = open(root / "pipeline.log", "w")  # a file, not a pipe: nobody reads the child's output while it runs
     process = subprocess.Popen([sys.executable, __file__, str(root)], stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
@@ -82,7 +80,8 @@ def _run_pipeline(root: Path):
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
-    prepare_trained_model(tmp_path_factory.mktemp("closed_loop"))  # unless conftest started it already
+    if not _pipeline:  # conftest starts it when the session's tests are collected
+        prepare_trained_model(tmp_path_factory.mktemp("closed_loop"))
     process = _pipeline["process"]
     try:
         process.wait(timeout=max(1.0, PIPELINE_TIMEOUT - (time.monotonic() - _pipeline["start"])))
