@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
-from hf_vla.normalization import compute_stats, normalize, unnormalize, validate_feature_stats
+from hf_vla.normalization import (
+    compute_stats, finite_float32, normalize, numeric_array, unnormalize, validate_feature_stats
+)
 
 
 @pytest.fixture
@@ -76,3 +79,27 @@ def test_bad_inputs():
                                  ("mode", "q99", r"s\.mode: expected one mode per dimension, got the string 'q99'")]:
         with pytest.raises(ValueError, match=message):
             validate_feature_stats({**good, name: value}, "s")
+
+
+def test_numeric_array_refuses_what_numpy_would_take_silently():
+    for value, message in (([1.0, True], "expected numbers, got booleans among them"),
+                           ([[0.5], [np.bool_(False)]], "expected numbers, got booleans among them"),
+                           ([[0.0] * 3, [0.0] * 2], "expected a numeric array, got ragged nested sequences"),
+                           (["1.0", "2.0"], "expected a numeric array, got dtype <U3"),
+                           ([0.0, None], "expected a numeric array, got dtype object"),
+                           (np.ones(3, bool), "expected a numeric array, got dtype bool")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^state: {message}"):
+            numeric_array(value, "state")
+    assert numeric_array(np.ones(3, bool), "action_mask", kinds="fiub").dtype == bool
+    assert numeric_array([[1, 2], [3, 4]], "state").tolist() == [[1, 2], [3, 4]]
+    # tensors come over to numpy, bfloat16 as float32 (numpy has no bfloat16)
+    converted = numeric_array(torch.tensor([0.5, -1.25], dtype=torch.bfloat16), "state")
+    assert converted.dtype == np.float32 and converted.tolist() == [0.5, -1.25]
+
+
+def test_finite_float32_refuses_non_finite_and_out_of_range_values():
+    with pytest.raises(ValueError, match=r"^actions: contains NaN or inf"):
+        finite_float32(np.array([0.0, np.inf]), "actions")
+    with pytest.raises(ValueError, match=r"^actions: values beyond float32's range \(largest magnitude 1e\+300\)"):
+        finite_float32(np.array([1e300]), "actions")
+    assert finite_float32(np.array([1, 2], np.int64), "actions").dtype == np.float32

@@ -265,6 +265,9 @@ def test_policy_refuses_unknown_keys_and_mismatched_processor(oft, tiny_vlm_dirs
             policy.predict({**obs, "state": state})
     with pytest.raises(ValueError, match=r"^state: expected numbers, got booleans among them"):
         call(processor, state=[[0.0] * 6, [True] + [0.0] * 5])
+    exact = [0.5, -0.25, 1.0, 0.0, 2.0, -1.0]  # bfloat16 holds these exactly: a tensor state is the same state
+    np.testing.assert_array_equal(policy.predict({**obs, "state": torch.tensor(exact, dtype=torch.bfloat16)}),
+                                  policy.predict({**obs, "state": np.array(exact)}))  # fmt: skip
     processor.compute_norm_stats("other", np.random.default_rng(1).normal(size=(64, 7)) * 50, np.ones((4, 6)))
     try:  # the observation's unnorm_key is used, as the server takes it
         np.testing.assert_array_equal(policy.predict({**obs, "unnorm_key": "other"}),
@@ -276,7 +279,7 @@ def test_policy_refuses_unknown_keys_and_mismatched_processor(oft, tiny_vlm_dirs
             policy.predict(obs, unnorm_key=["bridge"])
     finally:
         del processor.norm_stats["other"]
-    for state, message in (([[0.0] * 6, [0.0] * 5], "expected a numeric array .* ragged"),
+    for state, message in (([[0.0] * 6, [0.0] * 5], "expected a numeric array, got ragged nested sequences"),
                            (np.ones(6, bool), "expected a numeric array, got dtype bool"),
                            (np.zeros((1, 1, 6)), r"expected shape \[S\], got \[1, 1, 6\]")):  # fmt: skip
         with pytest.raises(ValueError, match=rf"^state: {message}"):

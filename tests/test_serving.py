@@ -285,10 +285,10 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
         (packb({"images": good["images"]}), "prompt: missing"),
         (packb({**good, "state": np.zeros(3, np.float32)}), "state: expected 6 values"),
         (packb({**good, "state": np.array([np.nan] * 6)}), "state: contains NaN"),
-        (packb({**good, "state": np.array(["a"] * 6)}), "state: expected a float array"),
-        (packb({**good, "state": ["1.0"] * 6}), "state: expected a float array, got <U3"),  # never parsed
-        (packb({**good, "state": [True] * 6}), "state: expected a list of numbers, got booleans among them"),
-        (packb({**good, "state": [True, 0.5, 0, 0, 0, 0]}), "state: expected a list of numbers, got booleans"),
+        (packb({**good, "state": np.array(["a"] * 6)}), "state: expected a numeric array, got dtype <U1"),
+        (packb({**good, "state": ["1.0"] * 6}), "state: expected a numeric array, got dtype <U3"),  # never parsed
+        (packb({**good, "state": [True] * 6}), "state: expected numbers, got booleans among them"),
+        (packb({**good, "state": [True, 0.5, 0, 0, 0, 0]}), "state: expected numbers, got booleans"),
         (packb({**good, "images": {c: np.zeros((0, 8, 8, 3), np.uint8) for c in CAMERAS}, "instruction": []}),
          "images: expected at least one sample, got 0"),
         (packb({**good, "unnorm_key": "mars"}), "unnorm_key: unknown key 'mars'"),

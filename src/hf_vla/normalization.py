@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 NORM_MODES = ("q99", "min_max", "mean_std", "binary", "identity")
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
@@ -35,8 +36,28 @@ def holds_bool(values: list | tuple) -> bool:
     return any(holds_bool(v) if isinstance(v, (list, tuple)) else isinstance(v, (bool, np.bool_)) for v in values)
 
 
+def numeric_array(value, field: str, kinds: str = "fiu") -> np.ndarray:
+    """`value` (an array, nested lists or a tensor) as a numpy array, refusing what numpy would accept without a word:
+    booleans among numbers (read as 0 / 1), strings and objects (any dtype kind outside `kinds`: floating, signed,
+    unsigned; add "b" to take booleans), ragged nested lists. Floating tensors come over as float32 (numpy has no
+    bfloat16). The one check behind every raw state, action and mask the processor, the policy and the server take."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+    if "b" not in kinds and isinstance(value, (list, tuple)) and holds_bool(value):
+        raise ValueError(f"{field}: expected numbers, got booleans among them")
+    try:
+        array = np.asarray(value)  # no dtype: strings must not pass as numbers
+    except ValueError:
+        raise ValueError(f"{field}: expected a numeric array, got ragged nested sequences") from None
+    if array.dtype.kind not in kinds:
+        raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
+    return array
+
+
 def finite_float32(array: np.ndarray, field: str) -> np.ndarray:
-    """float32 copy of a finite array, refusing values beyond float32's range (the cast would make them inf)."""
+    """float32 copy of an array, refusing NaN / inf and values beyond float32's range (the cast would make them inf)."""
+    if not np.isfinite(array).all():
+        raise ValueError(f"{field}: contains NaN or inf")
     with np.errstate(over="ignore"):
         converted = array.astype(np.float32)
     if array.dtype.kind == "f" and array.dtype.itemsize > 4 and not np.isfinite(converted).all():

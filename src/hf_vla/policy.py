@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .modeling_vla import HUB_DOWNLOAD_KWARGS
-from .normalization import holds_bool
+from .normalization import numeric_array
 from .processing_vla import VLAProcessor
 
 OBSERVATION_KEYS = ("images", "instruction", "prompt", "state", "unnorm_key")
@@ -122,14 +122,7 @@ class VLAPolicy:
 
         state = obs.get("state")
         if state is not None:
-            if isinstance(state, (list, tuple)) and holds_bool(state):
-                raise ValueError("state: expected numbers, got booleans among them")
-            try:
-                state = np.asarray(state)
-            except ValueError:
-                raise ValueError("state: expected a numeric array [B, S] or [S], got ragged nested sequences") from None
-            if state.dtype.kind not in "fiu":
-                raise ValueError(f"state: expected a numeric array, got dtype {state.dtype}")
+            state = numeric_array(state, "state")
             if unbatched and state.ndim == 1:
                 state = state[None]
             if state.ndim != 2 or state.shape[0] != batch_size:

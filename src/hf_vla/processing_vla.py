@@ -22,7 +22,7 @@ from transformers.processing_utils import ProcessorMixin
 from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
-    ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, holds_bool,
+    ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, numeric_array,
     validate_feature_stats
 )
 
@@ -343,23 +343,12 @@ class VLAProcessor(ProcessorMixin):
         return self._check_array(state, "state", (batch_size, self.state_dim))
 
     def _check_array(self, value, field: str, shape: tuple, kinds: str = "fiu") -> np.ndarray:
-        """`shape` uses None for the batch axis; raises on wrong shape or non-finite values, and on a dtype outside
-        `kinds` (floating, signed and unsigned integers; booleans are not measurements)."""
-        if isinstance(value, torch.Tensor):  # numpy has no bfloat16: floating tensors come over as float32
-            value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
-        if "b" not in kinds and isinstance(value, (list, tuple)) and holds_bool(value):
-            raise ValueError(f"{field}: expected numbers, got booleans among them")
-        try:
-            array = np.asarray(value)
-        except ValueError:  # ragged nested lists
-            raise ValueError(f"{field}: expected a numeric array, got ragged nested sequences") from None
-        if array.dtype.kind not in kinds:
-            raise ValueError(f"{field}: expected a numeric array, got dtype {array.dtype}")
+        """A finite float32 array of `shape` (None for the batch axis) with a dtype among `kinds` (see
+        `normalization.numeric_array`)."""
+        array = numeric_array(value, field, kinds)
         if array.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, array.shape)):
             expected = "[" + ", ".join("B" if e is None else str(e) for e in shape) + "]"
             raise ValueError(f"{field}: expected shape {expected}, got {list(array.shape)}")
-        if not np.isfinite(array).all():
-            raise ValueError(f"{field}: contains NaN or inf")
         return finite_float32(array, field)
 
     def check_instruction(self, instruction, field: str = "text") -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..normalization import finite_float32, holds_bool
+from ..normalization import finite_float32, numeric_array
 
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
 SINGLE_CAMERA_ALIASES = ("image", "observation/image")
@@ -319,23 +319,12 @@ class RequestParser:
 
     def _numeric(self, value: Any, name: str, batch_of_one_step: bool = False) -> np.ndarray:
         """A finite float32 `[S]` or `[B, S]` array (`batch_of_one_step`: also StarVLA's `[B, 1, S]`, squeezed)."""
-        if isinstance(value, (list, tuple)):
-            if holds_bool(value):
-                raise ValueError(f"{name}: expected a list of numbers, got booleans among them")
-            try:
-                value = np.asarray(value)  # no dtype: strings must not pass as numbers
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}: expected a list of numbers") from None
-        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
-            got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
-            raise ValueError(f"{name}: expected a float array, got {got}")
+        value = numeric_array(value, name)
         if batch_of_one_step and value.ndim == 3 and value.shape[1] == 1:
             value = value[:, 0]
         if value.ndim not in (1, 2):
             raise ValueError(f"{name}: expected [S] or [B, S]{' or [B, 1, S]' if batch_of_one_step else ''}, got "
                              f"{list(value.shape)}")
-        if not np.isfinite(value).all():
-            raise ValueError(f"{name}: contains NaN or inf")
         return finite_float32(value, name)
 
     def _check_state_given(self, name: str, key: str | None, where: str = "") -> None:
