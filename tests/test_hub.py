@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from conftest import make_oft
 from fake_hub import FakeHub
+from transformers import AutoProcessor
 
 from hf_vla.hub import build_model_card, push_model
 
@@ -62,6 +63,20 @@ def test_card_says_how_the_model_reads_the_state(variant, state_line, tmp_path):
     model.save_pretrained(tmp_path / "release")
     processor.save_pretrained(tmp_path / "release")
     assert f"- State: {state_line}." in build_model_card(tmp_path / "release").text
+
+
+def test_card_lists_the_relative_dimensions(model_dir, tmp_path):
+    import shutil
+
+    run = shutil.copytree(model_dir, tmp_path / "run")
+    processor = AutoProcessor.from_pretrained(run)
+    stats = processor.norm_stats["bridge"]
+    processor.set_norm_stats("bridge", {**stats, "action_mode": "delta", "relative_dims": [True] * 6 + [False]})
+    processor.set_norm_stats("arm", {**stats, "action_mode": "rel"})
+    processor.save_pretrained(run)
+    text = build_model_card(run, repo_id="tester/run").text
+    assert "| `bridge` | q99 | q99 | delta (dimensions 0, 1, 2, 3, 4, 5) | 256 |" in text
+    assert "| `arm` | q99 | q99 | rel | 256 |" in text
 
 
 def test_card_shows_a_missing_or_partial_interval_as_a_dash(model_dir, tmp_path):

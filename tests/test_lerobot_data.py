@@ -10,8 +10,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoImageProcessor, AutoTokenizer
 
+from hf_vla import VLAProcessor
 from hf_vla.data import LeRobotWriter, PyAVDecoder, VideoDecodeError, load_lerobot, write_lerobot_dataset
+from hf_vla.data.lerobot import compute_union_stats
 from hf_vla.data.lerobot_writer import pixel_value, synthetic_episodes
 from hf_vla.data.video import decode_frames_naively
 from hf_vla.normalization import absolute_actions
@@ -132,9 +135,43 @@ def test_action_modes_against_hand_computation(roots, episodes):
     assert end["action_mask"].tolist() == [True, False, False] and not end["actions"][1:].any()
 
 
-def test_one_statistics_key_needs_datasets_of_one_width(roots):
-    from hf_vla.data.lerobot import compute_union_stats
+def test_relative_dims_leave_the_other_dimensions_absolute(roots, episodes, tiny_vlm_dirs):
+    frames = episodes[1]["frames"]
+    s0, a = frames["observation.state"][3], frames["action"][3:6]
+    gripper_absolute = [True, True, True, False]  # openpi's delta mask for an arm whose last dimension is the gripper
+    for mode, relative in (("rel", a - s0), ("delta", np.stack([a[0] - s0, a[1] - a[0], a[2] - a[1]]))):
+        ds = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=mode, relative_dims=gripper_absolute)
+        actions = ds[row_of(episodes, 1, 3)]["actions"]
+        np.testing.assert_allclose(actions[:, :3], relative[:, :3], rtol=1e-6)
+        np.testing.assert_array_equal(actions[:, 3], a[:, 3])  # the gripper as recorded
+        stats = ds.compute_stats()
+        assert stats["action_mode"] == mode and stats["relative_dims"] == gripper_absolute
+        # decoding with the state gives the recorded chunk back, every dimension
+        vlm = tiny_vlm_dirs["qwen2_5_vl"]
+        processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
+                                 action_dim=4, action_horizon=3, state_dim=4)  # fmt: skip
+        processor.set_norm_stats("arm", {**stats, "action": {**stats["action"], "mode": ["identity"] * 4}})
+        np.testing.assert_allclose(processor.decode_actions(actions, unnorm_key="arm", state=s0), a, rtol=1e-6,
+                                   atol=1e-6)  # fmt: skip
+    for entry, message in (({"action_mode": "abs"}, r"\['relative_dims'\]: given, but the action_mode is 'abs'"),
+                           ({"relative_dims": [True] * 7}, r"\['relative_dims'\]: expected 4 booleans")):
+        with pytest.raises(ValueError, match=message):
+            processor.set_norm_stats("bad", {**stats, **entry})
+    all_dims = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode="rel", relative_dims=[True] * 4)
+    assert all_dims.relative_dims is None and "relative_dims" not in all_dims.compute_stats()  # the default: all
+    partly = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode="rel", relative_dims=gripper_absolute)
+    with pytest.raises(ValueError, match=r"different action modes \('rel' vs 'rel' on dimensions \[0, 1, 2\]\)"):
+        compute_union_stats([all_dims, partly])  # one key, one way back to absolute actions
+    bad = [("abs", [True] * 4, r"relative_dims: given, but action_mode is 'abs'"),
+           ("rel", [True] * 3, r"relative_dims: expected 4 booleans, one per action dimension, got shape \[3\]"),
+           ("rel", [1, 1, 1, 0], r"relative_dims: expected a list of 4 booleans \(True: relative to the state\), got"),
+           ("delta", [False] * 4, r"relative_dims: no dimension is relative; use action_mode 'abs' instead")]
+    for mode, dims, message in bad:
+        with pytest.raises(ValueError, match=message):
+            load_lerobot(roots["v3"], cameras=[], action_mode=mode, relative_dims=dims)
 
+
+def test_one_statistics_key_needs_datasets_of_one_width(roots):
     with pytest.raises(ValueError, match=r"datasets of one statistics key have different \(action, state\) widths"):
         compute_union_stats([load_lerobot(roots["v3"], cameras=[]), load_lerobot(roots["image"], cameras=[])])
 

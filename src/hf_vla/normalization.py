@@ -136,28 +136,54 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
     return dim
 
 
-def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
-    """Absolute actions [..., T, D] and the state [..., D] → actions in `mode` (see ACTION_MODES)."""
+def relative_dims_mask(relative_dims, action_dim: int, field: str = "relative_dims") -> np.ndarray:
+    """The checked boolean mask `[action_dim]` of the action dimensions a relative mode applies to; None is all of
+    them. openpi's delta actions, for instance, leave the gripper absolute: `[True] * 6 + [False]`."""
+    if relative_dims is None:
+        return np.ones(action_dim, bool)
+    if not isinstance(relative_dims, (list, tuple, np.ndarray)) or not all(
+        isinstance(v, (bool, np.bool_)) for v in np.ravel(np.asarray(relative_dims, dtype=object))
+    ):
+        raise ValueError(f"{field}: expected a list of {action_dim} booleans (True: relative to the state), got "
+                         f"{relative_dims!r:.80}")
+    mask = np.asarray(relative_dims, dtype=bool)
+    if mask.shape != (action_dim,):
+        raise ValueError(f"{field}: expected {action_dim} booleans, one per action dimension, got shape "
+                         f"{list(mask.shape)}")
+    if not mask.any():
+        raise ValueError(f"{field}: no dimension is relative; use action_mode 'abs' instead")
+    return mask
+
+
+def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str, relative_dims=None) -> np.ndarray:
+    """Absolute actions [..., T, D] and the state [..., D] → actions in `mode` (see ACTION_MODES); only the
+    dimensions of `relative_dims` (a boolean mask [D], None for all) change."""
     if mode == "abs":
         return actions
+    mask = relative_dims_mask(relative_dims, actions.shape[-1])
     state = np.asarray(state, dtype=np.float32)[..., None, :]
     if mode == "rel":
-        return actions - state
-    if mode == "delta":
-        return np.diff(actions, axis=-2, prepend=state)
-    raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
+        relative = actions - state
+    elif mode == "delta":
+        relative = np.diff(actions, axis=-2, prepend=state)
+    else:
+        raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
+    return np.where(mask, relative, actions)
 
 
-def absolute_actions(actions: np.ndarray, state: np.ndarray, mode: str) -> np.ndarray:
+def absolute_actions(actions: np.ndarray, state: np.ndarray, mode: str, relative_dims=None) -> np.ndarray:
     """The inverse of `apply_action_mode`: actions [..., T, D] in `mode` and the state [..., D] → absolute actions."""
     if mode == "abs":
         return actions
+    mask = relative_dims_mask(relative_dims, actions.shape[-1])
     state = np.asarray(state, dtype=np.float32)[..., None, :]
     if mode == "rel":
-        return actions + state
-    if mode == "delta":
-        return state + np.cumsum(actions, axis=-2, dtype=np.float32)
-    raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
+        absolute = actions + state
+    elif mode == "delta":
+        absolute = state + np.cumsum(actions, axis=-2, dtype=np.float32)
+    else:
+        raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
+    return np.where(mask, absolute, actions)
 
 
 class FeatureNormalizer:

@@ -23,7 +23,7 @@ from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
     ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, numeric_array,
-    validate_feature_stats
+    relative_dims_mask, validate_feature_stats
 )
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
@@ -200,6 +200,11 @@ class VLAProcessor(ProcessorMixin):
         if stats.get("action_mode", "abs") not in ACTION_MODES:
             raise ValueError(f"norm_stats[{key!r}]['action_mode']: expected one of {list(ACTION_MODES)}, got "
                              f"{stats['action_mode']!r}")
+        if stats.get("relative_dims") is not None:
+            field = f"norm_stats[{key!r}]['relative_dims']"
+            if stats.get("action_mode", "abs") == "abs":
+                raise ValueError(f"{field}: given, but the action_mode is 'abs' (no dimension is relative)")
+            relative_dims_mask(stats["relative_dims"], self.action_dim, field)
         self.norm_stats[key] = _json_copy(stats, f"norm_stats[{key!r}]")
         self._normalizers.clear()
 
@@ -630,8 +635,9 @@ class VLAProcessor(ProcessorMixin):
         model's width; one key gives its embodiment's own width).
 
         `state` (one key only): the raw state the chunk was predicted from, `[S]` or `[B, S]`. For an embodiment
-        trained on relative actions (statistics `action_mode` "rel" or "delta", see `hf_vla.normalization`) the
-        chunk then comes back absolute; without it, as the model predicts it."""
+        trained on relative actions (statistics `action_mode` "rel" or "delta", on the dimensions of `relative_dims`
+        when given; see `hf_vla.normalization`) the chunk then comes back absolute; without it, as the model predicts
+        it."""
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().to("cpu", torch.float32).numpy()
         actions = np.asarray(actions, dtype=np.float32)
@@ -666,7 +672,9 @@ class VLAProcessor(ProcessorMixin):
             expected = widths if self.state_dim else f"at least {width}"
             raise ValueError(f"state: {mode!r} actions of embodiment {key!r} are relative to its first {width} state "
                              f"values; expected {expected} values, got {state.shape[-1]}")
-        return absolute_actions(decoded, state[..., :width], mode)
+        relative_dims = self.norm_stats[key].get("relative_dims")  # at the model's width, like the statistics
+        relative_dims = None if relative_dims is None else relative_dims[:width]
+        return absolute_actions(decoded, state[..., :width], mode, relative_dims)
 
     @property
     def model_input_names(self):

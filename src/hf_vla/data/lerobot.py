@@ -8,7 +8,7 @@
 `actions` holds the frame's action and the next T-1 of the same episode. Steps past the episode end are padded by
 repeating the last valid action (in raw space, before the action_mode transform, as StarVLA's GR00T-derived loader
 does) and are False in `action_mask`. action_mode: "abs" raw; "rel" a_t - s_0; "delta" a_0 - s_0, then a_t - a_{t-1}
-(padded steps are therefore zero deltas).
+(padded steps are therefore zero deltas); `relative_dims` limits either to some dimensions (e.g. all but the gripper).
 
 All numeric columns are loaded once into numpy; images come from the videos through a pluggable decoder
 (`hf_vla.data.video`) or from PNG bytes embedded in the parquet (image-mode datasets).
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from ..normalization import ACTION_MODES, apply_action_mode
+from ..normalization import ACTION_MODES, apply_action_mode, relative_dims_mask
 from ..normalization import compute_stats as compute_feature_stats
 from .video import as_decoder
 
@@ -46,9 +46,11 @@ def load_lerobot(
     action_mode: str = "abs",
     camera_rename: Mapping[str, str] | None = None,
     decoder=None,
+    relative_dims: Sequence[bool] | None = None,
 ) -> LeRobotDataset:
     """Opens the LeRobot dataset at `root` (a local directory); see `LeRobotDataset`."""
-    return LeRobotDataset(root, action_horizon, cameras, state_key, action_key, action_mode, camera_rename, decoder)
+    return LeRobotDataset(root, action_horizon, cameras, state_key, action_key, action_mode, camera_rename, decoder,
+                          relative_dims)
 
 
 class LeRobotDataset(Dataset):
@@ -64,6 +66,8 @@ class LeRobotDataset(Dataset):
         action_mode: "abs", "delta" or "rel" (the last two need a state of the action's dimension).
         camera_rename: {feature key: output name} for the "images" dict.
         decoder: a video decoder (object with `decode(path, timestamps)` or such a callable); PyAV when None.
+        relative_dims: with "delta" / "rel", which action dimensions the mode applies to (one boolean each); the
+            others stay absolute. None: all of them. openpi keeps the gripper absolute: `[True] * 6 + [False]`.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class LeRobotDataset(Dataset):
         action_mode: str = "abs",
         camera_rename: Mapping[str, str] | None = None,
         decoder=None,
+        relative_dims: Sequence[bool] | None = None,
     ):
         self.root = Path(root)
         self.info = _read_json(self.root / "meta" / "info.json")
@@ -91,6 +96,8 @@ class LeRobotDataset(Dataset):
             raise ValueError(f"action_horizon: expected a positive integer, got {action_horizon!r}")
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {action_mode!r}")
+        if action_mode == "abs" and relative_dims is not None:
+            raise ValueError("relative_dims: given, but action_mode is 'abs' (no dimension is relative)")
         self.action_horizon, self.action_mode = action_horizon, action_mode
         self.action_key = action_key
         if action_key not in self.features:
@@ -111,6 +118,7 @@ class LeRobotDataset(Dataset):
         else:
             raise ValueError(f"{self.root / 'meta' / 'info.json'}: unsupported codebase_version {self.version!r} "
                              "(expected v3.0, v2.1 or v2.0)")
+        self._relative_dims_arg = relative_dims
         self._load_columns()
         self._check_action_mode()
         self._check_files()
@@ -159,9 +167,12 @@ class LeRobotDataset(Dataset):
         return names
 
     def _check_action_mode(self):
+        self.relative_dims = None
         if self.action_mode == "abs":
             return
         action_dim = self._actions.shape[1]
+        mask = relative_dims_mask(self._relative_dims_arg, action_dim)
+        self.relative_dims = None if mask.all() else mask.tolist()  # None: every dimension
         if self.state_key is None:
             raise ValueError(f"action_mode={self.action_mode!r} needs a state, but {self.root} has no state feature "
                              f"(action {self.action_key!r} dim {action_dim}, state dim 0)")
@@ -269,7 +280,7 @@ class LeRobotDataset(Dataset):
         }
         if self._states is not None:
             sample["state"] = self._states[row].copy()
-            actions = apply_action_mode(actions, self._states[row], self.action_mode)
+            actions = apply_action_mode(actions, self._states[row], self.action_mode, self.relative_dims)
         sample["actions"] = np.ascontiguousarray(actions, dtype=np.float32)
         sample["action_mask"] = mask
         sample["episode_index"] = int(self._episode_index[row])
@@ -324,6 +335,8 @@ class LeRobotDataset(Dataset):
         stats["num_transitions"] = len(self)
         stats["num_trajectories"] = self.num_episodes
         stats["action_mode"] = self.action_mode  # how decoded actions become absolute again (with the state)
+        if self.relative_dims is not None:
+            stats["relative_dims"] = list(self.relative_dims)
         return stats
 
     def _action_values_for_stats(self, block: int = 65536) -> np.ndarray:
@@ -335,7 +348,7 @@ class LeRobotDataset(Dataset):
             steps = rows[:, None] + np.arange(self.action_horizon)
             ends = self._row_end[rows][:, None]
             chunks = self._actions[np.minimum(steps, ends - 1)]
-            transformed = apply_action_mode(chunks, self._states[rows], self.action_mode)
+            transformed = apply_action_mode(chunks, self._states[rows], self.action_mode, self.relative_dims)
             values.append(transformed[steps < ends])
         return np.concatenate(values)
 
@@ -344,7 +357,8 @@ class LeRobotDataset(Dataset):
         return (f"LeRobotDataset({self.root}, {self.version}, {self.num_episodes} episodes, {len(self)} frames, "
                 f"fps={self.fps}, cameras={dict(zip(self.cameras, self.camera_names))}, state_dim={state_dim}, "
                 f"action_dim={self._actions.shape[1]}, action_horizon={self.action_horizon}, "
-                f"action_mode={self.action_mode!r})")
+                f"action_mode={self.action_mode!r}"
+                + (f", relative_dims={self.relative_dims}" if self.relative_dims is not None else "") + ")")
 
 
 def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", state_mode="q99") -> dict:
@@ -356,16 +370,19 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
     if len(set(widths.values())) > 1:
         raise ValueError(f"datasets of one statistics key have different (action, state) widths {widths}; give them "
                          "keys of their own")
-    modes = {d.action_mode for d in datasets}
+    modes = {(d.action_mode, tuple(d.relative_dims or ())) for d in datasets}
     if len(modes) > 1:  # one key cannot map both absolute and relative actions back
-        raise ValueError(f"datasets of one statistics key have different action modes {sorted(modes)}")
+        described = sorted(f"{m!r}" + (f" on dimensions {np.flatnonzero(r).tolist()}" if r else "") for m, r in modes)
+        raise ValueError(f"datasets of one statistics key have different action modes ({' vs '.join(described)})")
     stats = {"action": compute_feature_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
                                              action_mode)}  # fmt: skip
     if datasets[0]._states is not None:
         stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
     stats["num_transitions"] = int(sum(len(d) for d in datasets))
     stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
-    stats["action_mode"] = modes.pop()
+    stats["action_mode"], relative_dims = modes.pop()
+    if relative_dims:
+        stats["relative_dims"] = list(relative_dims)
     return stats
 
 

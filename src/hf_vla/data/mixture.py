@@ -11,6 +11,7 @@ same structure as a dict), `load_mixture("mix.yaml", action_horizon=16)`:
         embodiment: bridge       # optional, default the folder name; the statistics key (`unnorm_key`)
         cameras: {observation.images.image_0: primary}   # optional: a list selects, a dict selects and renames
         action_mode: delta       # optional: abs (default) | delta | rel, as in `load_lerobot`
+        relative_dims: [true, true, true, true, true, true, false]   # optional, with delta / rel: gripper absolute
         state_key: observation.state                      # optional; null for none
         action_key: action       # optional
         normalization: {action: [q99, q99, q99, q99, q99, q99, binary], state: q99}   # optional, default q99
@@ -33,8 +34,8 @@ Alignment. Samples keep the underlying dataset's keys; actions are zero-padded t
     "embodiment"      str: the entry's statistics key
 When no dataset has a state, samples carry neither "state" nor "state_dim_mask".
 
-Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "action_mode", "num_transitions",
-"num_trajectories"}}`
+Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "action_mode", "relative_dims" (when
+given), "num_transitions", "num_trajectories"}}`
 in the processor's format at the mixture's dimensions (padded dimensions: mode "identity", zeros, std 1), ready for
 `VLAProcessor.set_norm_stats` (`for key, stats in mixture.compute_norm_stats().items(): processor.set_norm_stats(key,
 stats)`); a padded feature records its own width as `embodiment_dim`, so that
@@ -61,7 +62,8 @@ from .lerobot import LeRobotDataset, compute_union_stats, load_lerobot
 
 DEFAULT_NORM_MODE = "q99"
 _TOP_KEYS = {"seed", "balance_by_length", "datasets"}
-_ENTRY_KEYS = {"path", "weight", "embodiment", "cameras", "action_mode", "state_key", "action_key", "normalization"}
+_ENTRY_KEYS = {"path", "weight", "embodiment", "cameras", "action_mode", "relative_dims", "state_key", "action_key",
+               "normalization"}
 
 
 @dataclass
@@ -180,6 +182,9 @@ class VLAMixture(Dataset):
             members = [k for k, entry in enumerate(self.entries) if entry.embodiment == key]
             group = self._group_stats(key, members)
             group["action"] = _pad_feature_stats(group["action"], self.action_dim)
+            if group.get("relative_dims") is not None:  # padded dimensions are never relative
+                relative = list(group["relative_dims"])
+                group["relative_dims"] = relative + [False] * (self.action_dim - len(relative))
             if self.state_dim:
                 group["state"] = _pad_feature_stats(group.get("state"), self.state_dim)
             else:
@@ -198,10 +203,12 @@ class VLAMixture(Dataset):
             if self.modes[k] != self.modes[first]:
                 raise ValueError(f"embodiment {key!r}: datasets[{first}] and datasets[{k}] have different "
                                  "normalisation modes")
-            kinds = [getattr(self.entries[i].dataset, "action_mode", None) for i in (first, k)]
+            kinds = [(getattr(self.entries[i].dataset, "action_mode", None),
+                      getattr(self.entries[i].dataset, "relative_dims", None)) for i in (first, k)]  # fmt: skip
             if kinds[0] != kinds[1]:  # one unnorm_key cannot map both absolute and delta actions back
+                described = [f"{m!r}" + (f" on dimensions {np.flatnonzero(r).tolist()}" if r else "") for m, r in kinds]
                 raise ValueError(f"embodiment {key!r}: datasets[{first}] and datasets[{k}] have different action "
-                                 f"modes ({kinds[0]!r} vs {kinds[1]!r})")
+                                 f"modes ({described[0]} vs {described[1]})")
         state_mode = state_modes or DEFAULT_NORM_MODE
         if len(members) == 1:
             dataset = self.entries[first].dataset
@@ -269,7 +276,8 @@ def _load_entry(item, field: str, base: Path, action_horizon: int, load_kwargs: 
     elif cameras is not None:
         raise ValueError(f"{field}.cameras: expected a camera key, a list of them or a mapping key -> name, "
                          f"got {cameras!r}")
-    kwargs.update({key: item[key] for key in ("action_mode", "state_key", "action_key") if key in item})
+    passed = ("action_mode", "relative_dims", "state_key", "action_key")
+    kwargs.update({key: item[key] for key in passed if key in item})
     try:
         dataset = load_lerobot(root, action_horizon=action_horizon, **kwargs)
     except (FileNotFoundError, ValueError) as err:

@@ -80,7 +80,7 @@ def build_model_card(
     )
     normalisation = [
         {"key": key, "action_modes": _modes(stats.get("action")), "state_modes": _modes(stats.get("state")),
-         "relative_to_state": stats.get("action_mode", "abs"), "transitions": stats.get("num_transitions", "–")}
+         "relative_to_state": _relative_to_state(stats), "transitions": stats.get("num_transitions", "–")}
         for key, stats in processor.norm_stats.items()
     ]  # fmt: skip
     return ModelCard.from_template(
@@ -127,6 +127,13 @@ def _state_usage(config, processor, model) -> str:
     if model.reads_state:
         return f"{config.state_dim} dimensions, encoded by the action head"
     return f"{config.state_dim} dimensions in the statistics, but this model does not read the state"
+
+
+def _relative_to_state(stats) -> str:
+    mode, dims = stats.get("action_mode", "abs"), stats.get("relative_dims")
+    if mode == "abs" or dims is None:
+        return mode
+    return f"{mode} (dimensions {', '.join(str(i) for i, relative in enumerate(dims) if relative)})"
 
 
 def _modes(stats) -> str:
