@@ -70,6 +70,9 @@ def test_single_chunk_and_torch_input(tokenizer, smooth):
     assert tokenizer(smooth[0]) == batch[:1]
     assert tokenizer(torch.from_numpy(smooth[:3])) == batch
     assert tokenizer.decode(batch[0]).shape == (1, T, D)  # a flat id list is one sequence
+    # keywords override the configured shape (T * D = 70 coefficients read as 14 steps of 5)
+    decoded = tokenizer.decode(batch, time_horizon=14, action_dim=5)
+    assert decoded.shape == (3, 14, 5) and np.isfinite(decoded).all()
 
 
 def test_ids_match_raw_bpe(tokenizer, smooth):
@@ -151,6 +154,30 @@ def test_out_of_range_values_are_clipped_not_dropped(tokenizer, caplog):
     top = tokenizer.decode(ids)[0, 0, 0]
     for value in (1e18, 1e19):  # beyond int64 once scaled: still the top end, never wrapped to the bottom
         assert tokenizer.decode(tokenizer(np.full((T, D), value, dtype=np.float64)))[0, 0, 0] == top
+
+
+def test_coefficients_the_bpe_cannot_spell_snap_to_the_nearest_one_it_can(caplog):
+    """A byte-level BPE spells only the symbols its training text held: here 0, 1, 4 and 5 of the alphabet 0..5. A
+    coefficient of 2 or 3 would be dropped by the BPE (shifting every later one), so it snaps to 1 and 4."""
+    from scipy.fft import idct
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=64, min_frequency=1, special_tokens=[], show_progress=False,
+                                  initial_alphabet=[chr(i) for i in range(6)])
+    rng = np.random.default_rng(0)
+    bpe.train_from_iterator(["".join(map(chr, rng.choice([0, 1, 4, 5], size=4))) for _ in range(50)], trainer=trainer)
+    tokenizer = FASTTokenizer(bpe, scale=1.0, min_token=0, time_horizon=4, action_dim=1)
+    chunk = idct(np.array([2.0, 0.0, 3.0, 5.0]), norm="ortho")[:, None]  # rounded DCT coefficients 2, 0, 3, 5
+    with caplog.at_level(logging.WARNING, logger="hf_vla.action_tokenizers.fast"):
+        ids = tokenizer(chunk)
+    assert "2 of 4 DCT coefficients" in caplog.text
+    assert ids == [bpe.encode("".join(map(chr, [1, 0, 4, 5]))).ids]
+    decoded, valid = tokenizer.decode(ids, return_valid=True)
+    assert valid.all()
+    np.testing.assert_allclose(decoded[0, :, 0], idct(np.array([1.0, 0.0, 4.0, 5.0]), norm="ortho"), atol=1e-6)
 
 
 def test_bad_inputs(tokenizer, smooth, tmp_path):
