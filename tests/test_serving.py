@@ -639,6 +639,19 @@ def test_post_processing_per_connection(server, policy):
         np.testing.assert_allclose(client.infer(obs)["actions"], raw, atol=1e-5)
 
 
+def test_delta_state_dims_name_the_state_values_the_deltas_start_from():
+    actions = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    state = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
+    post = PostProcess().updated({"delta_dims": [0, 2], "delta_state_dims": [3, 1]})
+    post.check(action_horizon=4, action_dim=3, state_dim=4)
+    out = post.apply(actions, state)
+    np.testing.assert_allclose(out[:, 0], 40.0 + np.cumsum(actions[:, 0]), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 2], 20.0 + np.cumsum(actions[:, 2]), rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 1], actions[:, 1])
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--delta-dims", "0,2", "--delta-state-dims", "3,1"])
+    assert options_from_args(args)["postprocess"] == PostProcess(delta_dims=(0, 2), delta_state_dims=(3, 1))
+
+
 def test_server_flags_set_default_post_processing(policy):
     args = add_arguments(argparse.ArgumentParser()).parse_args(
         ["--port", "0", "--execute-steps", "3", "--gripper-dims", "6", "--max-batch", "4", "--no-batching"]
