@@ -359,6 +359,24 @@ def test_collator_names_the_missing_camera(dataset, vlm_dir):
         VLACollator(processor)([dataset[0], narrow])
 
 
+def test_collator_batch_is_the_processors_on_views_in_camera_order(dataset, vlm_dir):
+    """What training sees must be what `VLAPolicy` sends at inference: each sample's views in the processor's camera
+    order (the two toy cameras differ), its state, actions and mask, plus the raw targets and the statistics key."""
+    _, processor = make_model(vlm_dir, dataset)
+    samples = [dataset[i] for i in (0, 5, 7)]  # 7: a chunk that runs past its episode's end
+    batch = VLACollator(processor)(samples)
+    expected = processor(images=[[s["images"][c] for c in processor.camera_names] for s in samples],
+                         text=[s["instruction"] for s in samples], state=np.stack([s["state"] for s in samples]),
+                         actions=np.stack([s["actions"] for s in samples]),
+                         action_mask=np.stack([s["action_mask"] for s in samples]), embodiment="toy")  # fmt: skip
+    assert set(batch) == {*expected, "raw_actions", "embodiment"}
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    assert not batch["action_mask"].all()
+    assert torch.equal(batch["raw_actions"], torch.from_numpy(np.stack([s["actions"] for s in samples])).float())
+    assert batch["embodiment"] == ["toy"] * 3
+
+
 def test_logged_action_loss_is_weighted_as_trainer_weighs_loss(vlm_dir, dataset, tmp_path):
     """24 samples in batches of 4 with 4-step accumulation: an epoch's steps hold 4 and 2 batches. Without co-training
     action_loss must equal loss; a second train() on the same trainer starts from clean sums."""
