@@ -317,6 +317,12 @@ def test_action_mask_excludes_masked_steps():
     torch.testing.assert_close(masked, moved)
     unmasked = head(conditions, None, actions + shift, state=state, noise=noise - shift, time=time)
     assert unmasked > 10 * masked
+    # the mean over valid entries: the valid steps' loss and the masked steps' loss, weighted by their counts, make up
+    # the unmasked loss
+    valid = action_mask.sum()
+    inverse = head(conditions, None, actions, state=state, action_mask=~action_mask, noise=noise, time=time)
+    full = head(conditions, None, actions, state=state, noise=noise, time=time)
+    torch.testing.assert_close(full, (masked * valid + inverse * (action_mask.numel() - valid)) / action_mask.numel())
 
     full_mask = torch.ones(B, H)
     torch.testing.assert_close(
