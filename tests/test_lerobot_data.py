@@ -176,6 +176,27 @@ def test_one_statistics_key_needs_datasets_of_one_width(roots):
         compute_union_stats([load_lerobot(roots["v3"], cameras=[]), load_lerobot(roots["image"], cameras=[])])
 
 
+def test_union_statistics_are_those_of_every_datasets_values(roots, episodes, tmp_path):
+    from hf_vla.data.lerobot import compute_union_stats
+
+    other = synthetic_episodes(num_episodes=2, length=5, cameras=(), seed=1)  # 5 and 6 frames, other values
+    second = write_lerobot_dataset(tmp_path / "other", other, FPS, video=False)
+    both = [*episodes, *other]
+    states = all_frames(both, "observation.state")
+    expected = {"abs": all_frames(both, "action"),  # delta, horizon 2: a_t - s_t, and a_{t+1} - a_t inside episodes
+                "delta": np.concatenate([ep["frames"]["action"] - ep["frames"]["observation.state"] for ep in both]
+                                        + [np.diff(ep["frames"]["action"], axis=0) for ep in both])}  # fmt: skip
+    for mode, actions in expected.items():
+        datasets = [load_lerobot(root, action_horizon=2, cameras=[], action_mode=mode) for root in (roots["v3"], second)]
+        union = compute_union_stats(datasets, action_mode="min_max", state_mode="mean_std")
+        assert (union["num_transitions"], union["num_trajectories"], union["action_mode"]) == (39 + 11, 5, mode)
+        for name, value in (("mean", actions.mean(0)), ("min", actions.min(0)), ("max", actions.max(0)),
+                            ("q99", np.quantile(actions, 0.99, axis=0))):  # fmt: skip
+            np.testing.assert_allclose(union["action"][name], value, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {name}")
+        np.testing.assert_allclose(union["state"]["mean"], states.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(union["state"]["std"], states.std(0), rtol=1e-5, atol=1e-6)
+
+
 def test_delta_and_rel_need_a_state_of_action_dim(roots):
     with pytest.raises(ValueError, match=r"state 'observation.state' has dim 3, action 'action' has dim 4"):
         load_lerobot(roots["image"], action_mode="delta")
