@@ -122,12 +122,13 @@ def test_wilson_interval_matches_the_closed_form():
         np.testing.assert_allclose(wilson_interval(k, n), expected, atol=1e-9)
 
 
-def test_evaluate_writes_report_plot_and_video(tmp_path):
+def test_evaluate_writes_report_plot_and_video(tmp_path, monkeypatch):
     import av
 
     config = EvalConfig(tasks=["drawer-open"], episodes=2, max_steps=12, image_size=56, blank_image=True,
-                        video_dir=str(tmp_path / "videos"))  # fmt: skip
-    seen = []
+                        video_dir=str(tmp_path / "videos"), instructions={"drawer-open": "close the drawer"})  # fmt: skip
+    seen, seeds, reset = [], [], MetaWorldEnv.reset
+    monkeypatch.setattr(MetaWorldEnv, "reset", lambda env, seed: seeds.append(seed) or reset(env, seed))
 
     def policy(obs):
         seen.append(obs)
@@ -138,6 +139,8 @@ def test_evaluate_writes_report_plot_and_video(tmp_path):
     assert row["successes"] == 0 and row["episodes"] == 2 and row["ci95"][0] == 0.0 and row["ci95"][1] > 0.5
     assert report["env_steps"] == 24 and len(seen) == 6  # 12 steps, 4 executed per chunk, two episodes
     assert all(not obs["images"]["corner2"].any() for obs in seen)  # blanked
+    assert seeds == [config.seed, config.seed + 1]  # one unseen placement per episode
+    assert {obs["instruction"] for obs in seen} == {"close the drawer"} and row["instruction"] == "close the drawer"
     paths = write_report(report, tmp_path / "out")
     assert json.loads(paths["report"].read_text())["average"]["episodes"] == 2
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
