@@ -81,7 +81,9 @@ def test_lora_on_oft_trains_saves_reloads_and_merges(vlm_dir, tmp_path):
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
     assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir)
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (4, 8)  # add_lora's rank and scale, as asked
 
     reloaded = PeftModel.from_pretrained(AutoModelForVLA.from_pretrained(base_dir), adapter_dir).eval()
     with torch.no_grad():
