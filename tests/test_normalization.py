@@ -58,6 +58,8 @@ def test_binary_uses_the_midpoint_and_decodes_to_the_extremes():
     # strictly above the midpoint, as documented: a value on it is the low one
     np.testing.assert_array_equal(normalize(np.array([[0.0], [1e-6]], np.float32), stats)[:, 0], [0, 1])
     np.testing.assert_array_equal(unnormalize(np.array([[0.2], [0.7]]), stats)[:, 0], [-1.0, 1.0])
+    # decoding is strict too: a prediction of exactly 0.5 is the low value, so normalise → decode is the identity
+    np.testing.assert_array_equal(unnormalize(np.array([[0.5], [0.5001]]), stats)[:, 0], [-1.0, 1.0])
     # an undecodable token row is NaN in every dimension: the gripper must not come back as a finite command
     both = {**compute_stats(np.array([[0.0, -1.0], [2.0, 1.0]]), "q99"), "mode": ["q99", "binary"]}
     np.testing.assert_array_equal(unnormalize(np.array([[np.nan, np.nan], [0.0, 0.9]]), both),

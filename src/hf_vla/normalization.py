@@ -11,7 +11,7 @@ Modes, per dimension (x is raw, y is normalised):
     q99       y = clip(2 (x - q01) / (q99 - q01) - 1, -1, 1)
     min_max   y = 2 (x - min) / (max - min) - 1
     mean_std  y = (x - mean) / std
-    binary    y = 1 if x > (min + max) / 2 else 0; decodes to max / min (thresholded at 0.5)
+    binary    y = 1 if x > (min + max) / 2 else 0; decodes to max if y > 0.5 else min
     identity  y = x
 A dimension whose range is zero (q99 == q01, max == min, std == 0) normalises to 0 and decodes to its constant value,
 so nothing is divided by zero and constant dimensions survive the round trip.
