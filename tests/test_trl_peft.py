@@ -65,14 +65,19 @@ def test_lora_on_oft_trains_saves_reloads_and_merges(vlm_dir, tmp_path):
     inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
                        state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
     frozen_before = peft_model.base_model.model.vlm.model.visual.state_dict()
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
     peft_model.train()
+    losses = []
     for _ in range(3):
         loss = peft_model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
     peft_model.eval()
+    assert losses[-1] < losses[0], losses
+    lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values())  # zero when added: every adapter trained
     for key, value in peft_model.base_model.model.vlm.model.visual.state_dict().items():
         assert torch.equal(value, frozen_before[key]), key
     with torch.no_grad():
