@@ -747,9 +747,10 @@ def test_hf_vla_serve_logs_the_address_it_bound(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "hf_vla.cli", "serve", "--port", "0"]
     with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        lines = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
+        reader.start()
         try:
-            lines = queue.Queue()
-            threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
             seen, match = [], None
             while match is None:
                 try:
@@ -761,6 +762,8 @@ def test_hf_vla_serve_logs_the_address_it_bound(tmp_path):
                 assert client.metadata["action_chunk_size"] == 8
         finally:
             process.terminate()
+            process.wait(timeout=TIMEOUT)
+            reader.join(timeout=TIMEOUT)  # reads to EOF before the pipe is closed under it
 
 
 def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(monkeypatch, capsys):
