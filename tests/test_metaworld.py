@@ -215,6 +215,14 @@ def test_hf_vla_eval_reports_bad_model_server_and_execute_steps_in_one_line(tmp_
         (["--server", f"ws://127.0.0.1:{free}"], f"hf-vla eval: --server: cannot connect to 'ws://127.0.0.1:{free}': "),
         (["--model", default_model_dir(), "--execute-steps", "99"],
          "hf-vla eval: execute_steps: expected 1..8 (the policy's action chunk length), got 99"),
+        # --add-to-card writes into a local model directory: refused before connecting or loading, not after the
+        # whole evaluation has run
+        (["--server", f"ws://127.0.0.1:{free}", "--add-to-card"],
+         f"hf-vla eval: --add-to-card: expected --model to name a local model directory (its eval_results.json is "
+         f"updated), got --server ws://127.0.0.1:{free}"),
+        (["--model", "org/no-such-model", "--add-to-card"],
+         "hf-vla eval: --add-to-card: expected --model to name a local model directory (its eval_results.json is "
+         "updated), got --model 'org/no-such-model' (not a local directory)"),
     ]:
         with pytest.raises(SystemExit) as excinfo:
             main(["eval", "metaworld", *argv, *common])

@@ -271,6 +271,10 @@ def add_eval_arguments(parser):
 def run_eval(args) -> int:
     if bool(args.model) == bool(args.server):
         raise SystemExit("hf-vla eval metaworld: give exactly one of --model DIR or --server ws://host:port")
+    if args.add_to_card and not (args.model and Path(args.model).is_dir()):  # refused before, not after, the episodes
+        given = f"--server {args.server}" if args.server else f"--model {args.model!r} (not a local directory)"
+        raise ValueError(f"--add-to-card: expected --model to name a local model directory (its eval_results.json is "
+                         f"updated), got {given}")
     instructions = swapped_instructions(args.tasks) if args.swap_instructions else None
     config = EvalConfig(tasks=args.tasks, episodes=args.episodes, seed=args.seed, execute_steps=args.execute_steps,
                         max_steps=args.max_steps, image_size=args.image_size, blank_image=args.blank_image,
@@ -304,8 +308,6 @@ def run_eval(args) -> int:
           f"({report['env_steps_per_second']} env steps/s, {report['seconds']} s)")
     print(f"wrote {paths['report']} and {paths['plot']}")
     if args.add_to_card:
-        if not args.model:
-            raise SystemExit("--add-to-card needs --model (a local model directory)")
         suffix = f" ({report['condition']})" if condition else ""
         print(f"updated {add_to_model_card_results(report, args.model, suffix)}")
     return 0
