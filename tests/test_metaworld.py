@@ -228,6 +228,8 @@ def test_hf_vla_eval_reports_bad_model_server_and_execute_steps_in_one_line(tmp_
             main(["eval", "metaworld", *argv, *common])
         error = capsys.readouterr().err
         assert excinfo.value.code == 2 and "Traceback" not in error and error.startswith(message), (argv, error)
+        if argv[0] == "--server" and len(argv) == 2:  # refused: the README's `hf-vla serve ... &` may still be loading
+            assert f"wait until http://127.0.0.1:{free}/healthz answers" in error, error
     assert not (tmp_path / "report.json").exists()
 
 

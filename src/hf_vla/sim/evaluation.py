@@ -285,7 +285,12 @@ def run_eval(args) -> int:
         try:
             policy = ServerPolicy(args.server, args.api_key, unnorm_key=args.unnorm_key)
         except (OSError, WebSocketException) as error:  # refused, unknown host, timed out, HTTP 401, ...
-            raise ValueError(f"--server: cannot connect to {args.server!r}: {error}") from error
+            hint = ""
+            if isinstance(error, ConnectionRefusedError):  # often `hf-vla serve ... &` still loading its model
+                health = args.server.replace("ws://", "http://", 1).replace("wss://", "https://", 1).rstrip("/")
+                hint = (" (a server started moments ago listens only once its model has loaded: wait until "
+                        f"{health}/healthz answers)")
+            raise ValueError(f"--server: cannot connect to {args.server!r}: {error}{hint}") from error
     else:
         from ..cli import load_policy
 
