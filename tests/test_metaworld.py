@@ -278,3 +278,26 @@ def test_train_metaworld_reuses_demonstrations_only_for_the_same_request(tmp_pat
     (data / script.DEMONSTRATIONS_REQUEST).unlink()  # a folder from elsewhere: what it holds is unknown
     with pytest.raises(SystemExit, match="a request it does not record"):
         script.ensure_demonstrations(data, ["drawer-open", "door-open"], 3, fake_generate)
+
+
+def test_train_metaworld_skip_training_evaluates_without_demonstrations(tmp_path, monkeypatch):
+    """`--skip-training` evaluates an existing --output model: it neither generates demonstrations (minutes of
+    scripted experts for the defaults) nor refuses a --data folder made for another request."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "trainers" / "train_metaworld.py"
+    spec = importlib.util.spec_from_file_location("train_metaworld", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    class Evaluating(Exception):
+        pass
+
+    def policy(model_dir):
+        raise Evaluating(model_dir)
+
+    monkeypatch.setattr(script, "ensure_demonstrations",
+                        lambda *args, **kwargs: pytest.fail("--skip-training touched the demonstrations"))  # fmt: skip
+    monkeypatch.setattr(script, "InProcessPolicy", policy)
+    with pytest.raises(Evaluating, match="my_model"):
+        script.main(["--skip-training", "--output", str(tmp_path / "my_model"), "--data", str(tmp_path / "none")])

@@ -65,13 +65,13 @@ def main(argv=None):
     output, data = Path(args.output), Path(args.data)
     timings = {}
 
-    start = time.perf_counter()
-    summary = ensure_demonstrations(data, args.tasks, args.episodes)
-    if summary is not None:
-        timings["demonstrations_s"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(summary, indent=2))
+    if not args.skip_training:  # evaluating an existing model needs no demonstrations
+        start = time.perf_counter()
+        summary = ensure_demonstrations(data, args.tasks, args.episodes)
+        if summary is not None:
+            timings["demonstrations_s"] = round(time.perf_counter() - start, 1)
+            print(json.dumps(summary, indent=2))
 
-    if not args.skip_training:
         start = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "trainers" / "train_vla.py"), str(ROOT / "trainers/recipes/metaworld.yaml"),
                         "--data.lerobot", str(data), "--trainer.output_dir", str(output),
