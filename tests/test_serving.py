@@ -10,6 +10,7 @@ import http.client
 import re
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import msgpack
@@ -766,7 +767,7 @@ def test_hf_vla_serve_logs_the_address_it_bound(tmp_path):
             reader.join(timeout=TIMEOUT)  # reads to EOF before the pipe is closed under it
 
 
-def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(monkeypatch, capsys):
+def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(monkeypatch, capsys, tmp_path):
     import torch
 
     import hf_vla.cli
@@ -786,6 +787,15 @@ def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(m
     assert run(["serve", "no-such-model"]).startswith(f"hf-vla serve: MODEL: cannot load 'no-such-model': {offline}")
     assert run(["serve", "/nonexistent/model"]) == "hf-vla serve: MODEL: no such directory '/nonexistent/model'"
     assert run(["serve", "--model", "./missing"]) == "hf-vla serve: --model: no such directory './missing'"
+    # a relative path: not a hub id when it has two slashes; else the Hub's error says no local directory matched
+    assert run(["demo", "--model", "outputs/run/checkpoint-9"]) == (
+        "hf-vla demo: --model: no such directory 'outputs/run/checkpoint-9'")
+    assert run(["demo", "--model", "outputs/missing"]).endswith(
+        f"(nor is it a local directory under {str(Path.cwd())!r})")
+    not_a_model = tmp_path / "lerobot_dataset"  # a directory that holds no saved model
+    (not_a_model / "meta").mkdir(parents=True)
+    assert run(["serve", str(not_a_model)]) == (
+        f"hf-vla serve: MODEL: {str(not_a_model)!r} is a directory without config.json, not a saved model")
 
     monkeypatch.setattr(hf_vla.cli, "load_policy", lambda *a, **k: pytest.fail("refused before loading the model"))
     if torch.cuda.is_available():  # a device this machine lacks
