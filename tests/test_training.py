@@ -4,6 +4,7 @@ exact resume, loadable checkpoints, evaluation in robot units, co-training, and 
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -601,6 +602,27 @@ def test_resuming_the_latest_checkpoint_needs_one(train_vla, tmp_path):
         with pytest.raises(ValueError, match=rf"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N"):
             train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(output_dir),
                             "--trainer.resume_from_checkpoint", "true"])  # fmt: skip
+
+
+def test_generated_backbone_and_dataset_are_not_reused_for_other_settings(train_vla, tmp_path):
+    """The tiny backbone and the synthetic dataset are built once into the output directory; a later run there with
+    other `model.tiny_vlm` / `data.synthetic` settings is refused instead of silently training on the old ones (while
+    its training_recipe.yaml would claim the new ones)."""
+    run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(tmp_path), "--trainer.max_steps",
+           "1", "--trainer.save_strategy", "no", "--trainer.disable_tqdm", "true", "--data.eval_split", "0",
+           "--model.image_size", "[28, 28]", "--data.synthetic.num_episodes", "2", "--data.synthetic.length", "8"]  # fmt: skip
+    train_vla.main(run)
+    train_vla.main(run)  # the same settings: both folders are reused
+    synthetic = {"num_episodes": 2, "length": 8, "size": 32, "state_dim": 4, "action_dim": 4}
+    wider = {**synthetic, "state_dim": 7}
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.synthetic: expected {synthetic} (the settings {tmp_path / 'synthetic_dataset'} was built with; "
+            f"remove that folder or use another trainer.output_dir to build it anew), got {wider}")):
+        train_vla.main([*run, "--data.synthetic.state_dim", "7"])
+    tiny = {"family": "qwen2_5_vl", "hidden_size": 64, "num_layers": 2}
+    with pytest.raises(ValueError, match=re.escape(f"model.tiny_vlm: expected {tiny} (the settings {tmp_path / 'tiny_vlm'} "
+                                                   f"was built with; ")):
+        train_vla.main([*run, "--model.tiny_vlm.hidden_size", "32"])
 
 
 def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):

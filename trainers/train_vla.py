@@ -21,6 +21,7 @@ resolved recipe as training_recipe.yaml (beside Trainer's checkpoint-N folders, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_secti
 
 logger = logging.getLogger("train_vla")
 RECIPE_FILE = "training_recipe.yaml"
+BUILT_WITH_FILE = "hf_vla_built_with.json"  # the settings a generated folder (tiny backbone, synthetic data) was made with
 
 DEFAULTS = {
     "model": {
@@ -102,14 +104,25 @@ class WithEmbodiment(Dataset):
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def build_once(target: Path, build: Callable[[Path], object]) -> Path:
-    """Builds `target` unless it exists. Every process (one per rank) may build a private copy; the first rename
-    wins. No process group is needed, so this runs before TrainingArguments (whose ZeRO-3 setting would otherwise
-    route every model construction through deepspeed.zero.Init)."""
+def build_once(target: Path, build: Callable[[Path], object], field: str, settings: dict) -> Path:
+    """Builds `target` from `settings` (the recipe's `field`) unless it exists. Every process (one per rank) may
+    build a private copy; the first rename wins. No process group is needed, so this runs before TrainingArguments
+    (whose ZeRO-3 setting would otherwise route every model construction through deepspeed.zero.Init).
+
+    The settings are recorded in the folder: an existing one built with other settings is refused, since reusing it
+    would train on what the recipe no longer says (and the saved recipe would then misreport the run)."""
+    settings = json.loads(json.dumps(settings))  # as the record reads back (tuples → lists)
+    record = target / BUILT_WITH_FILE
+    if target.exists() and record.is_file():
+        built_with = json.loads(record.read_text())
+        if built_with != settings:
+            raise ValueError(f"{field}: expected {built_with} (the settings {target} was built with; remove that folder "
+                             f"or use another trainer.output_dir to build it anew), got {settings}")
     if not target.exists():
         private = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(private, ignore_errors=True)
         build(private)
+        (private / BUILT_WITH_FILE).write_text(json.dumps(settings) + "\n")
         try:
             os.replace(private, target)
         except OSError:  # another process was first
@@ -146,7 +159,7 @@ def write_synthetic_dataset(root: Path, settings: dict) -> Path:
         write_lerobot_dataset(path, synthetic_episodes(**settings), fps=10, robot_type="synthetic", video=False)
         logger.info(f"wrote a synthetic demo dataset to {root}")
 
-    return build_once(root, write)
+    return build_once(root, write, "data.synthetic", settings)
 
 
 def augmented(train_dataset, data: dict):
@@ -281,7 +294,7 @@ def resolve_vlm(model: dict, output_dir: Path) -> str:
         build_tiny_vlm(path, **model["tiny_vlm"])
         logger.info(f"built a tiny random {model['tiny_vlm']['family']} backbone in {output_dir / 'tiny_vlm'}")
 
-    return str(build_once(output_dir / "tiny_vlm", build))
+    return str(build_once(output_dir / "tiny_vlm", build, "model.tiny_vlm", model["tiny_vlm"]))
 
 
 def build_model(model: dict, vlm: str, action_dim: int, state_dim: int, action_tokenizer=None):
