@@ -12,6 +12,7 @@ from hf_vla.data.lerobot import load_lerobot  # noqa: E402
 from hf_vla.sim import rendering  # noqa: E402
 from hf_vla.sim.evaluation import (  # noqa: E402
     EvalConfig,
+    UndecodableChunk,
     add_to_model_card_results,
     evaluate,
     run_episode,
@@ -152,6 +153,24 @@ def test_evaluate_writes_report_plot_and_video(tmp_path, monkeypatch):
     add_to_model_card_results(report, model_dir, suffix=" (image blanked)")
     saved = json.loads((model_dir / "eval_results.json").read_text())["tasks"]
     assert saved["metaworld/drawer-open (image blanked)"]["episodes"] == 2
+
+
+def test_an_undecodable_chunk_fails_its_episode_not_the_evaluation(drawer_env):
+    calls = []
+
+    def policy(obs):  # the second chunk of the first episode does not decode (FAST marks it with NaN)
+        calls.append(len(calls))
+        return np.full((4, 4), np.nan if len(calls) == 2 else 0.0, np.float32)
+
+    with pytest.raises(UndecodableChunk, match=r"policy: the action chunk holds NaN or inf") as error:
+        run_episode(drawer_env, policy, 0, EvalConfig(), "open the drawer")
+    assert error.value.steps == 4  # the first chunk ran
+    calls.clear()
+    config = EvalConfig(tasks=["drawer-open"], episodes=2, max_steps=12, image_size=56)
+    report = evaluate(policy, config, progress=False)
+    row = report["tasks"]["drawer-open"]
+    assert (row["successes"], row["episodes"], row["undecodable_episodes"]) == (0, 2, 1)
+    assert report["env_steps"] == 4 + 12 and len(calls) == 2 + 3  # the second episode ran in full
 
 
 def test_policy_returning_a_wrong_shape_is_reported(drawer_env):

@@ -442,6 +442,16 @@ def test_a_chunk_that_did_not_decode_is_an_error_reply_not_nan_actions(server, p
     for obs, (reply,) in zip(good, replies):
         np.testing.assert_allclose(reply["actions"], predict(obs), atol=1e-5)
     assert isinstance(replies[2][0], str) and "sample(s) [0] is not a valid action chunk" in replies[2][0]
+    # the evaluation client ends such an episode as a failure instead of the whole evaluation
+    from hf_vla.sim.evaluation import ServerPolicy, UndecodableChunk
+
+    remote = ServerPolicy(f"ws://127.0.0.1:{server.port}")
+    try:
+        np.testing.assert_allclose(remote(good[0]), predict(good[0]), atol=1e-5)
+        with pytest.raises(UndecodableChunk, match=r"sample\(s\) \[0\] is not a valid action chunk"):
+            remote(bad)
+    finally:
+        remote.close()
 
 
 @pytest.mark.parametrize("condition_mask, state_in_prompt", [("always", False), ("never", False), ("never", True)])

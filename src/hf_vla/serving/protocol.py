@@ -18,6 +18,8 @@ SINGLE_CAMERA_ALIASES = ("image", "observation/image")
 STATE_KEYS = ("state", "observation/state", "observation.state")
 STARVLA_MARKERS = ("type", "payload", "examples", "batch_images")
 INFER_TYPES = ("infer", "predict_action")
+# in the error reply to a request whose chunk does not decode; evaluation clients count such episodes as failures
+UNDECODABLE_CHUNK = "is not a valid action chunk"
 
 
 # ---------------------------------------------------------------- post-processing

@@ -92,7 +92,7 @@ from websockets.asyncio.server import serve as websocket_serve
 
 from .batching import BatchResult, BatchStats, ClientActivity, MicroBatcher
 from .msgpack_numpy import packb, unpackb
-from .protocol import INFER_TYPES, STARVLA_MARKERS, Limits, PostProcess, Request, RequestParser
+from .protocol import INFER_TYPES, STARVLA_MARKERS, UNDECODABLE_CHUNK, Limits, PostProcess, Request, RequestParser
 
 logger = logging.getLogger("hf_vla.serving")
 
@@ -345,8 +345,8 @@ class PolicyServer:
         result = await self.batcher.predict(request.rows)
         undecoded = [i for i, actions in enumerate(result.actions) if not np.isfinite(actions).all()]
         if undecoded:  # a robot must never receive NaN as a command; FAST marks chunks it cannot decode with NaN
-            raise RuntimeError(f"actions: the model's output for sample(s) {undecoded} is not a valid action chunk "
-                               "(e.g. FAST tokens that do not decode); nothing to execute")
+            raise RuntimeError(f"actions: the model's output for sample(s) {undecoded} {UNDECODABLE_CHUNK} (e.g. "
+                               "FAST tokens that do not decode); nothing to execute")
         chunks = [postprocess.apply(actions, row.state) for actions, row in zip(result.actions, request.rows)]
         actions = np.stack(chunks).astype(np.float32, copy=False)
         if not np.isfinite(actions).all():  # e.g. a delta added to a state near float32's limit

@@ -3,7 +3,8 @@
 A policy here is any `policy(observation) -> float [T, D]` (an action chunk in robot units): `VLAPolicy.predict` in
 process, or `ServerPolicy` (the openpi protocol, through `hf_vla.serving.client`). The loop executes the first
 `execute_steps` actions of each chunk, then asks again, until the task succeeds or `max_steps` pass. A policy with an
-`action_horizon` attribute (both of those) refuses an `execute_steps` beyond it.
+`action_horizon` attribute (both of those) refuses an `execute_steps` beyond it. A chunk that is not finite (FAST's
+undecodable ones; `hf-vla serve` answers them with an error) ends its episode as a failure, counted in the report.
 
 Conditions for ablations: `blank_image=True` replaces every camera view by black pixels, and `instructions` overrides
 the instruction per task (e.g. faucet-open evaluated with "close the faucet").
@@ -36,6 +37,14 @@ def wilson_interval(successes: int, episodes: int, confidence: float = 0.95) -> 
     return (float(interval.low), float(interval.high))
 
 
+class UndecodableChunk(ValueError):
+    """The policy returned no action to execute: a chunk with NaN / inf (e.g. FAST tokens that do not decode)."""
+
+    def __init__(self, message: str, steps: int = 0):
+        super().__init__(message)
+        self.steps = steps
+
+
 @dataclass
 class TaskResult:
     task: str
@@ -43,6 +52,7 @@ class TaskResult:
     successes: int = 0
     episodes: int = 0
     steps: list[int] = field(default_factory=list)
+    undecodable: int = 0  # episodes ended (as failures) by a chunk without valid actions
 
     @property
     def success_rate(self) -> float:
@@ -52,7 +62,8 @@ class TaskResult:
         low, high = wilson_interval(self.successes, self.episodes)
         return {"instruction": self.instruction, "successes": self.successes, "episodes": self.episodes,
                 "success_rate": round(self.success_rate, 4), "ci95": [round(low, 4), round(high, 4)],
-                "mean_episode_steps": round(float(np.mean(self.steps)), 1) if self.steps else None}  # fmt: skip
+                "mean_episode_steps": round(float(np.mean(self.steps)), 1) if self.steps else None,
+                "undecodable_episodes": self.undecodable}  # fmt: skip
 
 
 @dataclass
@@ -70,7 +81,8 @@ class EvalConfig:
 
 def run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConfig, instruction: str,
                 frames: list | None = None) -> tuple[bool, int]:
-    """One closed-loop episode; returns (success, environment steps). Appends the rendered frames to `frames`."""
+    """One closed-loop episode; returns (success, environment steps). Appends the rendered frames to `frames`.
+    Raises `UndecodableChunk` when the policy returns a chunk that is not finite: there is nothing to execute."""
     obs, success, done = env.reset(seed), False, False
     if frames is not None:
         frames.append(obs["images"][CAMERA])
@@ -81,6 +93,9 @@ def run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConf
         chunk = np.asarray(policy(query), dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 4:
             raise ValueError(f"policy: expected an action chunk [T ≥ 1, 4], got shape {list(chunk.shape)}")
+        if not np.isfinite(chunk).all():
+            raise UndecodableChunk("policy: the action chunk holds NaN or inf (e.g. FAST tokens that do not decode)",
+                                   env.steps)
         for action in chunk[: config.execute_steps]:
             obs, success, done = env.step(action)
             if frames is not None:
@@ -114,7 +129,11 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
             result = results[task] = TaskResult(task, instruction)
             for episode in range(config.episodes):
                 frames = [] if config.video_dir and episode == 0 else None
-                success, steps = run_episode(env, policy, config.seed + episode, config, instruction, frames)
+                try:
+                    success, steps = run_episode(env, policy, config.seed + episode, config, instruction, frames)
+                except UndecodableChunk as error:  # a failed episode, as one that times out; the report counts them
+                    success, steps = False, error.steps
+                    result.undecodable += 1
                 result.successes += success
                 result.episodes += 1
                 result.steps.append(steps)
@@ -214,7 +233,15 @@ class ServerPolicy:
             request["state"] = obs["state"]
         if self.unnorm_key is not None:
             request["unnorm_key"] = self.unnorm_key
-        return self.client.infer(request)["actions"]
+        from ..serving.client import ServerError
+        from ..serving.protocol import UNDECODABLE_CHUNK
+
+        try:
+            return self.client.infer(request)["actions"]
+        except ServerError as error:  # hf-vla serve refuses to send a chunk that does not decode
+            if UNDECODABLE_CHUNK in str(error):
+                raise UndecodableChunk(str(error)) from None
+            raise
 
     def close(self):
         self.client.close()
