@@ -79,5 +79,7 @@ def test_from_vlm_refuses_a_misspelt_field(tiny_vlm_dirs):
     with pytest.raises(ValueError, match=r"VLAGR00TConfig: unknown field\(s\) \['action_horizn'\]; closest known: "
                                          r"action_horizn → action_horizon"):
         AutoModelForVLA.from_vlm(tiny_vlm_dirs["qwen2_5_vl"], variant="gr00t", action_horizn=8)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['zzz'\]; closest known: zzz → \(none close\)$"):
+        AutoModelForVLA.from_vlm(tiny_vlm_dirs["qwen2_5_vl"], variant="gr00t", zzz=8)
     model = AutoModelForVLA.from_vlm(tiny_vlm_dirs["qwen2_5_vl"], variant="oft", attn_implementation="eager")
     assert model.vlm.config._attn_implementation == "eager"  # what every transformers config takes still passes

@@ -248,7 +248,7 @@ def test_refuses_unsupported_framework_and_split_placeholder(vlms, tmp_path, cap
     with pytest.raises(StarVLAConversionError, match=r"unsupported framework 'QwenDual'.*QwenFast.*QwenOFT"):
         convert_starvla(run, tmp_path / "out")
     assert main([str(run), str(tmp_path / "out")]) == 1
-    assert "unsupported framework" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("hf-vla convert-starvla: unsupported framework 'QwenDual'")
     # The tiny Qwen3-VL tokenizer splits "🔍": an OFT checkpoint trained with one placeholder token cannot be served.
     run = write_run(tmp_path / "oft3", "QwenOFT", vlms["qwen3_vl"], {}, {"action_dim": A})
     with pytest.raises(StarVLAConversionError, match="placeholder '🔍' is [2-9] tokens"):

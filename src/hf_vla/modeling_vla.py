@@ -159,9 +159,9 @@ class VLAPreTrainedModel(PreTrainedModel):
         known = {field.name for field in dataclasses.fields(cls.config_class)} | GENERAL_CONFIG_KWARGS
         unknown = sorted(set(config_kwargs) - known)
         if unknown:  # a misspelt `action_horizn=8` would otherwise leave the default horizon
-            hints = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+            hints = {name: (difflib.get_close_matches(name, known, n=1) or ["(none close)"])[0] for name in unknown}
             raise ValueError(f"{cls.config_class.__name__}: unknown field(s) {unknown}; closest known: "
-                             + ", ".join(f"{name} → {hint[0] if hint else '?'}" for name, hint in hints.items()))
+                             + ", ".join(f"{name} → {hint}" for name, hint in hints.items()))
         dtype = torch.get_default_dtype() if dtype is None else dtype
         vlm = AutoModelForImageTextToText.from_pretrained(vlm_name_or_path, dtype=dtype)
         # the generation settings a model rebuilt from its config has (a hub VLM's repetition penalty would otherwise

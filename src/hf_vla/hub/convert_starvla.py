@@ -743,7 +743,7 @@ def main(argv=None) -> int:
             condition_mask=args.condition_mask, fast_tokenizer=args.fast_tokenizer,
         )  # fmt: skip
     except StarVLAConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"hf-vla convert-starvla: {err}", file=sys.stderr)  # as the other hf-vla commands report bad input
         return 1
     report = json.loads((out / REPORT_NAME).read_text())
     print(f"converted {report['framework']} -> {report['model_type']} ({report['backbone']}) into {out}")
