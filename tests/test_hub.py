@@ -71,7 +71,7 @@ def test_card_lists_the_relative_dimensions(model_dir, tmp_path):
     run = shutil.copytree(model_dir, tmp_path / "run")
     processor = AutoProcessor.from_pretrained(run)
     stats = processor.norm_stats["bridge"]
-    processor.set_norm_stats("bridge", {**stats, "action_mode": "delta", "relative_dims": [True] * 6 + [False]})
+    processor.set_norm_stats("bridge", {**stats, "action_mode": ["delta"] * 6 + ["abs"]})
     processor.set_norm_stats("arm", {**stats, "action_mode": "rel"})
     processor.save_pretrained(run)
     text = build_model_card(run, repo_id="tester/run").text

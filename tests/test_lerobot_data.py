@@ -135,40 +135,39 @@ def test_action_modes_against_hand_computation(roots, episodes):
     assert end["action_mask"].tolist() == [True, False, False] and not end["actions"][1:].any()
 
 
-def test_relative_dims_leave_the_other_dimensions_absolute(roots, episodes, tiny_vlm_dirs):
+def test_per_dimension_action_modes_leave_the_absolute_dimensions_as_recorded(roots, episodes, tiny_vlm_dirs):
     frames = episodes[1]["frames"]
     s0, a = frames["observation.state"][3], frames["action"][3:6]
-    gripper_absolute = [True, True, True, False]  # openpi's delta mask for an arm whose last dimension is the gripper
-    for mode, relative in (("rel", a - s0), ("delta", np.stack([a[0] - s0, a[1] - a[0], a[2] - a[1]]))):
-        ds = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=mode, relative_dims=gripper_absolute)
+    by_kind = {"abs": a, "rel": a - s0, "delta": np.stack([a[0] - s0, a[1] - a[0], a[2] - a[1]])}
+    vlm = tiny_vlm_dirs["qwen2_5_vl"]
+    processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
+                             action_dim=4, action_horizon=3, state_dim=4)  # fmt: skip
+    # openpi's delta actions for an arm whose last dimension is the gripper; and every kind at once
+    for modes in (["delta"] * 3 + ["abs"], ["rel", "delta", "abs", "rel"]):
+        ds = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=modes)
         actions = ds[row_of(episodes, 1, 3)]["actions"]
-        np.testing.assert_allclose(actions[:, :3], relative[:, :3], rtol=1e-6)
-        np.testing.assert_array_equal(actions[:, 3], a[:, 3])  # the gripper as recorded
+        for d, kind in enumerate(modes):
+            np.testing.assert_allclose(actions[:, d], by_kind[kind][:, d], rtol=1e-6, err_msg=f"{modes}[{d}]")
         stats = ds.compute_stats()
-        assert stats["action_mode"] == mode and stats["relative_dims"] == gripper_absolute
+        assert stats["action_mode"] == modes  # saved per dimension: an hf_vla without them refuses the statistics
         # decoding with the state gives the recorded chunk back, every dimension
-        vlm = tiny_vlm_dirs["qwen2_5_vl"]
-        processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
-                                 action_dim=4, action_horizon=3, state_dim=4)  # fmt: skip
         processor.set_norm_stats("arm", {**stats, "action": {**stats["action"], "mode": ["identity"] * 4}})
         np.testing.assert_allclose(processor.decode_actions(actions, unnorm_key="arm", state=s0), a, rtol=1e-6,
                                    atol=1e-6)  # fmt: skip
-    for entry, message in (({"action_mode": "abs"}, r"\['relative_dims'\]: given, but the action_mode is 'abs'"),
-                           ({"relative_dims": [True] * 7}, r"\['relative_dims'\]: expected 4 booleans")):
+    for mode, message in ((["rel"] * 7, r"\['action_mode'\]: expected 4 per-dimension modes, got 7"),
+                          (["rel", "up", "abs", "abs"], r"\['action_mode'\]: unknown action mode\(s\) \['up'\]")):
         with pytest.raises(ValueError, match=message):
-            processor.set_norm_stats("bad", {**stats, **entry})
-    all_dims = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode="rel", relative_dims=[True] * 4)
-    assert all_dims.relative_dims is None and "relative_dims" not in all_dims.compute_stats()  # the default: all
-    partly = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode="rel", relative_dims=gripper_absolute)
+            processor.set_norm_stats("bad", {**stats, "action_mode": mode})
+    same = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=["rel"] * 4)
+    assert same.action_mode == "rel"  # one mode for every dimension is recorded as one string
+    partly = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=["rel"] * 3 + ["abs"])
     with pytest.raises(ValueError, match=r"different action modes \('rel' vs 'rel' on dimensions \[0, 1, 2\]\)"):
-        compute_union_stats([all_dims, partly])  # one key, one way back to absolute actions
-    bad = [("abs", [True] * 4, r"relative_dims: given, but action_mode is 'abs'"),
-           ("rel", [True] * 3, r"relative_dims: expected 4 booleans, one per action dimension, got shape \[3\]"),
-           ("rel", [1, 1, 1, 0], r"relative_dims: expected a list of 4 booleans \(True: relative to the state\), got"),
-           ("delta", [False] * 4, r"relative_dims: no dimension is relative; use action_mode 'abs' instead")]
-    for mode, dims, message in bad:
+        compute_union_stats([same, partly])  # one key, one way back to absolute actions
+    for mode, message in ((["rel"] * 3, r"action_mode: expected 4 per-dimension modes, got 3"),
+                          ("relative", r"action_mode: unknown action mode\(s\) \['relative'\]"),
+                          ([True] * 4, r"action_mode: expected one of \['abs', 'delta', 'rel'\] or one per action")):
         with pytest.raises(ValueError, match=message):
-            load_lerobot(roots["v3"], cameras=[], action_mode=mode, relative_dims=dims)
+            load_lerobot(roots["v3"], cameras=[], action_mode=mode)
 
 
 def test_one_statistics_key_needs_datasets_of_one_width(roots):

@@ -240,28 +240,29 @@ def test_compute_norm_stats_matches_numpy(robots):
     delta = MixtureEntry(load_lerobot(base / "arm7b", action_horizon=HORIZON, action_mode="delta"), 1.0, "arm7")
     with pytest.raises(ValueError, match=r"embodiment 'arm7'.*different action modes \('abs' vs 'delta'\)"):
         VLAMixture([entry(base, "arm7", embodiment="arm7"), delta]).compute_norm_stats()
-    gripper_absolute = [True] * 6 + [False]
-    partly = MixtureEntry(load_lerobot(base / "arm7b", action_horizon=HORIZON, action_mode="delta",
-                                       relative_dims=gripper_absolute), 1.0, "arm7")  # fmt: skip
+    partly = MixtureEntry(load_lerobot(base / "arm7b", action_horizon=HORIZON, action_mode=["delta"] * 6 + ["abs"]),
+                          1.0, "arm7")  # fmt: skip
     with pytest.raises(ValueError, match=r"embodiment 'arm7'.*different action modes \('delta' vs 'delta' on "
                                          r"dimensions \[0, 1, 2, 3, 4, 5\]\)"):
         VLAMixture([delta, partly]).compute_norm_stats()
 
 
-def test_relative_dims_of_a_narrower_embodiment_are_padded_absolute(robots, tmp_path, tiny_vlm_dirs):
+def test_action_modes_of_a_narrower_embodiment_are_padded_absolute(robots, tmp_path, tiny_vlm_dirs):
     base, _ = robots
     small = synthetic_episodes(2, 6, size=8, state_dim=3, action_dim=3, cameras=("front",), seed=4)
     write_lerobot_dataset(tmp_path / "small", small, fps=10, video=False)
     mixture = load_mixture({"datasets": [{"path": str(base / "arm7")},
-                                         {"path": str(tmp_path / "small"), "action_mode": "rel",
-                                          "relative_dims": [True, True, False]}]}, action_horizon=HORIZON)  # fmt: skip
+                                         {"path": str(tmp_path / "small"), "action_mode": ["rel", "rel", "abs"]}]},
+                           action_horizon=HORIZON)  # fmt: skip
     stats = mixture.compute_norm_stats()
-    assert stats["small"]["relative_dims"] == [True, True] + [False] * 5 and "relative_dims" not in stats["arm7"]
+    assert stats["small"]["action_mode"] == ["rel", "rel"] + ["abs"] * 5 and stats["arm7"]["action_mode"] == "abs"
     vlm = tiny_vlm_dirs["qwen2_5_vl"]
     processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
                              action_dim=7, action_horizon=HORIZON, state_dim=7)  # fmt: skip
     for key, value in stats.items():
         processor.set_norm_stats(key, value)
+    with pytest.raises(ValueError, match=r"\['action_mode'\]: expected 'abs' on the padded dimensions 3\.\.6, got "):
+        processor.set_norm_stats("bad", {**stats["small"], "action_mode": "rel"})  # no state value to be relative to
     sample = mixture.entries[1].dataset[4]
     normalized = processor(images=[[np.zeros((8, 8, 3), np.uint8)]], text=["go"], actions=np.pad(
         sample["actions"], ((0, 0), (0, 4)))[None], embodiment="small")["actions"]  # fmt: skip

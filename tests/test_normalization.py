@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hf_vla.normalization import (
-    compute_stats, finite_float32, normalize, numeric_array, unnormalize, validate_feature_stats
+    absolute_actions, apply_action_mode, compute_stats, describe_action_mode, finite_float32, normalize, numeric_array,
+    unnormalize, validate_feature_stats
 )
 
 
@@ -107,3 +108,18 @@ def test_finite_float32_refuses_non_finite_and_out_of_range_values():
     with pytest.raises(ValueError, match=r"^actions: values beyond float32's range \(largest magnitude 1e\+300\)"):
         finite_float32(np.array([1e300]), "actions")
     assert finite_float32(np.array([1, 2], np.int64), "actions").dtype == np.float32
+
+
+def test_action_modes_per_dimension_round_trip_in_float32():
+    rng = np.random.default_rng(0)
+    actions, state = rng.normal(size=(5, 3, 4)), rng.normal(size=(5, 4))  # float64 in
+    modes = ["rel", "delta", "abs", "delta"]
+    relative = apply_action_mode(actions, state, modes)
+    np.testing.assert_allclose(relative[..., 0], actions[..., 0] - state[:, None, 0], rtol=1e-6)
+    np.testing.assert_allclose(relative[..., 1], np.diff(actions[..., 1], axis=1, prepend=state[:, None, 1]), rtol=1e-6)
+    np.testing.assert_array_equal(relative[..., 2], actions[..., 2])
+    back = absolute_actions(relative, state, modes)
+    assert back.dtype == np.float32 and absolute_actions(actions, state, "abs").dtype == np.float32
+    np.testing.assert_allclose(back, actions, rtol=1e-5, atol=1e-5)
+    assert describe_action_mode(modes) == "'delta' on dimensions [1, 3], 'rel' on dimensions [0]"
+    assert describe_action_mode("delta") == "'delta'"

@@ -653,12 +653,11 @@ def test_train_vla_statistics_keys_of_several_datasets(train_vla, tmp_path):
     with pytest.raises(ValueError, match=r"data\.embodiment: .* \['toy'\] repeat; give one statistics key per"):
         train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "guessed")])
     train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "one_key"), "--data.embodiment", "[toy, toy]",
-                    "--data.action_mode", "delta", "--data.relative_dims", "[true, true, false]"])  # fmt: skip
+                    "--data.action_mode", "[delta, delta, abs]"])  # fmt: skip
     saved = AutoProcessor.from_pretrained(tmp_path / "one_key").norm_stats["toy"]
-    union = compute_union_stats([load_lerobot(root, action_horizon=4, action_mode="delta",
-                                              relative_dims=[True, True, False]) for root in roots])  # fmt: skip
-    assert saved["action_mode"] == "delta"  # saved with the model: VLAPolicy returns absolute actions
-    assert saved["relative_dims"] == [True, True, False]
+    union = compute_union_stats([load_lerobot(root, action_horizon=4, action_mode=["delta", "delta", "abs"])
+                                 for root in roots])  # fmt: skip
+    assert saved["action_mode"] == ["delta", "delta", "abs"]  # saved with the model: VLAPolicy returns absolute actions
     assert saved["num_transitions"] == union["num_transitions"] == 5 * 8  # one key: statistics of both datasets
     np.testing.assert_allclose(saved["action"]["q99"], union["action"]["q99"], rtol=1e-6)
     np.testing.assert_allclose(saved["state"]["mean"], union["state"]["mean"], rtol=1e-6)

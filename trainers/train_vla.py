@@ -8,9 +8,9 @@ Recipe sections (every key and its default: DEFAULTS below; trainers/recipes/ sh
            state_dim (null: the dataset's), action_horizon, image_size, dtype, head (variant config fields),
            action_tokenizer / fast (FAST only: a saved FAST tokenizer, or how to fit one on the training actions)
   data:    lerobot (one path or a list) or mixture (a mixture YAML), or synthetic (a generated demo dataset when
-           neither is given); cameras / camera_rename / camera_names, action_mode (+ relative_dims), normalization,
-           embodiment, eval_split; video_decoder (pyav | preload: decode each video once into RAM); augment
-           ({random_shift: pixels}, training samples only); vlm_chat (+ chat_batch_size, chat_max_length) for
+           neither is given); cameras / camera_rename / camera_names, action_mode (one, or one per dimension),
+           normalization, embodiment, eval_split; video_decoder (pyav | preload: decode each video once into RAM);
+           augment ({random_shift: pixels}, training samples only); vlm_chat (+ chat_batch_size, chat_max_length) for
            co-training
   trainer: TrainingArguments fields, plus learning_rate (number or {base: ..., <module path>: ...}), freeze (module
            paths) and loss_scale ({vla, vlm})
@@ -71,7 +71,6 @@ DEFAULTS = {
         "camera_rename": None,
         "camera_names": None,
         "action_mode": "abs",
-        "relative_dims": None,
         "normalization": {"action": "q99", "state": "q99"},
         "eval_split": 0.0,
         "video_decoder": "pyav",
@@ -177,8 +176,7 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
                          k in data["cameras"]}  # fmt: skip
     train_parts, eval_parts, members, action_only, camera_names = [], [], {}, [], []
     for root, key in lerobot_specs(data, output_dir):
-        settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"],
-                        relative_dims=data["relative_dims"])
+        settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"])
         dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=camera_rename,
                                decoder=data["video_decoder"], **settings)  # fmt: skip
         members.setdefault(key, []).append(dataset)
@@ -246,8 +244,8 @@ def load_mixture_data(data: dict, model: dict):
 
     if data["eval_split"]:
         raise ValueError("data.eval_split: only with data.lerobot datasets (a mixture draws frames at random)")
-    per_dataset = [key for key in ("embodiment", "cameras", "camera_rename", "action_mode", "relative_dims",
-                                   "normalization") if data[key] != DEFAULTS["data"][key]]  # fmt: skip
+    per_dataset = [key for key in ("embodiment", "cameras", "camera_rename", "action_mode", "normalization")
+                   if data[key] != DEFAULTS["data"][key]]  # fmt: skip
     if per_dataset:  # the recipes set camera_rename for data.lerobot, so this is a note rather than an error
         logger.warning(f"data.{', data.'.join(per_dataset)}: not used with data.mixture, whose YAML sets them per "
                        "dataset (embodiment, cameras, action_mode, normalization)")

@@ -5,6 +5,7 @@ Statistics are plain JSON-able dicts so that they live in `processor_config.json
     {"bridge": {"action": {"mean": [..D], "std": [..D], "min": [..D], "max": [..D], "q01": [..D], "q99": [..D],
                            "mode": ["q99", ..., "binary"]},
                 "state":  {...same keys...},
+                "action_mode": "abs",   # or "delta" / "rel", or one per action dimension (see ACTION_MODES)
                 "num_transitions": 1234, "num_trajectories": 56}}
 
 Modes, per dimension (x is raw, y is normalised):
@@ -136,54 +137,60 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
     return dim
 
 
-def relative_dims_mask(relative_dims, action_dim: int, field: str = "relative_dims") -> np.ndarray:
-    """The checked boolean mask `[action_dim]` of the action dimensions a relative mode applies to; None is all of
-    them. openpi's delta actions, for instance, leave the gripper absolute: `[True] * 6 + [False]`."""
-    if relative_dims is None:
-        return np.ones(action_dim, bool)
-    if not isinstance(relative_dims, (list, tuple, np.ndarray)) or not all(
-        isinstance(v, (bool, np.bool_)) for v in np.ravel(np.asarray(relative_dims, dtype=object))
-    ):
-        raise ValueError(f"{field}: expected a list of {action_dim} booleans (True: relative to the state), got "
-                         f"{relative_dims!r:.80}")
-    mask = np.asarray(relative_dims, dtype=bool)
-    if mask.shape != (action_dim,):
-        raise ValueError(f"{field}: expected {action_dim} booleans, one per action dimension, got shape "
-                         f"{list(mask.shape)}")
-    if not mask.any():
-        raise ValueError(f"{field}: no dimension is relative; use action_mode 'abs' instead")
-    return mask
+def expand_action_modes(mode, action_dim: int, field: str = "action_mode") -> list[str]:
+    """One action mode per dimension, from one mode or a checked per-dimension list. openpi's delta actions, for
+    instance, leave the gripper absolute: `["delta"] * 6 + ["abs"]`."""
+    modes = [mode] * action_dim if isinstance(mode, str) else mode
+    if not isinstance(modes, (list, tuple)) or not all(isinstance(m, str) for m in modes):
+        raise ValueError(f"{field}: expected one of {list(ACTION_MODES)} or one per action dimension, got "
+                         f"{mode!r:.80}")
+    if len(modes) != action_dim:
+        raise ValueError(f"{field}: expected {action_dim} per-dimension modes, got {len(modes)}")
+    unknown = sorted(set(modes) - set(ACTION_MODES))
+    if unknown:
+        raise ValueError(f"{field}: unknown action mode(s) {unknown}; expected {list(ACTION_MODES)}")
+    return list(modes)
 
 
-def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str, relative_dims=None) -> np.ndarray:
-    """Absolute actions [..., T, D] and the state [..., D] → actions in `mode` (see ACTION_MODES); only the
-    dimensions of `relative_dims` (a boolean mask [D], None for all) change."""
-    if mode == "abs":
+def compact_action_mode(modes: Sequence[str]) -> str | list[str]:
+    """How statistics record the modes: one string when every dimension shares it, else the per-dimension list."""
+    return modes[0] if len(set(modes)) == 1 else list(modes)
+
+
+def is_relative(mode: str | Sequence[str]) -> bool:
+    """Whether an action mode (one, or one per dimension) needs the state to give absolute actions back."""
+    return any(m != "abs" for m in ([mode] if isinstance(mode, str) else mode))
+
+
+def describe_action_mode(mode: str | Sequence[str]) -> str:
+    """`'delta'`, or `'delta' on dimensions [0, 1, 2]` for a per-dimension list (its absolute dimensions left out)."""
+    if isinstance(mode, str):
+        return repr(mode)
+    kinds = [m for m in ACTION_MODES if m != "abs" and m in mode]
+    return ", ".join(f"{k!r} on dimensions {[i for i, m in enumerate(mode) if m == k]}" for k in kinds) or "'abs'"
+
+
+def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str | Sequence[str]) -> np.ndarray:
+    """Absolute actions [..., T, D] and the state [..., D] → actions in `mode` (see ACTION_MODES; one mode, or one
+    per dimension)."""
+    modes = np.asarray(expand_action_modes(mode, actions.shape[-1]))
+    if not is_relative(modes.tolist()):
         return actions
-    mask = relative_dims_mask(relative_dims, actions.shape[-1])
     state = np.asarray(state, dtype=np.float32)[..., None, :]
-    if mode == "rel":
-        relative = actions - state
-    elif mode == "delta":
-        relative = np.diff(actions, axis=-2, prepend=state)
-    else:
-        raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
-    return np.where(mask, relative, actions)
+    relative = {"rel": actions - state, "delta": np.diff(actions, axis=-2, prepend=state)}
+    return np.select([modes == k for k in relative], list(relative.values()), actions)
 
 
-def absolute_actions(actions: np.ndarray, state: np.ndarray, mode: str, relative_dims=None) -> np.ndarray:
-    """The inverse of `apply_action_mode`: actions [..., T, D] in `mode` and the state [..., D] → absolute actions."""
-    if mode == "abs":
+def absolute_actions(actions: np.ndarray, state: np.ndarray, mode: str | Sequence[str]) -> np.ndarray:
+    """The inverse of `apply_action_mode`: actions [..., T, D] in `mode` and the state [..., D] → absolute actions
+    (float32)."""
+    modes = np.asarray(expand_action_modes(mode, actions.shape[-1]))
+    actions = np.asarray(actions, dtype=np.float32)
+    if not is_relative(modes.tolist()):
         return actions
-    mask = relative_dims_mask(relative_dims, actions.shape[-1])
     state = np.asarray(state, dtype=np.float32)[..., None, :]
-    if mode == "rel":
-        absolute = actions + state
-    elif mode == "delta":
-        absolute = state + np.cumsum(actions, axis=-2, dtype=np.float32)
-    else:
-        raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {mode!r}")
-    return np.where(mask, absolute, actions)
+    absolute = {"rel": actions + state, "delta": state + np.cumsum(actions, axis=-2, dtype=np.float32)}
+    return np.select([modes == k for k in absolute], list(absolute.values()), actions)
 
 
 class FeatureNormalizer:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .modeling_vla import HUB_DOWNLOAD_KWARGS
-from .normalization import numeric_array
+from .normalization import describe_action_mode, is_relative, numeric_array
 from .processing_vla import VLAProcessor
 
 OBSERVATION_KEYS = ("images", "instruction", "prompt", "state", "unnorm_key")
@@ -153,9 +153,10 @@ class VLAPolicy:
         raw_state = batch["state"]
         if raw_state is None and state_width:  # actions without the state the model trained with: off-distribution
             raise ValueError(f"state: missing; this model takes a state of {state_width} values")
-        if raw_state is None and action_mode != "abs":
-            raise ValueError(f"state: missing; embodiment {key!r} predicts {action_mode!r} actions, which are turned "
-                             "into absolute ones from the state")
+        if raw_state is None and is_relative(action_mode):
+            mode = describe_action_mode(action_mode)
+            raise ValueError(f"state: missing; embodiment {key!r} predicts {mode} actions, which are turned into "
+                             "absolute ones from the state")
         if not self.processor.state_dim:  # a model without state ignores one (decoding may still need it)
             batch["state"] = None
         parameter = next(self.model.parameters())  # one lookup for both (model.device and model.dtype walk twice)

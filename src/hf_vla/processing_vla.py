@@ -22,8 +22,8 @@ from transformers.processing_utils import ProcessorMixin
 from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
-    ACTION_MODES, FeatureNormalizer, absolute_actions, compute_stats, finite_float32, numeric_array,
-    relative_dims_mask, validate_feature_stats
+    FeatureNormalizer, absolute_actions, compute_stats, describe_action_mode, expand_action_modes, finite_float32,
+    is_relative, numeric_array, validate_feature_stats
 )
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
@@ -197,14 +197,12 @@ class VLAProcessor(ProcessorMixin):
                 got = validate_feature_stats(stats[feature], f"norm_stats[{key!r}][{feature!r}]")
                 if got != dims[feature]:
                     raise ValueError(f"norm_stats[{key!r}][{feature!r}]: expected {dims[feature]} dimensions, got {got}")
-        if stats.get("action_mode", "abs") not in ACTION_MODES:
-            raise ValueError(f"norm_stats[{key!r}]['action_mode']: expected one of {list(ACTION_MODES)}, got "
-                             f"{stats['action_mode']!r}")
-        if stats.get("relative_dims") is not None:
-            field = f"norm_stats[{key!r}]['relative_dims']"
-            if stats.get("action_mode", "abs") == "abs":
-                raise ValueError(f"{field}: given, but the action_mode is 'abs' (no dimension is relative)")
-            relative_dims_mask(stats["relative_dims"], self.action_dim, field)
+        field = f"norm_stats[{key!r}]['action_mode']"
+        modes = expand_action_modes(stats.get("action_mode", "abs"), self.action_dim, field)
+        own = stats["action"].get("embodiment_dim", self.action_dim)
+        if is_relative(modes[own:]):  # a padded dimension has no state value to be relative to
+            raise ValueError(f"{field}: expected 'abs' on the padded dimensions {own}..{self.action_dim - 1}, got "
+                             f"{modes[own:]}")
         self.norm_stats[key] = _json_copy(stats, f"norm_stats[{key!r}]")
         self._normalizers.clear()
 
@@ -635,9 +633,8 @@ class VLAProcessor(ProcessorMixin):
         model's width; one key gives its embodiment's own width).
 
         `state` (one key only): the raw state the chunk was predicted from, `[S]` or `[B, S]`. For an embodiment
-        trained on relative actions (statistics `action_mode` "rel" or "delta", on the dimensions of `relative_dims`
-        when given; see `hf_vla.normalization`) the chunk then comes back absolute; without it, as the model predicts
-        it."""
+        trained on relative actions (statistics `action_mode` "rel" or "delta", for all dimensions or per dimension;
+        see `hf_vla.normalization`) the chunk then comes back absolute; without it, as the model predicts it."""
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().to("cpu", torch.float32).numpy()
         actions = np.asarray(actions, dtype=np.float32)
@@ -647,8 +644,9 @@ class VLAProcessor(ProcessorMixin):
             if actions.ndim < 2 or len(unnorm_key) != actions.shape[0]:
                 raise ValueError(f"unnorm_key: expected one key per sample of actions {list(actions.shape)}, got "
                                  f"{len(unnorm_key)} keys")
-            relative = sorted({k for k in unnorm_key if self.norm_stats[self.embodiment_key(k, "unnorm_key")]
-                               .get("action_mode", "abs") != "abs"})  # fmt: skip
+            modes = {k: self.norm_stats[self.embodiment_key(k, "unnorm_key")].get("action_mode", "abs")
+                     for k in unnorm_key}  # fmt: skip
+            relative = sorted(k for k, mode in modes.items() if is_relative(mode))
             if state is not None and relative:
                 raise ValueError(f"state: absolute actions for {relative} (relative action modes) are decoded one "
                                  "unnorm_key at a time")
@@ -659,7 +657,7 @@ class VLAProcessor(ProcessorMixin):
         width = self.embodiment_dims(key)[0]
         decoded = self._normalizer(self.norm_stats[key]["action"]).unnormalize(actions)[..., :width]
         mode = self.norm_stats[key].get("action_mode", "abs")
-        if state is None or mode == "abs":
+        if state is None or not is_relative(mode):
             return decoded
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != decoded.ndim - 1 or state.shape[:-1] != decoded.shape[:-2] or not np.isfinite(state).all():
@@ -670,11 +668,10 @@ class VLAProcessor(ProcessorMixin):
         if state.shape[-1] < width or (self.state_dim and state.shape[-1] not in (own_state, self.state_dim)):
             widths = f"{own_state} or {self.state_dim}" if own_state != self.state_dim else f"{self.state_dim}"
             expected = widths if self.state_dim else f"at least {width}"
-            raise ValueError(f"state: {mode!r} actions of embodiment {key!r} are relative to its first {width} state "
-                             f"values; expected {expected} values, got {state.shape[-1]}")
-        relative_dims = self.norm_stats[key].get("relative_dims")  # at the model's width, like the statistics
-        relative_dims = None if relative_dims is None else relative_dims[:width]
-        return absolute_actions(decoded, state[..., :width], mode, relative_dims)
+            raise ValueError(f"state: {describe_action_mode(mode)} actions of embodiment {key!r} are relative to its "
+                             f"first {width} state values; expected {expected} values, got {state.shape[-1]}")
+        modes = expand_action_modes(mode, self.action_dim)[:width]  # the statistics' width is the model's
+        return absolute_actions(decoded, state[..., :width], modes)
 
     @property
     def model_input_names(self):

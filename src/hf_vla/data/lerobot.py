@@ -8,7 +8,8 @@
 `actions` holds the frame's action and the next T-1 of the same episode. Steps past the episode end are padded by
 repeating the last valid action (in raw space, before the action_mode transform, as StarVLA's GR00T-derived loader
 does) and are False in `action_mask`. action_mode: "abs" raw; "rel" a_t - s_0; "delta" a_0 - s_0, then a_t - a_{t-1}
-(padded steps are therefore zero deltas); `relative_dims` limits either to some dimensions (e.g. all but the gripper).
+(padded steps are therefore zero deltas). One mode per dimension is taken too, e.g. `["delta"] * 6 + ["abs"]` for
+openpi's delta actions with the gripper left absolute.
 
 All numeric columns are loaded once into numpy; images come from the videos through a pluggable decoder
 (`hf_vla.data.video`) or from PNG bytes embedded in the parquet (image-mode datasets).
@@ -28,7 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from ..normalization import ACTION_MODES, apply_action_mode, relative_dims_mask
+from ..normalization import (
+    ACTION_MODES, apply_action_mode, compact_action_mode, describe_action_mode, expand_action_modes, is_relative
+)
 from ..normalization import compute_stats as compute_feature_stats
 from .video import as_decoder
 
@@ -43,14 +46,12 @@ def load_lerobot(
     cameras: Sequence[str] | None = None,
     state_key: str | None = DEFAULT_STATE_KEY,
     action_key: str = "action",
-    action_mode: str = "abs",
+    action_mode: str | Sequence[str] = "abs",
     camera_rename: Mapping[str, str] | None = None,
     decoder=None,
-    relative_dims: Sequence[bool] | None = None,
 ) -> LeRobotDataset:
     """Opens the LeRobot dataset at `root` (a local directory); see `LeRobotDataset`."""
-    return LeRobotDataset(root, action_horizon, cameras, state_key, action_key, action_mode, camera_rename, decoder,
-                          relative_dims)
+    return LeRobotDataset(root, action_horizon, cameras, state_key, action_key, action_mode, camera_rename, decoder)
 
 
 class LeRobotDataset(Dataset):
@@ -63,11 +64,10 @@ class LeRobotDataset(Dataset):
         state_key: the state feature; None for none. The default, "observation.state", may be absent (samples then
             have no "state"); any other name must be a feature of the dataset.
         action_key: the action feature.
-        action_mode: "abs", "delta" or "rel" (the last two need a state of the action's dimension).
+        action_mode: "abs", "delta" or "rel" (the last two need a state of the action's dimension), or one of them
+            per action dimension: openpi keeps the gripper absolute, `["delta"] * 6 + ["abs"]`.
         camera_rename: {feature key: output name} for the "images" dict.
         decoder: a video decoder (object with `decode(path, timestamps)` or such a callable); PyAV when None.
-        relative_dims: with "delta" / "rel", which action dimensions the mode applies to (one boolean each); the
-            others stay absolute. None: all of them. openpi keeps the gripper absolute: `[True] * 6 + [False]`.
     """
 
     def __init__(
@@ -77,10 +77,9 @@ class LeRobotDataset(Dataset):
         cameras: Sequence[str] | None = None,
         state_key: str | None = DEFAULT_STATE_KEY,
         action_key: str = "action",
-        action_mode: str = "abs",
+        action_mode: str | Sequence[str] = "abs",
         camera_rename: Mapping[str, str] | None = None,
         decoder=None,
-        relative_dims: Sequence[bool] | None = None,
     ):
         self.root = Path(root)
         self.info = _read_json(self.root / "meta" / "info.json")
@@ -94,10 +93,8 @@ class LeRobotDataset(Dataset):
             raise ValueError(f"{self.root / 'meta' / 'info.json'}: video features but no 'video_path' template")
         if isinstance(action_horizon, bool) or not isinstance(action_horizon, (int, np.integer)) or action_horizon < 1:
             raise ValueError(f"action_horizon: expected a positive integer, got {action_horizon!r}")
-        if action_mode not in ACTION_MODES:
-            raise ValueError(f"action_mode: expected one of {list(ACTION_MODES)}, got {action_mode!r}")
-        if action_mode == "abs" and relative_dims is not None:
-            raise ValueError("relative_dims: given, but action_mode is 'abs' (no dimension is relative)")
+        if isinstance(action_mode, str):  # a list is checked against the action width once the columns are read
+            expand_action_modes(action_mode, 1)
         self.action_horizon, self.action_mode = action_horizon, action_mode
         self.action_key = action_key
         if action_key not in self.features:
@@ -118,7 +115,6 @@ class LeRobotDataset(Dataset):
         else:
             raise ValueError(f"{self.root / 'meta' / 'info.json'}: unsupported codebase_version {self.version!r} "
                              "(expected v3.0, v2.1 or v2.0)")
-        self._relative_dims_arg = relative_dims
         self._load_columns()
         self._check_action_mode()
         self._check_files()
@@ -167,20 +163,18 @@ class LeRobotDataset(Dataset):
         return names
 
     def _check_action_mode(self):
-        self.relative_dims = None
-        if self.action_mode == "abs":
-            return
         action_dim = self._actions.shape[1]
-        mask = relative_dims_mask(self._relative_dims_arg, action_dim)
-        self.relative_dims = None if mask.all() else mask.tolist()  # None: every dimension
+        self.action_mode = compact_action_mode(expand_action_modes(self.action_mode, action_dim))
+        if not is_relative(self.action_mode):
+            return
+        mode = describe_action_mode(self.action_mode)
         if self.state_key is None:
-            raise ValueError(f"action_mode={self.action_mode!r} needs a state, but {self.root} has no state feature "
-                             f"(action {self.action_key!r} dim {action_dim}, state dim 0)")
+            raise ValueError(f"action_mode {mode} needs a state, but {self.root} has no state feature (action "
+                             f"{self.action_key!r} dim {action_dim}, state dim 0)")
         state_dim = self._states.shape[1]
         if state_dim != action_dim:
-            raise ValueError(f"action_mode={self.action_mode!r} needs state and action of the same dimension: "
-                             f"state {self.state_key!r} has dim {state_dim}, action {self.action_key!r} has dim "
-                             f"{action_dim}")
+            raise ValueError(f"action_mode {mode} needs state and action of the same dimension: state "
+                             f"{self.state_key!r} has dim {state_dim}, action {self.action_key!r} has dim {action_dim}")
 
     def _load_columns(self):
         """Reads every numeric column needed from the data parquet files into flat per-row numpy arrays."""
@@ -280,7 +274,7 @@ class LeRobotDataset(Dataset):
         }
         if self._states is not None:
             sample["state"] = self._states[row].copy()
-            actions = apply_action_mode(actions, self._states[row], self.action_mode, self.relative_dims)
+            actions = apply_action_mode(actions, self._states[row], self.action_mode)
         sample["actions"] = np.ascontiguousarray(actions, dtype=np.float32)
         sample["action_mask"] = mask
         sample["episode_index"] = int(self._episode_index[row])
@@ -335,12 +329,10 @@ class LeRobotDataset(Dataset):
         stats["num_transitions"] = len(self)
         stats["num_trajectories"] = self.num_episodes
         stats["action_mode"] = self.action_mode  # how decoded actions become absolute again (with the state)
-        if self.relative_dims is not None:
-            stats["relative_dims"] = list(self.relative_dims)
         return stats
 
     def _action_values_for_stats(self, block: int = 65536) -> np.ndarray:
-        if self.action_mode == "abs":
+        if not is_relative(self.action_mode):
             return self._actions
         values = []
         for first in range(0, len(self), block):
@@ -348,7 +340,7 @@ class LeRobotDataset(Dataset):
             steps = rows[:, None] + np.arange(self.action_horizon)
             ends = self._row_end[rows][:, None]
             chunks = self._actions[np.minimum(steps, ends - 1)]
-            transformed = apply_action_mode(chunks, self._states[rows], self.action_mode, self.relative_dims)
+            transformed = apply_action_mode(chunks, self._states[rows], self.action_mode)
             values.append(transformed[steps < ends])
         return np.concatenate(values)
 
@@ -357,8 +349,7 @@ class LeRobotDataset(Dataset):
         return (f"LeRobotDataset({self.root}, {self.version}, {self.num_episodes} episodes, {len(self)} frames, "
                 f"fps={self.fps}, cameras={dict(zip(self.cameras, self.camera_names))}, state_dim={state_dim}, "
                 f"action_dim={self._actions.shape[1]}, action_horizon={self.action_horizon}, "
-                f"action_mode={self.action_mode!r}"
-                + (f", relative_dims={self.relative_dims}" if self.relative_dims is not None else "") + ")")
+                f"action_mode={self.action_mode!r})")
 
 
 def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", state_mode="q99") -> dict:
@@ -370,9 +361,9 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
     if len(set(widths.values())) > 1:
         raise ValueError(f"datasets of one statistics key have different (action, state) widths {widths}; give them "
                          "keys of their own")
-    modes = {(d.action_mode, tuple(d.relative_dims or ())) for d in datasets}
-    if len(modes) > 1:  # one key cannot map both absolute and relative actions back
-        described = sorted(f"{m!r}" + (f" on dimensions {np.flatnonzero(r).tolist()}" if r else "") for m, r in modes)
+    modes = [d.action_mode for d in datasets]
+    if any(mode != modes[0] for mode in modes):  # one key cannot map both absolute and relative actions back
+        described = dict.fromkeys(describe_action_mode(mode) for mode in modes)
         raise ValueError(f"datasets of one statistics key have different action modes ({' vs '.join(described)})")
     stats = {"action": compute_feature_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
                                              action_mode)}  # fmt: skip
@@ -380,9 +371,7 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
         stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
     stats["num_transitions"] = int(sum(len(d) for d in datasets))
     stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
-    stats["action_mode"], relative_dims = modes.pop()
-    if relative_dims:
-        stats["relative_dims"] = list(relative_dims)
+    stats["action_mode"] = modes[0]
     return stats
 
 

@@ -10,8 +10,7 @@ same structure as a dict), `load_mixture("mix.yaml", action_horizon=16)`:
         weight: 1.0              # optional, default 1.0; must be > 0
         embodiment: bridge       # optional, default the folder name; the statistics key (`unnorm_key`)
         cameras: {observation.images.image_0: primary}   # optional: a list selects, a dict selects and renames
-        action_mode: delta       # optional: abs (default) | delta | rel, as in `load_lerobot`
-        relative_dims: [true, true, true, true, true, true, false]   # optional, with delta / rel: gripper absolute
+        action_mode: delta       # optional: abs (default) | delta | rel, or one per dimension, as in `load_lerobot`
         state_key: observation.state                      # optional; null for none
         action_key: action       # optional
         normalization: {action: [q99, q99, q99, q99, q99, q99, binary], state: q99}   # optional, default q99
@@ -34,8 +33,8 @@ Alignment. Samples keep the underlying dataset's keys; actions are zero-padded t
     "embodiment"      str: the entry's statistics key
 When no dataset has a state, samples carry neither "state" nor "state_dim_mask".
 
-Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "action_mode", "relative_dims" (when
-given), "num_transitions", "num_trajectories"}}`
+Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "action_mode", "num_transitions",
+"num_trajectories"}}`
 in the processor's format at the mixture's dimensions (padded dimensions: mode "identity", zeros, std 1), ready for
 `VLAProcessor.set_norm_stats` (`for key, stats in mixture.compute_norm_stats().items(): processor.set_norm_stats(key,
 stats)`); a padded feature records its own width as `embodiment_dim`, so that
@@ -57,13 +56,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..normalization import STAT_NAMES, expand_modes
+from ..normalization import STAT_NAMES, describe_action_mode, expand_modes
 from .lerobot import LeRobotDataset, compute_union_stats, load_lerobot
 
 DEFAULT_NORM_MODE = "q99"
 _TOP_KEYS = {"seed", "balance_by_length", "datasets"}
-_ENTRY_KEYS = {"path", "weight", "embodiment", "cameras", "action_mode", "relative_dims", "state_key", "action_key",
-               "normalization"}
+_ENTRY_KEYS = {"path", "weight", "embodiment", "cameras", "action_mode", "state_key", "action_key", "normalization"}
 
 
 @dataclass
@@ -182,9 +180,9 @@ class VLAMixture(Dataset):
             members = [k for k, entry in enumerate(self.entries) if entry.embodiment == key]
             group = self._group_stats(key, members)
             group["action"] = _pad_feature_stats(group["action"], self.action_dim)
-            if group.get("relative_dims") is not None:  # padded dimensions are never relative
-                relative = list(group["relative_dims"])
-                group["relative_dims"] = relative + [False] * (self.action_dim - len(relative))
+            mode = group.get("action_mode", "abs")
+            if not isinstance(mode, str):  # padded dimensions are absolute (identity, zero)
+                group["action_mode"] = list(mode) + ["abs"] * (self.action_dim - len(mode))
             if self.state_dim:
                 group["state"] = _pad_feature_stats(group.get("state"), self.state_dim)
             else:
@@ -203,12 +201,10 @@ class VLAMixture(Dataset):
             if self.modes[k] != self.modes[first]:
                 raise ValueError(f"embodiment {key!r}: datasets[{first}] and datasets[{k}] have different "
                                  "normalisation modes")
-            kinds = [(getattr(self.entries[i].dataset, "action_mode", None),
-                      getattr(self.entries[i].dataset, "relative_dims", None)) for i in (first, k)]  # fmt: skip
+            kinds = [getattr(self.entries[i].dataset, "action_mode", "abs") for i in (first, k)]
             if kinds[0] != kinds[1]:  # one unnorm_key cannot map both absolute and delta actions back
-                described = [f"{m!r}" + (f" on dimensions {np.flatnonzero(r).tolist()}" if r else "") for m, r in kinds]
                 raise ValueError(f"embodiment {key!r}: datasets[{first}] and datasets[{k}] have different action "
-                                 f"modes ({described[0]} vs {described[1]})")
+                                 f"modes ({describe_action_mode(kinds[0])} vs {describe_action_mode(kinds[1])})")
         state_mode = state_modes or DEFAULT_NORM_MODE
         if len(members) == 1:
             dataset = self.entries[first].dataset
@@ -276,8 +272,7 @@ def _load_entry(item, field: str, base: Path, action_horizon: int, load_kwargs: 
     elif cameras is not None:
         raise ValueError(f"{field}.cameras: expected a camera key, a list of them or a mapping key -> name, "
                          f"got {cameras!r}")
-    passed = ("action_mode", "relative_dims", "state_key", "action_key")
-    kwargs.update({key: item[key] for key in passed if key in item})
+    kwargs.update({key: item[key] for key in ("action_mode", "state_key", "action_key") if key in item})
     try:
         dataset = load_lerobot(root, action_horizon=action_horizon, **kwargs)
     except (FileNotFoundError, ValueError) as err:

@@ -130,10 +130,11 @@ def _state_usage(config, processor, model) -> str:
 
 
 def _relative_to_state(stats) -> str:
-    mode, dims = stats.get("action_mode", "abs"), stats.get("relative_dims")
-    if mode == "abs" or dims is None:
+    mode = stats.get("action_mode", "abs")
+    if isinstance(mode, str):
         return mode
-    return f"{mode} (dimensions {', '.join(str(i) for i, relative in enumerate(dims) if relative)})"
+    return "; ".join(f"{kind} (dimensions {', '.join(str(i) for i, m in enumerate(mode) if m == kind)})"
+                     for kind in dict.fromkeys(mode) if kind != "abs")  # fmt: skip
 
 
 def _modes(stats) -> str:

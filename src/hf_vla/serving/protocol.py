@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..normalization import finite_float32, numeric_array
+from ..normalization import describe_action_mode, finite_float32, is_relative, numeric_array
 
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
 SINGLE_CAMERA_ALIASES = ("image", "observation/image")
@@ -335,9 +335,9 @@ class RequestParser:
         if width:
             raise ValueError(f"{name}: missing; this model takes a state of {width} values{where}")
         mode = (self.norm_stats or {}).get(key, {}).get("action_mode", "abs")
-        if mode != "abs":
-            raise ValueError(f"{name}: missing; embodiment {key!r} predicts {mode!r} actions, which are made absolute "
-                             f"from the state{where}")
+        if is_relative(mode):
+            raise ValueError(f"{name}: missing; embodiment {key!r} predicts {describe_action_mode(mode)} actions, "
+                             f"which are made absolute from the state{where}")
 
     def _state_at_model_width(self, state: np.ndarray, name: str, key: str | None) -> np.ndarray:
         """`[B, S]` rows at the model's width: an embodiment that a mixture padded may send its own, narrower state,

@@ -90,6 +90,7 @@ import websockets
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as websocket_serve
 
+from ..normalization import describe_action_mode, is_relative
 from .batching import BatchResult, BatchStats, ClientActivity, MicroBatcher
 from .msgpack_numpy import packb, unpackb
 from .protocol import INFER_TYPES, STARVLA_MARKERS, UNDECODABLE_CHUNK, Limits, PostProcess, Request, RequestParser
@@ -333,9 +334,9 @@ class PolicyServer:
         key = request.rows[0].unnorm_key
         processor = self.policy.processor
         mode = (processor.norm_stats or {}).get(key, {}).get("action_mode", "abs")
-        if postprocess.delta_dims and mode != "abs":
-            raise ValueError(f"delta_dims: embodiment {key!r} was trained on {mode!r} actions, which the policy "
-                             "already returns absolute; configure delta_dims=None for it")
+        if postprocess.delta_dims and is_relative(mode):
+            raise ValueError(f"delta_dims: embodiment {key!r} was trained on {describe_action_mode(mode)} actions, "
+                             "which the policy already returns absolute; configure delta_dims=None for it")
         action_width, state_width = processor.embodiment_dims(key)
         if (action_width, state_width) != (processor.action_dim, processor.state_dim):
             try:  # a padded embodiment's chunks and states have its own, narrower widths
