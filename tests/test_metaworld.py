@@ -172,6 +172,20 @@ def test_an_undecodable_chunk_fails_its_episode_not_the_evaluation(drawer_env):
     assert (row["successes"], row["episodes"], row["undecodable_episodes"]) == (0, 2, 1)
     assert report["env_steps"] == 4 + 12 and len(calls) == 2 + 3  # the second episode ran in full
 
+    def server_like(obs):  # ServerPolicy raises it from hf-vla serve's error reply: the steps still count
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise UndecodableChunk("actions: the model's output for sample(s) [0] is not a valid action chunk")
+        return np.zeros((4, 4), np.float32)
+
+    calls.clear()
+    with pytest.raises(UndecodableChunk) as error:
+        run_episode(drawer_env, server_like, 0, EvalConfig(), "open the drawer")
+    assert error.value.steps == 8
+    calls.clear()
+    report = evaluate(server_like, config, progress=False)
+    assert report["average"]["undecodable_episodes"] == 1 and report["env_steps"] == 8 + 12
+
 
 def test_policy_returning_a_wrong_shape_is_reported(drawer_env):
     for shape in ((8, 7), (0, 4)):  # an empty chunk would never step the environment, nor end the episode
@@ -299,7 +313,7 @@ def test_train_metaworld_reuses_demonstrations_only_for_the_same_request(tmp_pat
         script.ensure_demonstrations(data, ["drawer-open", "door-open"], 3, fake_generate)
 
 
-def test_train_metaworld_skip_training_evaluates_without_demonstrations(tmp_path, monkeypatch):
+def test_train_metaworld_skip_training_evaluates_without_demonstrations(tmp_path, monkeypatch, capsys):
     """`--skip-training` evaluates an existing --output model: it neither generates demonstrations (minutes of
     scripted experts for the defaults) nor refuses a --data folder made for another request."""
     import importlib.util
@@ -312,11 +326,14 @@ def test_train_metaworld_skip_training_evaluates_without_demonstrations(tmp_path
     class Evaluating(Exception):
         pass
 
-    def policy(model_dir):
-        raise Evaluating(model_dir)
+    def load_policy(model_dir, option):
+        raise Evaluating(f"{option} {model_dir}")
 
     monkeypatch.setattr(script, "ensure_demonstrations",
                         lambda *args, **kwargs: pytest.fail("--skip-training touched the demonstrations"))  # fmt: skip
-    monkeypatch.setattr(script, "InProcessPolicy", policy)
-    with pytest.raises(Evaluating, match="my_model"):
+    monkeypatch.setattr(script, "load_policy", load_policy)
+    with pytest.raises(Evaluating, match="--output .*my_model"):
         script.main(["--skip-training", "--output", str(tmp_path / "my_model"), "--data", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):  # train_vla.py overrides mean nothing without training: refused, not dropped
+        script.main(["--skip-training", "--output", str(tmp_path / "my_model"), "--trainer.seed", "1"])
+    assert "--skip-training: train_vla.py overrides ['--trainer.seed', '1'] would be ignored" in capsys.readouterr().err

@@ -100,6 +100,7 @@ def test_numeric_array_refuses_what_numpy_would_take_silently():
     # tensors come over to numpy, bfloat16 as float32 (numpy has no bfloat16)
     converted = numeric_array(torch.tensor([0.5, -1.25], dtype=torch.bfloat16), "state")
     assert converted.dtype == np.float32 and converted.tolist() == [0.5, -1.25]
+    assert numeric_array(torch.tensor([1e39], dtype=torch.float64), "state").dtype == np.float64  # kept, not inf
 
 
 def test_finite_float32_refuses_non_finite_and_out_of_range_values():

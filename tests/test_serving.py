@@ -806,6 +806,15 @@ def test_bad_models_ports_and_devices_are_one_line_errors_found_before_loading(m
     (not_a_model / "meta").mkdir(parents=True)
     assert run(["serve", str(not_a_model)]) == (
         f"hf-vla serve: MODEL: {str(not_a_model)!r} is a directory without config.json, not a saved model")
+    (not_a_model / "meta" / "info.json").write_text("{}")
+    assert run(["serve", str(not_a_model / "meta" / "info.json")]) == (
+        f"hf-vla serve: MODEL: {str(not_a_model / 'meta' / 'info.json')!r} is a file; expected a model directory or a "
+        "hub id")
+    from hf_vla.defaults import default_model_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/model" is a path under the home directory, not a hub id
+    (tmp_path / "model").symlink_to(default_model_dir())
+    assert hf_vla.cli.load_policy("~/model").processor.action_dim == 4
 
     monkeypatch.setattr(hf_vla.cli, "load_policy", lambda *a, **k: pytest.fail("refused before loading the model"))
     if torch.cuda.is_available():  # a device this machine lacks

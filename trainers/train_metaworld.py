@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from hf_vla.cli import load_policy
 from hf_vla.sim.evaluation import EvalConfig, InProcessPolicy, add_to_model_card_results, evaluate, write_report
 from hf_vla.sim.evaluation import swapped_instructions
 from hf_vla.sim.metaworld import EASY_TASKS, generate_demonstrations
@@ -62,6 +63,8 @@ def main(argv=None):
     parser.add_argument("--skip-training", action="store_true", help="evaluate an existing --output model")
     parser.add_argument("--install", action="store_true", help="copy the model into src/hf_vla/assets/default_model")
     args, overrides = parser.parse_known_args(argv)  # the rest goes to train_vla.py, e.g. --trainer.seed 1
+    if args.skip_training and overrides:
+        parser.error(f"--skip-training: train_vla.py overrides {overrides} would be ignored; drop them")
     output, data = Path(args.output), Path(args.data)
     timings = {}
 
@@ -78,7 +81,7 @@ def main(argv=None):
                         "--trainer.max_steps", str(args.max_steps), *overrides], check=True)  # fmt: skip
         timings["training_s"] = round(time.perf_counter() - start, 1)
 
-    policy = InProcessPolicy(str(output))
+    policy = InProcessPolicy(load_policy(str(output), "--output"))
     results_dir = output / "metaworld_eval"
     conditions = {
         "standard": EvalConfig(tasks=args.tasks, episodes=args.eval_episodes, video_dir=str(results_dir / "videos")),

@@ -19,10 +19,12 @@ def load_policy(path, option: str = "--model", **kwargs):
     # a path, not a hub id (those are "name" or "namespace/name"): e.g. outputs/run/checkpoint-500
     if (str(path).startswith(("/", ".", "~")) or str(path).count("/") > 1) and not local.exists():
         raise FileNotFoundError(f"{option}: no such directory {str(path)!r}")
+    if local.exists() and not local.is_dir():
+        raise ValueError(f"{option}: {str(path)!r} is a file; expected a model directory or a hub id")
     if local.is_dir() and not (local / "config.json").is_file():  # a dataset, a run that never saved, ...
         raise ValueError(f"{option}: {str(path)!r} is a directory without config.json, not a saved model")
     try:
-        return VLAPolicy.from_pretrained(path, **kwargs)
+        return VLAPolicy.from_pretrained(str(local) if local.exists() else path, **kwargs)  # "~/run" is a path
     except OSError as error:  # transformers: not a local folder and not on the Hub (or offline and not cached)
         nor_local = "" if local.exists() else f" (nor is it a local directory under {str(Path.cwd())!r})"
         raise ValueError(f"{option}: cannot load {str(path)!r}: {' '.join(str(error).split())}{nor_local}") from error

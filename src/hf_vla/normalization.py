@@ -40,10 +40,11 @@ def holds_bool(values: list | tuple) -> bool:
 def numeric_array(value, field: str, kinds: str = "fiu") -> np.ndarray:
     """`value` (an array, nested lists or a tensor) as a numpy array, refusing what numpy would accept without a word:
     booleans among numbers (read as 0 / 1), strings and objects (any dtype kind outside `kinds`: floating, signed,
-    unsigned; add "b" to take booleans), ragged nested lists. Floating tensors come over as float32 (numpy has no
-    bfloat16). The one check behind every raw state, action and mask the processor, the policy and the server take."""
+    unsigned; add "b" to take booleans), ragged nested lists. Tensors come over at their dtype, bfloat16 as float32
+    (numpy has none). The one check behind every raw state, action and mask the processor, the policy and the server
+    take."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
+        value = value.detach().to("cpu", torch.float32 if value.dtype == torch.bfloat16 else value.dtype)
     if "b" not in kinds and isinstance(value, (list, tuple)) and holds_bool(value):
         raise ValueError(f"{field}: expected numbers, got booleans among them")
     try:

@@ -90,7 +90,11 @@ def run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConf
         query = {"images": obs["images"], "instruction": instruction, "state": obs["state"]}
         if config.blank_image:
             query["images"] = {name: np.zeros_like(view) for name, view in obs["images"].items()}
-        chunk = np.asarray(policy(query), dtype=np.float32)
+        try:
+            chunk = np.asarray(policy(query), dtype=np.float32)
+        except UndecodableChunk as error:  # raised by the policy itself (a server's error reply): count the steps
+            error.steps = env.steps
+            raise
         if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 4:
             raise ValueError(f"policy: expected an action chunk [T ≥ 1, 4], got shape {list(chunk.shape)}")
         if not np.isfinite(chunk).all():
@@ -152,7 +156,8 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
         "benchmark": "metaworld",
         "tasks": {task: result.as_dict() for task, result in results.items()},
         "average": {"successes": total, "episodes": episodes, "success_rate": round(total / max(episodes, 1), 4),
-                    "ci95": [round(low, 4), round(high, 4)]},  # fmt: skip
+                    "ci95": [round(low, 4), round(high, 4)],
+                    "undecodable_episodes": sum(r.undecodable for r in results.values())},  # fmt: skip
         "settings": settings,
         "seconds": round(seconds, 1),
         "env_steps": env_steps,
@@ -205,7 +210,7 @@ def write_report(report: Mapping, out_dir, label: str | None = None) -> dict[str
 
 def add_to_model_card_results(report: Mapping, model_dir, suffix: str = "") -> Path:
     """Merges the per-task rows into `<model_dir>/eval_results.json`, which the generated model card tabulates."""
-    path = Path(model_dir) / "eval_results.json"
+    path = Path(model_dir).expanduser() / "eval_results.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
     tasks = dict(existing.get("tasks", {}))
     for task, row in report["tasks"].items():
@@ -298,7 +303,7 @@ def add_eval_arguments(parser):
 def run_eval(args) -> int:
     if bool(args.model) == bool(args.server):
         raise SystemExit("hf-vla eval metaworld: give exactly one of --model DIR or --server ws://host:port")
-    if args.add_to_card and not (args.model and Path(args.model).is_dir()):  # refused before, not after, the episodes
+    if args.add_to_card and not (args.model and Path(args.model).expanduser().is_dir()):  # refused before, not after, the episodes
         given = f"--server {args.server}" if args.server else f"--model {args.model!r} (not a local directory)"
         raise ValueError(f"--add-to-card: expected --model to name a local model directory (its eval_results.json is "
                          f"updated), got {given}")
@@ -338,6 +343,8 @@ def run_eval(args) -> int:
     average = report["average"]
     print(f"{'average':24s} {average['successes']:3d}/{average['episodes']:<3d} {average['success_rate']:6.1%}  "
           f"({report['env_steps_per_second']} env steps/s, {report['seconds']} s)")
+    if average["undecodable_episodes"]:  # failures of another kind than missing the goal: say so
+        print(f"{average['undecodable_episodes']} episode(s) ended on an action chunk that did not decode (NaN)")
     print(f"wrote {paths['report']} and {paths['plot']}")
     if args.add_to_card:
         suffix = f" ({report['condition']})" if condition else ""
