@@ -303,7 +303,8 @@ def add_eval_arguments(parser):
 def run_eval(args) -> int:
     if bool(args.model) == bool(args.server):
         raise SystemExit("hf-vla eval metaworld: give exactly one of --model DIR or --server ws://host:port")
-    if args.add_to_card and not (args.model and Path(args.model).expanduser().is_dir()):  # refused before, not after, the episodes
+    # refused before, not after, the episodes
+    if args.add_to_card and not (args.model and Path(args.model).expanduser().is_dir()):
         given = f"--server {args.server}" if args.server else f"--model {args.model!r} (not a local directory)"
         raise ValueError(f"--add-to-card: expected --model to name a local model directory (its eval_results.json is "
                          f"updated), got {given}")
