@@ -217,6 +217,35 @@ def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path, capsys):
             convert_starvla(run, tmp_path / "bad")
 
 
+def test_a_run_on_relative_actions_needs_their_dimensions_named(vlms, tmp_path, capsys):
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,
+                                        state_dim=S, action_token="🔍", prompt_template=COT)  # fmt: skip
+    run = write_run(tmp_path / "run", "QwenOFT", vlms["qwen2_5_vl"], to_starvla(original.state_dict(), "oft"),
+                    {"action_dim": A, "state_dim": S, "future_action_window_size": H - 1},
+                    {"CoT_prompt": COT, "obs_image_size": [56, 56], "include_state": True, "action_mode": "delta",
+                     "apply_keys": ["action.eef_position"]})  # fmt: skip
+    # converted as absolute, its deltas would be executed as positions: refused until the dimensions are named
+    with pytest.raises(StarVLAConversionError, match=r"datasets\.vla_data\.action_mode is 'delta': the checkpoint "
+                                                     r"predicts actions relative to the state on the keys "
+                                                     r"\['action\.eef_position'\]\. .*--relative-actions"):
+        convert_starvla(run, tmp_path / "out")
+    with pytest.raises(StarVLAConversionError, match=r"relative_actions: expected 7 per-dimension modes, got 2"):
+        convert_starvla(run, tmp_path / "out", relative_actions="delta,abs")
+    modes = ["delta"] * 3 + ["abs"] * 4
+    capsys.readouterr()
+    assert main([str(run), str(tmp_path / "out"), "--relative-actions", ",".join(modes)]) == 0
+    assert "actions: 'delta' on dimensions [0, 1, 2] relative to the state (explicit argument)" in capsys.readouterr().out
+    processor = VLAProcessor.from_pretrained(tmp_path / "out")
+    assert processor.norm_stats["franka"]["action_mode"] == modes
+    chunk = np.random.default_rng(0).uniform(-1, 1, size=(1, H, A)).astype(np.float32)
+    raw = processor.decode_actions(chunk, "franka")  # without the state: as the model predicts them
+    state = np.array([[0.5, -1.0, 2.0, 9.0, 9.0]], np.float32)
+    absolute = processor.decode_actions(chunk, "franka", state=state)
+    np.testing.assert_allclose(absolute[..., :3], state[:, None, :3] + np.cumsum(raw[..., :3], axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(absolute[..., 3:], raw[..., 3:])
+
+
 def test_refuses_checkpoints_that_do_not_map_exactly(vlms, tmp_path):
     torch.manual_seed(0)
     original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,

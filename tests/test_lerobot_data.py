@@ -170,6 +170,28 @@ def test_per_dimension_action_modes_leave_the_absolute_dimensions_as_recorded(ro
             load_lerobot(roots["v3"], cameras=[], action_mode=mode)
 
 
+def test_a_wider_state_lines_up_with_the_relative_dimensions(tmp_path, tiny_vlm_dirs):
+    # openpi's LIBERO layout: an 8-value state (eef position, axis-angle, two gripper fingers) under 7-D actions whose
+    # first 6 dimensions are deltas; here 6 state values under 4-D actions, 3 of them relative
+    source = synthetic_episodes(2, 10, state_dim=6, action_dim=4, cameras=())
+    root = write_lerobot_dataset(tmp_path / "wide", source, FPS, video=False)
+    ds = load_lerobot(root, action_horizon=2, cameras=[], action_mode=["rel"] * 3 + ["abs"])
+    frames = source[0]["frames"]
+    s0, a = frames["observation.state"][4], frames["action"][4:6]
+    expected = np.concatenate([a[:, :3] - s0[:3], a[:, 3:]], axis=1)
+    np.testing.assert_allclose(ds[4]["actions"], expected, rtol=1e-6)
+    vlm = tiny_vlm_dirs["qwen2_5_vl"]
+    processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
+                             action_dim=4, action_horizon=2, state_dim=6)  # fmt: skip
+    stats = ds.compute_stats()
+    processor.set_norm_stats("arm", {**stats, "action": {**stats["action"], "mode": ["identity"] * 4}})
+    np.testing.assert_allclose(processor.decode_actions(ds[4]["actions"], "arm", state=s0), a, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"needs a state value for each relative action dimension \(0\.\.3\): state "
+                                         r"'observation\.state' has dim 3, action 'action' has dim 4"):
+        load_lerobot(write_lerobot_dataset(tmp_path / "narrow", synthetic_episodes(1, 4, state_dim=3, action_dim=4,
+                     cameras=()), FPS, video=False), action_mode=["abs", "abs", "abs", "rel"])  # fmt: skip
+
+
 def test_one_statistics_key_needs_datasets_of_one_width(roots):
     with pytest.raises(ValueError, match=r"datasets of one statistics key have different \(action, state\) widths"):
         compute_union_stats([load_lerobot(roots["v3"], cameras=[]), load_lerobot(roots["image"], cameras=[])])

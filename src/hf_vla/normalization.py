@@ -163,6 +163,28 @@ def is_relative(mode: str | Sequence[str]) -> bool:
     return any(m != "abs" for m in ([mode] if isinstance(mode, str) else mode))
 
 
+def relative_state_width(mode: str | Sequence[str], action_dim: int) -> int:
+    """How many state values an action mode reads: action dimension i is relative to state dimension i, so up to the
+    last relative dimension (0 when none is)."""
+    modes = expand_action_modes(mode, action_dim)
+    return max((i + 1 for i, m in enumerate(modes) if m != "abs"), default=0)
+
+
+def _state_per_action_dimension(state, modes: list[str]) -> np.ndarray:
+    """The state [..., S] as [..., 1, D]: value i for action dimension i (zeros past S, where only absolute dimensions
+    can be)."""
+    state = np.asarray(state, dtype=np.float32)
+    needed = relative_state_width(modes, len(modes))
+    if state.shape[-1] < needed:
+        raise ValueError(f"state: {describe_action_mode(compact_action_mode(modes))} actions need state values for "
+                         f"action dimensions 0..{needed - 1}, got {state.shape[-1]}")
+    width = len(modes)
+    state = state[..., :width]
+    if state.shape[-1] < width:
+        state = np.concatenate([state, np.zeros((*state.shape[:-1], width - state.shape[-1]), np.float32)], axis=-1)
+    return state[..., None, :]
+
+
 def describe_action_mode(mode: str | Sequence[str]) -> str:
     """`'delta'`, or `'delta' on dimensions [0, 1, 2]` for a per-dimension list (its absolute dimensions left out)."""
     if isinstance(mode, str):
@@ -172,12 +194,13 @@ def describe_action_mode(mode: str | Sequence[str]) -> str:
 
 
 def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str | Sequence[str]) -> np.ndarray:
-    """Absolute actions [..., T, D] and the state [..., D] → actions in `mode` (see ACTION_MODES; one mode, or one
-    per dimension)."""
-    modes = np.asarray(expand_action_modes(mode, actions.shape[-1]))
-    if not is_relative(modes.tolist()):
+    """Absolute actions [..., T, D] and the state [..., S] → actions in `mode` (see ACTION_MODES; one mode, or one
+    per dimension). Action dimension i is relative to state dimension i."""
+    modes = expand_action_modes(mode, actions.shape[-1])
+    if not is_relative(modes):
         return actions
-    state = np.asarray(state, dtype=np.float32)[..., None, :]
+    state = _state_per_action_dimension(state, modes)
+    modes = np.asarray(modes)
     relative = {"rel": actions - state, "delta": np.diff(actions, axis=-2, prepend=state)}
     return np.select([modes == k for k in relative], list(relative.values()), actions)
 
@@ -185,11 +208,12 @@ def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str | Sequen
 def absolute_actions(actions: np.ndarray, state: np.ndarray, mode: str | Sequence[str]) -> np.ndarray:
     """The inverse of `apply_action_mode`: actions [..., T, D] in `mode` and the state [..., D] → absolute actions
     (float32)."""
-    modes = np.asarray(expand_action_modes(mode, actions.shape[-1]))
+    modes = expand_action_modes(mode, actions.shape[-1])
     actions = np.asarray(actions, dtype=np.float32)
-    if not is_relative(modes.tolist()):
+    if not is_relative(modes):
         return actions
-    state = np.asarray(state, dtype=np.float32)[..., None, :]
+    state = _state_per_action_dimension(state, modes)
+    modes = np.asarray(modes)
     absolute = {"rel": actions + state, "delta": state + np.cumsum(actions, axis=-2, dtype=np.float32)}
     return np.select([modes == k for k in absolute], list(absolute.values()), actions)
 

@@ -23,7 +23,7 @@ from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
     FeatureNormalizer, absolute_actions, compute_stats, describe_action_mode, expand_action_modes, finite_float32,
-    is_relative, numeric_array, validate_feature_stats
+    is_relative, numeric_array, relative_state_width, validate_feature_stats
 )
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
@@ -665,13 +665,14 @@ class VLAProcessor(ProcessorMixin):
             raise ValueError(f"state: expected finite values of shape [{expected}] for actions {list(decoded.shape)}, "
                              f"got {list(state.shape)}")
         own_state = self.embodiment_dims(key)[1]
-        if state.shape[-1] < width or (self.state_dim and state.shape[-1] not in (own_state, self.state_dim)):
-            widths = f"{own_state} or {self.state_dim}" if own_state != self.state_dim else f"{self.state_dim}"
-            expected = widths if self.state_dim else f"at least {width}"
-            raise ValueError(f"state: {describe_action_mode(mode)} actions of embodiment {key!r} are relative to its "
-                             f"first {width} state values; expected {expected} values, got {state.shape[-1]}")
         modes = expand_action_modes(mode, self.action_dim)[:width]  # the statistics' width is the model's
-        return absolute_actions(decoded, state[..., :width], modes)
+        needed = relative_state_width(modes, width)  # action dimension i is relative to state dimension i
+        if state.shape[-1] < needed or (self.state_dim and state.shape[-1] not in (own_state, self.state_dim)):
+            widths = f"{own_state} or {self.state_dim}" if own_state != self.state_dim else f"{self.state_dim}"
+            expected = widths if self.state_dim else f"at least {needed}"
+            raise ValueError(f"state: {describe_action_mode(mode)} actions of embodiment {key!r} are relative to its "
+                             f"first {needed} state values; expected {expected} values, got {state.shape[-1]}")
+        return absolute_actions(decoded, state, modes)
 
     @property
     def model_input_names(self):

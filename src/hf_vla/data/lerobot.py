@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
 from ..normalization import (
-    ACTION_MODES, apply_action_mode, compact_action_mode, describe_action_mode, expand_action_modes, is_relative
+    ACTION_MODES, apply_action_mode, compact_action_mode, describe_action_mode, expand_action_modes, is_relative,
+    relative_state_width
 )
 from ..normalization import compute_stats as compute_feature_stats
 from .video import as_decoder
@@ -64,8 +65,8 @@ class LeRobotDataset(Dataset):
         state_key: the state feature; None for none. The default, "observation.state", may be absent (samples then
             have no "state"); any other name must be a feature of the dataset.
         action_key: the action feature.
-        action_mode: "abs", "delta" or "rel" (the last two need a state of the action's dimension), or one of them
-            per action dimension: openpi keeps the gripper absolute, `["delta"] * 6 + ["abs"]`.
+        action_mode: "abs", "delta" or "rel", or one of them per action dimension: openpi keeps the gripper absolute,
+            `["delta"] * 6 + ["abs"]`. Action dimension i is relative to state dimension i, which must exist.
         camera_rename: {feature key: output name} for the "images" dict.
         decoder: a video decoder (object with `decode(path, timestamps)` or such a callable); PyAV when None.
     """
@@ -171,10 +172,11 @@ class LeRobotDataset(Dataset):
         if self.state_key is None:
             raise ValueError(f"action_mode {mode} needs a state, but {self.root} has no state feature (action "
                              f"{self.action_key!r} dim {action_dim}, state dim 0)")
-        state_dim = self._states.shape[1]
-        if state_dim != action_dim:
-            raise ValueError(f"action_mode {mode} needs state and action of the same dimension: state "
-                             f"{self.state_key!r} has dim {state_dim}, action {self.action_key!r} has dim {action_dim}")
+        state_dim, needed = self._states.shape[1], relative_state_width(self.action_mode, action_dim)
+        if state_dim < needed:  # action dimension i is relative to state dimension i
+            raise ValueError(f"action_mode {mode} needs a state value for each relative action dimension (0.."
+                             f"{needed - 1}): state {self.state_key!r} has dim {state_dim}, action {self.action_key!r} "
+                             f"has dim {action_dim}")
 
     def _load_columns(self):
         """Reads every numeric column needed from the data parquet files into flat per-row numpy arrays."""

@@ -13,6 +13,10 @@ The converter
 4. writes `save_pretrained` of the model and of a `VLAProcessor` (StarVLA's prompt, cameras, image size, and the
    statistics with explicit per-dimension normalisation modes), plus `conversion_report.json`.
 
+A run trained on actions relative to the state (`datasets.vla_data.action_mode` delta / rel) is converted only with
+an explicit `relative_actions` (one mode, or one per action dimension): StarVLA picks the relative dimensions by
+modality key (`apply_keys`, `state_map`), which the run directory does not map to indices.
+
 Reading a `.pt` checkpoint is the only place hf_vla unpickles anything, and it does so with `weights_only=True`.
 """
 
@@ -32,7 +36,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..auto import VARIANTS
 from ..models.flow_matching_config import CONDITION_MASKS
-from ..normalization import NORM_MODES, STAT_NAMES
+from ..normalization import (
+    ACTION_MODES, NORM_MODES, STAT_NAMES, compact_action_mode, describe_action_mode, expand_action_modes, is_relative
+)
 from ..processing_vla import VLAProcessor
 
 FRAMEWORKS = {
@@ -344,6 +350,31 @@ def _known_modes(feature: str, dim: int, config: dict, override=None) -> tuple[l
     return None, None
 
 
+def choose_relative_actions(config: dict, action_dim: int, override=None) -> tuple[str | list[str], str]:
+    """How the checkpoint's actions relate to the state (hf_vla's statistics `action_mode`): explicit, else the run's
+    `datasets.vla_data.action_mode` when it is abs. A relative run is refused without an explicit value: hf_vla makes
+    action dimension i absolute from state dimension i, and only the user knows how StarVLA's `apply_keys` and
+    `state_map` (modality keys of the dataset) line up with that."""
+    run_mode = _get(config, "datasets.vla_data.action_mode") or "abs"
+    if override is not None:
+        modes = override.split(",") if isinstance(override, str) else list(override)
+        try:
+            modes = expand_action_modes(modes[0] if len(modes) == 1 else modes, action_dim, "relative_actions")
+        except ValueError as err:
+            raise StarVLAConversionError(str(err)) from None
+        return compact_action_mode(modes), "explicit argument"
+    if run_mode == "abs":
+        return "abs", "datasets.vla_data.action_mode"
+    apply_keys = _get(config, "datasets.vla_data.apply_keys")
+    raise StarVLAConversionError(
+        f"datasets.vla_data.action_mode is {run_mode!r}: the checkpoint predicts actions relative to the state"
+        + (f" on the keys {apply_keys}" if apply_keys else "") + ". Say which action dimensions are relative with "
+        f"--relative-actions: one of {list(ACTION_MODES)}, or one per action dimension ({action_dim}), e.g. "
+        f"{','.join([run_mode] * (action_dim - 1) + ['abs'])} for a gripper kept absolute. hf_vla adds state "
+        "dimension i back to action dimension i, so the state you pass must be laid out to match."
+    )
+
+
 def choose_action_modes(action_stats: dict, config: dict, override=None) -> tuple[list[str], str]:
     """Per-dimension action modes: explicit > the documented LIBERO DataConfig > StarVLA's mask (True → q99,
     False → binary: StarVLA sets mask=False exactly on its binary-mode dimensions, e.g. OXE grippers)."""
@@ -592,13 +623,14 @@ def build_model(model_class, config, state: dict, variant: str, dtype: torch.dty
 
 
 def build_processor(base_vlm: str, model_config, config: dict, statistics: dict, action_modes=None,
-                    state_modes=None, cameras=None) -> tuple[VLAProcessor, dict, list[str]]:  # fmt: skip
+                    state_modes=None, cameras=None, relative_actions=None) -> tuple[VLAProcessor, dict, list[str]]:
     """StarVLA's prompt, cameras and image size; its statistics with explicit per-dimension modes."""
     camera_names, cameras_source = choose_cameras(config, cameras)
     processor = VLAProcessor.from_vlm(
         base_vlm, model_config, camera_names=camera_names, image_size=image_size_for(config)
     )
     state_dim, modes, notes, action_source, state_source = model_config.state_dim, {}, [], None, None
+    relative, relative_source = choose_relative_actions(config, model_config.action_dim, relative_actions)
     for key, stats in statistics.items():
         if not isinstance(stats, dict) or "action" not in stats:
             continue
@@ -609,6 +641,8 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
         action_mode, action_source = choose_action_modes(stats["action"], config, action_modes)
         entry = {"action": {**{k: stats["action"][k] for k in STAT_NAMES}, "mode": action_mode}}
         entry.update({k: stats[k] for k in ("num_transitions", "num_trajectories") if k in stats})
+        if is_relative(relative):
+            entry["action_mode"] = relative
         if stats.get("state") and state_dim:
             if len(stats["state"]["q01"]) == state_dim:
                 state_mode, state_source = choose_state_modes(stats["state"], config, state_modes)
@@ -628,9 +662,13 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
     if not modes:  # the processor could not decode a single action
         raise StarVLAConversionError(f"dataset_statistics.json: no entry has 'action' statistics (keys: "
                                      f"{sorted(statistics)[:10]})")
+    if is_relative(relative):
+        notes.append(f"actions {describe_action_mode(relative)} relative to the state: VLAPolicy.predict and "
+                     "decode_actions(..., state=...) make them absolute from the raw state, dimension i to dimension i")
     info = {"cameras": camera_names, "cameras_source": cameras_source, "image_size": processor.image_size,
             "normalization_modes": modes, "action_modes_source": action_source,
-            "state_modes_source": state_source}  # fmt: skip
+            "state_modes_source": state_source, "action_mode": relative,
+            "action_mode_source": relative_source}  # fmt: skip
     return processor, info, notes
 
 
@@ -652,6 +690,7 @@ def convert_starvla(
     interleave_self_attention: bool | None = None,
     condition_mask: str | None = None,
     fast_tokenizer=None,
+    relative_actions=None,
 ) -> Path:
     """Converts a StarVLA run into an hf_vla model directory at `out_dir` and returns its path.
 
@@ -668,6 +707,9 @@ def convert_starvla(
         condition_mask: force whether the flow head masks prompt padding, "always" / "training" / "never" (default:
             see `choose_condition_mask`).
         fast_tokenizer: FAST tokenizer (object, directory or hub id) to attach to a QwenFast conversion.
+        relative_actions: for a run trained on relative actions (`datasets.vla_data.action_mode` delta / rel), which
+            action dimensions are relative: one mode or one per dimension (list or comma-separated string), see
+            `choose_relative_actions`.
     """
     if out_dir is None:
         raise StarVLAConversionError("out_dir is required")
@@ -686,7 +728,7 @@ def convert_starvla(
     torch_dtype = _resolve_dtype(dtype, state)
     model, key_counts = build_model(VARIANTS[f"vla_{variant}"][1], model_config, state, variant, torch_dtype)
     processor, processor_info, notes = build_processor(
-        base_vlm, model.config, config, statistics, action_modes, state_modes, cameras
+        base_vlm, model.config, config, statistics, action_modes, state_modes, cameras, relative_actions
     )
     include_state = bool(_get(config, "datasets.vla_data.include_state", False))
     if variant == "fast":
@@ -733,6 +775,8 @@ def main(argv=None) -> int:
     parser.add_argument("--condition-mask", choices=CONDITION_MASKS,
                         help="flow heads: force whether prompt padding is masked (default: from the run's date)")
     parser.add_argument("--fast-tokenizer", help="QwenFast: FAST tokenizer directory or hub id to attach")
+    parser.add_argument("--relative-actions", help=f"a run trained on relative actions: one of {list(ACTION_MODES)}, "
+                        "or one per action dimension comma-separated (e.g. delta,delta,delta,delta,delta,delta,abs)")
     args = parser.parse_args(argv)
     try:
         out = convert_starvla(
@@ -741,6 +785,7 @@ def main(argv=None) -> int:
             state_modes=args.state_modes, cameras=args.cameras.split(",") if args.cameras else None,
             interleave_self_attention=None if args.attention_mode is None else args.attention_mode == "interleaved",
             condition_mask=args.condition_mask, fast_tokenizer=args.fast_tokenizer,
+            relative_actions=args.relative_actions,
         )  # fmt: skip
     except StarVLAConversionError as err:
         print(f"hf-vla convert-starvla: {err}", file=sys.stderr)  # as the other hf-vla commands report bad input
@@ -751,6 +796,9 @@ def main(argv=None) -> int:
         print(f"attention mode: {report['attention_mode']} ({report['attention_mode_reason']})")
     if report["condition_mask"]:
         print(f"condition mask: {report['condition_mask']} ({report['condition_mask_reason']})")
+    if is_relative(report["action_mode"]):
+        print(f"actions: {describe_action_mode(report['action_mode'])} relative to the state "
+              f"({report['action_mode_source']})")
     for key, modes in report["normalization_modes"].items():
         state = f", state {modes['state']} ({report['state_modes_source']})" if modes["state"] else ""
         print(f"normalisation [{key}]: action {modes['action']} ({report['action_modes_source']}){state}")
