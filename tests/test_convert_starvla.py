@@ -235,7 +235,8 @@ def test_a_run_on_relative_actions_needs_their_dimensions_named(vlms, tmp_path, 
     modes = ["delta"] * 3 + ["abs"] * 4
     capsys.readouterr()
     assert main([str(run), str(tmp_path / "out"), "--relative-actions", ",".join(modes)]) == 0
-    assert "actions: 'delta' on dimensions [0, 1, 2] relative to the state (explicit argument)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "actions: 'delta' on dimensions [0, 1, 2] relative to the state (explicit argument)" in printed
     processor = VLAProcessor.from_pretrained(tmp_path / "out")
     assert processor.norm_stats["franka"]["action_mode"] == modes
     chunk = np.random.default_rng(0).uniform(-1, 1, size=(1, H, A)).astype(np.float32)
