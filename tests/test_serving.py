@@ -485,6 +485,52 @@ def test_models_that_attend_to_padding_batch_only_prompts_of_one_length(conditio
         assert calls == [[texts[j % 2]] for j in range(4)]
 
 
+def counting_batcher(max_batch, calls):
+    """A MicroBatcher over a stand-in policy that records each predict call's instructions and answers row b of a
+    call with actions filled with float(instruction)."""
+
+    def predict(obs, **kwargs):
+        calls.append(list(obs["instruction"]))
+        actions = np.stack([np.full((4, 7), float(text), np.float32) for text in obs["instruction"]])
+        return actions, actions
+
+    config = SimpleNamespace(condition_mask="always", state_in_prompt=False)
+    policy = SimpleNamespace(model=SimpleNamespace(config=config), processor=SimpleNamespace(camera_names=["primary"]),
+                             predict=predict)  # fmt: skip
+    return MicroBatcher(policy, enabled=True, window_ms=10_000, max_batch=max_batch)
+
+
+def test_max_batch_bounds_rows_per_call_and_per_collection():
+    import asyncio
+
+    view = np.zeros((8, 8, 3), np.uint8)
+    calls = []
+    batcher = counting_batcher(2, calls)
+    try:
+        # five compatible one-row requests: predict calls of at most max_batch rows, each reply its own row
+        results = batcher._predict_jobs([[Row((view,), str(j), None, "k")] for j in range(5)])
+        assert calls == [["0", "1"], ["2", "3"], ["4"]]
+        for j, result in enumerate(results):
+            assert len(result.actions) == 1 and (result.actions[0] == j).all()
+        assert [result.batch_rows for result in results] == [2, 2, 2, 2, 1]
+    finally:
+        batcher.close()
+
+    async def collect(batcher, jobs):
+        for rows in jobs:
+            await batcher._queue.put((rows, None))
+        return await batcher._collect()
+
+    batcher = counting_batcher(4, [])
+    try:
+        # max_batch counts rows, not requests: three queued requests of 2 rows fill a batch of 4 with the first two
+        jobs = [[Row((view,), str(2 * j + r), None, "k") for r in range(2)] for j in range(3)]
+        collected = asyncio.run(collect(batcher, jobs))
+        assert [rows for rows, _ in collected] == jobs[:2]
+    finally:
+        batcher.close()
+
+
 def test_a_camera_named_image_is_its_own_alias_and_null_keys_are_absent():
     from hf_vla.serving.protocol import RequestParser
 
