@@ -96,6 +96,35 @@ def test_v21_layout(roots):
     assert len(lines) == 3 and json.loads(lines[1])["stats"]["action"]["count"] == [13]
 
 
+def test_v21_episodes_are_read_from_their_chunk_folder(roots, episodes, tmp_path):
+    # v2.1 puts episode e in chunk e // chunks_size; with chunks_size 2, episode 2 lives in chunk-001
+    root = shutil.copytree(roots["v2.1"], tmp_path / "chunked")
+    info = json.loads((root / "meta/info.json").read_text())
+    (root / "meta/info.json").write_text(json.dumps({**info, "chunks_size": 2, "total_chunks": 2}))
+    (root / "data/chunk-001").mkdir()
+    shutil.move(root / "data/chunk-000/episode_000002.parquet", root / "data/chunk-001/episode_000002.parquet")
+    for camera in (FRONT, WRIST):
+        (root / f"videos/chunk-001/{camera}").mkdir(parents=True)
+        shutil.move(root / f"videos/chunk-000/{camera}/episode_000002.mp4",
+                    root / f"videos/chunk-001/{camera}/episode_000002.mp4")
+    ds = load_lerobot(root)
+    row = row_of(episodes, 2, 5)
+    sample = ds[row]
+    assert (sample["episode_index"], sample["frame_index"]) == (2, 5)
+    np.testing.assert_array_equal(sample["actions"][0], episodes[2]["frames"]["action"][5])
+    assert abs(sample["images"][WRIST].mean() - pixel_value(2, 5, 1)) < H264_TOLERANCE
+
+
+def test_negative_indices_count_from_the_end(roots, episodes):
+    ds = load_lerobot(roots["v3"], action_horizon=2, cameras=[])
+    last, first = ds[-1], ds[-len(ds)]
+    assert (last["episode_index"], last["frame_index"]) == (2, 13)
+    np.testing.assert_array_equal(last["actions"][0], episodes[2]["frames"]["action"][13])
+    assert (first["episode_index"], first["frame_index"]) == (0, 0)
+    with pytest.raises(IndexError):
+        ds[-len(ds) - 1]
+
+
 @pytest.mark.parametrize("name", ["v3", "v2.1", "v3_split", "image", "image_v2.1"])
 def test_numeric_values_and_instructions_read_back(roots, episodes, name):
     source = synthetic_episodes(3, 12, state_dim=3, cameras=("front",)) if name.startswith("image") else episodes

@@ -111,6 +111,10 @@ def test_draws_are_deterministic_and_change_with_epoch(robots):
         np.testing.assert_array_equal(sample["actions"][:, : raw["actions"].shape[1]], raw["actions"])
     with pytest.raises(IndexError):
         a[len(a)]
+    # negative indices count from the end, as for a list
+    assert a.draw(-1) == first[-1] and a.draw(-len(a)) == first[0]
+    with pytest.raises(IndexError):
+        a[-len(a) - 1]
 
 
 def test_padding_and_masks_across_embodiments(mixed):
