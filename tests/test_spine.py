@@ -343,6 +343,15 @@ def test_prompt_cache_follows_the_state_text_and_the_template(tiny_vlm_dirs):
     uncached._prompt_cache.clear()
     torch.testing.assert_close(processor(images=views, text="open the drawer", state=low)["input_ids"],
                                uncached(images=views, text="open the drawer", state=low)["input_ids"])  # fmt: skip
+    # another image size gives other image-token runs for the same text and state
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    processor.image_size = uncached.image_size = [2 * factor, 3 * factor]
+    uncached._prompt_cache.clear()
+    resized = processor(images=views, text="open the drawer", state=low)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (resized["input_ids"] == image_id).sum() == 2 * 6  # two views of 2 × 3 merged tokens
+    torch.testing.assert_close(resized["input_ids"],
+                               uncached(images=views, text="open the drawer", state=low)["input_ids"])  # fmt: skip
     with pytest.raises(ValueError, match=r"text\[0\]: expected str, got list"):
         processor(images=views, text=[["open the drawer"]], state=low)
 
