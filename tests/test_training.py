@@ -323,6 +323,29 @@ def test_eval_metrics_in_robot_units(vlm_dir, dataset, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(model(**inputs).loss.item(), rel=1e-5)
 
 
+def test_eval_decodes_each_sample_with_its_own_embodiments_statistics(vlm_dir, dataset, tmp_path):
+    from hf_vla.normalization import unnormalize
+
+    model, processor = make_model(vlm_dir, dataset)
+    toy = processor.norm_stats["toy"]
+    wide = {**toy, "action": {**toy["action"], "q01": [v - 5.0 for v in toy["action"]["q01"]],
+                              "q99": [v + 5.0 for v in toy["action"]["q99"]]}}  # fmt: skip
+    processor.set_norm_stats("wide", wide)
+    samples = [{**dataset[i], "embodiment": key} for i, key in zip(range(2, 6), ("toy", "wide", "wide", "toy"))]
+    trainer = VLATrainer(model, training_args(tmp_path), eval_dataset=samples, processing_class=processor)
+    metrics = trainer.evaluate()
+
+    batch = VLACollator(processor)(samples)
+    inputs = {k: v for k, v in batch.items() if k not in ("raw_actions", "embodiment")}
+    normalized = model.predict_action(**inputs).numpy()
+    predicted = np.stack([unnormalize(normalized[b], processor.norm_stats[s["embodiment"]]["action"])
+                          for b, s in enumerate(samples)])  # fmt: skip
+    target = np.stack([s["actions"] for s in samples])
+    error = (predicted - target)[np.stack([s["action_mask"] for s in samples])]
+    assert metrics["eval_action_l1"] == pytest.approx(np.abs(error).mean(), rel=1e-5)
+    assert metrics["eval_action_mse"] == pytest.approx((error**2).mean(), rel=1e-5)
+
+
 def test_action_error_metrics_mask_steps_and_leave_out_undecodable_chunks():
     from transformers import EvalPrediction
 
