@@ -536,6 +536,14 @@ def test_recipe_overrides():
                          defaults={"trainer": {"learning_rate": {"base": 1e-4, "vlm": {"model": {"visual": 1e-5}}}}})
     assert split_trainer_section(recipe["trainer"])[1] == {"vlm.model.visual": 1e-5, "vlm": 3e-5}
 
+    # a comma-separated freeze list may have spaces after its commas; exponents need no sign or dot to be floats
+    recipe = load_recipe(None, ["--trainer.freeze", "vlm.model.visual, action_head", "--trainer.max_grad_norm", "1e1",
+                                "--trainer.weight_decay", "5E-2"])  # fmt: skip
+    fields, _, freeze, _ = split_trainer_section(recipe["trainer"])
+    assert freeze == ["vlm.model.visual", "action_head"]
+    assert fields == {"max_grad_norm": 10.0, "weight_decay": 0.05}
+    assert all(type(value) is float for value in fields.values())
+
     for override, message in [(["--trainer.learning_rate.action_head", "abc"], r"learning_rate\.action_head: .*'abc'"),
                               (["--trainer.learning_rate.action_head", "null"], r"learning_rate\.action_head: .*None"),
                               (["--trainer.learning_rate", "fast"], r"trainer\.learning_rate: expected a number"),
