@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_vla.heads.dit import AdaLayerNorm, DiT, timestep_sinusoidal_embedding
+from hf_vla.heads.dit import AdaLayerNorm, DiT, attention_mask_from_key_padding, timestep_sinusoidal_embedding
 from hf_vla.heads.flow_matching import FlowMatchingActionHead, action_time_sinusoidal_embedding
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,6 +279,25 @@ def test_time_sampling_distribution():
     assert t.min() >= 0 and t.max() <= 1
     # u ~ Beta(1.5, 1): E[u] = 0.6, so E[t] = (0.999 - 0.6) / 0.999.
     assert t.mean().item() == pytest.approx((0.999 - 0.6) / 0.999, abs=0.01)
+
+
+def test_key_padding_mask_hides_padding_and_a_sample_without_real_tokens_attends_to_all():
+    mask = torch.tensor([[False, True, True], [False, False, False], [True, True, True]])
+    additive = attention_mask_from_key_padding(mask)
+    inf = float("-inf")
+    expected = torch.tensor([[inf, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])[:, None, None, :]
+    assert additive.shape == (3, 1, 1, 3) and torch.equal(additive, expected)
+
+    torch.manual_seed(0)
+    dit = DiT(num_attention_heads=2, attention_head_dim=8, num_layers=2, output_dim=5, cross_attention_dim=6).eval()
+    tokens, condition = torch.randn(3, 4, 16), torch.randn(3, 3, 6)
+    with torch.no_grad():
+        masked = dit(tokens, torch.tensor([1, 2, 3]), condition, mask)
+        unmasked = dit(tokens, torch.tensor([1, 2, 3]), condition)
+        dropped = dit(tokens[:1, :], torch.tensor([1]), condition[:1, 1:])  # sample 0 without its padded token
+    assert torch.isfinite(masked).all()
+    torch.testing.assert_close(masked[1:], unmasked[1:])
+    torch.testing.assert_close(masked[:1], dropped)
 
 
 def test_adaptive_norm_chunk_order():
