@@ -238,3 +238,34 @@ def test_padded_batch_matches_single_samples_when_masking(flow):
         single = model.predict_action(**processor(images=views[i : i + 1], text=text[i : i + 1], state=state[i : i + 1]),
                                       noise=noise[i : i + 1])  # fmt: skip
         torch.testing.assert_close(batched[i : i + 1], single, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("condition_mask, in_training, at_inference", [
+    ("always", True, True), ("training", True, False), ("never", False, False)])  # fmt: skip
+def test_condition_mask_setting_decides_when_the_head_sees_the_padding_mask(tiny_vlm_dirs, condition_mask,
+                                                                             in_training, at_inference):
+    """"training" masks the prompt padding in the training loss only (StarVLA runs whose inference attended to it)."""
+    model, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "gr00t", condition_mask=condition_mask)
+    rng = np.random.default_rng(3)
+    inputs = processor(images=random_views(rng, 2), text=["open", "open the top drawer of the cabinet slowly"],
+                       state=rng.normal(size=(2, 6)))  # fmt: skip
+    padding = inputs["attention_mask"].bool()
+    assert not padding.all()
+    seen = {}
+
+    def recording(step, method):  # the head's method, noting the condition mask it is given
+        def call(conditions, mask, *args, **kwargs):
+            seen[step] = mask
+            return method(conditions, mask, *args, **kwargs)
+
+        return call
+
+    model.action_head.forward = recording("loss", model.action_head.forward)
+    model.action_head.sample = recording("predict", model.action_head.sample)
+    with torch.no_grad():
+        model(**inputs, actions=torch.zeros(2, 4, 7))
+        model.predict_action(**inputs)
+    for step, expected in (("loss", in_training), ("predict", at_inference)):
+        assert (seen[step] is not None) == expected, step
+        if expected:
+            assert torch.equal(seen[step], padding), step
