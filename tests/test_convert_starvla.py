@@ -29,6 +29,7 @@ from hf_vla.hub.convert_starvla import (
     choose_condition_mask,
     choose_state_modes,
     convert_starvla,
+    image_size_for,
     main,
     map_key,
 )
@@ -429,6 +430,15 @@ def test_attention_mode_decision():
     assert decide("pi_v3", {"use_canonical_forward": True, "interleave_self_attention": True}, override=False) is False
     assert decide("gr00t", {"interleave_self_attention": True}) is True  # GR00T always honoured the flag
     assert decide("oft") is None
+
+
+def test_image_size_is_height_width_of_starvlas_pil_size():
+    """obs_image_size is a PIL size, (width, height); default_image_resolution is [C, H, W]; [height, width] out."""
+    assert image_size_for({"framework": {"obs_image_size": [320, 240]}}) == [240, 320]
+    assert image_size_for({"datasets": {"vla_data": {"obs_image_size": [256, 128]}}}) == [128, 256]
+    assert image_size_for({"datasets": {"vla_data": {"obs_image_size": [96]}}}) == [96, 96]
+    assert image_size_for({"datasets": {"vla_data": {"default_image_resolution": [3, 180, 320]}}}) == [180, 320]
+    assert image_size_for({}) == [224, 224]
 
 
 def test_condition_mask_decision(tmp_path):
