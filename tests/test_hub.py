@@ -12,6 +12,7 @@ from conftest import make_oft
 from fake_hub import FakeHub
 from transformers import AutoProcessor
 
+from hf_vla import AutoModelForVLA
 from hf_vla.hub import build_model_card, push_model
 
 
@@ -46,6 +47,9 @@ def test_card_carries_metadata_and_computed_sections(model_dir):
     assert "| drawer-open | 90.0% | 20 | 70.0–97.0% |" in text
     assert "variant: oft" in text and "| `bridge` | q99 | q99 | abs | 256 |" in text
     assert 'AutoModelForVLA.from_pretrained("tester/tiny-oft"' in text
+    assert 'unnorm_key="bridge")' in text  # the snippet decodes with the model's statistics key
+    model = AutoModelForVLA.from_pretrained(model_dir)
+    assert f"| **total** | **{sum(p.numel() for p in model.parameters()):,}** |" in text
 
 
 @pytest.mark.parametrize("variant, state_line", [

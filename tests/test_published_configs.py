@@ -70,3 +70,10 @@ def test_oft_head_matches_starvla_at_published_config(vlm_config, hidden, expect
     assert {"vlm.lm_head.weight", "vlm.model.language_model.embed_tokens.weight"} <= keys
     assert any(k.startswith("vlm.model.visual.") for k in keys)
     assert model.vlm.model.language_model.embed_tokens.weight.shape == (151936, hidden)
+
+    # the model card's parameter table counts the tied LM head once (model.parameters() yields it once)
+    from hf_vla.hub.card import parameter_table
+
+    table = dict(parameter_table(model))
+    assert "vlm.lm_head" not in table and table["action_head.fc1"] == hidden * 2 * hidden + 2 * hidden
+    assert sum(table.values()) == sum(p.numel() for p in model.parameters())
