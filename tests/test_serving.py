@@ -213,6 +213,8 @@ def test_starvla_request_shapes(server, policy):
         assert (reply["status"], reply["ok"], reply["type"], reply["request_id"]) == ("ok", True,
                                                                                       "inference_result", "r1")
         np.testing.assert_allclose(reply["data"]["actions"], expected, atol=1e-5)
+        _, normalized = policy.predict(obs, unnorm_key="other", return_normalized=True)
+        np.testing.assert_allclose(reply["data"]["normalized_actions"], normalized, atol=1e-5)
         flat = client.request({"type": "predict_action", "examples": examples[:1], "unnorm_key": "other",
                                "do_sample": False})
         np.testing.assert_allclose(flat["data"]["actions"], expected[:1], atol=1e-5)
@@ -671,6 +673,13 @@ def test_post_processing_per_connection(server, policy):
         np.testing.assert_allclose(actions[:, :3], obs["state"][:3] + np.cumsum(raw[:2, :3], axis=0), atol=1e-5)
         np.testing.assert_allclose(actions[:, 3:6], raw[:2, 3:6], atol=1e-5)
         np.testing.assert_array_equal(actions[:, 6], np.where(raw[:2, 6] > 0, 1.0, -1.0))
+        # a StarVLA-form reply on the same connection: normalized_actions, the model's own output, cut to 2 steps too
+        _, normalized = policy.predict(obs, return_normalized=True)
+        example = {"image": [obs["images"][c] for c in CAMERAS], "lang": obs["instruction"], "state": obs["state"]}
+        data = client.request({"type": "infer", "payload": {"examples": [example]}})["data"]
+        assert data["actions"].shape == data["normalized_actions"].shape == (1, 2, 7)
+        np.testing.assert_allclose(data["actions"][0], actions, atol=1e-5)
+        np.testing.assert_allclose(data["normalized_actions"][0], normalized[:2], atol=1e-5)
 
         with pytest.raises(ServerError, match="state: missing"):
             client.infer({"images": obs["images"], "prompt": obs["instruction"]})
