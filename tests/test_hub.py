@@ -195,7 +195,7 @@ def test_a_new_release_replaces_the_files_of_the_last_one(model_dir, tmp_path):
         from hf_vla.hub import build_model_card, push_model
 
         push_model({str(first)!r}, "tester/releases", remote_code=True)  # unsharded, with eval results and modules
-        for user_file in ("notes/extra.txt", "handler.py", "LICENSE.txt"):  # the user's, not a release's
+        for user_file in ("notes/extra.txt", "handler.py", "LICENSE.txt", "model_variants/small.safetensors"):
             HfApi().upload_file(path_or_fileobj=b"x", path_in_repo=user_file, repo_id="tester/releases")
         model = AutoModelForVLA.from_pretrained({str(first)!r})
         torch.nn.init.normal_(next(model.action_head.parameters()))  # new weights, saved as shards
@@ -212,7 +212,8 @@ def test_a_new_release_replaces_the_files_of_the_last_one(model_dir, tmp_path):
     assert report["same"]  # the shards, not the first release's model.safetensors
     assert "model.safetensors" not in files and "model.safetensors.index.json" in files
     assert "eval_results.json" not in files and [f for f in files if f.endswith(".py")] == ["handler.py"]
-    assert {"README.md", "notes/extra.txt", "LICENSE.txt"} <= set(files)  # not release files: left alone
+    # the user's files, not a release's (a folder's weights too, though `model*.safetensors` matches across "/"):
+    assert {"README.md", "notes/extra.txt", "LICENSE.txt", "model_variants/small.safetensors"} <= set(files)
     assert 'AutoModelForVLA.from_pretrained("tester/releases", revision="v2", dtype=torch.bfloat16)' in report["card"]
     assert not (second / "modeling_oft.py").exists()
 
