@@ -231,11 +231,14 @@ def test_a_run_on_relative_actions_needs_their_dimensions_named(vlms, tmp_path, 
                                                      r"predicts actions relative to the state on the keys "
                                                      r"\['action\.eef_position'\]\. .*--relative-actions"):
         convert_starvla(run, tmp_path / "out")
-    with pytest.raises(StarVLAConversionError, match=r"relative_actions: expected 7 per-dimension modes, got 2"):
-        convert_starvla(run, tmp_path / "out", relative_actions="delta,abs")
+    for given, message in (("delta,abs", r"relative_actions: expected 7 per-dimension modes, got 2"),
+                           ("rel", r"relative_actions: expected 'abs' or the run's 'delta' \(datasets\.vla_data\."
+                                   r"action_mode\) per dimension, got \['rel'\]")):  # fmt: skip
+        with pytest.raises(StarVLAConversionError, match=message):
+            convert_starvla(run, tmp_path / "out", relative_actions=given)
     modes = ["delta"] * 3 + ["abs"] * 4
     capsys.readouterr()
-    assert main([str(run), str(tmp_path / "out"), "--relative-actions", ",".join(modes)]) == 0
+    assert main([str(run), str(tmp_path / "out"), "--relative-actions", ", ".join(modes)]) == 0  # spaces allowed
     printed = capsys.readouterr().out
     assert "actions: 'delta' on dimensions [0, 1, 2] relative to the state (explicit argument)" in printed
     processor = VLAProcessor.from_pretrained(tmp_path / "out")

@@ -76,11 +76,11 @@ def test_card_lists_the_relative_dimensions(model_dir, tmp_path):
     processor = AutoProcessor.from_pretrained(run)
     stats = processor.norm_stats["bridge"]
     processor.set_norm_stats("bridge", {**stats, "action_mode": ["delta"] * 6 + ["abs"]})
-    processor.set_norm_stats("arm", {**stats, "action_mode": "rel"})
+    processor.set_norm_stats("arm", {**stats, "action_mode": ["rel"] * 3 + ["delta"] * 3 + ["abs"]})
     processor.save_pretrained(run)
     text = build_model_card(run, repo_id="tester/run").text
     assert "| `bridge` | q99 | q99 | delta (dimensions 0, 1, 2, 3, 4, 5) | 256 |" in text
-    assert "| `arm` | q99 | q99 | rel | 256 |" in text
+    assert "| `arm` | q99 | q99 | rel (dimensions 0, 1, 2); delta (dimensions 3, 4, 5) | 256 |" in text
 
 
 def test_card_shows_a_missing_or_partial_interval_as_a_dash(model_dir, tmp_path):

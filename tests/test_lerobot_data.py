@@ -171,7 +171,7 @@ def test_per_dimension_action_modes_leave_the_absolute_dimensions_as_recorded(ro
     vlm = tiny_vlm_dirs["qwen2_5_vl"]
     processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
                              action_dim=4, action_horizon=3, state_dim=4)  # fmt: skip
-    # openpi's delta actions for an arm whose last dimension is the gripper; and every kind at once
+    # StarVLA's delta for an arm whose last dimension is the gripper (openpi's is "rel"); and every kind at once
     for modes in (["delta"] * 3 + ["abs"], ["rel", "delta", "abs", "rel"]):
         ds = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=modes)
         actions = ds[row_of(episodes, 1, 3)]["actions"]
@@ -201,7 +201,7 @@ def test_per_dimension_action_modes_leave_the_absolute_dimensions_as_recorded(ro
 
 def test_a_wider_state_lines_up_with_the_relative_dimensions(tmp_path, tiny_vlm_dirs):
     # openpi's LIBERO layout: an 8-value state (eef position, axis-angle, two gripper fingers) under 7-D actions whose
-    # first 6 dimensions are deltas; here 6 state values under 4-D actions, 3 of them relative
+    # first 6 dimensions are relative (its "delta" actions); here 6 state values under 4-D actions, 3 of them relative
     source = synthetic_episodes(2, 10, state_dim=6, action_dim=4, cameras=())
     root = write_lerobot_dataset(tmp_path / "wide", source, FPS, video=False)
     ds = load_lerobot(root, action_horizon=2, cameras=[], action_mode=["rel"] * 3 + ["abs"])

@@ -260,13 +260,24 @@ def test_action_modes_of_a_narrower_embodiment_are_padded_absolute(robots, tmp_p
                            action_horizon=HORIZON)  # fmt: skip
     stats = mixture.compute_norm_stats()
     assert stats["small"]["action_mode"] == ["rel", "rel"] + ["abs"] * 5 and stats["arm7"]["action_mode"] == "abs"
+    uniform = load_mixture({"datasets": [{"path": str(base / "arm7")},
+                                         {"path": str(tmp_path / "small"), "action_mode": "rel"}]},
+                           action_horizon=HORIZON).compute_norm_stats()  # fmt: skip
+    assert uniform["small"]["action_mode"] == ["rel"] * 3 + ["abs"] * 4  # one mode for its own 3 dimensions
     vlm = tiny_vlm_dirs["qwen2_5_vl"]
     processor = VLAProcessor(AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
                              action_dim=7, action_horizon=HORIZON, state_dim=7)  # fmt: skip
     for key, value in stats.items():
         processor.set_norm_stats(key, value)
+    processor.set_norm_stats("uniform", uniform["small"])  # what the mixture computes, the processor takes
     with pytest.raises(ValueError, match=r"\['action_mode'\]: expected 'abs' on the padded dimensions 3\.\.6, got "):
         processor.set_norm_stats("bad", {**stats["small"], "action_mode": "rel"})  # no state value to be relative to
+    late = ["abs"] * 4 + ["rel"] + ["abs"] * 2  # action dimension 4 against a 3-value state
+    with pytest.raises(ValueError, match=r"\['action_mode'\]: 'rel' on dimensions \[4\] needs state values for action "
+                                         r"dimensions 0\.\.4, but the embodiment's state has 3"):
+        processor.set_norm_stats("bad", {**stats["arm7"], "state": stats["small"]["state"], "action_mode": late})
+    processor.set_norm_stats("listed", {**stats["arm7"], "action_mode": ["abs"] * 7})
+    assert processor.norm_stats["listed"]["action_mode"] == "abs"  # stored in one form: equal modes compare equal
     sample = mixture.entries[1].dataset[4]
     normalized = processor(images=[[np.zeros((8, 8, 3), np.uint8)]], text=["go"], actions=np.pad(
         sample["actions"], ((0, 0), (0, 4)))[None], embodiment="small")["actions"]  # fmt: skip

@@ -122,5 +122,5 @@ def test_action_modes_per_dimension_round_trip_in_float32():
     back = absolute_actions(relative, state, modes)
     assert back.dtype == np.float32 and absolute_actions(actions, state, "abs").dtype == np.float32
     np.testing.assert_allclose(back, actions, rtol=1e-5, atol=1e-5)
-    assert describe_action_mode(modes) == "'delta' on dimensions [1, 3], 'rel' on dimensions [0]"
+    assert describe_action_mode(modes) == "'rel' on dimensions [0], 'delta' on dimensions [1, 3]"
     assert describe_action_mode("delta") == "'delta'"

@@ -65,7 +65,7 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)  # the rest goes to train_vla.py, e.g. --trainer.seed 1
     if args.skip_training and overrides:
         parser.error(f"--skip-training: train_vla.py overrides {overrides} would be ignored; drop them")
-    output, data = Path(args.output), Path(args.data)
+    output, data = Path(args.output).expanduser(), Path(args.data).expanduser()
     timings = {}
 
     if not args.skip_training:  # evaluating an existing model needs no demonstrations

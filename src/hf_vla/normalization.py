@@ -139,8 +139,8 @@ def validate_feature_stats(stats: Mapping, field: str) -> int:
 
 
 def expand_action_modes(mode, action_dim: int, field: str = "action_mode") -> list[str]:
-    """One action mode per dimension, from one mode or a checked per-dimension list. openpi's delta actions, for
-    instance, leave the gripper absolute: `["delta"] * 6 + ["abs"]`."""
+    """One action mode per dimension, from one mode or a checked per-dimension list. openpi's delta actions (each
+    step minus the chunk's first state, hf_vla's "rel") leave the gripper absolute: `["rel"] * 6 + ["abs"]`."""
     modes = [mode] * action_dim if isinstance(mode, str) else mode
     if not isinstance(modes, (list, tuple)) or not all(isinstance(m, str) for m in modes):
         raise ValueError(f"{field}: expected one of {list(ACTION_MODES)} or one per action dimension, got "
@@ -189,13 +189,14 @@ def describe_action_mode(mode: str | Sequence[str]) -> str:
     """`'delta'`, or `'delta' on dimensions [0, 1, 2]` for a per-dimension list (its absolute dimensions left out)."""
     if isinstance(mode, str):
         return repr(mode)
-    kinds = [m for m in ACTION_MODES if m != "abs" and m in mode]
+    kinds = [m for m in dict.fromkeys(mode) if m != "abs"]  # in order of their first dimension
     return ", ".join(f"{k!r} on dimensions {[i for i, m in enumerate(mode) if m == k]}" for k in kinds) or "'abs'"
 
 
 def apply_action_mode(actions: np.ndarray, state: np.ndarray, mode: str | Sequence[str]) -> np.ndarray:
     """Absolute actions [..., T, D] and the state [..., S] → actions in `mode` (see ACTION_MODES; one mode, or one
     per dimension). Action dimension i is relative to state dimension i."""
+    actions = np.asarray(actions)
     modes = expand_action_modes(mode, actions.shape[-1])
     if not is_relative(modes):
         return actions

@@ -23,7 +23,7 @@ from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
     FeatureNormalizer, absolute_actions, compute_stats, describe_action_mode, expand_action_modes, finite_float32,
-    is_relative, numeric_array, relative_state_width, validate_feature_stats
+    compact_action_mode, is_relative, numeric_array, relative_state_width, validate_feature_stats
 )
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`
@@ -203,6 +203,13 @@ class VLAProcessor(ProcessorMixin):
         if is_relative(modes[own:]):  # a padded dimension has no state value to be relative to
             raise ValueError(f"{field}: expected 'abs' on the padded dimensions {own}..{self.action_dim - 1}, got "
                              f"{modes[own:]}")
+        needed = relative_state_width(modes, self.action_dim)
+        state_width = stats["state"].get("embodiment_dim", self.state_dim) if "state" in stats else None
+        if state_width is not None and state_width < needed:  # action dimension i is relative to state dimension i
+            raise ValueError(f"{field}: {describe_action_mode(compact_action_mode(modes))} needs state values for "
+                             f"action dimensions 0..{needed - 1}, but the embodiment's state has {state_width}")
+        if "action_mode" in stats:  # one form per meaning: "rel" and ["rel"] * D compare equal afterwards
+            stats = {**stats, "action_mode": compact_action_mode(modes)}
         self.norm_stats[key] = _json_copy(stats, f"norm_stats[{key!r}]")
         self._normalizers.clear()
 
@@ -668,7 +675,8 @@ class VLAProcessor(ProcessorMixin):
         modes = expand_action_modes(mode, self.action_dim)[:width]  # the statistics' width is the model's
         needed = relative_state_width(modes, width)  # action dimension i is relative to state dimension i
         if state.shape[-1] < needed or (self.state_dim and state.shape[-1] not in (own_state, self.state_dim)):
-            widths = f"{own_state} or {self.state_dim}" if own_state != self.state_dim else f"{self.state_dim}"
+            widths = (f"{self.state_dim} (the model's state width) or {own_state} (the embodiment's own)"
+                      if own_state != self.state_dim else f"{self.state_dim} (the model's state width)")
             expected = widths if self.state_dim else f"at least {needed}"
             raise ValueError(f"state: {describe_action_mode(mode)} actions of embodiment {key!r} are relative to its "
                              f"first {needed} state values; expected {expected} values, got {state.shape[-1]}")

@@ -8,8 +8,8 @@
 `actions` holds the frame's action and the next T-1 of the same episode. Steps past the episode end are padded by
 repeating the last valid action (in raw space, before the action_mode transform, as StarVLA's GR00T-derived loader
 does) and are False in `action_mask`. action_mode: "abs" raw; "rel" a_t - s_0; "delta" a_0 - s_0, then a_t - a_{t-1}
-(padded steps are therefore zero deltas). One mode per dimension is taken too, e.g. `["delta"] * 6 + ["abs"]` for
-openpi's delta actions with the gripper left absolute.
+(padded steps are therefore zero deltas). One mode per dimension is taken too, e.g. `["rel"] * 6 + ["abs"]` for
+openpi's delta actions (its `DeltaActions` subtracts the first state from every step) with the gripper left absolute.
 
 All numeric columns are loaded once into numpy; images come from the videos through a pluggable decoder
 (`hf_vla.data.video`) or from PNG bytes embedded in the parquet (image-mode datasets).
@@ -65,8 +65,9 @@ class LeRobotDataset(Dataset):
         state_key: the state feature; None for none. The default, "observation.state", may be absent (samples then
             have no "state"); any other name must be a feature of the dataset.
         action_key: the action feature.
-        action_mode: "abs", "delta" or "rel", or one of them per action dimension: openpi keeps the gripper absolute,
-            `["delta"] * 6 + ["abs"]`. Action dimension i is relative to state dimension i, which must exist.
+        action_mode: "abs", "delta" or "rel", or one of them per action dimension: openpi's delta actions keep the
+            gripper absolute, `["rel"] * 6 + ["abs"]`. Action dimension i is relative to state dimension i, which must
+            exist (a wider state's extra values are not read).
         camera_rename: {feature key: output name} for the "images" dict.
         decoder: a video decoder (object with `decode(path, timestamps)` or such a callable); PyAV when None.
     """
@@ -511,12 +512,15 @@ if __name__ == "__main__":
     parser.add_argument("root", nargs="?", help="dataset directory (default: a synthetic one in a temporary folder)")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--action-horizon", type=int, default=4)
-    parser.add_argument("--action-mode", default="abs", choices=ACTION_MODES)
+    parser.add_argument("--action-mode", default="abs", help=f"one of {list(ACTION_MODES)}, or one per action "
+                        "dimension comma-separated")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         if args.root is None:
             from .lerobot_writer import synthetic_episodes, write_lerobot_dataset
 
             args.root = write_lerobot_dataset(Path(scratch) / "synthetic", synthetic_episodes(), fps=10)
-        print(_summary(load_lerobot(args.root, action_horizon=args.action_horizon, action_mode=args.action_mode),
+        mode = [m.strip() for m in args.action_mode.split(",")]
+        mode = mode[0] if len(mode) == 1 else mode
+        print(_summary(load_lerobot(args.root, action_horizon=args.action_horizon, action_mode=mode),
                        args.index))

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..normalization import STAT_NAMES, describe_action_mode, expand_modes
+from ..normalization import STAT_NAMES, describe_action_mode, expand_action_modes, expand_modes, is_relative
 from .lerobot import LeRobotDataset, compute_union_stats, load_lerobot
 
 DEFAULT_NORM_MODE = "q99"
@@ -179,10 +179,11 @@ class VLAMixture(Dataset):
         for key in self.embodiments:
             members = [k for k, entry in enumerate(self.entries) if entry.embodiment == key]
             group = self._group_stats(key, members)
+            own = len(group["action"]["mode"])
             group["action"] = _pad_feature_stats(group["action"], self.action_dim)
             mode = group.get("action_mode", "abs")
-            if not isinstance(mode, str):  # padded dimensions are absolute (identity, zero)
-                group["action_mode"] = list(mode) + ["abs"] * (self.action_dim - len(mode))
+            if is_relative(mode) and own < self.action_dim:  # padded dimensions are absolute (identity, zero)
+                group["action_mode"] = expand_action_modes(mode, own) + ["abs"] * (self.action_dim - own)
             if self.state_dim:
                 group["state"] = _pad_feature_stats(group.get("state"), self.state_dim)
             else:

@@ -356,12 +356,19 @@ def choose_relative_actions(config: dict, action_dim: int, override=None) -> tup
     action dimension i absolute from state dimension i, and only the user knows how StarVLA's `apply_keys` and
     `state_map` (modality keys of the dataset) line up with that."""
     run_mode = _get(config, "datasets.vla_data.action_mode") or "abs"
+    if run_mode not in ACTION_MODES:
+        raise StarVLAConversionError(f"datasets.vla_data.action_mode: expected one of {list(ACTION_MODES)}, got "
+                                     f"{run_mode!r}")
     if override is not None:
-        modes = override.split(",") if isinstance(override, str) else list(override)
+        modes = [m.strip() for m in override.split(",")] if isinstance(override, str) else list(override)
         try:
             modes = expand_action_modes(modes[0] if len(modes) == 1 else modes, action_dim, "relative_actions")
         except ValueError as err:
             raise StarVLAConversionError(str(err)) from None
+        other = sorted({m for m in modes if m not in ("abs", run_mode)})
+        if other:  # "rel" decodes a + s_0, "delta" s_0 + cumsum(a): only the run's own kind gives its actions back
+            raise StarVLAConversionError(f"relative_actions: expected 'abs' or the run's {run_mode!r} "
+                                         f"(datasets.vla_data.action_mode) per dimension, got {other}")
         return compact_action_mode(modes), "explicit argument"
     if run_mode == "abs":
         return "abs", "datasets.vla_data.action_mode"
