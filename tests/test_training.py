@@ -346,6 +346,35 @@ def test_eval_decodes_each_sample_with_its_own_embodiments_statistics(vlm_dir, d
     assert metrics["eval_action_mse"] == pytest.approx((error**2).mean(), rel=1e-5)
 
 
+def test_eval_on_a_mixture_scores_each_embodiment_at_its_own_width(vlm_dir, dataset, tmp_path):
+    from hf_vla.data import MixtureEntry, VLAMixture
+    from hf_vla.data.lerobot_writer import synthetic_episodes
+
+    narrow_root = write_lerobot_dataset(tmp_path / "narrow", synthetic_episodes(2, 6, size=16, state_dim=2, action_dim=2),
+                                        fps=10, video=False)
+    narrow = load_lerobot(narrow_root, action_horizon=HORIZON, camera_rename=CAMERAS)
+    mixture = VLAMixture([MixtureEntry(dataset, 1.0, "toy"), MixtureEntry(narrow, 1.0, "narrow")], seed=0)
+    model, processor = make_model(vlm_dir, dataset)
+    for key, stats in mixture.compute_norm_stats().items():
+        processor.set_norm_stats(key, stats)
+    samples = [mixture[i] for i in range(8)]
+    assert {s["embodiment"] for s in samples} == {"toy", "narrow"}
+    trainer = VLATrainer(model, training_args(tmp_path), eval_dataset=samples, processing_class=processor)
+    metrics = trainer.evaluate()  # the narrow embodiment decodes to 2 of the model's 3 dimensions
+
+    batch = VLACollator(processor)(samples)
+    inputs = {k: v for k, v in batch.items() if k not in ("raw_actions", "embodiment")}
+    normalized = model.predict_action(**inputs).numpy()
+    errors = []
+    for b, sample in enumerate(samples):
+        predicted = processor.decode_actions(normalized[b], unnorm_key=sample["embodiment"])
+        width = predicted.shape[-1]
+        errors.append((predicted - sample["actions"][:, :width])[sample["action_mask"][:, :width]])
+    error = np.concatenate(errors)
+    assert metrics["eval_action_l1"] == pytest.approx(np.abs(error).mean(), rel=1e-5)
+    assert metrics["eval_action_mse"] == pytest.approx((error**2).mean(), rel=1e-5)
+
+
 def test_action_error_metrics_mask_steps_and_leave_out_undecodable_chunks():
     from transformers import EvalPrediction
 

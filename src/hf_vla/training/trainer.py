@@ -11,7 +11,8 @@ checkpoints, resuming, logging integrations — is Trainer's own):
   `action_loss` and `vlm_loss` are logged beside `loss`;
 * evaluation in robot units: `evaluate()` runs `predict_action`, decodes with the processor's statistics of each
   sample's embodiment and reports `eval_action_l1` / `eval_action_mse` against the un-normalised targets over the
-  valid steps (and `eval_action_valid_fraction`: token heads may emit a chunk that does not decode);
+  valid steps and dimensions (a mixture's narrower embodiment on its own ones), and `eval_action_valid_fraction`
+  (token heads may emit a chunk that does not decode);
 * the processor is the Trainer's `processing_class`, so `save_model()` and every `checkpoint-N` hold a loadable model
   directory (weights, config, processor files) next to Trainer's optimizer / scheduler / RNG state;
 * a training dataset with `set_epoch` (`VLAMixture`) is told each epoch: with several processes, accelerate's
@@ -438,10 +439,13 @@ class VLATrainer(Trainer):
 
     def _decode(self, predicted: torch.Tensor, embodiments: Sequence[str | None]) -> torch.Tensor:
         predicted = predicted.detach().float().cpu().numpy()
-        decoded = np.empty_like(predicted)
+        # a mixture pads narrower embodiments to the model's width: one key decodes to the embodiment's own width, and
+        # the padded dimensions (masked out of the targets) stay 0
+        decoded = np.zeros_like(predicted)
         for key in dict.fromkeys(embodiments):
             rows = [b for b, k in enumerate(embodiments) if k == key]
-            decoded[rows] = self.processing_class.decode_actions(predicted[rows], unnorm_key=key)
+            own = self.processing_class.decode_actions(predicted[rows], unnorm_key=key)
+            decoded[rows, ..., : own.shape[-1]] = own
         return torch.from_numpy(decoded)
 
 
