@@ -83,6 +83,30 @@ def test_card_lists_the_relative_dimensions(model_dir, tmp_path):
     assert "| `arm` | q99 | q99 | rel (dimensions 0, 1, 2); delta (dimensions 3, 4, 5) | 256 |" in text
 
 
+def test_card_snippet_returns_absolute_actions_for_relative_statistics(model_dir, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    run = shutil.copytree(model_dir, tmp_path / "run")
+    processor = AutoProcessor.from_pretrained(run)
+    stats = processor.norm_stats["bridge"]
+    processor.set_norm_stats("bridge", {**stats, "action_mode": ["rel"] * 6 + ["abs"]})  # openpi's: gripper absolute
+    processor.save_pretrained(run)
+    snippet = build_model_card(run, repo_id=str(run)).text.split("```python\n")[1].split("```")[0]
+    rng = np.random.default_rng(0)
+    primary, wrist = (rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(2))
+    state = 10 + rng.normal(size=6).astype(np.float32)
+    namespace = {"primary": primary, "wrist": wrist, "state": state}
+    exec(snippet, namespace)  # the card's own code, as a user copies it
+
+    model, processor = namespace["model"], namespace["processor"]
+    relative = processor.decode_actions(model.predict_action(**namespace["inputs"]), unnorm_key="bridge")
+    expected = relative.copy()
+    expected[..., :6] += state
+    np.testing.assert_allclose(namespace["actions"], expected, rtol=1e-6)
+
+
 def test_card_shows_a_missing_or_partial_interval_as_a_dash(model_dir, tmp_path):
     import shutil
 

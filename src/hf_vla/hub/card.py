@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..normalization import is_relative
+
 STARVLA_NAMES = {"oft": "StarVLA QwenOFT", "gr00t": "StarVLA QwenGR00T", "pi": "StarVLA QwenPI",
                  "pi_v3": "StarVLA QwenPI_v3", "fast": "StarVLA QwenFast", "bins": "OpenVLA-style bins"}  # fmt: skip
 HEADS = {
@@ -103,6 +105,8 @@ def build_model_card(
         image_size=processor.image_size,
         normalisation=normalisation,
         default_unnorm_key=next(iter(processor.norm_stats), "…"),
+        # relative actions decode to absolute ones only with the state they were predicted from
+        default_relative=is_relative(next(iter(processor.norm_stats.values()), {}).get("action_mode", "abs")),
         parameter_table=table,
         total_parameters=sum(c for _, c in table),
         # a local folder is named, not located: its path means nothing on the Hub
