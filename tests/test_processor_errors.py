@@ -130,6 +130,26 @@ def test_reserved_tokens_and_bad_stats(oft):
             processor.set_norm_stats("x", {**good, "action": {**good["action"], "embodiment_dim": width}})
 
 
+def test_an_action_mode_given_as_normalisation_mode_is_named_and_explained(oft, tmp_path):
+    """`action_mode` of compute_norm_stats / compute_stats is the normalisation mode, `action_mode` of load_lerobot
+    how actions relate to the state: "rel" passed to the former names the argument and points to the latter."""
+    from hf_vla.data import load_lerobot, write_lerobot_dataset
+    from hf_vla.data.lerobot_writer import synthetic_episodes
+
+    _, processor = oft
+    hint = r"\['rel'\] are action modes, how actions relate to the state: load the data with load_lerobot"
+    with pytest.raises(ValueError, match=r"compute_norm_stats\('x'\).action_mode: unknown normalisation mode\(s\) "
+                                         r"\['rel'\]; expected one of \['q99', .*\] \(" + hint):
+        processor.compute_norm_stats("x", np.zeros((4, 7)), np.zeros((4, 6)), action_mode="rel")
+    with pytest.raises(ValueError, match=r"compute_norm_stats\('x'\).state_mode: unknown normalisation mode"):
+        processor.compute_norm_stats("x", np.zeros((4, 7)), np.zeros((4, 6)), state_mode="abs")
+    assert "x" not in processor.norm_stats
+    root = write_lerobot_dataset(tmp_path / "data", synthetic_episodes(1, 4, size=8, cameras=("front",)), fps=10,
+                                 video=False)
+    with pytest.raises(ValueError, match=r"compute_stats.action_mode: unknown normalisation mode\(s\) \['rel'\]"):
+        load_lerobot(root).compute_stats(action_mode=["rel"] * 3 + ["q99"])
+
+
 def test_model_rejects_wrong_query_count_and_action_shape(oft):
     model, processor = oft
     inputs = call(processor)

@@ -67,8 +67,9 @@ def finite_float32(array: np.ndarray, field: str) -> np.ndarray:
     return converted
 
 
-def compute_stats(values: np.ndarray | Sequence, mode: str | Sequence[str] = "q99") -> dict:
-    """Statistics of a `[N, D]` array (rows are samples) in the processor's format, with a per-dimension mode."""
+def compute_stats(values: np.ndarray | Sequence, mode: str | Sequence[str] = "q99", field: str = "mode") -> dict:
+    """Statistics of a `[N, D]` array (rows are samples) in the processor's format, with a per-dimension mode
+    (`field` names `mode` in errors)."""
     x = np.asarray(values, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
@@ -86,7 +87,7 @@ def compute_stats(values: np.ndarray | Sequence, mode: str | Sequence[str] = "q9
         "q99": np.quantile(x, 0.99, axis=0),
     }
     stats = {k: v.astype(np.float32).tolist() for k, v in stats.items()}
-    stats["mode"] = expand_modes(mode, dim, "mode")
+    stats["mode"] = expand_modes(mode, dim, field)
     return stats
 
 
@@ -97,7 +98,12 @@ def expand_modes(mode: str | Sequence[str], dim: int, field: str) -> list[str]:
         raise ValueError(f"{field}: expected {dim} per-dimension modes, got {len(modes)}")
     unknown = sorted(set(modes) - set(NORM_MODES))
     if unknown:
-        raise ValueError(f"{field}: unknown normalisation mode(s) {unknown}; expected one of {list(NORM_MODES)}")
+        hint = ""
+        if set(unknown) <= set(ACTION_MODES):  # e.g. compute_stats(action_mode="rel"): the other meaning of the name
+            hint = (f" ({unknown} are action modes, how actions relate to the state: load the data with "
+                    "load_lerobot(..., action_mode=...), whose compute_stats records it, or set the statistics' "
+                    "'action_mode' key)")
+        raise ValueError(f"{field}: unknown normalisation mode(s) {unknown}; expected one of {list(NORM_MODES)}{hint}")
     return modes
 
 

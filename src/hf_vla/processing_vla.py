@@ -218,10 +218,11 @@ class VLAProcessor(ProcessorMixin):
         if not isinstance(key, str) or not key:
             raise ValueError(f"norm_stats: expected a non-empty string key, got {key!r}")
         actions = self._flatten_rows(actions, self.action_dim, f"compute_norm_stats({key!r}).actions")
-        stats = {"action": compute_stats(actions, action_mode), "num_transitions": int(actions.shape[0])}
+        stats = {"action": compute_stats(actions, action_mode, f"compute_norm_stats({key!r}).action_mode"),
+                 "num_transitions": int(actions.shape[0])}
         if states is not None:
             states = self._flatten_rows(states, self.state_dim, f"compute_norm_stats({key!r}).states")
-            stats["state"] = compute_stats(states, state_mode)
+            stats["state"] = compute_stats(states, state_mode, f"compute_norm_stats({key!r}).state_mode")
         self.set_norm_stats(key, stats)
         return stats
 

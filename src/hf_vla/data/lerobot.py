@@ -326,9 +326,10 @@ class LeRobotDataset(Dataset):
         dimension), not the dataset's action_mode. Action statistics describe the actions as samples return them:
         raw actions for "abs"; for "delta"/"rel" every valid (unpadded) step of every frame's chunk.
         """
-        stats = {"action": compute_feature_stats(self._action_values_for_stats(), action_mode)}
+        actions = self._action_values_for_stats()
+        stats = {"action": compute_feature_stats(actions, action_mode, "compute_stats.action_mode")}
         if self._states is not None:
-            stats["state"] = compute_feature_stats(self._states, state_mode)
+            stats["state"] = compute_feature_stats(self._states, state_mode, "compute_stats.state_mode")
         stats["num_transitions"] = len(self)
         stats["num_trajectories"] = self.num_episodes
         stats["action_mode"] = self.action_mode  # how decoded actions become absolute again (with the state)
@@ -369,9 +370,10 @@ def compute_union_stats(datasets: Sequence[LeRobotDataset], action_mode="q99", s
         described = dict.fromkeys(describe_action_mode(mode) for mode in modes)
         raise ValueError(f"datasets of one statistics key have different action modes ({' vs '.join(described)})")
     stats = {"action": compute_feature_stats(np.concatenate([d._action_values_for_stats() for d in datasets]),
-                                             action_mode)}  # fmt: skip
+                                             action_mode, "compute_stats.action_mode")}  # fmt: skip
     if datasets[0]._states is not None:
-        stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode)
+        stats["state"] = compute_feature_stats(np.concatenate([d._states for d in datasets]), state_mode,
+                                               "compute_stats.state_mode")
     stats["num_transitions"] = int(sum(len(d) for d in datasets))
     stats["num_trajectories"] = int(sum(d.num_episodes for d in datasets))
     stats["action_mode"] = modes[0]
