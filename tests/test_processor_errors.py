@@ -311,6 +311,13 @@ def test_policy_refuses_unknown_keys_and_mismatched_processor(oft, tiny_vlm_dirs
         VLAPolicy(model, stateless_processor)
 
 
+def test_policy_refuses_an_unknown_default_unnorm_key_when_built(oft):
+    model, processor = oft
+    with pytest.raises(ValueError, match=r"unnorm_key: unknown key 'brigde'; known keys: \['bridge'\]"):
+        VLAPolicy(model, processor, unnorm_key="brigde")
+    assert VLAPolicy(model, processor, unnorm_key="bridge").unnorm_key == "bridge"
+
+
 def test_policy_of_a_stateless_model_still_checks_a_given_state(tiny_vlm_dirs):
     stateless = make_oft(tiny_vlm_dirs["qwen2_5_vl"], state_dim=0)
     policy, image = VLAPolicy(*stateless), np.zeros((48, 48, 3), np.uint8)

@@ -40,6 +40,8 @@ class VLAPolicy:
         if differ:  # e.g. a processor without state for a model that reads one would predict from no state
             raise ValueError("VLAPolicy: the processor does not match the model: "
                              + ", ".join(f"{name} {m!r} (model) vs {p!r} (processor)" for name, (m, p) in differ.items()))
+        if unnorm_key is not None:  # a misspelt default key fails here, as the server's does, not at the first call
+            processor.embodiment_key(unnorm_key, "unnorm_key")
         self.model = model.eval()
         self.processor = processor
         self.unnorm_key = unnorm_key
