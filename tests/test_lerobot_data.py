@@ -78,6 +78,110 @@ def test_v3_layout_matches_lerobot(roots):
     assert np.asarray(stats[FRONT]["mean"]).shape == (3, 1, 1) and stats["index"]["count"] == [39]
 
 
+def test_v3_metadata_values_match_the_episodes(roots, episodes, tmp_path):
+    """Values (not only keys) of info.json, the episodes parquet and the data parquet, computed from the inputs."""
+    root = roots["v3"]
+    info = json.loads((root / "meta/info.json").read_text())
+    assert (info["total_tasks"], info["fps"], info["robot_type"], info["chunks_size"]) == (2, FPS, "synthetic", 1000)
+    assert info["features"][FRONT] == {
+        "dtype": "video", "shape": [32, 32, 3], "names": ["height", "width", "channels"],
+        "info": {"video.height": 32, "video.width": 32, "video.codec": "h264", "video.pix_fmt": "yuv420p",
+                 "video.fps": 10, "video.channels": 3, "has_audio": False, "video.g": 2, "video.crf": 23,
+                 "video.preset": None, "video.fast_decode": 0, "video.video_backend": "pyav",
+                 "video.extra_options": {}, "is_depth_map": False}}
+    av1 = json.loads((roots["v3_av1"] / "meta/info.json").read_text())["features"][FRONT]["info"]
+    assert (av1["video.codec"], av1["video.crf"], av1["video.preset"]) == ("av1", 30, "12")
+    tuned = write_lerobot_dataset(tmp_path / "tuned", synthetic_episodes(1, 2, size=16, cameras=("front",)), FPS,
+                                  crf=40, gop=3)
+    tuned_info = json.loads((tuned / "meta/info.json").read_text())["features"][FRONT]["info"]
+    assert (tuned_info["video.crf"], tuned_info["video.g"]) == (40, 3)
+    lengths = [len(ep["frames"]["action"]) for ep in episodes]  # 12, 13, 14
+    starts = np.cumsum([0] + lengths[:-1]).tolist()
+    meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pandas()
+    assert meta["length"].tolist() == lengths and meta["dataset_from_index"].tolist() == starts
+    assert [list(t) for t in meta["tasks"]] == [[ep["task"]] for ep in episodes]
+    for key in (FRONT, WRIST):  # seconds into the concatenated mp4: [start, start + length) / fps
+        assert meta[f"videos/{key}/to_timestamp"].tolist() == pytest.approx([(s + n) / FPS for s, n in zip(starts, lengths)])
+    data = pq.read_table(root / "data/chunk-000/file-000.parquet")
+    expected_timestamps = np.concatenate([np.arange(n) / FPS for n in lengths])  # restarts at 0 in every episode
+    np.testing.assert_allclose(data.column("timestamp").to_numpy(), expected_timestamps, rtol=1e-6)
+    hf = json.loads(data.schema.metadata[b"huggingface"])["info"]["features"]
+    assert hf["action"] == {"feature": {"dtype": "float32", "_type": "Value"}, "length": 4, "_type": "List"}
+    assert hf["index"] == {"dtype": "int64", "_type": "Value"}
+    v21 = json.loads(pq.read_table(roots["v2.1"] / "data/chunk-000/episode_000000.parquet").schema.metadata[b"huggingface"])
+    assert v21["info"]["features"]["action"]["_type"] == "Sequence"  # datasets 2.x, which lerobot v2.1 used
+    images = pq.read_table(roots["image"] / "data/chunk-000/file-000.parquet").column(FRONT).to_pylist()
+    assert [cell["path"] for cell in images[:13]] == [f"frame-{i:06d}.png" for i in range(12)] + ["frame-000000.png"]
+
+
+def test_v3_split_files_and_keyframes(roots):
+    split = pq.read_table(roots["v3_split"] / "meta/episodes/chunk-000/file-000.parquet").to_pandas()
+    assert split["data/file_index"].tolist() == [0, 0, 1] and split["data/chunk_index"].tolist() == [0, 0, 0]
+    assert split[f"videos/{FRONT}/file_index"].tolist() == [0, 0, 1]
+    assert split[f"videos/{FRONT}/from_timestamp"].tolist() == [0.0, 1.2, 0.0]  # a new file starts at 0
+    assert (roots["v3_split"] / f"videos/{FRONT}/chunk-000/file-001.mp4").is_file()
+    import av
+
+    with av.open(str(roots["v3"] / f"videos/{FRONT}/chunk-000/file-000.mp4")) as container:
+        keyframes = [frame.key_frame for frame in container.decode(video=0)]
+    # gop 2, as info.json says: no two frames in a row without a keyframe (libx264's default interval is 250)
+    assert len(keyframes) == 39 and all(keyframes[i] or keyframes[i + 1] for i in range(38))
+
+
+def test_stats_json_and_episode_stats_match_numpy(roots, episodes):
+    """meta/stats.json: exact numeric statistics over every frame; per-channel image statistics in [0, 1] combined
+    over the episodes (exact mean/std, count-weighted quantiles); the episodes parquet holds each episode's own."""
+    stats = json.loads((roots["v3"] / "meta/stats.json").read_text())
+    actions = all_frames(episodes, "action").astype(np.float64)
+    for name, value in [("min", actions.min(0)), ("max", actions.max(0)), ("mean", actions.mean(0)),
+                        ("std", actions.std(0)), ("q01", np.quantile(actions, 0.01, axis=0)),
+                        ("q10", np.quantile(actions, 0.10, axis=0)), ("q50", np.median(actions, axis=0)),
+                        ("q99", np.quantile(actions, 0.99, axis=0))]:
+        np.testing.assert_allclose(stats["action"][name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert stats["action"]["count"] == [39] and stats["timestamp"]["max"] == pytest.approx([1.3])
+    assert stats["task_index"]["mean"] == pytest.approx([(12 * 0 + 13 * 1 + 14 * 0) / 39])
+    lengths = [12, 13, 14]
+    pixels = np.concatenate([[pixel_value(e, f, 0) for f in range(n)] for e, n in enumerate(lengths)]) / 255.0
+    front = {name: np.asarray(value).reshape(-1) for name, value in stats[FRONT].items()}
+    for name, value in [("min", pixels.min()), ("max", pixels.max()), ("mean", pixels.mean()), ("std", pixels.std())]:
+        np.testing.assert_allclose(front[name], [value] * 3, rtol=1e-9, err_msg=name)
+    per_episode_q90 = [np.quantile(np.repeat([pixel_value(e, f, 0) / 255.0 for f in range(n)], 32 * 32), 0.9)
+                       for e, n in enumerate(lengths)]  # over every pixel of the (flat) 32x32 frames
+    np.testing.assert_allclose(front["q90"], [np.average(per_episode_q90, weights=lengths)] * 3, rtol=1e-9)
+    assert stats[FRONT]["count"] == [39] and np.asarray(stats[FRONT]["q01"]).shape == (3, 1, 1)
+    meta = pq.read_table(roots["v3"] / "meta/episodes/chunk-000/file-000.parquet").to_pandas()
+    np.testing.assert_allclose(meta["stats/action/std"][1], episodes[1]["frames"]["action"].std(0), rtol=1e-5)
+    episode_stats = pq.read_table(roots["v3"] / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    np.testing.assert_allclose(np.asarray(episode_stats[2][f"stats/{FRONT}/mean"]).reshape(-1),
+                               [np.mean([pixel_value(2, f, 0) for f in range(14)]) / 255.0] * 3, rtol=1e-9)
+    long = np.broadcast_to(np.arange(100, dtype=np.uint8)[:, None, None, None], (100, 2, 2, 3)).copy()
+    from hf_vla.data.lerobot_writer import _image_stats
+
+    image = _image_stats(long)  # at most 32 evenly spaced frames: 0, 3.19…, …, 99 rounded
+    picked = np.linspace(0, 99, 32).round() / 255.0
+    assert image["count"] == [32] and np.asarray(image["mean"]).reshape(-1) == pytest.approx([picked.mean()] * 3)
+
+
+def test_v21_chunks_follow_chunks_size(tmp_path, monkeypatch):
+    from hf_vla.data import lerobot_writer
+
+    monkeypatch.setattr(lerobot_writer, "CHUNKS_SIZE", 2)
+    source = synthetic_episodes(4, 3, size=16, cameras=("front",))
+    root = write_lerobot_dataset(tmp_path / "v21", source, FPS, version="v2.1")
+    info = json.loads((root / "meta/info.json").read_text())
+    assert (info["total_chunks"], info["chunks_size"], info["total_videos"]) == (2, 2, 4)
+    assert (root / "data/chunk-001/episode_000003.parquet").is_file()
+    assert (root / f"videos/chunk-001/{FRONT}/episode_000002.mp4").is_file()
+    lines = [json.loads(line) for line in (root / "meta/episodes.jsonl").read_text().splitlines()]
+    assert [(row["episode_index"], row["tasks"], row["length"]) for row in lines] == \
+        [(e, [f"task number {e % 2}"], 3 + e) for e in range(4)]
+    assert [json.loads(line) for line in (root / "meta/tasks.jsonl").read_text().splitlines()] == \
+        [{"task_index": 0, "task": "task number 0"}, {"task_index": 1, "task": "task number 1"}]
+    monkeypatch.setattr(lerobot_writer, "CHUNKS_SIZE", 3)
+    three = write_lerobot_dataset(tmp_path / "three", source[:3], FPS, version="v2.1", video=False)
+    assert json.loads((three / "meta/info.json").read_text())["total_chunks"] == 1  # 3 episodes fill one chunk
+
+
 def test_tasks_written_by_lerobot_0_4_are_read(roots, tmp_path):
     # lerobot 0.4.4 keeps the task strings in an unnamed pandas index (physical column "__index_level_0__")
     root = shutil.copytree(roots["v3"], tmp_path / "old_tasks")
