@@ -75,3 +75,35 @@ def test_release_loads_without_hf_vla(tiny_vlm_dirs, tmp_path, variant):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.startswith("ok " + type(model).__name__ + " VLAProcessor")
+
+
+def test_export_then_remove_leaves_only_the_users_files(tmp_path):
+    """No model needed: export reads config.json's model_type; remove undoes exactly what export wrote."""
+    from hf_vla.hub.remote_code import remove_remote_code
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vla_gr00t", "action_dim": 7}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "VLAProcessor"}))
+    (tmp_path / "handler.py").write_text("# a user's own endpoint handler\n")
+    written = export_remote_code(tmp_path)
+    assert {"configuration_gr00t.py", "modeling_gr00t.py", "processing_vla.py"} <= set(written)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_gr00t.VLAGR00TConfig",
+                                  "AutoModel": "modeling_gr00t.VLAGR00TForActionPrediction"}
+    assert json.loads((tmp_path / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_vla.VLAProcessor"}
+    assert sorted(remove_remote_code(tmp_path)) == sorted(written)
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["handler.py"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "vla_gr00t", "action_dim": 7}
+    assert json.loads((tmp_path / "processor_config.json").read_text()) == {"processor_class": "VLAProcessor"}
+    assert remove_remote_code(tmp_path) == []
+
+
+def test_flattened_imports_keep_aliases_and_indentation():
+    from hf_vla.hub.remote_code import flatten_module
+
+    source = flatten_module("hf_vla.data.lerobot")
+    assert "\nfrom .normalization import compute_stats as compute_feature_stats\n" in source
+    policy = flatten_module("hf_vla.policy")  # a function-level import keeps its indentation
+    assert re.search(r"\n[ ]{8,}from \.packed_linear import pack_linear_weights as pack\n", policy)
+    compile(source, "lerobot.py", "exec")
+    compile(policy, "policy.py", "exec")
