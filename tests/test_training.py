@@ -775,3 +775,67 @@ def test_group_learning_rates_are_logged_beside_the_rate_the_step_used(vlm_dir, 
             if "learning_rate/action_head" in entry]  # fmt: skip
     assert len(rows) == 4 and rows[0] == (0.0, 0.0)  # the first warm-up step runs at rate 0, in every group
     assert [head for _, head in rows[1:]] == pytest.approx([10 * base for base, _ in rows[1:]])
+
+
+def test_train_vla_data_split_and_statistics_modes(train_vla, dataset_root, tmp_path):
+    """The eval split is the tail of the frames, held out of training; each feature gets its own normalisation."""
+    data = {**train_vla.DEFAULTS["data"], "lerobot": str(dataset_root), "embodiment": "toy", "camera_rename": CAMERAS,
+            "eval_split": 0.25, "normalization": {"action": "min_max", "state": "mean_std"}}
+    model = {**train_vla.DEFAULTS["model"], "action_horizon": HORIZON}
+    train, evaluation, stats, camera_names, action_only = train_vla.load_lerobot_data(data, model, tmp_path)
+    assert (len(train), len(evaluation)) == (18, 6)  # 24 frames, round(24 * 0.25) = 6 held out
+    assert [evaluation[i]["frame_index"] for i in range(6)] == [2, 3, 4, 5, 6, 7]  # the last episode's tail
+    assert {(train[i]["episode_index"], train[i]["frame_index"]) for i in range(18)}.isdisjoint(
+        {(evaluation[i]["episode_index"], evaluation[i]["frame_index"]) for i in range(6)})
+    assert evaluation[0]["episode_index"] == 2 and train[17]["embodiment"] == "toy"
+    assert stats["toy"]["action"]["mode"] == ["min_max"] * ACTION_DIM
+    assert stats["toy"]["state"]["mode"] == ["mean_std"] * STATE_DIM
+    assert camera_names == ["primary", "wrist"] and action_only[0][1] == "toy"
+
+
+def test_train_vla_takes_dimensions_from_the_dataset_and_the_recipe_camera_names_and_image_size(train_vla, tmp_path):
+    from hf_vla.data.lerobot_writer import synthetic_episodes
+
+    root = write_lerobot_dataset(tmp_path / "narrow", synthetic_episodes(2, 6, size=16, state_dim=2, action_dim=3),
+                                 fps=10, video=False)
+    run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.max_steps", "1", "--trainer.save_strategy",
+           "no", "--trainer.disable_tqdm", "true", "--data.eval_split", "0", "--model.action_horizon", "2",
+           "--data.lerobot", str(root), "--data.embodiment", "arm",
+           "--data.camera_rename", "{observation.images.front: primary, observation.images.wrist: wrist}"]  # fmt: skip
+    out = tmp_path / "dims"
+    train_vla.main([*run, "--trainer.output_dir", str(out), "--model.image_size", "[32, 24]",
+                    "--data.camera_names", "[wrist, primary]"])  # fmt: skip
+    config, processor = AutoModelForVLA.from_pretrained(out).config, AutoProcessor.from_pretrained(out)
+    assert (config.action_dim, config.state_dim) == (3, 2)
+    assert processor.camera_names == ["wrist", "primary"] and processor.image_size == [32, 24]
+    recipe = yaml.safe_load((out / "training_recipe.yaml").read_text())
+    assert (recipe["model"]["action_dim"], recipe["model"]["state_dim"]) == (3, 2)  # resolved values are saved
+    stateless = tmp_path / "stateless"  # no state input: the state statistics are not kept
+    train_vla.main([*run, "--trainer.output_dir", str(stateless), "--model.image_size", "[28, 28]",
+                    "--model.state_dim", "0"])  # fmt: skip
+    assert AutoModelForVLA.from_pretrained(stateless).config.state_dim == 0
+    assert "state" not in AutoProcessor.from_pretrained(stateless).norm_stats["arm"]
+    with pytest.raises(ValueError, match=r"norm_stats\['arm'\]\['action'\]: expected 5 dimensions, got 3"):
+        train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "wide"), "--model.image_size", "[28, 28]",
+                        "--model.action_dim", "5"])  # an explicit value is kept (and checked), not replaced
+
+
+def test_fast_tokenizer_is_fitted_on_normalised_chunks(train_vla, dataset, monkeypatch):
+    from hf_vla.action_tokenizers import FASTTokenizer
+
+    seen = {}
+    original = FASTTokenizer.fit.__func__
+
+    def spy(cls, chunks, **kwargs):
+        seen["chunks"], seen["kwargs"] = np.asarray(chunks), kwargs
+        return original(cls, chunks, **kwargs)
+
+    monkeypatch.setattr(FASTTokenizer, "fit", classmethod(spy))
+    stats = {"toy": dataset.compute_stats()}
+    fast = {"scale": 10.0, "vocab_size": 128, "fit_samples": 5}
+    train_vla.fit_fast_tokenizer(fast, stats, [(dataset, "toy")], None, seed=0)
+    rows = np.random.default_rng(0).choice(len(dataset), size=5, replace=False)
+    low, high = np.asarray(stats["toy"]["action"]["q01"]), np.asarray(stats["toy"]["action"]["q99"])
+    expected = [2 * (dataset[int(i)]["actions"] - low) / (high - low) - 1 for i in rows]  # q99 mode, by hand
+    np.testing.assert_allclose(seen["chunks"], np.clip(expected, -1, 1), rtol=1e-5, atol=1e-6)
+    assert seen["kwargs"] == {"scale": 10.0, "vocab_size": 128}
