@@ -505,3 +505,21 @@ def test_sampling_computes_the_timestep_path_once_for_all_steps(layerwise):
             assert len(modulations) == len(own_modulations) == head.num_layers + 1
             for batched, own in zip(modulations, own_modulations):
                 torch.testing.assert_close(batched, own, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_sampling_projects_the_conditions_keys_and_values_once_for_all_steps(layerwise):
+    """The conditions are fixed while denoising: each cross-attention block's key/value projections of them run once
+    per `sample`, whatever the number of steps (not once per step)."""
+    head = tiny_head(layerwise=layerwise).eval()
+    conditions, _, state, noise = tiny_inputs(layerwise)
+    cross = [i for i in range(head.num_layers) if head.model.block_cross_attends(i)]
+    calls = []
+    for index in cross:
+        block = head.model.transformer_blocks[index]
+        for name in ("to_k", "to_v"):
+            getattr(block.attn1, name).register_forward_hook(lambda *_, i=index, n=name: calls.append((i, n)))
+    for steps in (1, 5):
+        calls.clear()
+        head.sample(conditions, None, state=state, noise=noise, num_steps=steps)
+        assert sorted(calls) == sorted((i, n) for i in cross for n in ("to_k", "to_v")), steps

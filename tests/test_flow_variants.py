@@ -170,6 +170,20 @@ def test_pi_v3_writes_state_into_the_prompt_and_pi_does_not(tiny_vlm_dirs):
         assert ("[STATE]" in text and "[ACTION]" in text) == in_prompt, variant
 
 
+def test_pi_v3_head_does_not_encode_the_state_tensor_too(tiny_vlm_dirs):
+    """PI_v3 reads the state from its prompt only: its (frozen, checkpoint-compatible) state encoder never runs, so a
+    changed state tensor beside the same prompt changes nothing; GR00T's head does encode it."""
+    for variant, encoded in (("pi_v3", False), ("gr00t", True)):
+        model, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], variant)
+        inputs = batch_for(processor, actions=True)
+        noise, state = torch.randn(2, 4, 7), inputs["state"]
+        calls = []
+        model.action_head.state_encoder.register_forward_hook(lambda *_: calls.append(1))
+        first = model.predict_action(**{**inputs, "state": state}, noise=noise)
+        second = model.predict_action(**{**inputs, "state": state + 1}, noise=noise)
+        assert bool(calls) == encoded and torch.equal(first, second) != encoded, variant
+
+
 def test_attention_modes_share_shapes_but_not_outputs(tiny_vlm_dirs):
     interleaved, processor = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "pi_v3", interleave_self_attention=True)
     all_cross, _ = make_flow(tiny_vlm_dirs["qwen2_5_vl"], "pi_v3", interleave_self_attention=False)
