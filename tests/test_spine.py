@@ -390,6 +390,45 @@ def test_policy_reuses_its_pixel_buffer_without_mixing_observations(oft):
     assert other.data_ptr() != wrong_shape.data_ptr() and not torch.isnan(other).any()
 
 
+def test_a_call_in_flight_keeps_its_pixel_buffer(oft):
+    """A buffer is taken out of the pool for the length of a call: a call that starts while another is running
+    (another thread, or here one nested inside the model's forward) gets a buffer of its own, so neither call's
+    pixels are overwritten by the other's."""
+    _, model, processor = oft
+    processor = copy.deepcopy(processor)
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    processor.image_size = [2 * factor, 2 * factor]  # the batched image path, which fills buffers
+    policy = VLAPolicy(model, processor)
+    rng = np.random.default_rng(11)
+    first, second = [{"images": {cam: rng.integers(0, 256, (*processor.image_size, 3), dtype=np.uint8)
+                                 for cam in ("primary", "wrist")},
+                      "instruction": "open the drawer", "state": rng.normal(size=processor.state_dim)}
+                     for _ in range(2)]  # fmt: skip
+
+    def expected(obs):
+        fresh = processor(images=[[obs["images"]["primary"], obs["images"]["wrist"]]], text=[obs["instruction"]],
+                          state=obs["state"][None])  # fmt: skip
+        return processor.decode_actions(model.predict_action(**fresh))[0]
+
+    policy.predict(first)  # one buffer in the pool now
+    original, nested, calls = model.predict_action, [], []
+
+    def predict_action(**inputs):
+        calls.append(1)
+        if len(calls) == 1:  # the outer call: another call runs before this one reads its pixels
+            nested.append(policy.predict(second))
+        return original(**inputs)
+
+    try:
+        model.predict_action = predict_action
+        outer = policy.predict(first)
+    finally:
+        del model.predict_action
+    np.testing.assert_allclose(outer, expected(first), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(nested[0], expected(second), rtol=1e-5, atol=1e-6)
+    assert len(policy._pixel_buffers) == 2  # both returned to the pool
+
+
 def test_replaced_statistics_take_effect_in_normalising_and_decoding(tiny_vlm_dirs):
     from hf_vla.normalization import compute_stats, normalize, unnormalize
 
