@@ -251,6 +251,31 @@ def test_a_run_on_relative_actions_needs_their_dimensions_named(vlms, tmp_path, 
     np.testing.assert_array_equal(absolute[..., 3:], raw[..., 3:])
 
 
+def test_choose_relative_actions_for_each_kind_of_run():
+    """Without an explicit value only an absolute run converts; a relative one ('rel' as well as 'delta') is refused;
+    an explicit value takes 'abs' or the run's own kind per dimension, recorded in the statistics' compact form."""
+    from hf_vla.hub.convert_starvla import choose_relative_actions
+
+    def run(mode):
+        return {"datasets": {"vla_data": {"action_mode": mode}}} if mode else {}
+
+    assert choose_relative_actions(run(None), 3) == ("abs", "datasets.vla_data.action_mode")
+    assert choose_relative_actions(run("abs"), 3) == ("abs", "datasets.vla_data.action_mode")
+    for mode in ("rel", "delta"):
+        with pytest.raises(StarVLAConversionError, match=rf"action_mode is '{mode}': the checkpoint predicts actions "
+                                                         rf"relative to the state\. .*e\.g\. {mode},{mode},abs for"):
+            choose_relative_actions(run(mode), 3)
+        assert choose_relative_actions(run(mode), 3, mode) == (mode, "explicit argument")  # one for every dimension
+        assert choose_relative_actions(run(mode), 3, [mode, "abs", mode]) == ([mode, "abs", mode], "explicit argument")
+        assert choose_relative_actions(run(mode), 3, "abs") == ("abs", "explicit argument")
+    with pytest.raises(StarVLAConversionError, match=r"expected 'abs' or the run's 'abs' .* got \['delta'\]"):
+        choose_relative_actions(run("abs"), 2, "delta")  # an absolute run's actions are not made relative
+    with pytest.raises(StarVLAConversionError, match=r"datasets\.vla_data\.action_mode: expected one of .*'relative'"):
+        choose_relative_actions(run("relative"), 2, "abs")
+    with pytest.raises(StarVLAConversionError, match=r"relative_actions: unknown action mode\(s\) \['absolute'\]"):
+        choose_relative_actions(run("rel"), 2, "rel,absolute")
+
+
 def test_refuses_checkpoints_that_do_not_map_exactly(vlms, tmp_path):
     torch.manual_seed(0)
     original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,

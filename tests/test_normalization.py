@@ -124,3 +124,26 @@ def test_action_modes_per_dimension_round_trip_in_float32():
     np.testing.assert_allclose(back, actions, rtol=1e-5, atol=1e-5)
     assert describe_action_mode(modes) == "'rel' on dimensions [0], 'delta' on dimensions [1, 3]"
     assert describe_action_mode("delta") == "'delta'"
+
+
+def test_relative_dimensions_need_their_state_values_and_a_narrower_state_serves_absolute_ones():
+    from hf_vla.normalization import compact_action_mode, expand_action_modes, relative_state_width
+
+    assert relative_state_width(["abs", "rel", "abs", "abs"], 4) == 2  # up to the last relative dimension
+    assert relative_state_width("delta", 3) == 3 and relative_state_width("abs", 3) == 0
+    assert expand_action_modes("rel", 2) == ["rel", "rel"] and compact_action_mode(["rel", "rel"]) == "rel"
+    assert compact_action_mode(["rel", "abs"]) == ["rel", "abs"]
+    rng = np.random.default_rng(1)
+    actions = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    modes = ["rel", "abs", "delta", "abs"]
+    for convert in (apply_action_mode, absolute_actions):
+        with pytest.raises(ValueError, match=r"state: 'rel' on dimensions \[0\], 'delta' on dimensions \[2\] actions "
+                                             r"need state values for action dimensions 0\.\.2, got 2"):
+            convert(actions, rng.normal(size=(2, 2)), modes)
+    state = rng.normal(size=(2, 3)).astype(np.float32)  # covers dimensions 0..2; dimension 3 is absolute
+    relative = apply_action_mode(actions, state, modes)
+    expected = actions.copy()
+    expected[..., 0] -= state[:, None, 0]
+    expected[..., 2] = np.diff(actions[..., 2], axis=1, prepend=state[:, None, 2])
+    np.testing.assert_allclose(relative, expected, rtol=1e-6)
+    np.testing.assert_allclose(absolute_actions(relative, state, modes), actions, rtol=1e-5, atol=1e-6)
