@@ -839,3 +839,25 @@ def test_fast_tokenizer_is_fitted_on_normalised_chunks(train_vla, dataset, monke
     expected = [2 * (dataset[int(i)]["actions"] - low) / (high - low) - 1 for i in rows]  # q99 mode, by hand
     np.testing.assert_allclose(seen["chunks"], np.clip(expected, -1, 1), rtol=1e-5, atol=1e-6)
     assert seen["kwargs"] == {"scale": 10.0, "vocab_size": 128}
+
+
+def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_path, dataset_root):
+    """`resume_from_checkpoint: true` picks the newest checkpoint-N of the output directory and continues from its
+    weights: a marker written into checkpoint-2's weights is still there after one more step (a fresh start, or the
+    older checkpoint-1, would not carry it)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(out), "--trainer.save_steps",
+           "1", "--trainer.save_total_limit", "3", "--trainer.disable_tqdm", "true", "--data.lerobot",
+           str(dataset_root), "--data.embodiment", "toy", "--data.eval_split", "0", "--model.action_horizon", "4",
+           "--model.image_size", "[28, 28]", "--trainer.learning_rate", "1e-3"]  # fmt: skip
+    train_vla.main([*run, "--trainer.max_steps", "2"])
+    weights = load_file(out / "checkpoint-2" / "model.safetensors")
+    marked = [name for name in weights if name.startswith("action_head") and name.endswith("bias")][0]
+    weights[marked] = torch.full_like(weights[marked], 50.0)
+    save_file(weights, out / "checkpoint-2" / "model.safetensors", metadata={"format": "pt"})
+    train_vla.main([*run, "--trainer.max_steps", "3", "--trainer.resume_from_checkpoint", "true"])
+    final = load_file(out / "model.safetensors")[marked]
+    assert (final - 50.0).abs().max() < 1.0, final  # one AdamW step of lr 1e-3 moves a value by about 1e-3
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
