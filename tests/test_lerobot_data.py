@@ -110,6 +110,12 @@ def test_v3_metadata_values_match_the_episodes(roots, episodes, tmp_path):
     assert hf["index"] == {"dtype": "int64", "_type": "Value"}
     v21 = json.loads(pq.read_table(roots["v2.1"] / "data/chunk-000/episode_000000.parquet").schema.metadata[b"huggingface"])
     assert v21["info"]["features"]["action"]["_type"] == "Sequence"  # datasets 2.x, which lerobot v2.1 used
+    for name in ("image", "image_v2.1"):  # no camera is a video: lerobot writes video_path null
+        image_info = json.loads((roots[name] / "meta/info.json").read_text())
+        assert image_info["video_path"] is None and image_info["features"][FRONT]["dtype"] == "image", name
+    v21_stats = json.loads((roots["v2.1"] / "meta/episodes_stats.jsonl").read_text().splitlines()[2])["stats"]
+    assert set(v21_stats["action"]) == {"min", "max", "mean", "std", "count"}
+    np.testing.assert_allclose(v21_stats["action"]["std"], episodes[2]["frames"]["action"].std(0), rtol=1e-5)
     images = pq.read_table(roots["image"] / "data/chunk-000/file-000.parquet").column(FRONT).to_pylist()
     assert [cell["path"] for cell in images[:13]] == [f"frame-{i:06d}.png" for i in range(12)] + ["frame-000000.png"]
 
