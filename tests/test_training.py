@@ -857,6 +857,11 @@ def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_pa
     marked = [name for name in weights if name.startswith("action_head") and name.endswith("bias")][0]
     weights[marked] = torch.full_like(weights[marked], 50.0)
     save_file(weights, out / "checkpoint-2" / "model.safetensors", metadata={"format": "pt"})
+    # a finished run is not resumed past its end (transformers' Trainer would train a third step)
+    with pytest.raises(ValueError, match=r"trainer\.max_steps: expected more than the 2 steps .*checkpoint-2 has "
+                                         r"trained, got 2; raise it to train further"):
+        train_vla.main([*run, "--trainer.max_steps", "2", "--trainer.resume_from_checkpoint", "true"])
+    assert not (out / "checkpoint-3").exists()
     train_vla.main([*run, "--trainer.max_steps", "3", "--trainer.resume_from_checkpoint", "true"])
     final = load_file(out / "model.safetensors")[marked]
     assert (final - 50.0).abs().max() < 1.0, final  # one AdamW step of lr 1e-3 moves a value by about 1e-3

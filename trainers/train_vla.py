@@ -103,6 +103,16 @@ class WithEmbodiment(Dataset):
 # ---------------------------------------------------------------------------------------------------- data
 
 
+def check_steps_left(checkpoint: Path, max_steps) -> None:
+    """Refuses to resume a checkpoint that already reached `max_steps`: transformers' Trainer would train one more
+    step past it (and save checkpoint-{max_steps + 1}) instead of stopping."""
+    state = checkpoint / "trainer_state.json"
+    done = json.loads(state.read_text()).get("global_step") if state.is_file() else None
+    if done is not None and max_steps is not None and 0 < int(max_steps) <= done:
+        raise ValueError(f"trainer.max_steps: expected more than the {done} steps {checkpoint} has trained, got "
+                         f"{max_steps}; raise it to train further")
+
+
 def build_once(target: Path, build: Callable[[Path], object], field: str, settings: dict) -> Path:
     """Builds `target` from `settings` (the recipe's `field`) unless it exists. Every process (one per rank) may
     build a private copy; the first rename wins. No process group is needed, so this runs before TrainingArguments
@@ -386,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
         resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if resume is None:
             raise ValueError(f"trainer.resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N to resume")
+    if resume:
+        check_steps_left(Path(resume), fields.get("max_steps"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
