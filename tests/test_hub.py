@@ -79,8 +79,8 @@ def test_card_lists_the_relative_dimensions(model_dir, tmp_path):
     processor.set_norm_stats("arm", {**stats, "action_mode": ["rel"] * 3 + ["delta"] * 3 + ["abs"]})
     processor.save_pretrained(run)
     text = build_model_card(run, repo_id="tester/run").text
-    assert "| `bridge` | q99 | q99 | delta (dimensions 0, 1, 2, 3, 4, 5) | 256 |" in text
-    assert "| `arm` | q99 | q99 | rel (dimensions 0, 1, 2); delta (dimensions 3, 4, 5) | 256 |" in text
+    assert "| `bridge` | q99 | q99 | 'delta' on dimensions [0, 1, 2, 3, 4, 5] | 256 |" in text
+    assert "| `arm` | q99 | q99 | 'rel' on dimensions [0, 1, 2], 'delta' on dimensions [3, 4, 5] | 256 |" in text
 
 
 def test_card_snippet_returns_absolute_actions_for_relative_statistics(model_dir, tmp_path):

@@ -22,8 +22,8 @@ from transformers.processing_utils import ProcessorMixin
 from .action_tokenizers.bins import UniformBins
 from .backbones import get_backbone_adapter
 from .normalization import (
-    FeatureNormalizer, absolute_actions, compute_stats, describe_action_mode, expand_action_modes, finite_float32,
-    compact_action_mode, is_relative, numeric_array, relative_state_width, validate_feature_stats
+    FeatureNormalizer, absolute_actions, compact_action_mode, compute_stats, describe_action_mode, expand_action_modes,
+    finite_float32, is_relative, numeric_array, relative_state_width, validate_feature_stats
 )
 
 PROMPT_CACHE_SIZE = 64  # tokenised prompt batches kept by `VLAProcessor._text_inputs`

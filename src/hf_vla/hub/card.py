@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..normalization import is_relative
+from ..normalization import describe_action_mode, is_relative
 
 STARVLA_NAMES = {"oft": "StarVLA QwenOFT", "gr00t": "StarVLA QwenGR00T", "pi": "StarVLA QwenPI",
                  "pi_v3": "StarVLA QwenPI_v3", "fast": "StarVLA QwenFast", "bins": "OpenVLA-style bins"}  # fmt: skip
@@ -135,10 +135,7 @@ def _state_usage(config, processor, model) -> str:
 
 def _relative_to_state(stats) -> str:
     mode = stats.get("action_mode", "abs")
-    if isinstance(mode, str):
-        return mode
-    return "; ".join(f"{kind} (dimensions {', '.join(str(i) for i, m in enumerate(mode) if m == kind)})"
-                     for kind in dict.fromkeys(mode) if kind != "abs")  # fmt: skip
+    return mode if isinstance(mode, str) else describe_action_mode(mode)
 
 
 def _modes(stats) -> str:
