@@ -291,6 +291,7 @@ def test_per_dimension_action_modes_leave_the_absolute_dimensions_as_recorded(ro
         assert stats["action_mode"] == modes  # saved per dimension: an hf_vla without them refuses the statistics
         # decoding with the state gives the recorded chunk back, every dimension
         processor.set_norm_stats("arm", {**stats, "action": {**stats["action"], "mode": ["identity"] * 4}})
+        assert processor.embodiment_action_mode("arm") == modes
         np.testing.assert_allclose(processor.decode_actions(actions, unnorm_key="arm", state=s0), a, rtol=1e-6,
                                    atol=1e-6)  # fmt: skip
     for mode, message in ((["rel"] * 7, r"\['action_mode'\]: expected 4 per-dimension modes, got 7"),
@@ -299,6 +300,9 @@ def test_per_dimension_action_modes_leave_the_absolute_dimensions_as_recorded(ro
             processor.set_norm_stats("bad", {**stats, "action_mode": mode})
     same = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=["rel"] * 4)
     assert same.action_mode == "rel"  # one mode for every dimension is recorded as one string
+    processor.set_norm_stats("arm", {**stats, "action_mode": ["rel"] * 4})
+    processor.set_norm_stats("plain", {key: value for key, value in stats.items() if key != "action_mode"})
+    assert [processor.embodiment_action_mode(k) for k in ("arm", "plain", "unknown")] == ["rel", "abs", "abs"]
     partly = load_lerobot(roots["v3"], action_horizon=3, cameras=[], action_mode=["rel"] * 3 + ["abs"])
     with pytest.raises(ValueError, match=r"different action modes \('rel' vs 'rel' on dimensions \[0, 1, 2\]\)"):
         compute_union_stats([same, partly])  # one key, one way back to absolute actions

@@ -537,7 +537,8 @@ def test_a_camera_named_image_is_its_own_alias_and_null_keys_are_absent():
     from hf_vla.serving.protocol import RequestParser
 
     processor = SimpleNamespace(camera_names=["image"], state_dim=0, check_instruction=lambda *args: None,
-                                embodiment_dims=lambda key: (7, 0), norm_stats={"k": {}})  # fmt: skip
+                                embodiment_dims=lambda key: (7, 0), embodiment_action_mode=lambda key: "abs",
+                                norm_stats={"k": {}})  # fmt: skip
     parser = RequestParser(processor, default_unnorm_key=None, limits=Limits())
     view = np.zeros((8, 8, 3), np.uint8)
     for name in ("image", "observation/image", "observation.images.image"):  # openpi LIBERO clients send the second

@@ -151,7 +151,7 @@ class VLAPolicy:
             raise ValueError(f"unnorm_key: expected a key (str), got {type(unnorm_key).__name__}")
         key = self.processor.embodiment_key(unnorm_key or self.unnorm_key, "unnorm_key")
         state_width = self.processor.embodiment_dims(key)[1]
-        action_mode = self.processor.norm_stats[key].get("action_mode", "abs")
+        action_mode = self.processor.embodiment_action_mode(key)
         raw_state = batch["state"]
         if raw_state is None and state_width:  # actions without the state the model trained with: off-distribution
             raise ValueError(f"state: missing; this model takes a state of {state_width} values")

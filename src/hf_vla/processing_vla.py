@@ -295,6 +295,12 @@ class VLAProcessor(ProcessorMixin):
         state = stats["state"].get("embodiment_dim", self.state_dim) if "state" in stats else self.state_dim
         return action, state
 
+    def embodiment_action_mode(self, key: str | None) -> str | list[str]:
+        """The action mode embodiment `key`'s statistics record (one mode, or one per action dimension; see
+        `hf_vla.normalization`): "abs" when they record none, or for an unknown key."""
+        stats = (self.norm_stats or {}).get(key) if key is not None else None
+        return "abs" if stats is None else stats.get("action_mode", "abs")
+
     # ------------------------------------------------------------------ inputs
 
     def _check_views(self, images, batch_size: int) -> list[list[np.ndarray]]:
@@ -652,8 +658,7 @@ class VLAProcessor(ProcessorMixin):
             if actions.ndim < 2 or len(unnorm_key) != actions.shape[0]:
                 raise ValueError(f"unnorm_key: expected one key per sample of actions {list(actions.shape)}, got "
                                  f"{len(unnorm_key)} keys")
-            modes = {k: self.norm_stats[self.embodiment_key(k, "unnorm_key")].get("action_mode", "abs")
-                     for k in unnorm_key}  # fmt: skip
+            modes = {k: self.embodiment_action_mode(self.embodiment_key(k, "unnorm_key")) for k in unnorm_key}
             relative = sorted(k for k, mode in modes.items() if is_relative(mode))
             if state is not None and relative:
                 raise ValueError(f"state: absolute actions for {relative} (relative action modes) are decoded one "
@@ -664,7 +669,7 @@ class VLAProcessor(ProcessorMixin):
         key = self.embodiment_key(unnorm_key, "unnorm_key")
         width = self.embodiment_dims(key)[0]
         decoded = self._normalizer(self.norm_stats[key]["action"]).unnormalize(actions)[..., :width]
-        mode = self.norm_stats[key].get("action_mode", "abs")
+        mode = self.embodiment_action_mode(key)
         if state is None or not is_relative(mode):
             return decoded
         state = np.asarray(state, dtype=np.float32)

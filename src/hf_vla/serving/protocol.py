@@ -146,7 +146,7 @@ class RequestParser:
         self.state_dim = int(processor.state_dim)
         self.check_instruction = processor.check_instruction
         self.embodiment_dims = processor.embodiment_dims
-        self.norm_stats = processor.norm_stats
+        self.embodiment_action_mode = processor.embodiment_action_mode
         self.unnorm_keys = sorted(processor.norm_stats or {})
         if default_unnorm_key is None and len(self.unnorm_keys) == 1:
             default_unnorm_key = self.unnorm_keys[0]
@@ -334,7 +334,7 @@ class RequestParser:
         width = self.embodiment_dims(key)[1]
         if width:
             raise ValueError(f"{name}: missing; this model takes a state of {width} values{where}")
-        mode = (self.norm_stats or {}).get(key, {}).get("action_mode", "abs")
+        mode = self.embodiment_action_mode(key)
         if is_relative(mode):
             raise ValueError(f"{name}: missing; embodiment {key!r} predicts {describe_action_mode(mode)} actions, "
                              f"which are made absolute from the state{where}")

@@ -333,7 +333,7 @@ class PolicyServer:
             raise ValueError("state: missing; this connection's delta_dims post-processing needs the state")
         key = request.rows[0].unnorm_key
         processor = self.policy.processor
-        mode = (processor.norm_stats or {}).get(key, {}).get("action_mode", "abs")
+        mode = processor.embodiment_action_mode(key)
         if postprocess.delta_dims and is_relative(mode):
             raise ValueError(f"delta_dims: embodiment {key!r} was trained on {describe_action_mode(mode)} actions, "
                              "which the policy already returns absolute; configure delta_dims=None for it")
