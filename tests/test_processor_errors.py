@@ -130,6 +130,19 @@ def test_reserved_tokens_and_bad_stats(oft):
             processor.set_norm_stats("x", {**good, "action": {**good["action"], "embodiment_dim": width}})
 
 
+def test_relative_actions_wider_than_the_model_state_are_refused_without_state_statistics(oft):
+    """Statistics without a 'state' entry still leave the model's state width to make relative actions absolute."""
+    _, processor = oft  # 7-D actions, 6-D state
+    actions_only = {"action": processor.compute_norm_stats("x", np.zeros((4, 7)))["action"]}
+    del processor.norm_stats["x"]
+    with pytest.raises(ValueError, match=r"norm_stats\['x'\]\['action_mode'\]: 'rel' needs state values for "
+                                         r"action dimensions 0\.\.6, but the embodiment's state has 6"):
+        processor.set_norm_stats("x", {**actions_only, "action_mode": "rel"})
+    processor.set_norm_stats("x", {**actions_only, "action_mode": ["rel"] * 6 + ["abs"]})  # the gripper absolute
+    assert processor.embodiment_action_mode("x") == ["rel"] * 6 + ["abs"]
+    del processor.norm_stats["x"]
+
+
 def test_an_action_mode_given_as_normalisation_mode_is_named_and_explained(oft, tmp_path):
     """`action_mode` of compute_norm_stats / compute_stats is the normalisation mode, `action_mode` of load_lerobot
     how actions relate to the state: "rel" passed to the former names the argument and points to the latter."""

@@ -204,8 +204,8 @@ class VLAProcessor(ProcessorMixin):
             raise ValueError(f"{field}: expected 'abs' on the padded dimensions {own}..{self.action_dim - 1}, got "
                              f"{modes[own:]}")
         needed = relative_state_width(modes, self.action_dim)
-        state_width = stats["state"].get("embodiment_dim", self.state_dim) if "state" in stats else None
-        if state_width is not None and state_width < needed:  # action dimension i is relative to state dimension i
+        state_width = stats["state"].get("embodiment_dim", self.state_dim) if "state" in stats else self.state_dim
+        if state_width and state_width < needed:  # a model without state may decode from any raw state given  # action dimension i is relative to state dimension i
             raise ValueError(f"{field}: {describe_action_mode(compact_action_mode(modes))} needs state values for "
                              f"action dimensions 0..{needed - 1}, but the embodiment's state has {state_width}")
         if "action_mode" in stats:  # one form per meaning: "rel" and ["rel"] * D compare equal afterwards
