@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -152,6 +153,63 @@ def test_mixture_errors(robots):
     clash = VLAMixture([entry(base, "arm7", embodiment="arm"), entry(base, "arm4", embodiment="arm")])
     with pytest.raises(ValueError, match="embodiment 'arm'.*different dimensions"):
         clash.compute_norm_stats()
+
+
+def noisy_episodes(cameras, seed):
+    """Two episodes whose views are random pixels, different in every camera, frame and dataset."""
+    rng = np.random.default_rng(seed)
+    episodes = synthetic_episodes(2, 5, size=8, state_dim=3, action_dim=3, cameras=cameras, seed=seed)
+    for episode in episodes:
+        for camera in cameras:
+            key = f"observation.images.{camera}"
+            episode["frames"][key] = rng.integers(0, 256, episode["frames"][key].shape, dtype=np.uint8)
+    return episodes
+
+
+def test_each_source_camera_is_read_under_the_name_it_is_mapped_to(tmp_path):
+    """Sources whose camera features are named differently give their own frames under the model's names, in the
+    order their mapping lists them; a camera left out of the mapping is not read."""
+    sources = {"arm_a": noisy_episodes(("front", "wrist"), seed=0),
+               "arm_b": noisy_episodes(("top", "hand", "side"), seed=1)}  # fmt: skip
+    for name, episodes in sources.items():
+        write_lerobot_dataset(tmp_path / name, episodes, fps=10, video=False)
+    mapping = {"arm_a": {"observation.images.wrist": "wrist", "observation.images.front": "primary"},
+               "arm_b": {"observation.images.top": "primary", "observation.images.hand": "wrist"}}  # side: unused
+    mixture = load_mixture({"datasets": [{"path": str(tmp_path / name), "cameras": mapping[name]}
+                                         for name in sources]}, action_horizon=2)  # fmt: skip
+    mixture.check_camera_names(["primary", "wrist"])
+    seen = set()
+    for i in range(len(mixture)):
+        k, _ = mixture.draw(i)
+        name, sample = list(sources)[k], mixture[i]
+        frames = sources[name][sample["episode_index"]]["frames"]
+        assert list(sample["images"]) == list(mapping[name].values())
+        for feature, camera in mapping[name].items():  # image mode is lossless: the exact recorded view
+            np.testing.assert_array_equal(sample["images"][camera], frames[feature][sample["frame_index"]])
+        seen.add(name)
+    assert seen == set(sources)
+
+
+def test_a_source_without_one_of_the_processors_cameras_is_refused_by_name(robots):
+    base, _ = robots
+    mixture = load_mixture({"datasets": [
+        {"path": str(base / "arm7"), "cameras": {FRONT: "primary"}},
+        {"path": str(base / "arm4"), "embodiment": "arm4", "weight": 0.01},  # rarely drawn: would fail late
+    ]}, action_horizon=HORIZON)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(
+            f"datasets[1] ('arm4').cameras: expected views named ['primary'], got ['{TOP}'] (missing ['primary'])")):
+        mixture.check_camera_names(["primary"])
+    with pytest.raises(ValueError, match=re.escape(
+            "datasets[0] ('arm7').cameras: expected views named ['primary', 'wrist'], got ['primary'] "
+            "(missing ['wrist'])")):
+        mixture.check_camera_names(["primary", "wrist"])
+    plain = [{"images": {"primary": np.zeros((8, 8, 3), np.uint8)}, "instruction": "go",
+              "actions": np.zeros((HORIZON, 2), np.float32)}]  # a dataset without LeRobot metadata
+    listed = VLAMixture([MixtureEntry(plain, 1.0, "plain")])
+    listed.check_camera_names(["primary"])
+    with pytest.raises(ValueError, match=re.escape("datasets[0] ('plain').cameras: expected views named ['wrist'], "
+                                                   "got ['primary'] (missing ['wrist'])")):
+        listed.check_camera_names(["wrist"])
 
 
 # ---------------------------------------------------------------- YAML

@@ -743,6 +743,23 @@ def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root, caplog):
     assert "data.camera_rename: not used with data.mixture" in caplog.text  # the mixture YAML renames per dataset
 
 
+def test_train_vla_refuses_a_mixture_dataset_without_one_of_data_camera_names(train_vla, tmp_path, dataset_root):
+    """data.camera_names skips the same-names check: each dataset must still have every one of those cameras, or a
+    batch holding one of its (rarely drawn) frames would stop training at a random step."""
+    front_only = {"observation.images.front": "primary"}
+    mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "both", "cameras": CAMERAS},
+                            {"path": str(dataset_root), "embodiment": "front", "cameras": front_only, "weight": 0.01}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    data = {**train_vla.DEFAULTS["data"], "mixture": str(tmp_path / "mix.yaml"), "video_decoder": None}
+    model = {**train_vla.DEFAULTS["model"], "action_horizon": HORIZON}
+    with pytest.raises(ValueError, match=re.escape(
+            "data.camera_names: datasets[1] ('front').cameras: expected views named ['wrist', 'primary'], got "
+            "['primary'] (missing ['wrist'])")):
+        train_vla.load_mixture_data({**data, "camera_names": ["wrist", "primary"]}, model)
+    *_, camera_names, _ = train_vla.load_mixture_data({**data, "camera_names": ["primary"]}, model)
+    assert camera_names == ["primary", "wrist"]  # the first dataset's; main() then takes data.camera_names
+
+
 def test_saved_recipe_reloads_unchanged(tmp_path):
     """Strings that look like numbers or YAML 1.1 booleans stay strings through dump_recipe → load_recipe (and any
     plain YAML reader)."""

@@ -265,6 +265,11 @@ def load_mixture_data(data: dict, model: dict):
     if data["camera_names"] is None and any(names != camera_names[0] for names in camera_names):
         raise ValueError(f"data.mixture: the datasets name their cameras differently {camera_names}; rename them "
                          "in the mixture YAML (cameras: {feature: name}) or set data.camera_names")
+    if data["camera_names"] is not None:  # the processor's cameras: every dataset must have each of them
+        try:
+            mixture.check_camera_names(data["camera_names"])
+        except ValueError as err:
+            raise ValueError(f"data.camera_names: {err}") from err
     return augmented(mixture, data), None, mixture.compute_norm_stats(), camera_names[0], None
 
 

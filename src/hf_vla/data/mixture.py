@@ -31,7 +31,9 @@ Alignment. Samples keep the underlying dataset's keys; actions are zero-padded t
     "action_mask"     bool [T, action_dim]: False on padded dimensions and on steps past the episode end
     "state_dim_mask"  bool [state_dim]: False on padded dimensions (all False for a dataset without state)
     "embodiment"      str: the entry's statistics key
-When no dataset has a state, samples carry neither "state" nor "state_dim_mask".
+When no dataset has a state, samples carry neither "state" nor "state_dim_mask". Images keep each dataset's camera
+names (rename them per dataset with `cameras: {feature: name}`); `check_camera_names(processor.camera_names)` makes
+sure every dataset has each camera the model reads.
 
 Statistics. `compute_norm_stats()` gives `{embodiment: {"action", "state", "action_mode", "num_transitions",
 "num_trajectories"}}`
@@ -167,6 +169,19 @@ class VLAMixture(Dataset):
             sample["state_dim_mask"] = np.arange(self.state_dim) < len(state)
         sample["embodiment"] = self.entries[k].embodiment
         return sample
+
+    def check_camera_names(self, camera_names: Sequence[str]) -> None:
+        """Every dataset yields a view for each of `camera_names` (the processor's cameras, in any order; extra views
+        are ignored). A dataset without one would otherwise fail only when one of its frames is drawn into a batch,
+        possibly far into training."""
+        expected = list(camera_names)
+        for k, entry in enumerate(self.entries):
+            names = _camera_names(entry.dataset)
+            missing = [name for name in expected if name not in names]
+            if missing:
+                raise ValueError(f"datasets[{k}] ({entry.embodiment!r}).cameras: expected views named {expected}, got "
+                                 f"{names} (missing {missing}); name its camera features after them in the mixture "
+                                 "(cameras: {feature: name})")
 
     # ---- statistics ----
     @property
@@ -306,6 +321,12 @@ def _feature_dims(dataset) -> tuple[int, int, int]:
     actions = np.asarray(sample["actions"])
     state_dim = int(np.asarray(sample["state"]).size) if "state" in sample else 0
     return int(actions.shape[-1]), state_dim, int(actions.shape[0])
+
+
+def _camera_names(dataset) -> list[str]:
+    """The image names a dataset's samples carry: from LeRobot metadata, else from the first sample."""
+    names = getattr(dataset, "camera_names", None)
+    return list(names) if names is not None else list(dataset[0].get("images", {}))
 
 
 def _pad_feature_stats(stats: Mapping | None, dim: int) -> dict:
