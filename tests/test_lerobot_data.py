@@ -399,6 +399,10 @@ def test_camera_selection_order_and_rename(roots):
     assert list(load_lerobot(roots["v3"])[0]["images"]) == [FRONT, WRIST]
     with pytest.raises(ValueError, match=r"unknown camera\(s\) \['observation.images.top'\].*" + WRIST):
         load_lerobot(roots["v3"], cameras=["observation.images.top"])
+    for name in (None, "", 3):  # the view would be named None / "" / 3
+        with pytest.raises(ValueError, match=rf"camera_rename: expected a non-empty string name for each camera, got "
+                                             rf"\{{'{FRONT}': {name!r}\}}"):
+            load_lerobot(roots["v3"], camera_rename={FRONT: name})
 
 
 def test_depth_cameras_are_left_out(roots, tmp_path):

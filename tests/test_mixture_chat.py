@@ -257,6 +257,8 @@ def test_load_mixture_yaml(robots):
         ({"weight": "abc"}, r"datasets\[0\]\.weight: expected a positive number, got 'abc'"),
         ({"embodiment": 5}, r"datasets\[0\]\.embodiment: expected a non-empty string, got 5"),
         ({"cameras": 5}, r"datasets\[0\]\.cameras: expected a camera key.*got 5"),
+        ({"cameras": {FRONT: None}}, r"datasets\[0\]\.cameras: expected a name \(a non-empty string\) for each "
+                                     rf"camera key, got \{{'{FRONT}': None\}}"),  # YAML `{front: }`
         ({"normalization": "min_max"}, r"datasets\[0\]\.normalization: expected a mapping.*got 'min_max'"),
     ]
     for setting, message in bad_settings:

@@ -159,6 +159,9 @@ class LeRobotDataset(Dataset):
         unknown = [k for k in rename if k not in self.cameras]
         if unknown:
             raise ValueError(f"camera_rename: {unknown} not among the selected cameras {self.cameras}")
+        unnamed = {k: v for k, v in rename.items() if not isinstance(v, str) or not v}
+        if unnamed:  # e.g. a YAML `{observation.images.front: }`, which would name the view None
+            raise ValueError(f"camera_rename: expected a non-empty string name for each camera, got {unnamed}")
         names = [rename.get(k, k) for k in self.cameras]
         if len(set(names)) != len(names):
             raise ValueError(f"camera_rename: output names collide: {names}")

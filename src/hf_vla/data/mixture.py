@@ -280,6 +280,10 @@ def _load_entry(item, field: str, base: Path, action_horizon: int, load_kwargs: 
     kwargs = dict(load_kwargs)
     cameras = item.get("cameras")
     if isinstance(cameras, Mapping):
+        unnamed = {key: name for key, name in cameras.items() if not isinstance(name, str) or not name}
+        if unnamed:  # `{observation.images.front: }` in YAML names the view None
+            raise ValueError(f"{field}.cameras: expected a name (a non-empty string) for each camera key, got "
+                             f"{unnamed}")
         kwargs["cameras"], kwargs["camera_rename"] = list(cameras), dict(cameras)
     elif isinstance(cameras, str):
         kwargs["cameras"] = [cameras]
