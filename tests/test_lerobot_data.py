@@ -168,6 +168,127 @@ def test_stats_json_and_episode_stats_match_numpy(roots, episodes):
     assert image["count"] == [32] and np.asarray(image["mean"]).reshape(-1) == pytest.approx([picked.mean()] * 3)
 
 
+def assert_reads_back_exactly(root, source, cameras=()):
+    """Every frame of `root` against the episodes it was written from: values, indices, timestamps, instructions and
+    (flat synthetic) camera views, plus the episode metadata's row ranges."""
+    ds = load_lerobot(root, action_horizon=1, cameras=list(cameras))
+    lengths = [len(ep["frames"]["action"]) for ep in source]
+    assert len(ds) == sum(lengths) and ds.num_episodes == len(source)
+    states, actions = all_frames(source, "observation.state"), all_frames(source, "action")
+    episode_of, frame_of = np.repeat(np.arange(len(source)), lengths), np.concatenate([np.arange(n) for n in lengths])
+    np.testing.assert_array_equal(ds._states, states)
+    np.testing.assert_array_equal(ds._actions, actions)
+    np.testing.assert_array_equal(ds._episode_index, episode_of)
+    np.testing.assert_array_equal(ds._frame_index, frame_of)
+    np.testing.assert_allclose(ds._timestamp, frame_of / FPS, rtol=1e-6)
+    for row in range(len(ds)):
+        sample = ds[row]
+        episode, frame = sample["episode_index"], sample["frame_index"]
+        assert (episode, frame) == (episode_of[row], frame_of[row])
+        assert sample["instruction"] == source[episode]["task"]
+        for camera, key in enumerate(cameras):  # frames of the second or later episode of a file start mid-file
+            assert abs(sample["images"][key].mean() - pixel_value(episode, frame, camera)) < H264_TOLERANCE, (row, key)
+    data_index = np.concatenate([pq.read_table(root / path).column("index").to_numpy()
+                                 for path in dict.fromkeys(ep["data_file"] for ep in ds.episodes.values())])
+    np.testing.assert_array_equal(data_index, np.arange(len(ds)))  # global, across files
+    meta = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pandas()
+    starts = np.cumsum([0] + lengths[:-1])
+    assert meta["dataset_from_index"].tolist() == starts.tolist()
+    assert meta["dataset_to_index"].tolist() == (starts + lengths).tolist()
+    return meta
+
+
+def file_layout(meta, prefix):
+    """(chunk_index, file_index) per episode from the episodes parquet, for "data" or "videos/<key>"."""
+    return list(zip(meta[f"{prefix}/chunk_index"], meta[f"{prefix}/file_index"]))
+
+
+def expected_video_offsets(layout, lengths):
+    """[from, to) seconds of each episode in its file: files restart at 0."""
+    out, position = [], {}
+    for where, n in zip(layout, lengths):
+        start = position.get(where, 0)
+        out.append((start / FPS, (start + n) / FPS))
+        position[where] = start + n
+    return out
+
+
+def test_v3_files_roll_over_into_the_next_chunk_after_chunks_size_files(tmp_path, monkeypatch):
+    from hf_vla.data import lerobot_writer
+
+    monkeypatch.setattr(lerobot_writer, "CHUNKS_SIZE", 2)
+    source = synthetic_episodes(5, 3, size=16)  # lengths 3..7
+    root = write_lerobot_dataset(tmp_path / "chunked", source, FPS, episodes_per_file=2)
+    meta = assert_reads_back_exactly(root, source, cameras=(FRONT, WRIST))
+    expected = [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0)]  # file-001 is the last of chunk-000 with 2 files a chunk
+    assert file_layout(meta, "data") == expected
+    lengths = [len(ep["frames"]["action"]) for ep in source]
+    for key in (FRONT, WRIST):
+        assert file_layout(meta, f"videos/{key}") == expected
+        offsets = list(zip(meta[f"videos/{key}/from_timestamp"], meta[f"videos/{key}/to_timestamp"]))
+        assert offsets == pytest.approx(expected_video_offsets(expected, lengths))
+    assert sorted(str(p.relative_to(root)) for p in (root / "data").rglob("*.parquet")) == [
+        "data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet", "data/chunk-001/file-000.parquet"]
+    assert (root / f"videos/{WRIST}/chunk-001/file-000.mp4").is_file()
+    info = json.loads((root / "meta/info.json").read_text())
+    assert (info["total_episodes"], info["total_frames"], info["total_tasks"], info["chunks_size"]) == (5, 25, 2, 2)
+    assert info["splits"] == {"train": "0:5"}
+    assert [list(t) for t in meta["tasks"]] == [[ep["task"]] for ep in source]
+    # statistics do not depend on how the episodes are split into files
+    whole = write_lerobot_dataset(tmp_path / "whole", source, FPS)
+    assert json.loads((root / "meta/stats.json").read_text()) == json.loads((whole / "meta/stats.json").read_text())
+    whole_meta = pq.read_table(whole / "meta/episodes/chunk-000/file-000.parquet").to_pandas()
+    stats_columns = [c for c in meta.columns if c.startswith("stats/")]
+    assert stats_columns and all(np.array_equal(np.stack(meta[c].map(np.stack)), np.stack(whole_meta[c].map(np.stack)))
+                                 for c in stats_columns)  # fmt: skip
+
+
+def test_v3_data_files_roll_over_at_data_files_size_in_mb(tmp_path):
+    source = synthetic_episodes(5, 12, cameras=())  # 12..16 frames of state 4, action 4 and the 5 default columns
+    row_bytes = 4 * 4 + 4 * 4 + 4 + 4 * 8  # in memory (Arrow): float32 values, float32 timestamp, four int64
+    limit = 2000
+    root = write_lerobot_dataset(tmp_path / "sized", source, FPS, video=False, data_files_size_in_mb=limit / 2**20)
+    meta = assert_reads_back_exactly(root, source)
+    expected, file, used = [], 0, 0  # an episode that would take the file past the limit starts the next one
+    for episode in source:
+        size = row_bytes * len(episode["frames"]["action"])
+        if used and used + size > limit:
+            file, used = file + 1, 0
+        expected.append((0, file))
+        used += size
+    assert expected == [(0, 0), (0, 0), (0, 1), (0, 1), (0, 2)]
+    assert file_layout(meta, "data") == expected
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["data_files_size_in_mb"] == limit / 2**20 and info["video_files_size_in_mb"] == 200
+    # a limit below one episode's size gives each episode a file of its own, never an empty one
+    tiny = write_lerobot_dataset(tmp_path / "tiny", source, FPS, video=False, data_files_size_in_mb=1e-6)
+    assert file_layout(assert_reads_back_exactly(tiny, source), "data") == [(0, e) for e in range(5)]
+    assert len(list((tiny / "data").rglob("*.parquet"))) == 5
+
+
+def test_v3_video_files_roll_over_at_video_files_size_in_mb(tmp_path):
+    source = synthetic_episodes(4, 6, size=16)
+    lengths = [len(ep["frames"]["action"]) for ep in source]
+    for limit, expected in ((1e-6, [(0, e) for e in range(4)]), (200, [(0, 0)] * 4)):
+        root = write_lerobot_dataset(tmp_path / str(limit), source, FPS, video_files_size_in_mb=limit)
+        meta = assert_reads_back_exactly(root, source, cameras=(FRONT, WRIST))
+        for key in ("data", f"videos/{FRONT}", f"videos/{WRIST}"):  # data and videos roll over together
+            assert file_layout(meta, key) == expected, (limit, key)
+        offsets = list(zip(meta[f"videos/{WRIST}/from_timestamp"], meta[f"videos/{WRIST}/to_timestamp"]))
+        assert offsets == pytest.approx(expected_video_offsets(expected, lengths))
+        assert len(list((root / "videos" / FRONT).rglob("*.mp4"))) == len(set(expected))
+    for size, message in ((0, "got 0"), (-1.5, "got -1.5"), (float("inf"), "got inf"), ("100", "got '100'")):
+        with pytest.raises(ValueError, match=f"video_files_size_in_mb: expected a positive number of megabytes, "
+                                             f"{message}"):
+            LeRobotWriter(tmp_path / "bad", FPS, video_files_size_in_mb=size)
+    with pytest.raises(ValueError, match="data_files_size_in_mb: expected a positive number of megabytes, got True"):
+        LeRobotWriter(tmp_path / "bad", FPS, data_files_size_in_mb=True)
+    numpy = write_lerobot_dataset(tmp_path / "numpy", source[:1], FPS, video=False,
+                                  data_files_size_in_mb=np.float32(0.5), video_files_size_in_mb=np.int64(3))
+    info = json.loads((numpy / "meta/info.json").read_text())
+    assert (info["data_files_size_in_mb"], info["video_files_size_in_mb"]) == (0.5, 3)
+
+
 def test_v21_chunks_follow_chunks_size(tmp_path, monkeypatch):
     from hf_vla.data import lerobot_writer
 

@@ -4,7 +4,8 @@ Meant for test fixtures and generated demonstrations. The output follows the lay
 (file names, info.json keys, column names and Arrow types, as read off datasets written by lerobot 0.6.1 / 0.4.4):
 
     v3.0: meta/info.json, meta/stats.json, meta/tasks.parquet, meta/episodes/chunk-000/file-000.parquet,
-          data/chunk-XXX/file-XXX.parquet, videos/<key>/chunk-XXX/file-XXX.mp4 (several episodes per file)
+          data/chunk-XXX/file-XXX.parquet, videos/<key>/chunk-XXX/file-XXX.mp4 (several episodes per file, up to
+          data_files_size_in_mb / video_files_size_in_mb; chunks_size files per chunk)
     v2.1: meta/info.json, meta/stats.json, meta/tasks.jsonl, meta/episodes.jsonl, meta/episodes_stats.jsonl,
           data/chunk-XXX/episode_XXXXXX.parquet, videos/chunk-XXX/<key>/episode_XXXXXX.mp4
 
@@ -33,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 CHUNKS_SIZE = 1000
+DATA_FILES_SIZE_IN_MB = 100  # lerobot's defaults: a v3 file takes episodes until the next one would pass these
+VIDEO_FILES_SIZE_IN_MB = 200
 DEFAULT_FEATURES = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 STAT_QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 IMAGE_STATS_MAX_FRAMES = 32
@@ -69,7 +72,9 @@ class LeRobotWriter:
         codec: "h264" (libx264) or "av1" (libsvtav1).
         gop: keyframe interval (lerobot uses 2, which keeps random access cheap).
         crf: encoder quality; the codec's default when None.
-        episodes_per_file: v3.0 only; start a new data/video file after this many episodes (all in one when None).
+        episodes_per_file: v3.0 only; start a new data/video file after this many episodes (no limit when None).
+        data_files_size_in_mb, video_files_size_in_mb: v3.0 only; start a new data/video file before an episode that
+            would take the data file (its in-memory Arrow size) or a camera's video past this size, as lerobot does.
         feature_names: optional {feature: [names per dimension]} stored in info.json.
     """
 
@@ -84,6 +89,8 @@ class LeRobotWriter:
         gop: int = 2,
         crf: int | None = None,
         episodes_per_file: int | None = None,
+        data_files_size_in_mb: float = DATA_FILES_SIZE_IN_MB,
+        video_files_size_in_mb: float = VIDEO_FILES_SIZE_IN_MB,
         feature_names: Mapping[str, list] | None = None,
     ):
         if version not in ("v3.0", "v2.1"):
@@ -105,9 +112,18 @@ class LeRobotWriter:
         if per_file is not None and (isinstance(per_file, bool) or not isinstance(per_file, (int, np.integer))
                                      or per_file < 1):  # fmt: skip
             raise ValueError(f"episodes_per_file: expected an integer ≥ 1 or None, got {episodes_per_file!r}")
+        for name, size in (("data_files_size_in_mb", data_files_size_in_mb),
+                           ("video_files_size_in_mb", video_files_size_in_mb)):  # fmt: skip
+            if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)) or \
+                    not 0 < size < float("inf"):
+                raise ValueError(f"{name}: expected a positive number of megabytes, got {size!r}")
         self.fps, self.robot_type, self.version, self.video = fps, robot_type, version, video
         self.codec, self.gop, self.crf = codec, gop, crf
         self.episodes_per_file = episodes_per_file
+        # as Python numbers, for info.json (a numpy float32 is not JSON)
+        self.data_files_size_in_mb, self.video_files_size_in_mb = (
+            int(size) if isinstance(size, (int, np.integer)) else float(size)
+            for size in (data_files_size_in_mb, video_files_size_in_mb))
         self.feature_names = dict(feature_names or {})
         self.features: dict[str, dict] | None = None
         self.tasks: dict[str, int] = {}
@@ -118,6 +134,7 @@ class LeRobotWriter:
         self._file = (0, 0)  # (chunk_index, file_index) of the open v3 data/video files
         self._episodes_in_file = 0
         self._pending_tables: list[pa.Table] = []
+        self._pending_bytes = 0
         self._videos: dict[str, VideoFileWriter] = {}
         self._frame_buffer: list[dict] = []
         self._frame_buffer_task: str | None = None
@@ -160,10 +177,11 @@ class LeRobotWriter:
         episode_index = len(self.episodes)
         task_index = self.tasks.setdefault(task, len(self.tasks))
         columns = self._default_columns(length, episode_index, task_index)
-        if self.version == "v3.0" and self.episodes_per_file and self._episodes_in_file == self.episodes_per_file:
+        table = self._episode_table(frames, columns)
+        if self.version == "v3.0" and self._file_is_full(table, length):
             self._roll_file()
         row = {"episode_index": episode_index, "tasks": [task], "length": length}
-        self._write_episode_data(frames, columns, episode_index, row)
+        self._write_episode_data(table, episode_index, row)
         row.update(self._write_episode_media(frames, episode_index, length))
         stats = self._episode_stats(frames, columns)
         self.episodes.append(row)
@@ -266,6 +284,18 @@ class LeRobotWriter:
                                                      episode_index=episode_index)
         return self.root / V3_VIDEO_PATH.format(video_key=key, chunk_index=self._file[0], file_index=self._file[1])
 
+    def _file_is_full(self, table: pa.Table, length: int) -> bool:
+        """Whether the open v3 files should be closed before an episode of `length` frames whose data is `table`."""
+        if self._episodes_in_file == 0:  # an episode larger than the limits still gets a file of its own
+            return False
+        if self.episodes_per_file and self._episodes_in_file >= self.episodes_per_file:
+            return True
+        if self._pending_bytes + table.nbytes > self.data_files_size_in_mb * 2**20:
+            return True
+        # the episode's video is not encoded yet: estimated from the file's bytes per frame, as lerobot does
+        limit = self.video_files_size_in_mb * 2**20
+        return any(video.estimated_size(length) > limit for video in self._videos.values())
+
     def _roll_file(self):
         self._flush_data_file()
         for writer in self._videos.values():
@@ -300,7 +330,7 @@ class LeRobotWriter:
     def _open_video(self, key: str, episode_index: int) -> VideoFileWriter:
         return VideoFileWriter(self._video_path(key, episode_index), self.fps, self.codec, self.gop, self.crf)
 
-    def _write_episode_data(self, frames, columns, episode_index: int, row: dict):
+    def _episode_table(self, frames, columns) -> pa.Table:
         arrays, fields = [], []
         for key, feature in self.features.items():
             values = columns[key] if key in DEFAULT_FEATURES else frames[key]
@@ -309,7 +339,9 @@ class LeRobotWriter:
             array, arrow_type = _to_arrow(values, feature)
             arrays.append(array)
             fields.append(pa.field(key, arrow_type))
-        table = pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=self._hf_metadata()))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=self._hf_metadata()))
+
+    def _write_episode_data(self, table: pa.Table, episode_index: int, row: dict):
         if self.version == "v2.1":
             _write_parquet(table, self._data_path(episode_index))
             return
@@ -317,11 +349,12 @@ class LeRobotWriter:
         row["dataset_from_index"] = self.total_frames
         row["dataset_to_index"] = self.total_frames + table.num_rows
         self._pending_tables.append(table)
+        self._pending_bytes += table.nbytes
 
     def _flush_data_file(self):
         if self._pending_tables:
             _write_parquet(pa.concat_tables(self._pending_tables), self._data_path(-1))
-            self._pending_tables = []
+            self._pending_tables, self._pending_bytes = [], 0
 
     def _hf_metadata(self) -> dict:
         """The `huggingface` schema metadata (HF `datasets` Features JSON) that lerobot's parquet files carry."""
@@ -389,7 +422,8 @@ class LeRobotWriter:
         info = {"codebase_version": self.version, "robot_type": self.robot_type, "total_episodes": n_episodes,
                 "total_frames": self.total_frames, "total_tasks": len(self.tasks)}
         if self.version == "v3.0":
-            info.update({"chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
+            info.update({"chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": self.data_files_size_in_mb,
+                         "video_files_size_in_mb": self.video_files_size_in_mb,
                          "fps": self.fps, "splits": {"train": f"0:{n_episodes}"}, "data_path": V3_DATA_PATH,
                          "video_path": V3_VIDEO_PATH if has_video else None})
         else:
@@ -455,6 +489,7 @@ class VideoFileWriter:
         self.stream.options = {"g": str(gop), "crf": str(crf), **extra_options}
         self.time_base = Fraction(1, fps)
         self.frames_written = 0
+        self.packets_written = self.bytes_written = 0  # the encoder holds frames back (lookahead): fewer packets
 
     def write(self, frames: np.ndarray):
         import av
@@ -465,13 +500,25 @@ class VideoFileWriter:
         for image in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = self.frames_written, self.time_base
-            self.container.mux(self.stream.encode(frame))
+            self._mux(self.stream.encode(frame))
             self.frames_written += 1
+
+    def _mux(self, packets):
+        self.packets_written += len(packets)
+        self.bytes_written += sum(packet.size for packet in packets)
+        self.container.mux(packets)
+
+    def estimated_size(self, more_frames: int) -> float:
+        """Bytes of the file once `more_frames` more frames are written, at its bytes per encoded frame so far (0 while
+        the encoder has returned nothing)."""
+        if not self.packets_written:
+            return 0.0
+        return self.bytes_written / self.packets_written * (self.frames_written + more_frames)
 
     def close(self):
         if self.container is not None:
             if self.frames_written:  # an encoder that never opened has nothing to flush
-                self.container.mux(self.stream.encode())
+                self._mux(self.stream.encode())
             self.container.close()
             self.container = None
 
