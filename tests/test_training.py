@@ -743,9 +743,10 @@ def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root, caplog):
     assert "data.camera_rename: not used with data.mixture" in caplog.text  # the mixture YAML renames per dataset
 
 
-def test_train_vla_refuses_a_mixture_dataset_without_one_of_data_camera_names(train_vla, tmp_path, dataset_root):
+def test_train_vla_checks_each_dataset_has_the_processors_cameras_by_name(train_vla, tmp_path, dataset_root):
     """data.camera_names skips the same-names check: each dataset must still have every one of those cameras, or a
-    batch holding one of its (rarely drawn) frames would stop training at a random step."""
+    batch holding one of its (rarely drawn) frames would stop training at a random step. Views are read by name, so
+    the same names in another order are the same cameras."""
     front_only = {"observation.images.front": "primary"}
     mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "both", "cameras": CAMERAS},
                             {"path": str(dataset_root), "embodiment": "front", "cameras": front_only, "weight": 0.01}]}
@@ -758,6 +759,25 @@ def test_train_vla_refuses_a_mixture_dataset_without_one_of_data_camera_names(tr
         train_vla.load_mixture_data({**data, "camera_names": ["wrist", "primary"]}, model)
     *_, camera_names, _ = train_vla.load_mixture_data({**data, "camera_names": ["primary"]}, model)
     assert camera_names == ["primary", "wrist"]  # the first dataset's; main() then takes data.camera_names
+    # the same names in another order are the same cameras: the collator reads each view by name
+    reordered = {"observation.images.wrist": "wrist", "observation.images.front": "primary"}
+    mixture["datasets"][1]["cameras"] = reordered
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture, sort_keys=False))
+    train, *_, camera_names, _ = train_vla.load_mixture_data(data, model)
+    assert camera_names == ["primary", "wrist"] and train.entries[1].dataset.camera_names == ["wrist", "primary"]
+    del mixture["datasets"][1]["cameras"]["observation.images.wrist"]
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture, sort_keys=False))
+    with pytest.raises(ValueError, match=re.escape("data.mixture: the datasets name their cameras differently "
+                                                   "[['primary', 'wrist'], ['primary']]")):
+        train_vla.load_mixture_data(data, model)
+    episodes = toy_episodes()  # the cameras in the other order in info.json, so the reader lists them wrist first
+    for episode in episodes:
+        episode["frames"] = {key: episode["frames"][key] for key in reversed(list(episode["frames"]))}
+    swapped = write_lerobot_dataset(tmp_path / "swapped", episodes, fps=10, video=False)
+    lerobot = {**train_vla.DEFAULTS["data"], "lerobot": [str(dataset_root), str(swapped)], "embodiment": ["a", "b"],
+               "camera_rename": CAMERAS, "video_decoder": None}
+    train, *_, camera_names, _ = train_vla.load_lerobot_data(lerobot, model, tmp_path)
+    assert camera_names == ["primary", "wrist"] and list(train[len(train) - 1]["images"]) == ["wrist", "primary"]
 
 
 def test_saved_recipe_reloads_unchanged(tmp_path):

@@ -205,7 +205,7 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     if len(dims) > 1:
         raise ValueError(f"data.lerobot: datasets of different (action, state) dimensions {sorted(dims)}; "
                          "combine them with a mixture YAML (data.mixture), which pads to the largest")
-    if any(names != camera_names[0] for names in camera_names):
+    if any(set(names) != set(camera_names[0]) for names in camera_names):  # the collator reads views by name
         raise ValueError(f"data: the datasets name their cameras differently {camera_names}; use data.camera_rename")
     train = train_parts[0] if len(train_parts) == 1 else ConcatDataset(train_parts)
     evaluation = None if not eval_parts else eval_parts[0] if len(eval_parts) == 1 else ConcatDataset(eval_parts)
@@ -262,7 +262,7 @@ def load_mixture_data(data: dict, model: dict):
     mixture = load_mixture(data["mixture"], action_horizon=model["action_horizon"], decoder=data["video_decoder"])
     logger.info(repr(mixture))
     camera_names = [list(entry.dataset.camera_names) for entry in mixture.entries]
-    if data["camera_names"] is None and any(names != camera_names[0] for names in camera_names):
+    if data["camera_names"] is None and any(set(names) != set(camera_names[0]) for names in camera_names):
         raise ValueError(f"data.mixture: the datasets name their cameras differently {camera_names}; rename them "
                          "in the mixture YAML (cameras: {feature: name}) or set data.camera_names")
     if data["camera_names"] is not None:  # the processor's cameras: every dataset must have each of them
