@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 
 from hf_vla import VLAPolicy
 from hf_vla.defaults import DEFAULT_INSTRUCTION, EXAMPLE_TASKS, default_model_dir, metaworld_example
+from hf_vla.normalization import expand_action_modes, is_relative
 
 MAX_CAMERAS = 4
 MAX_STATE = 16
@@ -153,17 +154,22 @@ def predict(model: str, loaded: str, unnorm_key: str | None, instruction: str, *
     table.to_csv(csv, index=False)
     summary = (f"{actions.shape[0]} steps × {actions.shape[1]} dims ({unnorm_key or 'default'} units); first step: "
                + ", ".join(f"{n}={v:+.4f}" for n, v in zip(names, actions[0])))  # fmt: skip
-    return summary, long, end_effector_path(actions), table.round(5), csv
+    key = processor.embodiment_key(unnorm_key or policy.unnorm_key, "unnorm_key")
+    positions = expand_action_modes(processor.embodiment_action_mode(key), processor.action_dim)[:3]
+    return summary, long, end_effector_path(actions, absolute=is_relative(positions)), table.round(5), csv
 
 
-def end_effector_path(actions: np.ndarray) -> go.Figure:
-    """The path the first three action dimensions trace when read as xyz deltas from the origin."""
+def end_effector_path(actions: np.ndarray, absolute: bool = False) -> go.Figure:
+    """The path the first three action dimensions trace: read as xyz deltas from the origin, or, for actions the
+    policy made absolute from the state (relative action modes), as the positions themselves."""
     figure = go.Figure()
     if actions.shape[1] >= 3:
-        path = np.vstack([np.zeros(3), np.cumsum(actions[:, :3], axis=0)])
+        xyz = actions[:, :3].astype(np.float64)
+        path = xyz if absolute else np.vstack([np.zeros(3), np.cumsum(xyz, axis=0)])
         figure.add_trace(go.Scatter3d(x=path[:, 0], y=path[:, 1], z=path[:, 2], mode="lines+markers",
                                       marker={"size": 3, "color": np.arange(len(path)), "colorscale": "Viridis"}))  # fmt: skip
-    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0}, title="end-effector path (cumulative xyz)",
+    title = "end-effector path (absolute xyz)" if absolute else "end-effector path (cumulative xyz)"
+    figure.update_layout(margin={"l": 0, "r": 0, "t": 30, "b": 0}, title=title,
                          scene={"xaxis_title": "x", "yaxis_title": "y", "zaxis_title": "z"})  # fmt: skip
     return figure
 

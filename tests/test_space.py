@@ -104,3 +104,26 @@ def test_downloads_do_not_pile_up():
     paths = [app.download_path() for _ in range(app.KEPT_DOWNLOADS + 5)]
     assert len(set(paths)) == len(paths)
     assert sum(Path(p).exists() for p in paths) == app.KEPT_DOWNLOADS and Path(paths[-1]).exists()
+
+
+def test_the_path_plot_reads_actions_made_absolute_as_positions(tmp_path):
+    import app
+
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla("oft", tmp_path / "build", state_dim=7)
+    rng = np.random.default_rng(0)
+    stats = processor.compute_norm_stats("arm", rng.normal(size=(64, 7)), rng.normal(size=(64, 7)))
+    processor.set_norm_stats("arm_rel", {**stats, "action_mode": ["rel"] * 6 + ["abs"]})
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    path = str(tmp_path / "model")
+    image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    state = [0.5] * 7 + [0.0] * 9
+    for key, absolute in (("arm", False), ("arm_rel", True)):
+        _, _, figure, table, _ = app.predict(path, path, key, "go", image, image, None, None, *state)
+        actions = table.drop(columns="step").to_numpy()
+        xyz = np.array([figure.data[0][axis] for axis in "xyz"]).T
+        expected = actions[:, :3] if absolute else np.vstack([np.zeros(3), np.cumsum(actions[:, :3], axis=0)])
+        np.testing.assert_allclose(xyz, expected, atol=1e-4)  # the table is rounded to 5 decimals
+        assert figure.layout.title.text.endswith("(absolute xyz)" if absolute else "(cumulative xyz)")
