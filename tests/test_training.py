@@ -878,6 +878,55 @@ def test_fast_tokenizer_is_fitted_on_normalised_chunks(train_vla, dataset, monke
     assert seen["kwargs"] == {"scale": 10.0, "vocab_size": 128}
 
 
+class ConstantChunks:
+    """A dataset whose frame i is the chunk filled with `first + i`, so a fitted chunk names the frame it came from."""
+
+    def __init__(self, first: int, frames: int):
+        self.first, self.frames = first, frames
+
+    def __len__(self):
+        return self.frames
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.frames:
+            raise IndexError(index)
+        return {"actions": np.full((HORIZON, ACTION_DIM), self.first + index, np.float32)}
+
+
+def fitted_frames(train_vla, monkeypatch, sources, fit_samples, seed=0) -> list[int]:
+    """The frames (their values) `fit_fast_tokenizer` fits on, with identity statistics (normalised == raw)."""
+    from hf_vla.action_tokenizers import FASTTokenizer
+
+    seen = []
+    monkeypatch.setattr(FASTTokenizer, "fit", classmethod(lambda cls, chunks, **kwargs: seen.append(chunks) or "fit"))
+    identity = {name: [1.0 if name == "std" else 0.0] * ACTION_DIM for name in ("mean", "std", "min", "max", "q01",
+                                                                                "q99")}  # fmt: skip
+    stats = {key: {"action": {**identity, "mode": ["identity"] * ACTION_DIM}} for _, key in sources}
+    fast = {"scale": 10.0, "vocab_size": 128, "fit_samples": fit_samples}
+    train_vla.fit_fast_tokenizer(fast, stats, sources, None, seed=seed)
+    chunks = np.asarray(seen[0])
+    assert (chunks == chunks[:, :1, :1]).all()  # each chunk one frame's, whole
+    return chunks[:, 0, 0].astype(int).tolist()
+
+
+def test_fast_tokenizer_fit_draws_fit_samples_frames_uniformly_over_all_training_frames(train_vla, monkeypatch):
+    """As the Trainer samples a concatenation of datasets: each in proportion to its size, every frame at most once,
+    `fit_samples` chunks in all (a small dataset or many datasets neither shrink nor grow the sample)."""
+    small, large = ConstantChunks(0, 10), ConstantChunks(1000, 90)
+    frames = fitted_frames(train_vla, monkeypatch, [(small, "a"), (large, "b")], fit_samples=50, seed=3)
+    drawn = np.random.default_rng(3).choice(100, size=50, replace=False)
+    assert frames == [int(i) if i < 10 else 1000 + int(i) - 10 for i in drawn]
+    assert len(set(frames)) == 50 and sum(f < 1000 for f in frames) == sum(int(i) < 10 for i in drawn) < 25
+    # a dataset smaller than an even share, and fewer samples than datasets
+    assert len(fitted_frames(train_vla, monkeypatch, [(ConstantChunks(0, 3), "a"), (large, "b")], 60)) == 60
+    many = [(ConstantChunks(1000 * k, 5), f"e{k}") for k in range(3)]
+    assert len(fitted_frames(train_vla, monkeypatch, many, fit_samples=2)) == 2
+    # more samples than frames: every frame once; the same seed, the same frames
+    assert sorted(fitted_frames(train_vla, monkeypatch, many, fit_samples=100)) == [
+        1000 * k + i for k in range(3) for i in range(5)]
+    assert fitted_frames(train_vla, monkeypatch, many, 7, seed=5) == fitted_frames(train_vla, monkeypatch, many, 7, 5)
+
+
 def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_path, dataset_root):
     """`resume_from_checkpoint: true` picks the newest checkpoint-N of the output directory and continues from its
     weights: a marker written into checkpoint-2's weights is still there after one more step (a fresh start, or the

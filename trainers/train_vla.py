@@ -278,18 +278,24 @@ def _dim(stats: dict, feature: str) -> int:
 
 
 def fit_fast_tokenizer(fast: dict, stats: dict, action_only, train_dataset, seed: int):
-    """A FAST tokenizer fitted on normalised action chunks of the training data (camera-less reads for LeRobot)."""
+    """A FAST tokenizer fitted on normalised action chunks of the training data (camera-less reads for LeRobot).
+
+    `fit_samples` frames are drawn without replacement, uniformly over all training frames, as the Trainer draws
+    them: each dataset in proportion to its size (a mixture by its weights), and exactly `fit_samples` chunks, or
+    every frame when there are fewer."""
     from hf_vla.action_tokenizers import FASTTokenizer
 
-    rng = np.random.default_rng(seed)
-    chunks = []
     sources = action_only or [(train_dataset, None)]
-    per_source = max(1, int(fast["fit_samples"]) // len(sources))
-    for dataset, key in sources:
-        for index in rng.choice(len(dataset), size=min(per_source, len(dataset)), replace=False):
-            sample = dataset[int(index)]
-            embodiment = key or sample["embodiment"]
-            chunks.append(normalize(sample["actions"], stats[embodiment]["action"]))
+    sizes = np.array([len(dataset) for dataset, _ in sources])
+    ends = np.cumsum(sizes)
+    count = min(int(fast["fit_samples"]), int(ends[-1]))
+    chunks = []
+    for index in np.random.default_rng(seed).choice(int(ends[-1]), size=count, replace=False):
+        source = int(np.searchsorted(ends, index, side="right"))
+        (dataset, key), start = sources[source], int(ends[source] - sizes[source])
+        sample = dataset[int(index) - start]
+        embodiment = key or sample["embodiment"]
+        chunks.append(normalize(sample["actions"], stats[embodiment]["action"]))
     tokenizer = FASTTokenizer.fit(np.stack(chunks), scale=fast["scale"], vocab_size=int(fast["vocab_size"]))
     logger.info(f"fitted {tokenizer} on {len(chunks)} chunks")
     return tokenizer
