@@ -927,6 +927,24 @@ def test_fast_tokenizer_fit_draws_fit_samples_frames_uniformly_over_all_training
     assert fitted_frames(train_vla, monkeypatch, many, 7, seed=5) == fitted_frames(train_vla, monkeypatch, many, 7, 5)
 
 
+def test_fast_tokenizer_is_not_fitted_on_the_held_out_frames(train_vla, dataset_root, tmp_path, monkeypatch):
+    data = {**train_vla.DEFAULTS["data"], "lerobot": str(dataset_root), "embodiment": "toy", "camera_rename": CAMERAS,
+            "eval_split": 0.25}
+    model = {**train_vla.DEFAULTS["model"], "action_horizon": HORIZON}
+    train, evaluation, stats, _, action_only = train_vla.load_lerobot_data(data, model, tmp_path)
+    from hf_vla.action_tokenizers import FASTTokenizer
+
+    seen = []
+    monkeypatch.setattr(FASTTokenizer, "fit", classmethod(lambda cls, chunks, **kwargs: seen.append(chunks) or "fit"))
+    fast = {"scale": 10.0, "vocab_size": 128, "fit_samples": 1000}  # more than there are frames: all of them
+    train_vla.fit_fast_tokenizer(fast, stats, action_only, train, seed=0)
+    fitted = {np.asarray(chunk).tobytes() for chunk in seen[0]}
+    training = [normalize(train[i]["actions"], stats["toy"]["action"]) for i in range(len(train))]
+    held_out = [normalize(evaluation[i]["actions"], stats["toy"]["action"]) for i in range(len(evaluation))]
+    assert len(seen[0]) == len(train) == 18 and fitted == {chunk.tobytes() for chunk in training}
+    assert not fitted & {chunk.tobytes() for chunk in held_out}
+
+
 def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_path, dataset_root):
     """`resume_from_checkpoint: true` picks the newest checkpoint-N of the output directory and continues from its
     weights: a marker written into checkpoint-2's weights is still there after one more step (a fresh start, or the

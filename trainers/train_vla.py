@@ -178,7 +178,7 @@ def augmented(train_dataset, data: dict):
 
 
 def load_lerobot_data(data: dict, model: dict, output_dir: Path):
-    """(train dataset, eval dataset or None, {embodiment: stats}, [(dataset, embodiment)] without cameras)."""
+    """(train dataset, eval dataset or None, {embodiment: stats}, [(training frames, embodiment)] without cameras)."""
     norm = data["normalization"] or {}
     camera_rename = data["camera_rename"]
     if camera_rename is None and data["lerobot"] is None:  # the synthetic set, of the cameras selected
@@ -190,12 +190,12 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
         dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=camera_rename,
                                decoder=data["video_decoder"], **settings)  # fmt: skip
         members.setdefault(key, []).append(dataset)
-        action_only.append((load_lerobot(root, cameras=[], **settings), key))
         camera_names.append(list(dataset.camera_names))
         tagged = WithEmbodiment(dataset, key)
         num_eval = int(round(len(dataset) * data["eval_split"]))
         # the tail of the frames is held out: whole episodes except, at most, the one that straddles the cut
         train_parts.append(augmented(Subset(tagged, range(len(dataset) - num_eval)), data))
+        action_only.append((Subset(load_lerobot(root, cameras=[], **settings), range(len(dataset) - num_eval)), key))
         if num_eval:
             eval_parts.append(Subset(tagged, range(len(dataset) - num_eval, len(dataset))))
         logger.info(f"{key}: {dataset}")
