@@ -945,6 +945,42 @@ def test_fast_tokenizer_is_not_fitted_on_the_held_out_frames(train_vla, dataset_
     assert not fitted & {chunk.tobytes() for chunk in held_out}
 
 
+def test_fitted_fast_tokenizer_travels_with_the_model_and_a_resumed_run_keeps_it(train_vla, tmp_path, monkeypatch):
+    """The tokenizer fitted by train_vla is saved beside the weights (the final folder and each checkpoint) and
+    reloads to the same token ids and decoded chunks. A resumed run continues with its checkpoint's tokenizer: a
+    refit (here on other frames, from another seed) would give the trained token ids other meanings."""
+    from hf_vla.action_tokenizers import FASTTokenizer
+
+    fitted = []
+    fit = train_vla.fit_fast_tokenizer
+    monkeypatch.setattr(train_vla, "fit_fast_tokenizer", lambda *args: fitted.append(fit(*args)) or fitted[-1])
+    run = [str(REPO / "trainers" / "recipes" / "fast.yaml"), "--trainer.save_steps", "1", "--trainer.disable_tqdm",
+           "true", "--model.image_size", "[28, 28]", "--data.synthetic.num_episodes", "2", "--data.synthetic.length",
+           "8", "--data.eval_split", "0", "--model.action_horizon", "4", "--model.fast.fit_samples", "6"]  # fmt: skip
+    out = tmp_path / "run"
+    train_vla.main([*run, "--trainer.output_dir", str(out), "--trainer.max_steps", "1"])
+    (tokenizer,) = fitted
+    chunks = np.random.default_rng(0).uniform(-1, 1, (16, 4, 4)).cumsum(axis=1) / 4  # smooth, in the fitted range
+    ids = tokenizer(chunks)
+    for folder in (out, out / "checkpoint-1"):
+        saved = AutoModelForVLA.from_pretrained(folder).action_tokenizer
+        assert saved.bpe.to_str() == tokenizer.bpe.to_str() and (saved.scale, saved.min_token, saved.vocab_size) == (
+            tokenizer.scale, tokenizer.min_token, tokenizer.vocab_size)
+        assert saved(chunks) == ids
+        np.testing.assert_array_equal(saved.decode(ids), tokenizer.decode(ids))
+    assert FASTTokenizer.from_pretrained(out / "action_tokenizer")(chunks) == ids
+
+    resumed = tmp_path / "resumed"
+    train_vla.main([*run, "--trainer.output_dir", str(resumed), "--trainer.max_steps", "2", "--trainer.seed", "7",
+                    "--trainer.resume_from_checkpoint", str(out / "checkpoint-1")])  # fmt: skip
+    assert len(fitted) == 1  # no refit
+    data = {**train_vla.DEFAULTS["data"], "lerobot": str(out / "synthetic_dataset"), "eval_split": 0}
+    train, _, stats, _, action_only = train_vla.load_lerobot_data(data, {"action_horizon": 4}, tmp_path)
+    refit = fit({"scale": 10.0, "vocab_size": 128, "fit_samples": 6}, stats, action_only, train, 7)
+    assert refit.bpe.to_str() != tokenizer.bpe.to_str()  # what the resumed run would otherwise have trained with
+    assert AutoModelForVLA.from_pretrained(resumed).action_tokenizer.bpe.to_str() == tokenizer.bpe.to_str()
+
+
 def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_path, dataset_root):
     """`resume_from_checkpoint: true` picks the newest checkpoint-N of the output directory and continues from its
     weights: a marker written into checkpoint-2's weights is still there after one more step (a fresh start, or the

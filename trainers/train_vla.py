@@ -301,6 +301,18 @@ def fit_fast_tokenizer(fast: dict, stats: dict, action_only, train_dataset, seed
     return tokenizer
 
 
+def checkpoint_tokenizer(resume) -> str | None:
+    """The FAST tokenizer folder of the checkpoint a run resumes: its weights learned those token ids, so a refit
+    (from another seed, or a dataset that changed since) must not replace it."""
+    from hf_vla.models.fast.modeling_fast import ACTION_TOKENIZER_DIR
+
+    folder = Path(resume) / ACTION_TOKENIZER_DIR if resume else None
+    if folder is None or not folder.is_dir():
+        return None
+    logger.info(f"continuing with the FAST tokenizer of {resume}")
+    return str(folder)
+
+
 # ---------------------------------------------------------------------------------------------------- model
 
 
@@ -431,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(seed)
     action_tokenizer = None
     if model_cfg["variant"] == "fast":
-        action_tokenizer = model_cfg["action_tokenizer"] or fit_fast_tokenizer(
+        action_tokenizer = model_cfg["action_tokenizer"] or checkpoint_tokenizer(resume) or fit_fast_tokenizer(
             model_cfg["fast"], stats, action_only, train, seed
         )
     model = build_model(model_cfg, vlm, action_dim, state_dim, action_tokenizer)
