@@ -487,7 +487,54 @@ def test_models_that_attend_to_padding_batch_only_prompts_of_one_length(conditio
         assert calls == [[texts[j % 2]] for j in range(4)]
 
 
-def counting_batcher(max_batch, calls):
+def test_a_batch_of_other_embodiments_instructions_and_sizes_answers_each_request_as_predict_alone(tiny_vlm_dirs):
+    """One collection mixing unnorm keys (an absolute one, one with relative dimensions, one a mixture padded to the
+    model's widths), instructions of other lengths, image sizes and a two-row request: each request gets exactly
+    its own rows of what `VLAPolicy.predict` gives for its observation alone, at its embodiment's width, and rows
+    share a call only where key and sizes agree."""
+    from hf_vla.data.mixture import _pad_feature_stats
+    from hf_vla.normalization import compute_stats
+
+    model, processor = make_oft(tiny_vlm_dirs["qwen2_5_vl"], action_dim=7, action_horizon=4, state_dim=6)
+    rng = np.random.default_rng(5)
+    processor.set_norm_stats("rel_arm", {**processor.norm_stats["bridge"], "action_mode": ["rel"] * 6 + ["abs"]})
+    narrow = {"action": _pad_feature_stats(compute_stats(rng.normal(3.0, 2.0, size=(64, 4))), 7),
+              "state": _pad_feature_stats(compute_stats(rng.normal(size=(64, 3))), 6),
+              "action_mode": ["delta"] * 3 + ["abs"] * 4}  # relative to its own 3 state values; padding absolute
+    processor.set_norm_stats("narrow", narrow)
+    policy = VLAPolicy(model, processor)
+    predict, calls = policy.predict, []
+    policy.predict = lambda obs, **kwargs: calls.append(kwargs["unnorm_key"]) or predict(obs, **kwargs)
+
+    def observation(seed, key, prompts, size=48, state_width=6):
+        obs = make_obs(seed, batch=len(prompts), size=size)
+        return {**obs, "instruction": prompts, "state": obs["state"][:, :state_width]}, key
+
+    requests = [observation(1, "bridge", ["open"]),
+                observation(2, "narrow", ["push the red button twice", "close"], state_width=3),
+                observation(3, "rel_arm", ["place the blue cup on the top shelf of the drawer"]),
+                observation(4, "bridge", ["pick"], size=40),
+                observation(5, "bridge", ["open the drawer and then close it again"])]  # fmt: skip
+    # rows as the request parser makes them: states zero-padded to the model's width
+    jobs = [[Row(tuple(obs["images"][c][b] for c in CAMERAS), obs["instruction"][b],
+                 np.pad(obs["state"][b], (0, 6 - obs["state"].shape[1])), key) for b in range(len(obs["instruction"]))]
+            for obs, key in requests]  # fmt: skip
+    batcher = MicroBatcher(policy, enabled=True, window_ms=10, max_batch=8)
+    try:
+        results = batcher._predict_jobs(jobs)
+    finally:
+        batcher.close()
+    assert sorted(calls) == ["bridge", "bridge", "narrow", "rel_arm"]  # requests 0 and 4 shared a call
+    assert (batcher.stats.predict_calls, batcher.stats.batched_calls, batcher.stats.rows) == (4, 1, 6)
+    for (obs, key), result in zip(requests, results):
+        actions, normalized = predict(obs, unnorm_key=key, return_normalized=True)
+        assert actions.shape[-1] == (4 if key == "narrow" else 7) and len(result.actions) == len(actions)
+        np.testing.assert_allclose(np.stack(result.actions), actions, rtol=0, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(np.stack(result.normalized), normalized, rtol=0, atol=1e-6, err_msg=key)
+    assert np.abs(np.stack(results[0].actions) - np.stack(results[4].actions)).max() > 1e-3  # rows did not mix
+
+
+def counting_batcher(max_batch, calls, window_ms=10_000):
     """A MicroBatcher over a stand-in policy that records each predict call's instructions and answers row b of a
     call with actions filled with float(instruction)."""
 
@@ -499,7 +546,7 @@ def counting_batcher(max_batch, calls):
     config = SimpleNamespace(condition_mask="always", state_in_prompt=False)
     policy = SimpleNamespace(model=SimpleNamespace(config=config), processor=SimpleNamespace(camera_names=["primary"]),
                              predict=predict)  # fmt: skip
-    return MicroBatcher(policy, enabled=True, window_ms=10_000, max_batch=max_batch)
+    return MicroBatcher(policy, enabled=True, window_ms=window_ms, max_batch=max_batch)
 
 
 def test_max_batch_bounds_rows_per_call_and_per_collection():
@@ -562,6 +609,66 @@ def test_the_batcher_waits_only_for_connections_likely_to_send():
     assert not steady.expected_by(deadline=10.005, now=10.0, window_s=window)  # idle for seconds
     steady.request_arrived(0.033)
     assert not steady.expected_by(deadline=0.036, now=0.034, window_s=window)  # already queued
+
+
+def test_the_batcher_collects_only_for_connections_expected_to_send_and_stops_at_the_deadline():
+    """With a 10 s window: a lone client's request (its connection pending, another idle for a minute) is taken at
+    once; a connection that just got its metadata frame is waited for and its request joins the batch, and once
+    every connection has sent, the collection ends. With a short window, an expected request that never comes
+    ends it at the deadline."""
+    import asyncio
+
+    view = np.zeros((8, 8, 3), np.uint8)
+
+    def job(text):
+        return [Row((view,), text, None, "k")], None
+
+    async def long_window(batcher):
+        loop = asyncio.get_running_loop()
+        lone, idle = ClientActivity(loop.time() - 0.01), ClientActivity(loop.time() - 60)
+        idle.request_arrived(loop.time() - 59.99)
+        idle.replied(loop.time() - 59.9)
+        batcher.clients.update({lone, idle})
+        lone.request_arrived(loop.time())
+        await batcher._queue.put(job("lone"))
+        alone = await asyncio.wait_for(batcher._collect(), 5)
+        lone.replied(loop.time())
+        fresh = ClientActivity(loop.time())  # metadata frame just sent
+        batcher.clients.add(fresh)
+        lone.request_arrived(loop.time())
+        await batcher._queue.put(job("lone again"))
+        collecting = asyncio.ensure_future(batcher._collect())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        waited = not collecting.done()
+        fresh.request_arrived(loop.time())
+        await batcher._queue.put(job("fresh"))
+        together = await asyncio.wait_for(collecting, 5)
+        return alone, waited, together
+
+    async def short_window(batcher):
+        loop = asyncio.get_running_loop()
+        steady = ClientActivity(loop.time() - 0.011)
+        steady.request_arrived(loop.time() - 0.01)  # sends 1 ms after each reply
+        steady.replied(loop.time())
+        batcher.clients.add(steady)
+        await batcher._queue.put(job("first"))
+        return await asyncio.wait_for(batcher._collect(), 5)
+
+    def instructions(jobs):
+        return [rows[0].instruction for rows, _ in jobs]
+
+    batcher = counting_batcher(8, [])  # a 10 s window
+    try:
+        alone, waited, together = asyncio.run(long_window(batcher))
+    finally:
+        batcher.close()
+    assert instructions(alone) == ["lone"] and waited and instructions(together) == ["lone again", "fresh"]
+    batcher = counting_batcher(8, [], window_ms=30)
+    try:
+        assert instructions(asyncio.run(short_window(batcher))) == ["first"]
+    finally:
+        batcher.close()
 
 
 def test_a_model_trained_on_delta_actions_returns_absolute_ones(tmp_path):
