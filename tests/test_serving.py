@@ -353,6 +353,30 @@ def test_malformed_frames_get_error_replies_and_the_connection_keeps_serving(ser
         np.testing.assert_allclose(client.infer(good)["actions"], expected, atol=1e-5)
 
 
+def test_frames_sent_back_to_back_are_answered_one_each_in_order(server, policy):
+    """A client that sends several frames without waiting (good, bad, StarVLA-form, ping, good) gets one reply per
+    frame, in the order sent, each one its own frame's."""
+    first, second, third = make_obs(41), make_obs(42), make_obs(43)
+    example = {"image": [second["images"][c] for c in CAMERAS], "lang": second["instruction"],
+               "state": second["state"]}  # fmt: skip
+    frames = [packb(first), packb({"prompt": "no images"}), packb({"type": "infer", "request_id": 7,
+              "payload": {"examples": [example], "unnorm_key": "other"}}), packb({"type": "ping", "request_id": 8}),
+              packb(third)]  # fmt: skip
+    with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
+        unpackb(ws.recv(timeout=TIMEOUT))  # metadata
+        for frame in frames:
+            ws.send(frame)
+        replies = [ws.recv(timeout=TIMEOUT) for _ in frames]
+    replies = [reply if isinstance(reply, str) else unpackb(reply) for reply in replies]
+    np.testing.assert_allclose(replies[0]["actions"], policy.predict(first), atol=1e-5)
+    assert isinstance(replies[1], str) and replies[1].startswith("images.primary: missing")
+    assert replies[2]["request_id"] == 7 and replies[2]["type"] == "inference_result"
+    np.testing.assert_allclose(replies[2]["data"]["actions"], policy.predict(second, unnorm_key="other")[None],
+                               atol=1e-5)  # fmt: skip
+    assert replies[3] == {"status": "ok", "ok": True, "type": "ping", "request_id": 8}
+    np.testing.assert_allclose(replies[4]["actions"], policy.predict(third), atol=1e-5)
+
+
 # ---------------------------------------------------------------- micro-batching
 
 
