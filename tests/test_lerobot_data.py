@@ -751,6 +751,26 @@ def test_custom_decoder_is_used(roots):
     assert calls[0][0].endswith(f"{FRONT}/chunk-000/file-000.mp4") and calls[0][1] == pytest.approx([1.3])
 
 
+def test_without_images_reads_the_same_samples_and_decodes_nothing(roots):
+    calls = []
+
+    def fake_decoder(path, timestamps):
+        calls.append(str(path))
+        return np.zeros((len(timestamps), 8, 8, 3), dtype=np.uint8)
+
+    ds = load_lerobot(roots["v3"], action_horizon=3, cameras=[FRONT], action_mode="rel", decoder=fake_decoder)
+    bare = ds.without_images()
+    for index in (0, 13, len(ds) - 1):
+        full, light = ds[index], bare[index]
+        assert light["images"] == {} and full["images"][FRONT].shape == (8, 8, 3)
+        assert light.keys() == full.keys()
+        for key in ("actions", "state", "action_mask"):
+            np.testing.assert_array_equal(light[key], full[key])
+        assert [light[k] for k in ("instruction", "episode_index", "frame_index")] == [
+            full[k] for k in ("instruction", "episode_index", "frame_index")]
+    assert len(calls) == 3 and ds.camera_names == [FRONT] and bare.camera_names == []  # the original keeps its views
+
+
 def test_streaming_writer_matches_episode_writer(tmp_path, episodes):
     with LeRobotWriter(tmp_path / "streamed", FPS, video=False) as writer:
         for episode in episodes[:2]:

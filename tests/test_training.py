@@ -945,6 +945,33 @@ def test_fast_tokenizer_is_not_fitted_on_the_held_out_frames(train_vla, dataset_
     assert not fitted & {chunk.tobytes() for chunk in held_out}
 
 
+def test_fast_tokenizer_fit_on_a_mixture_draws_as_training_does_and_reads_no_image(train_vla, dataset_root, tmp_path,
+                                                                                     monkeypatch):
+    """A mixture's fitting chunks are its own draws (weights, embodiments) read without camera views: decoding up to
+    fit_samples frames of video per camera before training starts would only be thrown away."""
+    from hf_vla.action_tokenizers import FASTTokenizer
+    from hf_vla.data.lerobot import LeRobotDataset
+
+    mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "a", "cameras": CAMERAS},
+                            {"path": str(dataset_root), "embodiment": "b", "cameras": CAMERAS, "weight": 3.0,
+                             "normalization": {"action": "min_max"}}]}  # fmt: skip
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    data = {**train_vla.DEFAULTS["data"], "mixture": str(tmp_path / "mix.yaml"), "video_decoder": None}
+    model = {**train_vla.DEFAULTS["model"], "action_horizon": HORIZON}
+    train, _, stats, _, action_only = train_vla.load_mixture_data(data, model)
+    fit_samples = 12
+    drawn = np.random.default_rng(0).choice(len(train), size=fit_samples, replace=False)
+    samples = [train[int(i)] for i in drawn]
+    assert {sample["embodiment"] for sample in samples} == {"a", "b"} and all(sample["images"] for sample in samples)
+    expected = [normalize(sample["actions"], stats[sample["embodiment"]]["action"]) for sample in samples]
+    seen = []
+    monkeypatch.setattr(FASTTokenizer, "fit", classmethod(lambda cls, chunks, **kwargs: seen.append(chunks) or "fit"))
+    monkeypatch.setattr(LeRobotDataset, "_embedded_image", lambda *args: pytest.fail("an image was read to fit FAST"))
+    fast = {"scale": 10.0, "vocab_size": 128, "fit_samples": fit_samples}
+    assert train_vla.fit_fast_tokenizer(fast, stats, action_only, train, seed=0) == "fit"
+    np.testing.assert_array_equal(seen[0], np.stack(expected))
+
+
 def test_fitted_fast_tokenizer_travels_with_the_model_and_a_resumed_run_keeps_it(train_vla, tmp_path, monkeypatch):
     """The tokenizer fitted by train_vla is saved beside the weights (the final folder and each checkpoint) and
     reloads to the same token ids and decoded chunks. A resumed run continues with its checkpoint's tokenizer: a

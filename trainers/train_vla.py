@@ -195,7 +195,7 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
         num_eval = int(round(len(dataset) * data["eval_split"]))
         # the tail of the frames is held out: whole episodes except, at most, the one that straddles the cut
         train_parts.append(augmented(Subset(tagged, range(len(dataset) - num_eval)), data))
-        action_only.append((Subset(load_lerobot(root, cameras=[], **settings), range(len(dataset) - num_eval)), key))
+        action_only.append((Subset(dataset.without_images(), range(len(dataset) - num_eval)), key))
         if num_eval:
             eval_parts.append(Subset(tagged, range(len(dataset) - num_eval, len(dataset))))
         logger.info(f"{key}: {dataset}")
@@ -270,7 +270,8 @@ def load_mixture_data(data: dict, model: dict):
             mixture.check_camera_names(data["camera_names"])
         except ValueError as err:
             raise ValueError(f"data.camera_names: {err}") from err
-    return augmented(mixture, data), None, mixture.compute_norm_stats(), camera_names[0], None
+    action_only = [(mixture.without_images(), None)]  # the same draws, for fitting a FAST tokenizer
+    return augmented(mixture, data), None, mixture.compute_norm_stats(), camera_names[0], action_only
 
 
 def _dim(stats: dict, feature: str) -> int:
@@ -278,7 +279,7 @@ def _dim(stats: dict, feature: str) -> int:
 
 
 def fit_fast_tokenizer(fast: dict, stats: dict, action_only, train_dataset, seed: int):
-    """A FAST tokenizer fitted on normalised action chunks of the training data (camera-less reads for LeRobot).
+    """A FAST tokenizer fitted on normalised action chunks of the training data (read without camera views).
 
     `fit_samples` frames are drawn without replacement, uniformly over all training frames, as the Trainer draws
     them: each dataset in proportion to its size (a mixture by its weights), and exactly `fit_samples` chunks, or

@@ -17,6 +17,7 @@ All numeric columns are loaded once into numpy; images come from the videos thro
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from collections import OrderedDict
@@ -320,6 +321,13 @@ class LeRobotDataset(Dataset):
         state = self.__dict__.copy()
         state["_image_tables"] = OrderedDict()
         return state
+
+    def without_images(self) -> LeRobotDataset:
+        """The same samples without camera views, sharing the loaded columns: actions and states with no video
+        decoded (e.g. to fit an action tokenizer)."""
+        view = copy.copy(self)
+        view.cameras, view.camera_names, view._image_tables = [], [], OrderedDict()
+        return view
 
     # ---- statistics ----
     def compute_stats(self, action_mode="q99", state_mode="q99") -> dict:

@@ -48,6 +48,8 @@ dimensions, normalisation modes and action mode.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -152,6 +154,13 @@ class VLAMixture(Dataset):
     def __getitem__(self, index: int) -> dict:
         k, frame = self.draw(index)
         return self._aligned(self.entries[k].dataset[frame], k)
+
+    def without_images(self) -> VLAMixture:
+        """The same draws without camera views (each dataset's `without_images()`, where it has one)."""
+        view = copy.copy(self)
+        view.entries = [dataclasses.replace(entry, dataset=entry.dataset.without_images())
+                        if hasattr(entry.dataset, "without_images") else entry for entry in self.entries]  # fmt: skip
+        return view
 
     def _aligned(self, sample: Mapping, k: int) -> dict:
         sample = dict(sample)
