@@ -852,9 +852,17 @@ def test_train_vla_takes_dimensions_from_the_dataset_and_the_recipe_camera_names
                     "--model.state_dim", "0"])  # fmt: skip
     assert AutoModelForVLA.from_pretrained(stateless).config.state_dim == 0
     assert "state" not in AutoProcessor.from_pretrained(stateless).norm_stats["arm"]
-    with pytest.raises(ValueError, match=r"norm_stats\['arm'\]\['action'\]: expected 5 dimensions, got 3"):
-        train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "wide"), "--model.image_size", "[28, 28]",
-                        "--model.action_dim", "5"])  # an explicit value is kept (and checked), not replaced
+    # an explicit value is kept and checked against the data before anything is built (or a FAST tokenizer fitted)
+    for option, message in (("--model.action_dim", r"model.action_dim: the data's actions \('arm'\) have 3 dimensions, "
+                                                   r"got 5; leave it null"),
+                            ("--model.state_dim", r"model.state_dim: expected the data's state width 2 \('arm'\) or 0 "
+                                                  r"\(a model without state\), got 5")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "wide"), option, "5"])
+    assert not (tmp_path / "wide").exists()
+    message = r"model.state_dim: expected 0: the data \('toy'\) has no state, got 2"
+    with pytest.raises(ValueError, match=message):
+        train_vla.check_model_widths({"action_dim": 3, "state_dim": 2}, {"toy": {"action": {"mean": [0.0] * 3}}})
 
 
 def test_fast_tokenizer_is_fitted_on_normalised_chunks(train_vla, dataset, monkeypatch):

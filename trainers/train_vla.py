@@ -278,6 +278,21 @@ def _dim(stats: dict, feature: str) -> int:
     return len(stats[feature]["mean"]) if feature in stats else 0
 
 
+def check_model_widths(model: dict, stats: dict) -> None:
+    """A recipe's model.action_dim / state_dim against the data's widths (every embodiment has them: a mixture pads
+    to its widest), before anything is fitted or built for a model that could not take the data."""
+    key, first = next(iter(stats.items()))
+    actions, states = _dim(first, "action"), _dim(first, "state")
+    if model["action_dim"] != actions:
+        raise ValueError(f"model.action_dim: the data's actions ({key!r}) have {actions} dimensions, got "
+                         f"{model['action_dim']}; leave it null to take the data's")
+    if model["state_dim"] not in (0, states):
+        expected = f"the data's state width {states} ({key!r}) or 0 (a model without state)" if states else \
+            f"0: the data ({key!r}) has no state"
+        raise ValueError(f"model.state_dim: expected {expected}, got {model['state_dim']}; leave it null to take the "
+                         "data's")
+
+
 def fit_fast_tokenizer(fast: dict, stats: dict, action_only, train_dataset, seed: int):
     """A FAST tokenizer fitted on normalised action chunks of the training data (read without camera views).
 
@@ -438,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_cfg["action_dim"] = _dim(first, "action")
     if model_cfg["state_dim"] is None:
         model_cfg["state_dim"] = _dim(first, "state")
+    check_model_widths(model_cfg, stats)
     action_dim, state_dim = model_cfg["action_dim"], model_cfg["state_dim"]
 
     vlm = model_cfg["vlm"] = resolve_vlm(model_cfg, output_dir)
