@@ -634,6 +634,14 @@ def test_the_batcher_waits_only_for_connections_likely_to_send():
     steady.request_arrived(0.033)
     assert not steady.expected_by(deadline=0.036, now=0.034, window_s=window)  # already queued
 
+    resetting = ClientActivity(0.0)  # 2 ms gaps, then one 5 s pause (an episode reset), then 2 ms again
+    for gap in (0.002, 0.002, 0.002, 5.0, 0.002):
+        resetting.request_arrived(resetting.last_reply + gap)
+        resetting.replied(resetting.last_reply + gap + 0.02)
+    assert resetting.think_s == pytest.approx(0.002)  # a running mean would still expect it seconds from now
+    now = resetting.last_reply + 0.001
+    assert resetting.expected_by(deadline=now + window, now=now, window_s=window)
+
 
 def test_the_batcher_collects_only_for_connections_expected_to_send_and_stops_at_the_deadline():
     """With a 10 s window: a lone client's request (its connection pending, another idle for a minute) is taken at

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 from .protocol import Row
 
 logger = logging.getLogger("hf_vla.serving")
+RHYTHM_GAPS = 5  # a connection's request rhythm is the median of its last gaps
 
 
 # ---------------------------------------------------------------- micro-batching
@@ -50,12 +51,15 @@ class ClientActivity:
     """A connection's request rhythm, so the batcher waits only for requests that are likely to come."""
 
     last_reply: float  # loop time of the last reply (or of the metadata frame)
-    think_s: float | None = None  # running mean of the gap between a reply and the next request
+    think_s: float | None = None  # median of the recent gaps between a reply and the next request
     pending: bool = False
+    # a median, not a running mean: one long pause (an episode reset) would otherwise keep a client looking idle,
+    # and unbatched, for a dozen requests
+    gaps: deque = field(default_factory=lambda: deque(maxlen=RHYTHM_GAPS))
 
     def request_arrived(self, now: float) -> None:
-        gap = now - self.last_reply
-        self.think_s = gap if self.think_s is None else 0.7 * self.think_s + 0.3 * gap
+        self.gaps.append(now - self.last_reply)
+        self.think_s = float(np.median(self.gaps))
         self.pending = True
 
     def replied(self, now: float) -> None:
