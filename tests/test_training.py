@@ -474,6 +474,16 @@ def test_co_training_chat_stream_moves_on_every_epoch_in_workers_and_is_reproduc
         assert chat_ids(num_workers) == epochs
 
 
+def test_co_training_workers_do_not_replay_a_chat_stream_the_main_process_started():
+    torch.manual_seed(0)
+    collator = CoTrainingCollator(lambda samples: {}, list(range(40)), lambda chat: chat, chat_batch_size=2, seed=7)
+    collator([0])  # a batch looked at before training: each worker gets a copy of the stream as it now stands
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, collate_fn=collator, num_workers=2)
+    epochs = [[batch["vlm_batch"] for batch in loader] for _epoch in range(2)]
+    streams = [tuple(i for batch in epoch[worker::2] for i in batch) for epoch in epochs for worker in (0, 1)]
+    assert len(set(streams)) == 4, streams  # each worker of each epoch draws its own chat samples
+
+
 def test_resumed_co_training_continues_the_chat_stream(vlm_dir, dataset, tmp_path):
     from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
 

@@ -12,6 +12,7 @@ epoch and is repeated or only partly seen depending on the relative sizes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -128,6 +129,7 @@ class CoTrainingCollator:
         self.seed = seed
         self._rng: np.random.Generator | None = None
         self._order: list[int] = []
+        self._stream_owner: tuple | None = None  # the process (and DataLoader worker) that drew from `_rng`
 
     def __call__(self, samples: Sequence[Mapping]) -> BatchFeature:
         batch = self.vla_collator(samples)
@@ -138,9 +140,12 @@ class CoTrainingCollator:
         return self.chat_dataset[self._next_chat_index()]
 
     def _next_chat_index(self) -> int:
+        owner = _stream_owner()
+        if self._rng is None or owner != self._stream_owner:
+            # created lazily, inside the DataLoader worker that uses it; a worker's copy of a collator that already
+            # drew in the main process (a batch looked at before training) must not replay the main process's stream
+            self._rng, self._order, self._stream_owner = np.random.default_rng(self._stream_seed()), [], owner
         if not self._order:
-            if self._rng is None:  # created lazily, inside the DataLoader worker that uses it
-                self._rng = np.random.default_rng(self._stream_seed())
             self._order = self._rng.permutation(len(self.chat_dataset)).tolist()
         return self._order.pop()
 
@@ -157,6 +162,12 @@ class CoTrainingCollator:
         # DataLoader workers get a copy of this collator, made again every epoch (unless persistent): their seed,
         # drawn per worker and per epoch from the (seeded) main process, keeps them from replaying one stream.
         return [int(base) % 2**63, rank, 0 if worker is None else int(worker.seed) % 2**63]
+
+
+def _stream_owner() -> tuple:
+    """Who is drawing: the process, and the DataLoader worker (whose seed changes every epoch) when in one."""
+    worker = torch.utils.data.get_worker_info()
+    return os.getpid(), None if worker is None else (worker.id, worker.seed)
 
 
 __all__ = ["CoTrainingCollator", "METADATA_KEYS", "VLACollator", "VLM_BATCH_KEY"]
