@@ -523,6 +523,33 @@ def test_co_training_logs_both_losses_and_the_vlm_loss_falls(vlm_dir, dataset, t
     assert vlm[-1] < 0.9 * vlm[0], vlm
 
 
+def test_co_training_loss_is_the_weighted_sum_of_action_loss_and_reply_token_cross_entropy(vlm_dir, dataset, tmp_path):
+    from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
+
+    model, processor = make_model(vlm_dir, dataset)
+    chat = load_vlm_chat(write_chat_data(tmp_path))
+    collator = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor), chat_batch_size=2, seed=0)
+    trainer = VLATrainer(model, training_args(tmp_path / "out"), data_collator=collator, train_dataset=dataset,
+                         loss_scale={"vla": 2.0, "vlm": 0.25})  # fmt: skip
+    batch = collator([dataset[i] for i in range(4)])
+    model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        action_loss = model(**{k: v for k, v in batch.items() if k not in ("raw_actions", "embodiment", "vlm_batch")})
+        chat_batch = batch["vlm_batch"]
+        logits = model.vlm(**{k: v for k, v in chat_batch.items() if k != "labels"}).logits.float()
+    # the next-token cross-entropy, averaged over the reply tokens of both chat samples
+    targets = chat_batch["labels"][:, 1:]
+    scored = targets != -100
+    assert scored.sum() > 10 and scored.sum() < chat_batch["attention_mask"].sum() / 2  # the replies only
+    log_probs = logits[:, :-1].log_softmax(-1)[scored]
+    cross_entropy = -log_probs.gather(-1, targets[scored][:, None]).mean()
+    assert float(loss) == pytest.approx(2.0 * float(action_loss.loss) + 0.25 * float(cross_entropy), rel=1e-5)
+    model.eval()  # evaluation scores actions only
+    with torch.no_grad():
+        assert float(trainer.compute_loss(model, batch)) == pytest.approx(2.0 * float(action_loss.loss), rel=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["oft", "gr00t", "pi", "pi_v3", "bins"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_co_training_reaches_every_trainable_parameter(variant, lora, vlm_dir, dataset, tmp_path):
