@@ -886,3 +886,34 @@ def test_random_shift_moves_views_within_the_pad(roots):
 
     with pytest.raises(ValueError, match=r"image: expected channel-last \[H, W, C\], got shape \[3, 32, 32\]"):
         random_shift(np.zeros((3, 32, 32), np.uint8), 2)
+
+
+def test_random_shift_gives_each_view_its_own_offsets_from_the_seeded_torch_generator():
+    from hf_vla.data.augment import RandomShift
+
+    height, width, pad = 12, 16, 3
+    ramp = (np.arange(height)[:, None] * width + np.arange(width)).astype(np.uint8)  # every pixel tells where it was
+    view = np.repeat(ramp[..., None], 3, axis=-1)
+    padded = np.pad(view, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    windows = {(dy, dx): padded[dy : dy + height, dx : dx + width] for dy in range(2 * pad + 1)
+               for dx in range(2 * pad + 1)}  # fmt: skip
+    shifted = RandomShift([{"images": {"front": view, "wrist": view}, "instruction": "pick"}], pad=pad)
+
+    def offsets(draws):
+        found = []
+        for _ in range(draws):
+            sample = shifted[0]
+            assert sample["instruction"] == "pick"
+            for image in sample["images"].values():
+                assert image.shape == view.shape and image.dtype == np.uint8
+            # each view is one crop of the edge-padded view: no new values, nothing outside uint8
+            found.append(tuple(next(offset for offset, window in windows.items() if np.array_equal(image, window))
+                               for image in sample["images"].values()))  # fmt: skip
+        return found
+
+    torch.manual_seed(0)
+    first = offsets(30)
+    torch.manual_seed(0)
+    assert offsets(30) == first
+    assert sum(front != wrist for front, wrist in first) > 20  # drawn per view, not once per sample
+    assert len(set(first)) > 20

@@ -2,8 +2,9 @@
 
 `RandomShift(dataset, pad=4)` shifts every camera view by up to `pad` pixels in each direction (edge-replicated
 padding, then a random crop back to the original size), the augmentation DrQ and most small-data visuomotor policies
-use against overfitting to exact pixel positions. Offsets come from torch's generator, so `set_seed` / the Trainer's
-seed make runs reproducible and each DataLoader worker draws its own.
+use against overfitting to exact pixel positions. Each view of a sample draws its own offsets (a wrist camera is not
+moved with the scene camera). Offsets come from torch's generator, so `set_seed` / the Trainer's seed make runs
+reproducible and each DataLoader worker draws its own.
 
     python -m hf_vla.data.augment      # shifts a test pattern and prints the offsets it found
 """
