@@ -474,6 +474,21 @@ def test_co_training_chat_stream_moves_on_every_epoch_in_workers_and_is_reproduc
         assert chat_ids(num_workers) == epochs
 
 
+def test_co_training_draws_chat_batch_size_samples_a_batch_cycling_evenly_through_the_chat_data():
+    def stream(seed):
+        collator = CoTrainingCollator(lambda samples: {}, list(range(10)), lambda chat: chat, chat_batch_size=3,
+                                      seed=seed)  # fmt: skip
+        batches = [collator([0, 1, 2, 3])["vlm_batch"] for _ in range(20)]
+        assert [len(batch) for batch in batches] == [3] * 20  # the configured ratio, at every step
+        return [i for batch in batches for i in batch]
+
+    drawn = stream(seed=1)
+    cycles = [drawn[k : k + 10] for k in range(0, 60, 10)]
+    assert all(sorted(cycle) == list(range(10)) for cycle in cycles)  # every chat sample once per pass
+    assert len({tuple(cycle) for cycle in cycles}) == 6  # reshuffled each pass
+    assert stream(seed=1) == drawn and stream(seed=2) != drawn
+
+
 def test_co_training_workers_do_not_replay_a_chat_stream_the_main_process_started():
     torch.manual_seed(0)
     collator = CoTrainingCollator(lambda samples: {}, list(range(40)), lambda chat: chat, chat_batch_size=2, seed=7)
