@@ -492,6 +492,23 @@ def test_chat_format_errors(tmp_path):
         load({"conversations": turns[:1]})
 
 
+def test_image_keys_left_null_or_empty_by_a_uniform_export_do_not_hide_the_other_key(chat_dir, tmp_path):
+    # exports with one schema for every row (pandas, datasets.to_json) write the unused key as null or []
+    turns = [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "A block."}]
+    items = [{"image": None, "images": ["red.png", "wide.png"], "conversations": turns},
+             {"image": "red.png", "images": [], "conversations": turns},
+             {"image": None, "images": None, "conversations": turns}]  # fmt: skip
+    (tmp_path / "uniform.json").write_text(json.dumps(items))
+    data = load_vlm_chat(tmp_path / "uniform.json", image_root=chat_dir)
+    assert [[image.shape for image in data[i]["images"]] for i in range(3)] == [
+        [(30, 40, 3), (24, 64, 3)], [(30, 40, 3)], []]
+    assert data[0]["messages"][0]["content"] == "<image>\n<image>\nWhat is this?"
+    (tmp_path / "both.json").write_text(json.dumps([{"image": "red.png", "images": ["wide.png"],
+                                                     "conversations": turns}]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"item 0: both 'image' and 'images' hold images"):
+        load_vlm_chat(tmp_path / "both.json")
+
+
 def chat_processor(vlm_dir, image_size=(56, 56)):
     return VLAProcessor(AutoImageProcessor.from_pretrained(vlm_dir), AutoTokenizer.from_pretrained(vlm_dir),
                         image_size=list(image_size))

@@ -105,7 +105,10 @@ def _parse_item(raw, root: Path, source: str) -> dict:
         raise ValueError(f"{source}: expected an object, got {type(raw).__name__}")
     if "video" in raw or "videos" in raw:
         raise ValueError(f"{source}: video items are not supported")
-    images = raw.get("image", raw.get("images")) or []
+    given = {key: raw[key] for key in ("image", "images") if raw.get(key)}  # null or empty: none (uniform exports)
+    if len(given) > 1:
+        raise ValueError(f"{source}: both 'image' and 'images' hold images; give them under one key")
+    images = next(iter(given.values()), [])
     images = [images] if isinstance(images, str) else list(images)
     if not all(isinstance(image, str) for image in images):
         raise ValueError(f"{source}: 'image' must be a path or a list of paths, got {images!r}")
