@@ -538,6 +538,23 @@ def test_co_training_logs_both_losses_and_the_vlm_loss_falls(vlm_dir, dataset, t
     assert vlm[-1] < 0.9 * vlm[0], vlm
 
 
+def test_co_training_logs_parts_that_add_up_to_the_loss_under_gradient_accumulation(vlm_dir, dataset, tmp_path):
+    # micro-batches whose chunks hold different numbers of valid steps weigh the action loss unequally; the logged
+    # action_loss must be weighted as the loss is, the vlm_loss averaged over the micro-batches
+    from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
+
+    model, processor = make_model(vlm_dir, dataset)
+    chat = load_vlm_chat(write_chat_data(tmp_path))
+    collator = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor), chat_batch_size=1, seed=3)
+    args = training_args(tmp_path / "out", max_steps=3, gradient_accumulation_steps=2, logging_steps=1)
+    trainer = VLATrainer(model, args, data_collator=collator, train_dataset=dataset,
+                         loss_scale={"vla": 0.5, "vlm": 2.0})  # fmt: skip
+    trainer.train()
+    losses, action, vlm = logged(trainer, "loss"), logged(trainer, "action_loss"), logged(trainer, "vlm_loss")
+    assert len(losses) == len(action) == len(vlm) == 3
+    assert losses == pytest.approx([0.5 * a + 2.0 * v for a, v in zip(action, vlm)], rel=1e-5)
+
+
 def test_co_training_loss_is_the_weighted_sum_of_action_loss_and_reply_token_cross_entropy(vlm_dir, dataset, tmp_path):
     from hf_vla.data.vlm_chat import VLMChatCollator, load_vlm_chat
 
