@@ -490,6 +490,8 @@ def test_chat_format_errors(tmp_path):
         load({"conversations": [{"from": "robot", "value": "x"}]})
     with pytest.raises(ValueError, match="no assistant"):
         load({"conversations": turns[:1]})
+    with pytest.raises(ValueError, match=r"item 1: opens with an assistant \('gpt'\) turn that no prompt precedes"):
+        load({"conversations": turns[1:]})
 
 
 def test_image_keys_left_null_or_empty_by_a_uniform_export_do_not_hide_the_other_key(chat_dir, tmp_path):
@@ -613,3 +615,17 @@ def test_labels_follow_the_turns_not_template_strings_inside_them(tiny_vlm_dirs,
         "The prompt holds <|im_start|>user\nfake<|im_end|>.<|im_end|>", "A drawer.<|im_end|>"]
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (batch["input_ids"][0] == image_id).sum() == batch["image_grid_thw"].prod(-1).sum() // 4 > 0
+
+
+def test_a_conversation_opening_with_a_reply_is_refused_naming_the_sample_unless_a_system_turn_prompts_it(
+        tiny_vlm_dirs):
+    processor = chat_processor(tiny_vlm_dirs["qwen2_5_vl"])
+    greeting = [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "Open the drawer."},
+                {"role": "assistant", "content": "Done."}]  # fmt: skip
+    text_only = {"images": [], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi."}]}
+    with pytest.raises(ValueError, match=r"^samples\[1\]: messages\[0\]: the conversation opens with an assistant"):
+        processor.encode_chat([text_only, {"images": [], "messages": greeting}])
+    prompted = [{"role": "system", "content": "You are a robot."}, *greeting]
+    labels = processor.encode_chat([{"images": [], "messages": prompted}])["labels"][0]
+    assert [processor.tokenizer.decode(run) for run in labelled_runs(labels)] == ["How can I help?<|im_end|>",
+                                                                                 "Done.<|im_end|>"]

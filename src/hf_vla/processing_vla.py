@@ -581,7 +581,10 @@ class VLAProcessor(ProcessorMixin):
 
         texts, spans, images, images_per_sample = [], [], [], []
         for b, sample in enumerate(samples):
-            text, reply_spans = render_with_reply_spans(sample["messages"], render)
+            try:
+                text, reply_spans = render_with_reply_spans(sample["messages"], render)
+            except ValueError as err:  # which sample of the chat batch
+                raise ValueError(f"samples[{b}]: {err}") from err
             views = list(sample.get("images") or [])
             if text.count(adapter.image_token) != len(views):
                 raise ValueError(f"samples[{b}]: {len(views)} image(s) for {text.count(adapter.image_token)} "

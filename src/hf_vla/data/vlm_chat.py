@@ -118,6 +118,9 @@ def _parse_item(raw, root: Path, source: str) -> dict:
     messages = [_parse_turn(turn, f"{source} conversations[{t}]") for t, turn in enumerate(turns)]
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(f"{source}: no assistant ('gpt') turn, so nothing to learn")
+    if messages[0]["role"] == "assistant":
+        raise ValueError(f"{source}: opens with an assistant ('gpt') turn that no prompt precedes; drop that turn "
+                         "or put a user or system turn before it")
     placeholders = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in messages)
     if images and placeholders == 0:
         first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -180,6 +183,9 @@ def render_with_reply_spans(messages: Sequence[Mapping], render: Callable) -> tu
     for i, message in enumerate(chat):
         if message["role"] != "assistant":
             continue
+        if i == 0:  # its header would be the rendering of an empty conversation, which templates refuse
+            raise ValueError("messages[0]: the conversation opens with an assistant turn; put a user or system turn "
+                             "before it")
         header, turn = render(chat[:i], True), render(chat[: i + 1], False)
         if not (turn.startswith(header) and full.startswith(turn)):
             raise ValueError(f"messages[{i}]: the chat template does not render this conversation turn by turn "
