@@ -511,6 +511,38 @@ def test_image_keys_left_null_or_empty_by_a_uniform_export_do_not_hide_the_other
         load_vlm_chat(tmp_path / "both.json")
 
 
+def test_trl_messages_with_content_parts_read_as_the_llava_form(chat_dir, tmp_path):
+    """TRL's conversational format: `messages` of {role, content} whose content is a list of text / image parts."""
+    trl = [{"images": ["red.png", "gray.png"], "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                                             {"type": "text", "text": " with "}, {"type": "image"},
+                                             {"type": "text", "text": " please"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Same size."}]}]},
+           {"image": None, "images": ["wide.png"], "conversations": None, "messages": [
+                {"from": None, "role": "user", "value": None, "content": "Describe the scene."},
+                {"role": "assistant", "content": "An open drawer."}]}]  # fmt: skip
+    (tmp_path / "trl.json").write_text(json.dumps(trl))
+    data, llava = load_vlm_chat(tmp_path / "trl.json", image_root=chat_dir), load_vlm_chat(chat_dir / "chat.json")
+    for trl_index, llava_index in ((0, 1), (1, 2)):
+        assert data[trl_index]["messages"] == llava[llava_index]["messages"]
+        for ours, theirs in zip(data[trl_index]["images"], llava[llava_index]["images"], strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+    def load(item):
+        (tmp_path / "bad.json").write_text(json.dumps([item]))
+        return load_vlm_chat(tmp_path / "bad.json")
+
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(ValueError, match=r"item 0: both 'conversations' and 'messages'"):
+        load({"messages": turns, "conversations": turns})
+    with pytest.raises(ValueError, match=r"item 0 messages\[1\].content\[0\]: expected \{'type': 'text', 'text': str\} "
+                                         r"or \{'type': 'image'\}, got \{'type': 'video'\}"):
+        load({"messages": [turns[0], {"role": "assistant", "content": [{"type": "video"}]}]})
+    with pytest.raises(ValueError, match=r"item 0 messages\[0\]: expected a string 'value' / 'content' or a list"):
+        load({"messages": [{"role": "user", "content": 3}, turns[1]]})
+
+
 def chat_processor(vlm_dir, image_size=(56, 56)):
     return VLAProcessor(AutoImageProcessor.from_pretrained(vlm_dir), AutoTokenizer.from_pretrained(vlm_dir),
                         image_size=list(image_size))

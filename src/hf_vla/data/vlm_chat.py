@@ -10,6 +10,14 @@ Files are JSON (a list of items) or JSONL (one item per line, `.jsonl`):
 Roles: human → user, gpt → assistant, system → system ("user" / "assistant" and `{"role", "content"}` turns are
 accepted too). Image paths are relative to `image_root`, by default the folder of the file that lists them.
 
+TRL's conversational format (OpenAI-style messages, as in TRL's vision SFT examples) is read as well:
+
+    {"images": ["coco/0001.jpg"],
+     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is on the table?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A red block."}]}]}
+
+a content list becomes one string, each `{"type": "image"}` part an `<image>` placeholder in its place.
+
 `load_vlm_chat(path)[i]` is `{"images": [uint8 [H, W, 3] RGB], "messages": [{"role", "content"}]}` with the
 `<image>` placeholders kept in the content: one per image, in order. An item with images but no placeholder gets
 one `<image>\\n` per image in front of its first user turn (LLaVA's convention).
@@ -112,10 +120,14 @@ def _parse_item(raw, root: Path, source: str) -> dict:
     images = [images] if isinstance(images, str) else list(images)
     if not all(isinstance(image, str) for image in images):
         raise ValueError(f"{source}: 'image' must be a path or a list of paths, got {images!r}")
-    turns = raw.get("conversations")
+    keys = [key for key in ("conversations", "messages") if raw.get(key) is not None]
+    if len(keys) > 1:
+        raise ValueError(f"{source}: both 'conversations' and 'messages'; give the turns under one key")
+    key = keys[0] if keys else "conversations"
+    turns = raw.get(key)
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{source}: expected a non-empty 'conversations' list")
-    messages = [_parse_turn(turn, f"{source} conversations[{t}]") for t, turn in enumerate(turns)]
+        raise ValueError(f"{source}: expected a non-empty 'conversations' (LLaVA) or 'messages' (TRL) list")
+    messages = [_parse_turn(turn, f"{source} {key}[{t}]") for t, turn in enumerate(turns)]
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(f"{source}: no assistant ('gpt') turn, so nothing to learn")
     if messages[0]["role"] == "assistant":
@@ -135,12 +147,27 @@ def _parse_item(raw, root: Path, source: str) -> dict:
 def _parse_turn(turn, field: str) -> dict:
     if not isinstance(turn, Mapping):
         raise ValueError(f"{field}: expected an object, got {type(turn).__name__}")
-    role, content = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+    # a uniform export writes the unused key of the other format as null
+    role = turn["from"] if turn.get("from") is not None else turn.get("role")
+    content = turn["value"] if turn.get("value") is not None else turn.get("content")
     if role not in ROLES:
         raise ValueError(f"{field}: unknown role {role!r}; expected one of {sorted(ROLES)}")
+    if isinstance(content, list):
+        content = "".join(_content_part_text(part, f"{field}.content[{k}]") for k, part in enumerate(content))
     if not isinstance(content, str):
-        raise ValueError(f"{field}: expected a string 'value', got {type(content).__name__}")
+        raise ValueError(f"{field}: expected a string 'value' / 'content' or a list of content parts, got "
+                         f"{type(content).__name__}")
     return {"role": ROLES[role], "content": content}
+
+
+def _content_part_text(part, field: str) -> str:
+    """One `{"type": "text", "text"}` / `{"type": "image"}` part of a TRL-style message, as placeholder text."""
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind == "image":
+        return IMAGE_PLACEHOLDER
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    raise ValueError(f"{field}: expected {{'type': 'text', 'text': str}} or {{'type': 'image'}}, got {part!r}")
 
 
 def _read_image(path: Path, source: str, index: int) -> np.ndarray:
