@@ -469,13 +469,19 @@ def test_load_json_and_jsonl(chat_dir):
     assert data[2]["messages"][0]["content"] == "<image>\nDescribe the scene."  # LLaVA convention
     assert data[3]["images"] == []
 
-    both = load_vlm_chat([chat_dir / "chat.json", chat_dir / "lines" / "chat.jsonl"], image_root=chat_dir)
+    files = [chat_dir / "chat.json", chat_dir / "lines" / "chat.jsonl"]
+    # a missing image is found when the files are read, not hours into training
+    with pytest.raises(FileNotFoundError, match=r"^1 image file\(s\) not found: \S*missing\.png \(\S*chat\.jsonl "
+                                                r"item 1\) \(image paths are relative to \S*chat"):
+        load_vlm_chat(files, image_root=chat_dir)
+    with pytest.raises(FileNotFoundError, match=r"^2 image file\(s\) not found: \S*lines/wide\.png .*relative to the "
+                                                r"folder of each data file"):
+        load_vlm_chat(chat_dir / "lines" / "chat.jsonl")  # without image_root: relative to lines/
+    both = load_vlm_chat(files, image_root=chat_dir, check_images=False)
     assert len(both) == 6 and both[4]["images"][0].shape == (24, 64, 3)
     assert both[4]["messages"] == [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Hello."}]
     with pytest.raises(FileNotFoundError, match=r"missing\.png.*dataset index 5.*chat\.jsonl item 1"):
         both[5]
-    with pytest.raises(FileNotFoundError, match="wide.png"):  # without image_root: relative to lines/
-        load_vlm_chat(chat_dir / "lines" / "chat.jsonl")[0]
 
 
 def test_chat_format_errors(tmp_path):

@@ -41,8 +41,11 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def load_vlm_chat(path_or_paths, image_root=None) -> VLMChatDataset:
-    """Reads one or more LLaVA-style JSON / JSONL files into one dataset (items in file order)."""
+def load_vlm_chat(path_or_paths, image_root=None, check_images: bool = True) -> VLMChatDataset:
+    """Reads one or more LLaVA- or TRL-style JSON / JSONL files into one dataset (items in file order).
+
+    `check_images`: make sure every image file exists now (one `stat` per image), rather than when a DataLoader
+    worker first reads the item, possibly hours into a co-training run."""
     paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
     if not paths:
         raise ValueError("load_vlm_chat: no files given")
@@ -52,6 +55,14 @@ def load_vlm_chat(path_or_paths, image_root=None) -> VLMChatDataset:
         for position, raw in enumerate(_read_items(path)):
             source = f"{path} item {position}"
             items.append(_parse_item(raw, root, source))
+    if check_images:
+        missing = [(image, item["source"]) for item in items for image in item["images"] if not image.is_file()]
+        if missing:
+            listed = "; ".join(f"{image} ({source})" for image, source in missing[:3])
+            more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
+            where = image_root if image_root is not None else "the folder of each data file"
+            raise FileNotFoundError(f"{len(missing)} image file(s) not found: {listed}{more} (image paths are "
+                                    f"relative to {where}; check_images=False defers this to reading)")
     return VLMChatDataset(items)
 
 
