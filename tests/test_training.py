@@ -160,6 +160,35 @@ def test_gradient_accumulation_equals_one_large_batch_when_chunks_are_partly_pad
             torch.testing.assert_close(value, weights[4, 1][name], rtol=1e-4, atol=1e-6, msg=f"{setting} {name}")
 
 
+def test_gradient_accumulation_equals_one_large_batch_when_co_training_replies_differ_in_length(vlm_dir, dataset,
+                                                                                                tmp_path):
+    """Reply tokens weigh the chat term as valid entries weigh the action term: a 3-token reply next to a long one
+    counts per token, whether the step's chat samples come in one batch or in several."""
+    from hf_vla.data.vlm_chat import VLMChatCollator
+
+    chat = [{"images": [], "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+            {"images": [], "messages": [{"role": "user", "content": "Describe the robot."}, {"role": "assistant",
+             "content": "A small arm with a parallel gripper, mounted on a table beside a red block and a bowl."}]}]
+    tail = torch.utils.data.Subset(dataset, [4, 5, 6, 7])  # 4, 3, 2 and 1 valid steps
+    weights, losses = {}, {}
+    for batch_size, accumulation in ((4, 1), (1, 4), (2, 2)):
+        model, processor = make_model(vlm_dir, dataset)
+        # one chat sample per robot sample: every setting draws the same 4 from the seeded stream, in the same order
+        collator = CoTrainingCollator(VLACollator(processor), chat, VLMChatCollator(processor),
+                                      chat_batch_size=batch_size, seed=1)  # fmt: skip
+        args = training_args(tmp_path / f"{batch_size}x{accumulation}", per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)  # fmt: skip
+        trainer = VLATrainer(model, args, data_collator=collator, train_dataset=tail, loss_scale={"vlm": 3.0})
+        trainer.train()
+        weights[batch_size, accumulation] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses[batch_size, accumulation] = [logged(trainer, key)[0] for key in ("loss", "action_loss", "vlm_loss")]
+    for setting in ((1, 4), (2, 2)):
+        assert losses[setting] == pytest.approx(losses[4, 1], rel=1e-4)
+        for name, value in weights[setting].items():  # an SGD step of rate 1 is the gradient itself
+            torch.testing.assert_close(value, weights[4, 1][name], rtol=1e-4, atol=1e-6, msg=f"{setting} {name}")
+
+
 def test_learning_rate_groups_and_freezing(vlm_dir, dataset, tmp_path):
     model, processor = make_model(vlm_dir, dataset)
     rates = {"vlm.model.visual": 1e-5, "vlm.model.language_model": 1e-4, "vlm.model.language_model.layers.1": 3e-4,

@@ -8,7 +8,9 @@ checkpoints, resuming, logging integrations — is Trainer's own):
   (`freeze=["vlm.model.visual"]`), paths as in `hf_vla.training.param_groups`;
 * co-training (StarVLA): when a batch carries `"vlm_batch"` (see `CoTrainingCollator`), the loss is
   `loss_scale["vla"] · action loss + loss_scale["vlm"] · model.vlm_loss(**vlm_batch)`, one backward, one step;
-  `action_loss` and `vlm_loss` are logged beside `loss`;
+  `action_loss` and `vlm_loss` are logged beside `loss`. Under gradient accumulation (and DDP) each term is the
+  mean over the whole step, valid action entries and reply tokens, as in one large batch (for models whose action
+  loss averages over its entries: OFT and the flow heads);
 * evaluation in robot units: `evaluate()` runs `predict_action`, decodes with the processor's statistics of each
   sample's embodiment and reports `eval_action_l1` / `eval_action_mse` against the un-normalised targets over the
   valid steps and dimensions (a mixture's narrower embodiment on its own ones), and `eval_action_valid_fraction`
@@ -84,6 +86,11 @@ def action_entries(batch: Mapping) -> torch.Tensor:
         return torch.tensor(actions.numel())
     mask = mask.bool()
     return mask.sum() * actions.shape[-1] if mask.dim() == actions.dim() - 1 else mask.sum()
+
+
+def reply_tokens(chat_batch: Mapping) -> torch.Tensor:
+    """How many tokens a chat batch's causal-LM loss scores (labels shifted by one, as the loss compares them)."""
+    return chat_batch["labels"][..., 1:].ne(-100).sum()
 
 
 class ChatStreamResume(TrainerCallback):
@@ -188,6 +195,7 @@ class VLATrainer(Trainer):
         if model is not None:
             self._check_and_freeze(model)
         self._loss_parts: torch.Tensor | None = None  # running sums of (action loss, vlm loss, micro-batches, vlm ones)
+        self._reply_tokens_in_step: torch.Tensor | None = None  # what the step's chat batches score (co-training)
         super().__init__(
             model=model,
             args=args,
@@ -290,31 +298,42 @@ class VLATrainer(Trainer):
         share = None
         if num_items_in_batch is not None and model.training and "actions" in inputs and self.compute_loss_func is None:
             share = action_entries(inputs).to(outputs.loss.device) / num_items_in_batch.clamp_min(1)
-        vla_term = outputs.loss
-        if share is not None:  # Trainer divides by the accumulation steps and DDP averages over processes
-            averaged = self.args.average_tokens_across_devices and self.args.world_size > 1
-            vla_term = vla_term * share * self.current_gradient_accumulation_steps * (
-                self.args.world_size if averaged else 1)
+        vla_term = outputs.loss if share is None else outputs.loss * share * self._step_scale()
         loss = self.loss_scale["vla"] * vla_term
-        vlm_loss = None
+        vlm_loss = chat_share = None
         if vlm_batch is not None and model.training:
             with self.accelerator.autocast():  # accelerate patches only forward() with autocast
                 vlm_loss = self.accelerator.unwrap_model(model).vlm_loss(**vlm_batch)
-            loss = loss + self.loss_scale["vlm"] * vlm_loss
+            if share is not None and self._reply_tokens_in_step is not None:  # the action term's weighting, in tokens
+                chat_share = reply_tokens(vlm_batch).to(vlm_loss.device) / self._reply_tokens_in_step.clamp_min(1)
+            vlm_term = vlm_loss if chat_share is None else vlm_loss * chat_share * self._step_scale()
+            loss = loss + self.loss_scale["vlm"] * vlm_term
         if model.training:
-            self._record_loss_parts(action_loss, vlm_loss, share)
+            self._record_loss_parts(action_loss, vlm_loss, share, chat_share)
         return (loss, outputs) if return_outputs else loss
+
+    def _step_scale(self) -> float:
+        """Undoes what Trainer and DDP do to a micro-batch's loss (divide by the accumulation steps, average over
+        processes) for a term already weighted by its share of the whole step."""
+        averaged = self.args.average_tokens_across_devices and self.args.world_size > 1
+        return self.current_gradient_accumulation_steps * (self.args.world_size if averaged else 1)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The valid action entries of one optimizer step's micro-batches (summed over processes when
         `average_tokens_across_devices`), for models whose loss averages over them; Trainer's label count
         otherwise."""
         model = self.accelerator.unwrap_model(self.model)
+        self._reply_tokens_in_step = None
         if not getattr(model, "loss_averages_action_entries", False) or not all("actions" in b for b in batch_samples):
             return super()._get_num_items_in_batch(batch_samples, device)
-        count = sum(action_entries(batch) for batch in batch_samples).to(device)
+        if isinstance(self.data_collator, CoTrainingCollator):  # every batch of every process carries a chat batch
+            self._reply_tokens_in_step = self._across_processes(
+                sum(reply_tokens(batch[VLM_BATCH_KEY]) for batch in batch_samples).to(device))
+        return self._across_processes(sum(action_entries(batch) for batch in batch_samples).to(device))
+
+    def _across_processes(self, count: torch.Tensor) -> torch.Tensor:
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
+            return self.accelerator.gather(count).sum()
         return count
 
     def floating_point_ops(self, inputs) -> int:
@@ -329,18 +348,19 @@ class VLATrainer(Trainer):
         return 6 * inputs[main_input].numel() * counted[1]
 
     def _record_loss_parts(self, action_loss: torch.Tensor, vlm_loss: torch.Tensor | None,
-                           share: torch.Tensor | None = None) -> None:
-        # Weighted as Trainer weighs the logged `loss`: a mean over optimizer steps of each step's mean (the action
-        # loss by the micro-batch's share of the step's valid entries when known), and an epoch's last step may hold
-        # fewer micro-batches than the others.
+                           share: torch.Tensor | None = None, chat_share: torch.Tensor | None = None) -> None:
+        # Weighted as Trainer weighs the logged `loss`: a mean over optimizer steps of each step's mean (each term by
+        # the micro-batch's share of the step's valid entries / reply tokens when known), and an epoch's last step
+        # may hold fewer micro-batches than the others.
         weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
         action_weight = weight if share is None else share.detach().float()
+        vlm_weight = 0.0 if vlm_loss is None else weight if chat_share is None else chat_share.detach().float()
         zero = action_loss.new_zeros((), dtype=torch.float32)
         part = torch.stack([
             action_loss.detach().float() * action_weight,
-            zero if vlm_loss is None else vlm_loss.detach().float() * weight,
+            zero if vlm_loss is None else vlm_loss.detach().float() * vlm_weight,
             zero + action_weight,
-            zero + (weight if vlm_loss is not None else 0.0),
+            zero + vlm_weight,
         ])  # fmt: skip
         self._loss_parts = part if self._loss_parts is None else self._loss_parts + part
 
