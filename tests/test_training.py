@@ -166,9 +166,10 @@ def test_gradient_accumulation_equals_one_large_batch_when_co_training_replies_d
     counts per token, whether the step's chat samples come in one batch or in several."""
     from hf_vla.data.vlm_chat import VLMChatCollator
 
-    chat = [{"images": [], "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
-            {"images": [], "messages": [{"role": "user", "content": "Describe the robot."}, {"role": "assistant",
-             "content": "A small arm with a parallel gripper, mounted on a table beside a red block and a bowl."}]}]
+    replies = {"Say hi.": "Hi.", "Describe the robot.": "A small arm with a parallel gripper, mounted on a table "
+                                                         "beside a red block and a bowl."}
+    chat = [{"images": [], "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+            for question, reply in replies.items()]
     tail = torch.utils.data.Subset(dataset, [4, 5, 6, 7])  # 4, 3, 2 and 1 valid steps
     weights, losses = {}, {}
     for batch_size, accumulation in ((4, 1), (1, 4), (2, 2)):
