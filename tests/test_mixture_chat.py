@@ -517,6 +517,20 @@ def test_image_keys_left_null_or_empty_by_a_uniform_export_do_not_hide_the_other
         load_vlm_chat(tmp_path / "both.json")
 
 
+def test_a_photo_is_read_upright_by_its_exif_orientation(tmp_path):
+    from transformers.image_utils import load_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; viewers rotate the stored pixels by 90° clockwise
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    turns = [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "A block."}]
+    (tmp_path / "chat.json").write_text(json.dumps([{"image": "turned.png", "conversations": turns}]))
+    (image,) = load_vlm_chat(tmp_path / "chat.json")[0]["images"]
+    np.testing.assert_array_equal(image, np.rot90(pixels, k=-1))
+    np.testing.assert_array_equal(image, np.asarray(load_image(str(tmp_path / "turned.png"))))
+
+
 def test_trl_messages_with_content_parts_read_as_the_llava_form(chat_dir, tmp_path):
     """TRL's conversational format: `messages` of {role, content} whose content is a list of text / image parts."""
     trl = [{"images": ["red.png", "gray.png"], "messages": [

@@ -182,12 +182,12 @@ def _content_part_text(part, field: str) -> str:
 
 
 def _read_image(path: Path, source: str, index: int) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path} (dataset index {index}, {source})")
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    with Image.open(path) as image:  # upright, as transformers' load_image reads a photo's EXIF orientation
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 # ---- chat template helpers (used by VLAProcessor.encode_chat) ----
