@@ -27,10 +27,12 @@ def build(variant, vlm_dirs):
     if variant == "fast":
         chunks = np.random.default_rng(0).uniform(-0.5, 0.5, (200, 4, 3)).cumsum(1) / 4
         return make_token_model(vlm_dirs["qwen3_vl"], "fast", FASTTokenizer.fit(chunks, vocab_size=64))
-    return make_flow(vlm_dirs["qwen3_vl"] if variant == "pi_v3" else vlm_dirs["qwen2_5_vl"], variant)
+    if variant == "bins":  # its state goes into the prompt as action tokens
+        return make_token_model(vlm_dirs["qwen2_5_vl"], "bins", None, state_in_prompt=True)
+    return make_flow(vlm_dirs["qwen3_vl"] if variant in ("pi_v3", "pi") else vlm_dirs["qwen2_5_vl"], variant)
 
 
-@pytest.mark.parametrize("variant", ["oft", "gr00t", "pi_v3", "fast"])
+@pytest.mark.parametrize("variant", ["oft", "gr00t", "pi", "pi_v3", "fast", "bins"])
 def test_release_loads_without_hf_vla(tiny_vlm_dirs, tmp_path, variant):
     model, processor = build(variant, tiny_vlm_dirs)
     model.save_pretrained(tmp_path)
@@ -50,24 +52,44 @@ def test_release_loads_without_hf_vla(tiny_vlm_dirs, tmp_path, variant):
 
     rng = np.random.default_rng(0)
     state_dim = processor.state_dim
-    inputs = processor(images=random_views(rng, 1), text=["open the drawer"], state=rng.normal(size=(1, state_dim)))
-    noise = torch.randn(1, model.config.action_horizon, model.config.action_dim)
-    kwargs = {"noise": noise} if variant in ("gr00t", "pi_v3") else {}
+    raw = {"images": random_views(rng, 2), "text": ["open the drawer", "pose la tasse à gauche ☕"],
+           "state": rng.normal(size=(2, state_dim))}  # fmt: skip
+    inputs = processor(**raw)
+    noise = torch.randn(2, model.config.action_horizon, model.config.action_dim)
+    kwargs = {"noise": noise} if variant in ("gr00t", "pi", "pi_v3") else {}
     expected = model.predict_action(**inputs, **kwargs)
-    torch.save({"inputs": dict(inputs), "kwargs": kwargs, "expected": expected}, tmp_path / "reference.pt")
+    # a random token model's reply rarely decodes (NaN chunks): its generated token ids are compared as well
+    tokens = model.generate_actions(**inputs).action_token_ids if variant in ("fast", "bins") else None
+    # a chunk decoded in robot units, so that the remote processor's statistics and decoding are compared too
+    chunk = torch.from_numpy(rng.uniform(-1, 1, (2, model.config.action_horizon, model.config.action_dim)))
+    decoded = processor.decode_actions(chunk.float(), unnorm_key=next(iter(processor.norm_stats)))
+    reference = {"raw": raw, "inputs": dict(inputs), "kwargs": kwargs, "expected": expected, "tokens": tokens,
+                 "chunk": chunk.float(), "decoded": decoded, "unnorm_key": next(iter(processor.norm_stats))}
+    torch.save(reference, tmp_path / "reference.pt")
 
     script = textwrap.dedent(f"""
         import sys
         sys.modules["hf_vla"] = None   # hf_vla is not installed here
+        import numpy as np
         import torch
         from transformers import AutoModel, AutoProcessor
         path = {str(tmp_path)!r}
         model = AutoModel.from_pretrained(path, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
         reference = torch.load(path + "/reference.pt", weights_only=False)
-        out = model.predict_action(**reference["inputs"], **reference["kwargs"])
+        inputs = processor(**reference["raw"])
+        assert sorted(inputs) == sorted(reference["inputs"]), (sorted(inputs), sorted(reference["inputs"]))
+        for key, value in reference["inputs"].items():
+            assert torch.equal(inputs[key], value), key
+        out = model.predict_action(**inputs, **reference["kwargs"])
         assert torch.allclose(out, reference["expected"], equal_nan=True), (out, reference["expected"])
+        if reference["tokens"] is not None:
+            tokens = model.generate_actions(**inputs).action_token_ids
+            assert tokens == reference["tokens"], (tokens, reference["tokens"])
+        decoded = processor.decode_actions(reference["chunk"], unnorm_key=reference["unnorm_key"])
+        assert np.array_equal(decoded, reference["decoded"]), (decoded, reference["decoded"])
         actions = processor.decode_actions(out)
         print("ok", type(model).__name__, type(processor).__name__, actions.shape)
     """)
