@@ -107,6 +107,32 @@ def test_card_snippet_returns_absolute_actions_for_relative_statistics(model_dir
     np.testing.assert_allclose(namespace["actions"], expected, rtol=1e-6)
 
 
+def test_card_snippet_runs_for_lerobot_camera_names(model_dir, tmp_path):
+    """train_vla names the views by their LeRobot features (`observation.images.top`) unless renamed: the snippet's
+    views must still be variables a user can define, not attribute lookups on an undefined `observation`."""
+    import ast
+    import shutil
+
+    import numpy as np
+
+    run = shutil.copytree(model_dir, tmp_path / "run")
+    config = json.loads((run / "processor_config.json").read_text())
+    cameras = ["observation.images.top", "observation.images.wrist-left", "3rd_person"]
+    (run / "processor_config.json").write_text(json.dumps({**config, "camera_names": cameras}))
+    snippet = build_model_card(run, repo_id=str(run)).text.split("```python\n")[1].split("```")[0]
+    call = next(node for node in ast.walk(ast.parse(snippet))
+                if isinstance(node, ast.keyword) and node.arg == "images").value  # fmt: skip
+    views = call.elts[0].elts
+    assert [type(view) for view in views] == [ast.Name] * 3, ast.unparse(call)
+    names = [view.id for view in views]
+    assert names == ["observation_images_top", "observation_images_wrist_left", "view_3rd_person"]
+    rng = np.random.default_rng(0)
+    namespace = {name: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for name in names}
+    namespace["state"] = rng.normal(size=6).astype(np.float32)
+    exec(snippet, namespace)
+    assert namespace["actions"].shape == (1, 4, 7) and np.isfinite(namespace["actions"]).all()
+
+
 def test_card_shows_a_missing_or_partial_interval_as_a_dash(model_dir, tmp_path):
     import shutil
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import keyword
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -102,6 +104,7 @@ def build_model_card(
         state_usage=_state_usage(config, processor, model),
         prompt_template=config.prompt_template,
         cameras=processor.camera_names,
+        camera_variables=_variable_names(processor.camera_names),
         image_size=processor.image_size,
         normalisation=normalisation,
         default_unnorm_key=next(iter(processor.norm_stats), "…"),
@@ -131,6 +134,19 @@ def _state_usage(config, processor, model) -> str:
     if model.reads_state:
         return f"{config.state_dim} dimensions, encoded by the action head"
     return f"{config.state_dim} dimensions in the statistics, but this model does not read the state"
+
+
+def _variable_names(cameras: list[str]) -> list[str]:
+    """The usage snippet's variable for each camera view: its name where that is a Python identifier, else the name
+    with other characters replaced (LeRobot's `observation.images.top` would read as an attribute lookup)."""
+    names = []
+    for camera in cameras:
+        name = re.sub(r"\W", "_", camera)
+        name = f"view_{name}" if not name.isidentifier() or keyword.iskeyword(name) else name
+        while name in names:  # `cam-1` and `cam_1`
+            name += "_"
+        names.append(name)
+    return names
 
 
 def _relative_to_state(stats) -> str:
