@@ -49,7 +49,10 @@ def create_app() -> FastAPI:
     @app.post("/api/models/{ns}/{name}/preupload/{revision}")
     async def preupload(ns: str, name: str, revision: str, request: Request):
         body = await request.json()
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in body["files"]]
+        stored = repos.get(f"{ns}/{name}", {}).get("files", {})
+        # as the Hub: the oid of a file already on the branch, which the client compares to skip unchanged files
+        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                  "oid": git_blob_oid(stored[f["path"]]) if f["path"] in stored else None} for f in body["files"]]
         return {"files": files}
 
     @app.post("/api/models/{ns}/{name}/branch/{branch}")
@@ -126,6 +129,10 @@ def create_app() -> FastAPI:
 
     app.state.repos = repos
     return app
+
+
+def git_blob_oid(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 class FakeHub:
