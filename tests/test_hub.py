@@ -327,6 +327,44 @@ def test_fast_save_pretrained_pushes_its_tokenizer_with_the_weights(tmp_path):
     assert report["same"]
 
 
+def test_pushing_a_training_checkpoint_twice_changes_nothing_and_a_later_release_replaces_it(tmp_path):
+    """A FAST `checkpoint-N` of a training run, sharded: the model, its tokenizer folder and trainer_state.json ship,
+    the optimizer and RNG states do not; the same push again makes no commit; a release without the trainer's files
+    then removes them."""
+    report = run_against_fake_hub(textwrap.dedent(f"""
+        import json, shutil
+        from pathlib import Path
+        from huggingface_hub import HfApi
+        from hf_vla.hub import push_model
+        from hf_vla.testing import build_tiny_vla
+
+        model, processor = build_tiny_vla("fast", out_dir={str(tmp_path / "build")!r})
+        checkpoint = Path({str(tmp_path / "run" / "checkpoint-10")!r})
+        model.save_pretrained(checkpoint, max_shard_size="200KB")
+        processor.save_pretrained(checkpoint)
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+            (checkpoint / name).write_bytes(b"trainer state")
+        (checkpoint / "trainer_state.json").write_text(json.dumps({{"global_step": 10, "log_history": []}}))
+        api = HfApi()
+        commits = []
+        for _ in range(2):
+            push_model(checkpoint, "tester/run", remote_code=True)
+            commits.append(api.repo_info("tester/run").sha)
+        files = sorted(api.list_repo_files("tester/run"))
+        release = shutil.copytree(checkpoint, checkpoint.parent / "release")
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"):
+            (release / name).unlink()
+        push_model(release, "tester/run", remote_code=True)
+        print(json.dumps({{"commits": commits, "files": files, "after": sorted(api.list_repo_files("tester/run"))}}))
+    """), tmp_path)
+    assert report["commits"][0] == report["commits"][1]  # nothing changed, so no second commit
+    files = report["files"]
+    assert "trainer_state.json" in files and "action_tokenizer/tokenizer.json" in files
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-0")]) > 1
+    assert not {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"} & set(files)
+    assert report["after"] == [f for f in files if f != "trainer_state.json"]
+
+
 def test_release_files_are_the_top_level_ones_and_the_fast_tokenizer(tmp_path):
     from hf_vla.hub.push import release_files
 

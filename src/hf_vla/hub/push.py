@@ -110,7 +110,7 @@ WRITTEN_FILES = {
     "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "model.safetensors.index.json", "eval_results.json", "train_results.json", "all_results.json",
-    "training_recipe.yaml",
+    "trainer_state.json", "training_recipe.yaml",
 }  # fmt: skip
 
 
