@@ -133,6 +133,33 @@ def test_card_snippet_runs_for_lerobot_camera_names(model_dir, tmp_path):
     assert namespace["actions"].shape == (1, 4, 7) and np.isfinite(namespace["actions"]).all()
 
 
+def test_card_base_model_names_a_hub_model_never_a_local_folder(tiny_vlm_dirs, tmp_path, monkeypatch):
+    """A backbone given as a relative folder (`vlms/qwen`, which reads like a hub id) is recorded as the folder it
+    was, so a card made from another directory or machine does not claim a hub model of that name (the Hub refuses
+    a card whose base_model is no model); a folder of the hub cache names the model it holds."""
+    from pathlib import Path
+
+    vlm = Path(tiny_vlm_dirs["qwen2_5_vl"])
+    monkeypatch.chdir(vlm.parent.parent)
+    relative = f"{vlm.parent.name}/{vlm.name}"
+    model, processor = make_oft(relative)
+    model.save_pretrained(tmp_path / "release")
+    processor.save_pretrained(tmp_path / "release")
+    assert model.config.base_vlm == str(vlm)
+    monkeypatch.chdir(tmp_path)  # pushed from elsewhere
+    card = build_model_card(tmp_path / "release", repo_id="tester/x")
+    assert "base_model" not in card.data.to_dict() and "initialised from" not in card.text
+
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    snapshot = "/data/hf/hub/models--Qwen--Qwen2.5-VL-3B-Instruct/snapshots/66285546d2b821cf421d4f5eb2576359d3770cd3"
+    for base_vlm in ("Qwen/Qwen2.5-VL-3B-Instruct", snapshot, snapshot + "/"):
+        (tmp_path / "release" / "config.json").write_text(json.dumps({**config, "base_vlm": base_vlm}))
+        card = build_model_card(tmp_path / "release", repo_id="tester/x")
+        assert card.data.to_dict()["base_model"] == "Qwen/Qwen2.5-VL-3B-Instruct", base_vlm
+        link = "[`Qwen/Qwen2.5-VL-3B-Instruct`](https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct)"
+        assert f"initialised from {link}" in card.text
+
+
 def test_card_shows_a_missing_or_partial_interval_as_a_dash(model_dir, tmp_path):
     import shutil
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -170,7 +171,9 @@ class VLAPreTrainedModel(PreTrainedModel):
         tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
         config_kwargs = cls.config_kwargs_from_tokenizer(tokenizer, dict(config_kwargs))
         cls.adapt_backbone(vlm, tokenizer, config_kwargs)
-        config_kwargs.setdefault("base_vlm", str(vlm_name_or_path))
+        # a local folder as an absolute path: a relative one (`models/qwen`) reads like a hub id wherever it is not
+        config_kwargs.setdefault("base_vlm", os.path.abspath(vlm_name_or_path) if os.path.isdir(vlm_name_or_path)
+                                 else str(vlm_name_or_path))  # fmt: skip
         config = cls.config_class(vlm_config=vlm.config, **config_kwargs)
         with torch.device("meta"):
             model = cls(config)

@@ -78,7 +78,7 @@ def build_model_card(
         library_name="hf_vla",
         pipeline_tag="robotics",
         license=license,
-        base_model=config.base_vlm if _looks_like_hub_id(config.base_vlm) else None,
+        base_model=_base_model(config.base_vlm),
         datasets=[d for d in datasets if _looks_like_hub_id(d)] or None,
         tags=sorted({"robotics", "vision-language-action", "hf_vla", f"vla_{variant}", *(tags or [])}),
     )
@@ -159,6 +159,15 @@ def _modes(stats) -> str:
         return "–"
     modes = stats["mode"]
     return modes[0] if len(set(modes)) == 1 else ", ".join(modes)
+
+
+def _base_model(base_vlm: str | None) -> str | None:
+    """The hub id of the backbone a model was built from: `base_vlm` itself, or the repository of a hub-cache
+    snapshot folder (`.../models--Qwen--Qwen2.5-VL-3B-Instruct/snapshots/<commit>`); None for other local folders."""
+    cached = re.search(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$", base_vlm or "")
+    if cached:
+        return "/".join(cached.groups())
+    return base_vlm if _looks_like_hub_id(base_vlm) else None
 
 
 def _looks_like_hub_id(value) -> bool:
