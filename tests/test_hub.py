@@ -195,6 +195,36 @@ def test_card_reads_what_train_vla_saves(model_dir, tmp_path):
     assert "Datasets: [lerobot/pusht](https://huggingface.co/datasets/lerobot/pusht), `my_demos` (local)." in card.text
 
 
+def test_release_files_are_read_as_utf8_whatever_the_locale(model_dir, tmp_path):
+    """Under a locale that is not UTF-8 (Windows' cp1252, here ASCII): the package's own modules (read to export
+    remote code, and by every push to tell generated modules apart) and a recipe or results naming tasks and
+    datasets outside ASCII."""
+    import shutil
+
+    run = shutil.copytree(model_dir, tmp_path / "run")
+    (run / "training_recipe.yaml").write_text("# démos enregistrées à Lyon\ndata:\n  lerobot: lerobot/pusht\n",
+                                              encoding="utf-8")  # fmt: skip
+    tasks = {"ouvrir le tiroir – café ☕": {"success_rate": 0.5, "episodes": 4}}
+    (run / "eval_results.json").write_text(json.dumps({"tasks": tasks}, ensure_ascii=False), encoding="utf-8")
+    script = textwrap.dedent(f"""
+        import json
+        from hf_vla.hub import build_model_card
+        from hf_vla.hub.remote_code import export_remote_code, generated_module_names
+
+        written = export_remote_code({str(run)!r})
+        text = build_model_card({str(run)!r}, repo_id="tester/run").text
+        print(json.dumps({{"written": written, "names": sorted(generated_module_names()), "text": text}}))
+    """)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "configuration_oft.py" in report["written"] and "configuration_oft.py" in report["names"]
+    assert '(StarVLA used "🔍", which' in (run / "configuration_oft.py").read_text(encoding="utf-8")
+    text = report["text"]
+    assert "# démos enregistrées à Lyon" in text and "| ouvrir le tiroir – café ☕ | 50.0% | 4 | – |" in text
+
+
 def run_against_fake_hub(script: str, tmp_path) -> dict:
     """Runs `script` in a child process whose Hub is a FakeHub; returns the JSON its last line prints."""
     port = free_port()

@@ -69,7 +69,8 @@ def build_model_card(
         model = AutoModelForVLA.from_config(config)
     table = parameter_table(model)
     processor = VLAProcessor.from_pretrained(model_dir)
-    recipe = (model_dir / "training_recipe.yaml").read_text() if (model_dir / "training_recipe.yaml").exists() else None
+    recipe_path = model_dir / "training_recipe.yaml"
+    recipe = recipe_path.read_text(encoding="utf-8") if recipe_path.exists() else None
     evaluation, held_out = _evaluation(model_dir / "eval_results.json")
     datasets = list(datasets or _recipe_datasets(recipe))
     variant = config.variant
@@ -199,7 +200,7 @@ def _evaluation(path: Path) -> tuple[list[dict], list[tuple[str, float]]]:
     the same file (`eval_action_l1`, ...)."""
     if not path.exists():
         return [], []
-    report = json.loads(path.read_text())
+    report = json.loads(path.read_text(encoding="utf-8"))
     rows = []
     for task, result in report.get("tasks", {}).items():
         low, high = result.get("ci95") or (None, None)

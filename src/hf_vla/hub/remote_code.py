@@ -46,7 +46,7 @@ def _smoke_run_line(tree: ast.Module) -> int | None:
 
 def _relative_imports(module: str) -> list[tuple[ast.ImportFrom, str]]:
     path = _module_path(module)
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     end = _smoke_run_line(tree)
     found = []
     for node in ast.walk(tree):
@@ -78,7 +78,7 @@ def flat_name(module: str) -> str:
 def flatten_module(module: str) -> str:
     """The module's source with each relative import rewritten to `from .<flat name> import ...`."""
     path = _module_path(module)
-    source = path.read_text()
+    source = path.read_text(encoding="utf-8")
     lines = source.splitlines(keepends=True)
     end = _smoke_run_line(ast.parse(source))
     if end is not None:
@@ -100,7 +100,7 @@ def export_remote_code(model_dir: str | Path) -> list[str]:
     from ..auto import VARIANTS
 
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     model_type = config["model_type"]
     if model_type not in VARIANTS:
         raise ValueError(f"config.json model_type: unknown variant {model_type!r}; known: {sorted(VARIANTS)}")
@@ -113,7 +113,7 @@ def export_remote_code(model_dir: str | Path) -> list[str]:
         raise ValueError(f"remote code: modules would share flat names {sorted(duplicates)}")
     written = []
     for module in modules:
-        (model_dir / f"{flat_name(module)}.py").write_text(flatten_module(module))
+        (model_dir / f"{flat_name(module)}.py").write_text(flatten_module(module), encoding="utf-8")
         written.append(f"{flat_name(module)}.py")
 
     config["auto_map"] = {
@@ -123,7 +123,7 @@ def export_remote_code(model_dir: str | Path) -> list[str]:
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor_config_path = model_dir / "processor_config.json"
     if processor_config_path.exists():
-        processor_config = json.loads(processor_config_path.read_text())
+        processor_config = json.loads(processor_config_path.read_text(encoding="utf-8"))
         processor_config["auto_map"] = {"AutoProcessor": "processing_vla.VLAProcessor"}
         processor_config_path.write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
     return written
@@ -155,7 +155,7 @@ def remove_remote_code(model_dir: str | Path) -> list[str]:
     for name in ("config.json", "processor_config.json"):
         path = model_dir / name
         if path.is_file():
-            config = json.loads(path.read_text())
+            config = json.loads(path.read_text(encoding="utf-8"))
             if config.pop("auto_map", None) is not None:
                 path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return deleted
