@@ -389,11 +389,11 @@ def test_pushing_a_training_checkpoint_twice_changes_nothing_and_a_later_release
     the optimizer and RNG states do not; the same push again makes no commit; a release without the trainer's files
     then removes them."""
     report = run_against_fake_hub(textwrap.dedent(f"""
-        import json, shutil
+        import json, shutil, subprocess, sys, torch
         from pathlib import Path
         from huggingface_hub import HfApi
         from hf_vla.hub import push_model
-        from hf_vla.testing import build_tiny_vla
+        from hf_vla.testing import build_tiny_vla, random_observation
 
         model, processor = build_tiny_vla("fast", out_dir={str(tmp_path / "build")!r})
         checkpoint = Path({str(tmp_path / "run" / "checkpoint-10")!r})
@@ -412,7 +412,15 @@ def test_pushing_a_training_checkpoint_twice_changes_nothing_and_a_later_release
         for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"):
             (release / name).unlink()
         push_model(release, "tester/run", remote_code=True)
-        print(json.dumps({{"commits": commits, "files": files, "after": sorted(api.list_repo_files("tester/run"))}}))
+
+        # the shards and the tokenizer folder, downloaded by the release's own code where hf_vla is not installed
+        observation = random_observation(processor)
+        tokens = model.generate_actions(**processor(**observation)).action_token_ids
+        torch.save({{"observation": observation, "tokens": tokens}}, checkpoint.parent / "reference.pt")
+        remote = subprocess.run([sys.executable, "-c", {REMOTE_FAST_LOAD!r}, str(checkpoint.parent / "reference.pt")],
+                                capture_output=True, text=True)
+        print(json.dumps({{"commits": commits, "files": files, "after": sorted(api.list_repo_files("tester/run")),
+                           "remote": remote.stdout.strip().splitlines()[-1:] or remote.stderr[-3000:]}}))
     """), tmp_path)
     assert report["commits"][0] == report["commits"][1]  # nothing changed, so no second commit
     files = report["files"]
@@ -420,6 +428,23 @@ def test_pushing_a_training_checkpoint_twice_changes_nothing_and_a_later_release
     assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-0")]) > 1
     assert not {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"} & set(files)
     assert report["after"] == [f for f in files if f != "trainer_state.json"]
+    assert report["remote"] == ["same tokens from transformers_modules VLAFASTForActionPrediction VLAProcessor"]
+
+
+REMOTE_FAST_LOAD = """
+import sys
+sys.modules["hf_vla"] = None  # not installed here
+import torch
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("tester/run", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("tester/run", trust_remote_code=True)
+reference = torch.load(sys.argv[1], weights_only=False)
+assert model.action_tokenizer is not None
+tokens = model.generate_actions(**processor(**reference["observation"])).action_token_ids
+assert tokens == reference["tokens"], (tokens, reference["tokens"])
+print("same tokens from", type(model).__module__.split(".")[0], type(model).__name__, type(processor).__name__)
+"""
 
 
 def test_release_files_are_the_top_level_ones_and_the_fast_tokenizer(tmp_path):
