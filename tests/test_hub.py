@@ -339,10 +339,14 @@ def test_push_keeps_hand_written_cards_and_private_repos_private(model_dir, tmp_
     assert is_unedited_card(card) and not is_unedited_card(card.replace("## Limitations", "## Limits"))
     old = "---\nlibrary_name: hf_vla\nlicense: mit\n---\n# an unsigned card of an earlier hf_vla"
     assert is_unedited_card(old)  # regenerated, as before cards were signed
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "README.md"}
     for text in ("# my own card", card.replace("## Limitations", "## Limits")):  # hand-written, or edited
         (folder / "README.md").write_text(text)
-        with pytest.raises(ValueError, match=r"README.md: not the card an earlier push generated .* --no-card"):
-            push_model(folder, "tester/x")  # refused before anything is uploaded
+        for remote_code in (True, False):
+            with pytest.raises(ValueError, match=r"README.md: not the card an earlier push generated .* --no-card"):
+                push_model(folder, "tester/x", remote_code=remote_code)  # refused before anything is uploaded
+            # ... or written: no remote-code modules, config.json as it was
+            assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "README.md"} == before
     report = run_against_fake_hub(textwrap.dedent(f"""
         import json
         from huggingface_hub import HfApi

@@ -51,14 +51,14 @@ def push_model(
         # a sharded save_pretrained leaves an earlier unsharded file in place, and loaders prefer that one
         raise ValueError(f"{model_dir}: holds both model.safetensors and model.safetensors.index.json (shards); "
                          "remove the one an earlier save_pretrained left")
+    readme = model_dir / "README.md"  # checked before the folder is changed: a refused push leaves it as it was
+    if write_card and readme.is_file() and not is_unedited_card(readme.read_text(encoding="utf-8")):
+        raise ValueError(f"{readme}: not the card an earlier push generated (hand-written, or edited since); upload "
+                         "it as it is with write_card=False (hf-vla push --no-card), or delete it to generate the card")
     if remote_code:
         export_remote_code(model_dir)
     else:  # an earlier --remote-code push's modules would otherwise ship again (stale after an upgrade)
         remove_remote_code(model_dir)
-    readme = model_dir / "README.md"
-    if write_card and readme.is_file() and not is_unedited_card(readme.read_text(encoding="utf-8")):
-        raise ValueError(f"{readme}: not the card an earlier push generated (hand-written, or edited since); upload "
-                         "it as it is with write_card=False (hf-vla push --no-card), or delete it to generate the card")
     if write_card:
         card = build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets, revision=revision)
         readme.write_text(signed_card(str(card)), encoding="utf-8")
