@@ -8,6 +8,7 @@ StarVLA's prompt text (written out by hand), and the same losses and predictions
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,6 +189,13 @@ def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path, capsys):
                     {"CoT_prompt": COT, "obs_image_size": [56, 56], "include_state": True, "data_mix": "libero_goal"})  # fmt: skip
     out = convert_starvla(run, tmp_path / "out")
     assert AutoModelForVLA.from_pretrained(out).config.state_dim == S
+    # a --base-vlm folder given relative to the working directory is recorded as the folder (a card made elsewhere
+    # would read `vlms/qwen2_5_vl` as a hub id)
+    vlm = Path(vlms["qwen2_5_vl"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(vlm.parent.parent)
+        relative = convert_starvla(run, tmp_path / "relative", base_vlm=f"{vlm.parent.name}/{vlm.name}")
+    assert AutoModelForVLA.from_pretrained(relative).config.base_vlm == str(vlm.resolve())
     assert VLAProcessor.from_pretrained(out).norm_stats["franka"]["state"]["mode"] == ["q99"] * S
     # --state-modes overrides the decision, and the command line says where each mode came from
     capsys.readouterr()

@@ -49,6 +49,12 @@ class VLAOutput(ModelOutput):
     actions: torch.FloatTensor | None = None
 
 
+def base_vlm_reference(vlm_name_or_path) -> str:
+    """What a config records as its backbone: a hub id as given, a local folder as an absolute path (a relative one,
+    `models/qwen`, reads like a hub id wherever it is not)."""
+    return os.path.abspath(vlm_name_or_path) if os.path.isdir(vlm_name_or_path) else str(vlm_name_or_path)
+
+
 class VLAPreTrainedModel(PreTrainedModel):
     config_class = VLAConfig
     base_model_prefix = "vla"
@@ -171,9 +177,7 @@ class VLAPreTrainedModel(PreTrainedModel):
         tokenizer = AutoTokenizer.from_pretrained(vlm_name_or_path)
         config_kwargs = cls.config_kwargs_from_tokenizer(tokenizer, dict(config_kwargs))
         cls.adapt_backbone(vlm, tokenizer, config_kwargs)
-        # a local folder as an absolute path: a relative one (`models/qwen`) reads like a hub id wherever it is not
-        config_kwargs.setdefault("base_vlm", os.path.abspath(vlm_name_or_path) if os.path.isdir(vlm_name_or_path)
-                                 else str(vlm_name_or_path))  # fmt: skip
+        config_kwargs.setdefault("base_vlm", base_vlm_reference(vlm_name_or_path))
         config = cls.config_class(vlm_config=vlm.config, **config_kwargs)
         with torch.device("meta"):
             model = cls(config)

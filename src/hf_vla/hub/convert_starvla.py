@@ -35,6 +35,7 @@ import yaml
 from transformers import AutoConfig, AutoTokenizer
 
 from ..auto import VARIANTS
+from ..modeling_vla import base_vlm_reference
 from ..models.flow_matching_config import CONDITION_MASKS
 from ..normalization import (
     ACTION_MODES, NORM_MODES, STAT_NAMES, compact_action_mode, describe_action_mode, expand_action_modes, is_relative
@@ -554,7 +555,7 @@ def build_config(variant: str, config: dict, state: dict, base_vlm: str, run_dir
         text_config.vocab_size = int(embeddings.shape[0])
 
     fields = head_fields(variant, config, text_config, state, statistics)
-    fields.update(prompt_template=prompt_template_for(config), base_vlm=base_vlm)
+    fields.update(prompt_template=prompt_template_for(config), base_vlm=base_vlm_reference(base_vlm))
     interleave, reason = choose_attention_mode(variant, config, run_dir, interleave)
     if variant == "gr00t" and interleave is None:  # odd blocks attend to themselves iff their k/v width is D
         odd = state.get("action_model.model.transformer_blocks.1.attn1.to_k.weight")
