@@ -36,7 +36,8 @@ def parameter_table(model: torch.nn.Module) -> list[tuple[str, int]]:
     rows = []
     for name, module in model.named_children():
         if name == "vlm":
-            rows += [(f"vlm.model.{n}", sum(p.numel() for p in m.parameters())) for n, m in module.model.named_children()]
+            rows += [(f"vlm.model.{n}", sum(p.numel() for p in m.parameters()))
+                     for n, m in module.model.named_children()]
             lm_head = module.get_output_embeddings()
             tied = lm_head is not None and lm_head.weight is module.get_input_embeddings().weight
             if lm_head is not None and not tied:
@@ -85,7 +86,8 @@ def build_model_card(
     )
     normalisation = [
         {"key": key, "action_modes": _modes(stats.get("action")), "state_modes": _modes(stats.get("state")),
-         "relative_to_state": _relative_to_state(stats), "transitions": stats.get("num_transitions", "–")}
+         "relative_to_state": _relative_to_state(processor.embodiment_action_mode(key)),
+         "transitions": stats.get("num_transitions", "–")}
         for key, stats in processor.norm_stats.items()
     ]  # fmt: skip
     return ModelCard.from_template(
@@ -110,11 +112,12 @@ def build_model_card(
         normalisation=normalisation,
         default_unnorm_key=next(iter(processor.norm_stats), "…"),
         # relative actions decode to absolute ones only with the state they were predicted from
-        default_relative=is_relative(next(iter(processor.norm_stats.values()), {}).get("action_mode", "abs")),
+        default_relative=is_relative(processor.embodiment_action_mode(next(iter(processor.norm_stats), None))),
         parameter_table=table,
         total_parameters=sum(c for _, c in table),
         # a local folder is named, not located: its path means nothing on the Hub
-        datasets=[f"[{d}](https://huggingface.co/datasets/{d})" if _looks_like_hub_id(d) else f"`{Path(d).name}` (local)"
+        datasets=[f"[{d}](https://huggingface.co/datasets/{d})" if _looks_like_hub_id(d)
+                  else f"`{Path(d).name}` (local)"
                   for d in datasets],  # fmt: skip
         recipe=recipe.strip() if recipe else None,
         evaluation=evaluation,
@@ -150,8 +153,7 @@ def _variable_names(cameras: list[str]) -> list[str]:
     return names
 
 
-def _relative_to_state(stats) -> str:
-    mode = stats.get("action_mode", "abs")
+def _relative_to_state(mode: str | list[str]) -> str:
     return mode if isinstance(mode, str) else describe_action_mode(mode)
 
 
@@ -172,7 +174,8 @@ def _base_model(base_vlm: str | None) -> str | None:
 
 
 def _looks_like_hub_id(value) -> bool:
-    return isinstance(value, str) and value.count("/") == 1 and not value.startswith((".", "/")) and not Path(value).exists()
+    return (isinstance(value, str) and value.count("/") == 1 and not value.startswith((".", "/"))
+            and not Path(value).exists())
 
 
 def _recipe_datasets(recipe: str | None) -> list[str]:
