@@ -193,6 +193,13 @@ def test_card_reads_what_train_vla_saves(model_dir, tmp_path):
     card = build_model_card(run)
     assert card.data.to_dict()["datasets"] == ["lerobot/pusht"]
     assert "Datasets: [lerobot/pusht](https://huggingface.co/datasets/lerobot/pusht), `my_demos` (local)." in card.text
+    # a mixture file's relative paths are read from its folder: a local `data/demos` beside it is not a hub id
+    (run / "data" / "demos").mkdir(parents=True)
+    (run / "mix.yaml").write_text(json.dumps({"datasets": [{"path": "data/demos"}, {"path": "lerobot/pusht"}]}))
+    (run / "training_recipe.yaml").write_text(f"data:\n  mixture: {run / 'mix.yaml'}\n")
+    card = build_model_card(run)
+    assert card.data.to_dict()["datasets"] == ["lerobot/pusht"]
+    assert "Datasets: `demos` (local), [lerobot/pusht](https://huggingface.co/datasets/lerobot/pusht)." in card.text
 
 
 def test_release_files_are_read_as_utf8_whatever_the_locale(model_dir, tmp_path):

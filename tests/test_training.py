@@ -964,6 +964,19 @@ def test_train_vla_takes_dimensions_from_the_dataset_and_the_recipe_camera_names
         train_vla.check_model_widths({"action_dim": 3, "state_dim": 2}, {"toy": {"action": {"mean": [0.0] * 3}}})
 
 
+def test_the_resolved_recipe_names_local_data_by_absolute_paths(train_vla, dataset_root, tmp_path, monkeypatch):
+    """The recipe travels with the model: a model card made from another folder would read `data/toy` as a hub id."""
+    monkeypatch.chdir(dataset_root.parent.parent)
+    relative = f"{dataset_root.parent.name}/{dataset_root.name}"
+    (tmp_path / "mix.yaml").write_text("datasets: []\n")
+    data = {"lerobot": relative, "mixture": None}
+    train_vla.absolute_data_paths(data)
+    assert data == {"lerobot": str(dataset_root.resolve()), "mixture": None}
+    data = {"lerobot": [relative, "lerobot/not_here"], "mixture": str(tmp_path / "mix.yaml")}
+    train_vla.absolute_data_paths(data)
+    assert data == {"lerobot": [str(dataset_root.resolve()), "lerobot/not_here"], "mixture": str(tmp_path / "mix.yaml")}
+
+
 def test_fast_tokenizer_is_fitted_on_normalised_chunks(train_vla, dataset, monkeypatch):
     from hf_vla.action_tokenizers import FASTTokenizer
 

@@ -139,6 +139,20 @@ def build_once(target: Path, build: Callable[[Path], object], field: str, settin
     return target
 
 
+def absolute_data_paths(data: dict) -> None:
+    """`data.lerobot` and `data.mixture` as absolute paths in the resolved recipe, where they name local files: the
+    recipe travels with the model, and its card, made from another folder, would read `data/pusht` as a hub id."""
+    def absolute(path):
+        return str(Path(path).expanduser().resolve()) if isinstance(path, str) and Path(path).expanduser().exists() \
+            else path
+
+    if isinstance(data["lerobot"], list):
+        data["lerobot"] = [absolute(root) for root in data["lerobot"]]
+    else:
+        data["lerobot"] = absolute(data["lerobot"])
+    data["mixture"] = absolute(data["mixture"])
+
+
 def lerobot_specs(data: dict, output_dir: Path) -> list[tuple[Path, str]]:
     """(dataset root, embodiment key) per LeRobot dataset; writes the synthetic demo dataset when none is given."""
     roots = data["lerobot"]
@@ -443,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data, model and processor come first: TrainingArguments(deepspeed=ZeRO-3) would make every later
     # from_pretrained / from_config run under deepspeed.zero.Init, which from_vlm's head initialisation cannot take.
+    absolute_data_paths(data)
     if data["mixture"]:
         train, evaluation, stats, camera_names, action_only = load_mixture_data(data, model_cfg)
     else:

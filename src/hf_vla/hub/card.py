@@ -186,15 +186,17 @@ def _recipe_datasets(recipe: str | None) -> list[str]:
     import yaml
 
     data = (yaml.safe_load(recipe) or {}).get("data", {}) or {}
-    mixture = data.get("mixture")
+    mixture, base = data.get("mixture"), None
     if isinstance(mixture, str) and Path(mixture).is_file():
-        mixture = yaml.safe_load(Path(mixture).read_text(encoding="utf-8"))
+        mixture, base = yaml.safe_load(Path(mixture).read_text(encoding="utf-8")), Path(mixture).parent
     if isinstance(mixture, dict):
         found = mixture.get("datasets") or []
     else:
         found = data.get("lerobot") or data.get("datasets") or data.get("dataset") or data.get("path") or []
     found = [found] if isinstance(found, (str, dict)) else found
-    return [str(d.get("path") or d.get("repo_id")) if isinstance(d, dict) else str(d) for d in found]
+    names = [str(d.get("path") or d.get("repo_id")) if isinstance(d, dict) else str(d) for d in found]
+    # a mixture file's relative paths are relative to its folder (as load_mixture reads them)
+    return [str(base / name) if base is not None and (base / name).exists() else name for name in names]
 
 
 def _evaluation(path: Path) -> tuple[list[dict], list[tuple[str, float]]]:
