@@ -245,6 +245,9 @@ def run_against_fake_hub(script: str, tmp_path) -> dict:
 
 
 def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
+    import shutil
+
+    model_dir = shutil.copytree(model_dir, tmp_path / "release")  # the push writes its remote-code modules there
     script = textwrap.dedent(f"""
         import json, sys, numpy as np, torch
         from pathlib import Path
