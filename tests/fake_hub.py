@@ -14,6 +14,7 @@ import threading
 import time
 
 from fastapi import FastAPI, Request, Response
+from huggingface_hub import ModelCard
 from fastapi.responses import JSONResponse
 
 
@@ -89,8 +90,10 @@ def create_app() -> FastAPI:
 
     def info(repo_id: str, repo: dict) -> dict:
         siblings = [{"rfilename": path, "size": len(content)} for path, content in sorted(repo["files"].items())]
+        readme = repo["files"].get("README.md")
+        card_data = ModelCard(readme.decode()).data.to_dict() if readme else None  # as the Hub: the card's metadata
         return {"id": repo_id, "modelId": repo_id, "sha": repo["sha"], "siblings": siblings, "private": repo["private"],
-                "tags": [], "lastModified": "2026-01-01T00:00:00.000Z"}  # fmt: skip
+                "tags": [], "lastModified": "2026-01-01T00:00:00.000Z", "cardData": card_data}  # fmt: skip
 
     @app.get("/api/models/{ns}/{name}")
     def model_info(ns: str, name: str):

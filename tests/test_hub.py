@@ -286,6 +286,44 @@ def test_push_download_and_load_through_the_hub_client(model_dir, tmp_path):
     assert not [f for f in report["shipped"] if "/" in f], report["shipped"]
 
 
+def test_the_card_takes_the_base_models_licence_unless_told(model_dir, tmp_path):
+    """A fine-tune of Qwen2.5-VL-3B is under its qwen-research licence, not hf_vla's default apache-2.0."""
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"license_name: a licence 'other' needs its name"):
+        build_model_card(folder, license="other")
+    report = run_against_fake_hub(textwrap.dedent(f"""
+        import json
+        from pathlib import Path
+        from huggingface_hub import HfApi, ModelCard
+        from hf_vla.hub import push_model
+
+        api, folder = HfApi(), Path({str(folder)!r})
+        licence = "license: other\\nlicense_name: qwen-research\\nlicense_link: https://example.org/LICENSE"
+        api.create_repo("Qwen/Qwen2.5-VL-3B-Instruct")
+        api.upload_file(path_or_fileobj=f"---\\n{{licence}}\\n---\\n# Qwen".encode(), path_in_repo="README.md",
+                        repo_id="Qwen/Qwen2.5-VL-3B-Instruct")
+        api.create_repo("Qwen/Qwen2.5-VL-7B-Instruct")  # a card without metadata
+        found = {{}}
+        qwen3b = "Qwen/Qwen2.5-VL-3B-Instruct"
+        for base, options in ((qwen3b, {{}}), (qwen3b, {{"license": "mit"}}), ("Qwen/Qwen2.5-VL-7B-Instruct", {{}}),
+                              ("Qwen/not-on-the-hub", {{}})):
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({{**config, "base_vlm": base}}))
+            push_model(folder, "tester/licensed", **options)
+            data = ModelCard.load("tester/licensed").data.to_dict()
+            found[f"{{base}} {{options}}"] = [data.get(k) for k in ("license", "license_name", "license_link")]
+        print(json.dumps(found))
+    """), tmp_path)
+    assert report == {
+        "Qwen/Qwen2.5-VL-3B-Instruct {}": ["other", "qwen-research", "https://example.org/LICENSE"],
+        "Qwen/Qwen2.5-VL-3B-Instruct {'license': 'mit'}": ["mit", None, None],
+        "Qwen/Qwen2.5-VL-7B-Instruct {}": ["apache-2.0", None, None],
+        "Qwen/not-on-the-hub {}": ["apache-2.0", None, None],
+    }
+
+
 def test_push_to_a_new_branch_creates_it(model_dir, tmp_path):
     report = run_against_fake_hub(textwrap.dedent(f"""
         import json

@@ -70,8 +70,8 @@ def push(args) -> int:
     from .hub import push_model
 
     url = push_model(args.model_dir, args.repo_id, private=args.private, license=args.license,
-                     datasets=args.dataset or None, revision=args.revision, remote_code=args.remote_code,
-                     write_card=not args.no_card)  # fmt: skip
+                     license_name=args.license_name, license_link=args.license_link, datasets=args.dataset or None,
+                     revision=args.revision, remote_code=args.remote_code, write_card=not args.no_card)  # fmt: skip
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
     return 0
 
@@ -96,7 +96,10 @@ def main(argv=None) -> int:
     p.add_argument("model_dir")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--license", default="apache-2.0")
+    p.add_argument("--license", help="the card's licence id (default: the base VLM's, read from its Hub card, else "
+                                     "apache-2.0)")
+    p.add_argument("--license-name", help="with --license other: the licence's name, e.g. qwen-research")
+    p.add_argument("--license-link", help="with --license other: where the licence text is")
     p.add_argument("--dataset", action="append", help="hub id of a training dataset (repeatable)")
     p.add_argument("--revision")
     p.add_argument("--remote-code", action="store_true", help="also ship self-contained modules (trust_remote_code)")

@@ -56,9 +56,14 @@ def build_model_card(
     tags: list[str] | None = None,
     template: str | Path | None = None,
     revision: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> ModelCard:
     """Renders the card of a saved model directory (config, processor and optional recipe/evaluation files).
-    `revision`: the branch the card is pushed to; its usage snippets then load that branch."""
+    `revision`: the branch the card is pushed to; its usage snippets then load that branch. `license="other"` takes
+    the licence's `license_name` (and `license_link`), as the Hub asks of it."""
+    if license == "other" and not license_name:
+        raise ValueError("license_name: a licence 'other' needs its name (e.g. qwen-research) and, best, license_link")
     from ..auto import AutoModelForVLA
     from ..processing_vla import VLAProcessor
 
@@ -80,7 +85,9 @@ def build_model_card(
         library_name="hf_vla",
         pipeline_tag="robotics",
         license=license,
-        base_model=_base_model(config.base_vlm),
+        license_name=license_name,
+        license_link=license_link,
+        base_model=base_model_of(config),
         datasets=[d for d in datasets if _looks_like_hub_id(d)] or None,
         tags=sorted({"robotics", "vision-language-action", "hf_vla", f"vla_{variant}", *(tags or [])}),
     )
@@ -162,6 +169,11 @@ def _modes(stats) -> str:
         return "–"
     modes = stats["mode"]
     return modes[0] if len(set(modes)) == 1 else ", ".join(modes)
+
+
+def base_model_of(config) -> str | None:
+    """The hub id of the backbone the model `config` describes was built from, or None for a local one."""
+    return _base_model(config.base_vlm)
 
 
 def _base_model(base_vlm: str | None) -> str | None:

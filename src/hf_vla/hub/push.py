@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from fnmatch import fnmatch
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from ..models.fast.modeling_fast import ACTION_TOKENIZER_DIR
-from .card import build_model_card
+from .card import base_model_of, build_model_card
 from .remote_code import export_remote_code, generated_module_names, remove_remote_code
 
 # What a release carries from the model directory's top level: weights, configs, processor/tokenizer/statistics,
 # remote code, the training recipe and evaluation results; plus the FAST tokenizer's folder.
+logger = logging.getLogger(__name__)
 RELEASE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.py", "README.md", "training_recipe.yaml"]
 
 
@@ -27,23 +30,46 @@ def release_files(model_dir: Path) -> list[str]:
     return sorted(files)
 
 
+def base_model_license(api: HfApi, model_dir: Path) -> tuple[str, str | None, str | None]:
+    """(license, license_name, license_link) of the base VLM's card on the Hub; apache-2.0 for a local backbone or
+    a card that names none."""
+    from transformers import AutoConfig
+
+    base = base_model_of(AutoConfig.from_pretrained(model_dir))
+    try:
+        card = api.model_info(base).card_data if base else None
+    except HfHubHTTPError as error:  # e.g. a private or removed base model
+        logger.warning(f"license: could not read the base model {base}'s card ({error}); apache-2.0 unless license= "
+                       "(--license) says otherwise")
+        card = None
+    if card is None or not card.get("license"):
+        return "apache-2.0", None, None
+    logger.info(f"license: {card.get('license')}, the base model {base}'s")
+    return card.get("license"), card.get("license_name"), card.get("license_link")
+
+
 def push_model(
     model_dir: str | Path,
     repo_id: str,
     private: bool = False,
     token: str | None = None,
     revision: str | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     datasets: list[str] | None = None,
     commit_message: str = "Upload hf_vla model",
     write_card: bool = True,
     remote_code: bool = False,
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> str:
     """Uploads `model_dir` to `repo_id` (created if missing) and returns the commit URL. The model card is rendered
     into `model_dir/README.md` first unless `write_card=False` (then an existing README.md is uploaded as it is).
     `remote_code=True` also writes self-contained modules + `auto_map`, so the release loads without hf_vla;
     `remote_code=False` removes those of an earlier export. Release files that an earlier push to the same branch
-    left and this one does not carry are deleted in the same commit."""
+    left and this one does not carry are deleted in the same commit.
+
+    `license` (with `license_name` / `license_link` for "other"): None takes the base VLM's, read from its card on
+    the Hub (a fine-tune of Qwen2.5-VL-3B is under its qwen-research licence), else apache-2.0."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a directory written by save_pretrained")
@@ -59,10 +85,13 @@ def push_model(
         export_remote_code(model_dir)
     else:  # an earlier --remote-code push's modules would otherwise ship again (stale after an upgrade)
         remove_remote_code(model_dir)
-    if write_card:
-        card = build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets, revision=revision)
-        readme.write_text(signed_card(str(card)), encoding="utf-8")
     api = HfApi(token=token)
+    if write_card:
+        if license is None:
+            license, license_name, license_link = base_model_license(api, model_dir)
+        card = build_model_card(model_dir, repo_id=repo_id, license=license, datasets=datasets, revision=revision,
+                                license_name=license_name, license_link=license_link)  # fmt: skip
+        readme.write_text(signed_card(str(card)), encoding="utf-8")
     api.create_repo(repo_id, private=private, exist_ok=True)
     if private and api.repo_info(repo_id).private is False:  # exist_ok leaves an existing repo's visibility alone
         raise ValueError(f"private: {repo_id} exists and is public, and pushing does not change that; make it private "
