@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_oft, random_views
 from PIL import Image
-from test_token_variants import D, T, make_token_model
+from test_token_variants import D, T, fast_tokenizer, make_token_model  # noqa: F401 (a fixture)
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from hf_vla import AutoModelForVLA
@@ -191,6 +191,23 @@ def test_reward_decodes_completions_with_the_model(vlm_dir):
     assert kwargs["min_new_tokens"] == T * D and offset not in kwargs["suppress_tokens"]
     vocabulary = model.vlm.config.get_text_config().vocab_size
     assert eos in kwargs["suppress_tokens"] and len(kwargs["suppress_tokens"]) == vocabulary - 32
+
+
+def test_grpo_samples_only_the_action_tokens_a_fast_model_can_decode(vlm_dir, fast_tokenizer):
+    # a 64-token FAST tokenizer on 96 reserved rows (a custom tokenizer on a StarVLA -Action backbone): ids past its
+    # vocabulary never decode, so GRPO must not sample them (greedy decoding already does not)
+    model, _ = make_token_model(vlm_dir, "fast", fast_tokenizer, num_action_tokens=96)
+    offset, eos, decodable = model.config.action_token_offset, model.config.eos_token_id, model.decodable_action_tokens()
+    assert decodable == fast_tokenizer.bpe.get_vocab_size(with_added_tokens=True) < 96
+    kwargs = action_generation_kwargs(model)
+    vocabulary = model.vlm.get_output_embeddings().weight.shape[0]
+    allowed = set(range(vocabulary)) - set(kwargs["suppress_tokens"])
+    assert allowed == set(range(offset, offset + decodable)) | {eos}
+    assert kwargs["min_new_tokens"] == 1
+    good = [offset + k for k in model.encode_actions(np.zeros((1, T, D), np.float32))[0]]
+    reward = action_reward(model, invalid_reward=-3.0)
+    rewards = reward(None, None, [good + [eos], good[:-1] + [offset + decodable, eos]], target=np.zeros((2, T, D)))
+    assert rewards[0] > -0.05 and rewards[1] == -3.0  # a reserved but undecodable id makes the completion invalid
 
 
 def test_grpo_prompt_images_are_the_views_the_vla_trains_on(vlm_dir):

@@ -213,8 +213,8 @@ def _check_token_model(vla_model) -> None:
 
 def completion_action_indices(vla_model, completion_ids: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[bool]]:
     """Completion token ids → action-token indices (offset removed, cut at the end-of-turn token) and whether every
-    token before it was an action token."""
-    offset, count, eos = (vla_model.config.action_token_offset, vla_model.config.num_action_tokens,
+    token before it was a decodable action token."""
+    offset, count, eos = (vla_model.config.action_token_offset, vla_model.decodable_action_tokens(),
                           vla_model.config.eos_token_id)  # fmt: skip
     indices, clean = [], []
     for ids in completion_ids:
@@ -289,11 +289,13 @@ def action_reward(vla_model, target_fn: Callable | None = None, **kwargs) -> Act
 
 
 def action_generation_kwargs(vla_model) -> dict:
-    """`GRPOConfig.generation_kwargs` that restrict sampling to the action tokens (and the end-of-turn token where
-    replies vary in length) and enforce the minimum reply length."""
+    """`GRPOConfig.generation_kwargs` that restrict sampling to the action tokens the model can decode (as
+    `generate_actions` does; and the end-of-turn token where replies vary in length) and enforce the minimum reply
+    length."""
     _check_token_model(vla_model)
     config = vla_model.config
-    offset, count, eos = config.action_token_offset, config.num_action_tokens, config.eos_token_id
+    # a FAST tokenizer with a smaller vocabulary than the rows the model reserves: the ids past it never decode
+    offset, count, eos = config.action_token_offset, vla_model.decodable_action_tokens(), config.eos_token_id
     min_new, max_new = vla_model.generation_limits()
     rows = vla_model.vlm.get_output_embeddings().weight.shape[0]
     allowed = set(range(offset, offset + count))
