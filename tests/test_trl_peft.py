@@ -266,3 +266,33 @@ def test_grpo_trains_a_bins_vla_from_decoded_action_rewards(vlm_dir, tmp_path):
     assert len(logged) == 2 and all(-1.0 <= r <= 0.0 for r in logged)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     assert any("language_model.layers" in k for k in changed)
+
+
+def test_grpo_steps_move_a_one_token_bins_policy_toward_higher_reward(vlm_dir, tmp_path):
+    # one action value, one reply token: the policy's expected reward over the 16 bins can be computed exactly
+    from trl import GRPOConfig
+
+    from hf_vla import VLAProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant="bins", action_dim=1, action_horizon=1, state_dim=0,
+                                     num_action_tokens=16)  # fmt: skip
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary"], image_size=[56, 56])
+    processor.compute_norm_stats("sim", np.random.default_rng(0).normal(size=(64, 1)))
+    view = np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    samples = [{"images": [view], "instruction": "open the drawer", "target": np.full((1, 1), 0.6, np.float32)}] * 2
+    offset = model.config.action_token_offset
+    token_rewards = -np.abs(model.bins.centres(np.arange(16)) - 0.6)  # what action_reward gives each reply
+
+    def expected_reward():
+        with torch.no_grad():
+            logits = model.vlm(**processor(images=[[view]], text=["open the drawer"])).logits[0, -1]
+        return float(torch.softmax(logits[offset : offset + 16].double(), -1).numpy() @ token_rewards)
+
+    before = expected_reward()
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=8, beta=0.0,
+                      use_cpu=True, max_steps=3, learning_rate=5e-3, logging_steps=1, save_strategy="no",
+                      report_to="none", gradient_checkpointing=False, disable_tqdm=True, seed=0)  # fmt: skip
+    trainer = build_grpo_trainer(model, processor, grpo_prompt_dataset(processor, samples), action_reward(model), args)
+    trainer.train()
+    assert expected_reward() > before + 0.03
