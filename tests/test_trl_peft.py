@@ -98,6 +98,62 @@ def test_lora_on_oft_trains_saves_reloads_and_merges(vlm_dir, tmp_path):
         torch.testing.assert_close(merged.predict_action(**inputs), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gr00t", "bins"])
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_lora_adapter_folder_alone_reloads_the_trained_policy(vlm_dir, tmp_path, variant):
+    # a flow head trains in full beside the adapters; a token head has none, and its action-token rows live in the
+    # embeddings and lm_head (train_embeddings=True). The adapter folder, with the processor saved beside it, is all
+    # a user needs: AutoModelForVLA resolves the base, AutoProcessor reads the statistics.
+    from transformers import AutoProcessor
+
+    from hf_vla import VLAProcessor
+    from hf_vla.testing import TINY_HEADS
+
+    torch.manual_seed(0)
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant=variant, action_dim=7, action_horizon=4, state_dim=6,
+                                     **TINY_HEADS[variant])  # fmt: skip
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary", "wrist"], image_size=[56, 56])
+    rng = np.random.default_rng(0)
+    processor.compute_norm_stats("bridge", rng.normal(size=(256, 7)), rng.normal(size=(256, 6)))
+    model.save_pretrained(tmp_path / "base")
+    model = AutoModelForVLA.from_pretrained(tmp_path / "base")
+    peft_model = add_lora(model, r=4, alpha=8, train_embeddings=variant == "bins")
+
+    trainable = {n.split(".modules_to_save")[0].removeprefix("base_model.model.")
+                 for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n}  # fmt: skip
+    expected = {"action_head"} if variant == "gr00t" else {"vlm.model.language_model.embed_tokens", "vlm.lm_head"}
+    assert trainable == expected
+    inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
+                       state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(2):
+        loss = peft_model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    peft_model.eval()
+    observation = {k: v for k, v in inputs.items() if k not in ("actions", "state")}
+    if variant == "gr00t":
+        observation.update(state=inputs["state"], noise=torch.randn(2, 4, 7))
+    with torch.no_grad():
+        expected_actions = peft_model.predict_action(**observation)
+    untrained = AutoModelForVLA.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        assert not torch.equal(untrained.predict_action(**observation), expected_actions)
+
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    reloaded = AutoModelForVLA.from_pretrained(adapter_dir).eval()
+    assert type(reloaded) is type(model)
+    assert AutoProcessor.from_pretrained(adapter_dir).norm_stats == processor.norm_stats
+    with torch.no_grad():
+        assert torch.equal(reloaded.predict_action(**observation), expected_actions)
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged.predict_action(**observation), expected_actions, atol=1e-5, rtol=1e-5)
+
+
 def test_vla_trainer_trains_a_lora_model_with_learning_rate_groups(vlm_dir, tmp_path):
     model, processor = make_oft(vlm_dir)
     peft_model = add_lora(model, r=4, alpha=8, base_model_name_or_path=str(vlm_dir))
