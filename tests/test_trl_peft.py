@@ -249,6 +249,40 @@ def test_reward_decodes_completions_with_the_model(vlm_dir):
     assert eos in kwargs["suppress_tokens"] and len(kwargs["suppress_tokens"]) == vocabulary - 32
 
 
+def test_reward_target_fn_score_fn_and_target_column_by_hand(vlm_dir):
+    model, _ = make_token_model(vlm_dir, "bins", None)
+    offset, eos = model.config.action_token_offset, model.config.eos_token_id
+    # bins of width 2/31 on [-1, 1]: token 0 decodes to −1 + 1/31, token 31 (clipped to the last bin) to 1 − 1/31
+    low, high = [offset] * (T * D) + [eos], [offset + 31] * (T * D) + [eos]
+    completions = [low, high, [eos]]
+    goal = np.full((T, D), 0.5)
+
+    by_column = action_reward(model, target_column="goal")(None, None, completions, goal=[goal] * 3)
+    assert by_column[:2] == [pytest.approx(-(0.5 + 1 - 1 / 31)), pytest.approx(-(0.5 - 1 / 31))]
+    assert by_column[2] == -1.0  # the documented invalid_reward default
+
+    seen = {}
+
+    def target_fn(**columns):
+        seen["target_fn"] = sorted(columns)
+        return -np.asarray(columns["goal"])
+
+    by_fn = action_reward(model, target_fn=target_fn)(None, None, completions, goal=[goal] * 3, task=["a"] * 3)
+    assert seen["target_fn"] == ["goal", "task"]
+    assert by_fn[:2] == [pytest.approx(-(1 - 1 / 31 - 0.5)), pytest.approx(-(1 - 1 / 31 + 0.5))]
+
+    def score_fn(actions, valid, **columns):
+        seen["score_fn"] = (actions.copy(), valid.copy())
+        return actions[:, 0, 0] * 10  # a number for the invalid row too: it must still get invalid_reward
+
+    reward = action_reward(model, score_fn=score_fn, invalid_reward=-7.0)
+    assert reward(None, None, completions) == [pytest.approx(-10 + 10 / 31), pytest.approx(10 - 10 / 31), -7.0]
+    actions, valid = seen["score_fn"]
+    assert valid.tolist() == [True, True, False] and np.isnan(actions[2]).all()
+    with pytest.raises(KeyError, match="no target_fn and no dataset column 'target'"):
+        action_reward(model)(None, None, completions, goal=[goal] * 3)
+
+
 def test_grpo_samples_only_the_action_tokens_a_fast_model_can_decode(vlm_dir, fast_tokenizer):
     # a 64-token FAST tokenizer on 96 reserved rows (a custom tokenizer on a StarVLA -Action backbone): ids past its
     # vocabulary never decode, so GRPO must not sample them (greedy decoding already does not)
