@@ -287,7 +287,8 @@ def test_grpo_samples_only_the_action_tokens_a_fast_model_can_decode(vlm_dir, fa
     # a 64-token FAST tokenizer on 96 reserved rows (a custom tokenizer on a StarVLA -Action backbone): ids past its
     # vocabulary never decode, so GRPO must not sample them (greedy decoding already does not)
     model, _ = make_token_model(vlm_dir, "fast", fast_tokenizer, num_action_tokens=96)
-    offset, eos, decodable = model.config.action_token_offset, model.config.eos_token_id, model.decodable_action_tokens()
+    offset, eos = model.config.action_token_offset, model.config.eos_token_id
+    decodable = model.decodable_action_tokens()
     assert decodable == fast_tokenizer.bpe.get_vocab_size(with_added_tokens=True) < 96
     kwargs = action_generation_kwargs(model)
     vocabulary = model.vlm.get_output_embeddings().weight.shape[0]
