@@ -313,6 +313,24 @@ def test_grpo_prompt_images_are_the_views_the_vla_trains_on(vlm_dir):
     np.testing.assert_array_equal(np.asarray(image), expected)
 
 
+def test_grpo_targets_from_raw_action_chunks_are_normalised_as_training_normalises_them(vlm_dir):
+    """A LeRobot sample carries its chunk in robot units; the reward compares normalised ones."""
+    _, processor = make_token_model(vlm_dir, "bins", None)
+    rng = np.random.default_rng(4)
+    processor.compute_norm_stats("arm", rng.normal(5.0, 3.0, (64, D)), rng.normal(size=(64, 2)))
+    raw = rng.normal(5.0, 3.0, (T, D)).astype(np.float32)
+    sample = {"images": random_views(rng, 1)[0], "instruction": "open the drawer", "embodiment": "arm"}
+    dataset = grpo_prompt_dataset(processor, [{**sample, "actions": raw}, {**sample, "target": np.zeros((T, D))}])
+    views = [np.zeros((8, 8, 3), np.uint8)] * 2
+    expected = processor(images=[views], text=["go"], state=np.zeros((1, 2)), actions=raw[None],
+                         embodiment="arm")["actions"][0].numpy()
+    np.testing.assert_allclose(np.asarray(dataset[0]["target"]), expected, rtol=1e-6)
+    assert np.abs(expected).max() <= 1 and not np.allclose(expected, raw)  # q99: within [-1, 1], not robot units
+    np.testing.assert_array_equal(np.asarray(dataset[1]["target"]), np.zeros((T, D)))  # a given target as it is
+    with pytest.raises(ValueError, match=rf"actions: expected shape \[1, {T}, {D}\]"):
+        grpo_prompt_dataset(processor, [{**sample, "actions": raw[:, :1]}])
+
+
 def test_grpo_trains_a_bins_vla_from_decoded_action_rewards(vlm_dir, tmp_path):
     from trl import GRPOConfig
 

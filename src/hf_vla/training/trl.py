@@ -308,7 +308,10 @@ def grpo_prompt_dataset(processor, samples: Sequence[Mapping], columns: Sequence
     """Samples `{"images": [one view per camera], "instruction": str, "state"?: raw, "embodiment"?: key, <columns>}`
     → a `datasets.Dataset` with the VLA processor's prompt (`prompt`, conversational: the views as image parts, then
     the instruction text the processor builds, state text included where the model reads it), `images` (PIL,
-    resized to `image_size`, concatenated vertically with `concat_views`) and the extra `columns` (for the reward)."""
+    resized to `image_size`, concatenated vertically with `concat_views`) and the extra `columns` (for the reward).
+
+    The reward compares normalised chunks: a sample without a "target" but with raw "actions" `[T, D]` (robot units,
+    as a LeRobot sample carries them) gets them normalised with its embodiment's statistics as its "target"."""
     from datasets import Dataset
     from PIL import Image
 
@@ -323,10 +326,20 @@ def grpo_prompt_dataset(processor, samples: Sequence[Mapping], columns: Sequence
         content = [{"type": "image"} for _ in views] + [{"type": "text", "text": text}]
         rows["prompt"].append([{"role": "user", "content": content}])
         rows["images"].append([Image.fromarray(np.asarray(v, dtype=np.uint8)) for v in views])
+        if "target" in columns and "target" not in sample and sample.get("actions") is not None:
+            sample = {**sample, "target": _normalized_target(processor, sample)}
         for column in columns:
             value = sample[column]
             rows[column].append(value.tolist() if isinstance(value, np.ndarray) else value)
     return Dataset.from_dict(rows)
+
+
+def _normalized_target(processor, sample: Mapping) -> np.ndarray:
+    """A sample's raw action chunk in the normalised space the model predicts in, as the processor normalises it
+    for training."""
+    shape = (1, processor.action_horizon, processor.action_dim)
+    raw = processor._check_array([sample["actions"]], "actions", shape)
+    return processor._normalize_rows(raw, [sample.get("embodiment")], "action", "actions")[0]
 
 
 def build_grpo_trainer(vla_model, processor, dataset, reward_fn, args=None, **kwargs):
