@@ -4,7 +4,9 @@
     peft_model = add_lora(model, r=8, alpha=16)         # LoRA on the LLM layers' attention / MLP projections
     VLATrainer(peft_model, args, ...).train()
     peft_model.save_pretrained(adapter_dir)              # adapter_config.json + adapter_model.safetensors
+    processor.save_pretrained(adapter_dir)               # its statistics: the folder alone then makes a policy
     PeftModel.from_pretrained(AutoModelForVLA.from_pretrained(base_dir), adapter_dir).merge_and_unload()
+    AutoModelForVLA.from_pretrained(adapter_dir)         # or the base with the adapter applied, through PEFT
 
 `target` is "language_model" (attention q/k/v/o and MLP gate/up/down projections of every LLM layer; the vision
 tower and the merger stay frozen), "attention" (the attention projections only), or any regex PEFT matches with
