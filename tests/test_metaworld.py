@@ -337,3 +337,42 @@ def test_train_metaworld_skip_training_evaluates_without_demonstrations(tmp_path
     with pytest.raises(SystemExit):  # train_vla.py overrides mean nothing without training: refused, not dropped
         script.main(["--skip-training", "--output", str(tmp_path / "my_model"), "--trainer.seed", "1"])
     assert "--skip-training: train_vla.py overrides ['--trainer.seed', '1'] would be ignored" in capsys.readouterr().err
+
+
+def test_a_sampling_policy_repeats_its_episodes_whatever_ran_before():
+    """A flow-matching head draws its starting noise from torch's global generator: without seeding it from each
+    episode's seed, evaluating twice (or a task after another, or an ablation beside the standard run) gives other
+    actions and other results for the same seeds."""
+    import random
+
+    import torch
+
+    from hf_vla import VLAPolicy
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla("gr00t", action_dim=4, state_dim=4)
+    flow = VLAPolicy(model, processor)
+    chunks = []
+
+    def policy(obs):  # the Meta-World camera as both of the tiny model's views
+        view = obs["images"]["corner2"]
+        chunk = flow.predict({**obs, "images": {"primary": view, "wrist": view}})
+        chunks.append(chunk)
+        return np.clip(chunk, -1, 1)
+
+    config = EvalConfig(tasks=["drawer-open"], episodes=2, max_steps=8, image_size=56)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    evaluate(policy, config, progress=False)
+    first, chunks[:] = list(chunks), []
+    evaluate(policy, config, progress=False)
+    assert len(first) == len(chunks) == 4
+    for a, b in zip(first, chunks):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(first[0], first[2])  # the noise differs between episodes: each has its own seed
+    chunks.clear()
+    evaluate(policy, EvalConfig(tasks=["drawer-open"], episodes=1, seed=config.seed + 1, max_steps=8, image_size=56),
+             progress=False)  # fmt: skip
+    np.testing.assert_array_equal(chunks[0], first[2])  # episode seed + 1 alone acts as it did after episode seed
+    # the caller's generators are as they were (a training run that evaluates keeps its random stream)
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]

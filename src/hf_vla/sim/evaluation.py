@@ -5,6 +5,9 @@ process, or `ServerPolicy` (the openpi protocol, through `hf_vla.serving.client`
 `execute_steps` actions of each chunk, then asks again, until the task succeeds or `max_steps` pass. A policy with an
 `action_horizon` attribute (both of those) refuses an `execute_steps` beyond it. A chunk that is not finite (FAST's
 undecodable ones; `hf-vla serve` answers them with an error) ends its episode as a failure, counted in the report.
+Each episode runs with Python's, NumPy's and torch's global generators seeded from its seed (and restored after), so a
+policy that samples (flow-matching heads draw their noise from torch) repeats its episodes whatever ran before; a
+served policy samples with the server's generators instead.
 
 Conditions for ablations: `blank_image=True` replaces every camera view by black pixels, and `instructions` overrides
 the instruction per task (e.g. faucet-open evaluated with "close the faucet").
@@ -15,8 +18,10 @@ the instruction per task (e.g. faucet-open evaluated with "close the faucet").
 from __future__ import annotations
 
 import json
+import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,10 +84,35 @@ class EvalConfig:
     video_dir: str | None = None  # first episode of each task as an mp4, when set
 
 
+@contextmanager
+def seeded_randomness(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators seeded from `seed` inside, and restored after (a training
+    run that evaluates in between keeps its own random stream)."""
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConfig, instruction: str,
                 frames: list | None = None) -> tuple[bool, int]:
     """One closed-loop episode; returns (success, environment steps). Appends the rendered frames to `frames`.
+    `seed` places the objects and seeds the policy's sampling (`seeded_randomness`).
     Raises `UndecodableChunk` when the policy returns a chunk that is not finite: there is nothing to execute."""
+    with seeded_randomness(seed):
+        return _run_episode(env, policy, seed, config, instruction, frames)
+
+
+def _run_episode(env: MetaWorldEnv, policy: Callable, seed: int, config: EvalConfig, instruction: str,
+                 frames: list | None) -> tuple[bool, int]:
     obs, success, done = env.reset(seed), False, False
     if frames is not None:
         frames.append(obs["images"][CAMERA])
