@@ -200,6 +200,7 @@ def test_evaluation_settings_that_would_hang_lose_results_or_be_ignored_are_refu
         (dict(tasks=["reach", "drawer-opne"]), r"tasks: unknown Meta-World task\(s\) \['drawer-opne'\]; known"),
         (dict(tasks=["reach"], episodes=0), "episodes: expected a positive integer, got 0"),
         (dict(tasks=["reach"], execute_steps=0), "execute_steps: expected a positive integer, got 0"),
+        (dict(tasks=["reach"], seed=-1), "seed: expected a non-negative integer, got -1"),
         (dict(tasks=["reach"], instructions={"reahc": "go"}), r"instructions: \['reahc'\] are not among"),
     ]
     for settings, message in cases:

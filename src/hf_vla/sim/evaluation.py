@@ -147,6 +147,8 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
     for name in ("episodes", "execute_steps"):
         if getattr(config, name) < 1:  # no episode would end (or none would run, and 0/0 read as 0% success)
             raise ValueError(f"{name}: expected a positive integer, got {getattr(config, name)}")
+    if config.seed < 0:  # Meta-World's seeding refuses it, but only at the first episode and with a traceback
+        raise ValueError(f"seed: expected a non-negative integer, got {config.seed}")
     horizon = getattr(policy, "action_horizon", None)
     if horizon is not None and config.execute_steps > horizon:  # the chunks would silently cap it
         raise ValueError(f"execute_steps: expected 1..{horizon} (the policy's action chunk length), "
