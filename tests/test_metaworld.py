@@ -377,3 +377,23 @@ def test_a_sampling_policy_repeats_its_episodes_whatever_ran_before():
     # the caller's generators are as they were (a training run that evaluates keeps its random stream)
     assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
     assert random.getstate() == before[2]
+
+
+def test_hf_vla_eval_reports_a_server_refusal_in_one_line(tmp_path, capsys):
+    """A request the server refuses (here an unknown --unnorm-key) is bad input, reported as `--model` reports it,
+    not a ServerError traceback."""
+    from hf_vla import VLAPolicy
+    from hf_vla.cli import main
+    from hf_vla.defaults import default_model_dir
+    from hf_vla.serving import PolicyServer
+
+    with PolicyServer(VLAPolicy.from_pretrained(default_model_dir()), port=0) as server:
+        uri = f"ws://127.0.0.1:{server.port}"
+        with pytest.raises(SystemExit) as excinfo:
+            main(["eval", "metaworld", "--server", uri, "--unnorm-key", "mars", "--tasks", "drawer-open",
+                  "--episodes", "1", "--max-steps", "4", "--image-size", "32", "--no-video", "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "Traceback" not in error, error
+    message = f"hf-vla eval: --server: {uri} answered with an error: unnorm_key: unknown key 'mars'"
+    assert message in error.splitlines()[-1], error  # after the progress bar's \r
+    assert not (tmp_path / "report.json").exists()

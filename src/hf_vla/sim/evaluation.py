@@ -344,9 +344,13 @@ def run_eval(args) -> int:
     config = EvalConfig(tasks=args.tasks, episodes=args.episodes, seed=args.seed, execute_steps=args.execute_steps,
                         max_steps=args.max_steps, image_size=args.image_size, blank_image=args.blank_image,
                         instructions=instructions, video_dir=None if args.no_video else str(Path(args.out) / "videos"))  # fmt: skip
+    refusals = ()  # errors that are the user's input, not a crash: one line, as for --model
     if args.server:
         from websockets.exceptions import WebSocketException
 
+        from ..serving.client import ServerError
+
+        refusals = (ServerError,)  # the server refused a request: a camera the model lacks, an unknown --unnorm-key
         try:
             policy = ServerPolicy(args.server, args.api_key, unnorm_key=args.unnorm_key)
         except (OSError, WebSocketException) as error:  # refused, unknown host, timed out, HTTP 401, ...
@@ -362,6 +366,8 @@ def run_eval(args) -> int:
         policy = InProcessPolicy(load_policy(args.model), args.unnorm_key)
     try:
         report = evaluate(policy, config)
+    except refusals as error:
+        raise ValueError(f"--server: {args.server} answered with an error: {error}") from error
     finally:
         policy.close()
     report["model"] = args.model or args.server
