@@ -397,3 +397,71 @@ def test_hf_vla_eval_reports_a_server_refusal_in_one_line(tmp_path, capsys):
     message = f"hf-vla eval: --server: {uri} answered with an error: unnorm_key: unknown key 'mars'"
     assert message in error.splitlines()[-1], error  # after the progress bar's \r
     assert not (tmp_path / "report.json").exists()
+
+
+def test_an_episode_that_succeeds_mid_chunk_stops_there_and_counts(drawer_env):
+    """The expert's actions replayed as open-loop chunks: the success lands inside a chunk, whose remaining actions
+    are not executed, and the episode counts as a success of exactly that many steps."""
+    obs, actions, success = drawer_env.reset(10_000), [], False
+    while not success:
+        actions.append(drawer_env.expert_action())
+        obs, success, done = drawer_env.step(actions[-1])
+        assert not done or success, "the expert should open the drawer within the step limit"
+    succeeded_at = len(actions)
+    horizon = 7 if succeeded_at % 7 else 8  # the success falls strictly inside a chunk
+    calls = []
+
+    def replay(obs):
+        start = horizon * len(calls)
+        calls.append(start)
+        chunk = np.zeros((horizon, 4), np.float32)
+        rest = np.asarray(actions[start : start + horizon])
+        chunk[: len(rest)] = rest
+        return chunk
+
+    config = EvalConfig(tasks=["drawer-open"], episodes=1, seed=10_000, execute_steps=horizon, max_steps=150,
+                        image_size=64)  # fmt: skip
+    assert run_episode(drawer_env, replay, 10_000, config, "open the drawer") == (True, succeeded_at)
+    assert drawer_env.steps == succeeded_at and len(calls) == -(-succeeded_at // horizon)
+    calls.clear()
+    row = evaluate(replay, config, progress=False)["tasks"]["drawer-open"]
+    assert (row["successes"], row["episodes"], row["mean_episode_steps"]) == (1, 1, succeeded_at)
+    assert row["success_rate"] == 1.0 and row["ci95"] == [round(wilson_interval(1, 1)[0], 4), 1.0]
+
+
+def test_chunks_are_executed_in_order_up_to_execute_steps_and_the_step_limit(drawer_env, monkeypatch):
+    """execute_steps k < T: the first k actions of each chunk, in order, then a new chunk from the new observation;
+    the last chunk is cut at max_steps (10 steps = 3 + 3 + 3 + 1) and the environment never steps past it."""
+    executed, step = [], MetaWorldEnv.step
+    monkeypatch.setattr(MetaWorldEnv, "step", lambda env, action: executed.append(np.array(action)) or step(env, action))
+    observed = []
+
+    def policy(obs):  # action i of chunk c: [c / 10, i / 10, 0, 0]
+        observed.append(obs["state"])
+        chunk = np.zeros((8, 4), np.float32)
+        chunk[:, 0], chunk[:, 1] = len(observed) / 10, np.arange(8) / 10
+        return chunk
+
+    config = EvalConfig(execute_steps=3, max_steps=10)
+    drawer_env.max_steps = 10
+    try:
+        assert run_episode(drawer_env, policy, 0, config, "open the drawer") == (False, 10)
+    finally:
+        drawer_env.max_steps = 150
+    expected = [[c / 10, i / 10] for c in (1, 2, 3) for i in range(3)] + [[0.4, 0.0]]
+    np.testing.assert_allclose(np.array(executed)[:, :2], expected, atol=1e-6)
+    assert len(observed) == 4 and not np.allclose(observed[0], observed[1])  # each chunk sees the state it acts from
+
+
+def test_actions_outside_the_action_space_are_clipped_to_it(drawer_env):
+    """Meta-World's actions lie in [-1, 1]; a policy's larger values act as the bound, neither refused nor scaled
+    (the wrapper clips them; Meta-World clips the motion and MuJoCo the gripper command on their own too)."""
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (12, 4)).astype(np.float32)
+    actions[::2] *= 6  # every other action far outside the box
+    trajectories = []
+    for chunk in (actions, np.clip(actions, -1, 1)):
+        drawer_env.reset(3)
+        trajectories.append(np.stack([drawer_env.step(a)[0]["state"] for a in chunk]))
+    np.testing.assert_array_equal(trajectories[0], trajectories[1])
+    assert np.abs(trajectories[0][-1] - trajectories[0][0]).max() > 0.01  # the actions did move the hand

@@ -145,7 +145,7 @@ class MetaWorldEnv:
         return {"images": {CAMERA: image}, "instruction": self.instruction, "state": state}
 
     def step(self, action: np.ndarray) -> tuple[dict, bool, bool]:
-        """Applies one action; returns (observation, success, done)."""
+        """Applies one action (values outside [-1, 1] act as the bound); returns (observation, success, done)."""
         action = np.asarray(action, dtype=np.float32)
         if action.shape != (4,):
             raise ValueError(f"action: expected shape [4] (dx, dy, dz, gripper), got {list(action.shape)}")
