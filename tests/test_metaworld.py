@@ -465,3 +465,29 @@ def test_actions_outside_the_action_space_are_clipped_to_it(drawer_env):
         trajectories.append(np.stack([drawer_env.step(a)[0]["state"] for a in chunk]))
     np.testing.assert_array_equal(trajectories[0], trajectories[1])
     assert np.abs(trajectories[0][-1] - trajectories[0][0]).max() > 0.01  # the actions did move the hand
+
+
+def test_eval_results_read_back_by_the_model_card_as_written(tmp_path):
+    """What `--add-to-card` merges into eval_results.json (beside the training run's held-out metrics) is what the
+    card tabulates: the same rates, episode counts and Wilson intervals, 0/n and n/n included."""
+    from scipy.stats import binomtest
+
+    from hf_vla.hub.card import _evaluation
+    from hf_vla.sim.evaluation import TaskResult
+
+    counts = {"drawer-open": (0, 5), "door-open": (5, 5), "reach": (3, 7)}
+    rows = {task: TaskResult(task, "do it", successes=k, episodes=n, steps=[10] * n).as_dict()
+            for task, (k, n) in counts.items()}  # fmt: skip
+    (tmp_path / "eval_results.json").write_text(json.dumps({"epoch": 2.0, "eval_action_l1": 0.0123}))
+    add_to_model_card_results({"tasks": rows}, tmp_path)
+    add_to_model_card_results({"tasks": {"reach": rows["reach"]}}, tmp_path, suffix=" (image blanked)")
+    table, held_out = _evaluation(tmp_path / "eval_results.json")
+    assert held_out == [("action_l1", 0.0123)]
+    assert [row["task"] for row in table] == [f"metaworld/{t}" for t in counts] + ["metaworld/reach (image blanked)"]
+    for row, (k, n), written in zip(table, [*counts.values(), counts["reach"]], [*rows.values(), rows["reach"]]):
+        interval = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        np.testing.assert_allclose(written["ci95"], [interval.low, interval.high], atol=5e-5)
+        low, high = written["ci95"]
+        assert row["success_rate"] == round(k / n, 4) and row["episodes"] == n
+        assert row["interval"] == f"{100 * low:.1f}–{100 * high:.1f}%"
+    assert table[0]["interval"].startswith("0.0–") and table[1]["interval"].endswith("–100.0%")
