@@ -491,3 +491,32 @@ def test_eval_results_read_back_by_the_model_card_as_written(tmp_path):
         assert row["success_rate"] == round(k / n, 4) and row["episodes"] == n
         assert row["interval"] == f"{100 * low:.1f}–{100 * high:.1f}%"
     assert table[0]["interval"].startswith("0.0–") and table[1]["interval"].endswith("–100.0%")
+
+
+def test_hf_vla_eval_add_to_card_merges_the_reported_rows_and_repeats(tmp_path, capsys):
+    """`hf-vla eval ... --add-to-card` on a local model: report.json and the merged eval_results.json row hold the
+    same numbers, the rows already there stay, and the same command run again reports the same episodes."""
+    import shutil
+
+    from hf_vla.cli import main
+    from hf_vla.defaults import default_model_dir
+
+    model = shutil.copytree(default_model_dir(), tmp_path / "model")
+    before = json.loads((model / "eval_results.json").read_text())["tasks"]
+    reports = []
+    for run in ("first", "second"):
+        argv = ["eval", "metaworld", "--model", str(model), "--tasks", "drawer-open", "--episodes", "2",
+                "--max-steps", "6", "--image-size", "32", "--blank-image", "--no-video", "--out", str(tmp_path / run),
+                "--add-to-card"]  # fmt: skip
+        assert main(argv) == 0
+        reports.append(json.loads((tmp_path / run / "report.json").read_text()))
+    out = capsys.readouterr().out
+    assert f"updated {model / 'eval_results.json'}" in out and "drawer-open" in out
+    first, second = reports
+    assert first["condition"] == "image blanked" and first["settings"]["blank_image"] is True
+    assert first["tasks"] == second["tasks"] and first["env_steps"] == second["env_steps"] == 12
+    row = first["tasks"]["drawer-open"]
+    saved = json.loads((model / "eval_results.json").read_text())["tasks"]
+    assert saved["metaworld/drawer-open (image blanked)"] == {k: row[k] for k in ("success_rate", "episodes", "ci95")}
+    standard = {name: row for name, row in before.items() if "(" not in name}
+    assert standard and {name: saved[name] for name in standard} == standard  # an ablation leaves them as they were
