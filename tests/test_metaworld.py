@@ -433,7 +433,12 @@ def test_chunks_are_executed_in_order_up_to_execute_steps_and_the_step_limit(dra
     """execute_steps k < T: the first k actions of each chunk, in order, then a new chunk from the new observation;
     the last chunk is cut at max_steps (10 steps = 3 + 3 + 3 + 1) and the environment never steps past it."""
     executed, step = [], MetaWorldEnv.step
-    monkeypatch.setattr(MetaWorldEnv, "step", lambda env, action: executed.append(np.array(action)) or step(env, action))
+
+    def recording_step(env, action):
+        executed.append(np.array(action))
+        return step(env, action)
+
+    monkeypatch.setattr(MetaWorldEnv, "step", recording_step)
     observed = []
 
     def policy(obs):  # action i of chunk c: [c / 10, i / 10, 0, 0]
