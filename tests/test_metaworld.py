@@ -426,7 +426,7 @@ def test_an_episode_that_succeeds_mid_chunk_stops_there_and_counts(drawer_env):
     calls.clear()
     row = evaluate(replay, config, progress=False)["tasks"]["drawer-open"]
     assert (row["successes"], row["episodes"], row["mean_episode_steps"]) == (1, 1, succeeded_at)
-    assert row["success_rate"] == 1.0 and row["ci95"] == [round(wilson_interval(1, 1)[0], 4), 1.0]
+    assert row["success_rate"] == 1.0 and row["ci95"] == [round(wilson_interval(1, 1)[0], 6), 1.0]
 
 
 def test_chunks_are_executed_in_order_up_to_execute_steps_and_the_step_limit(drawer_env, monkeypatch):
@@ -495,6 +495,7 @@ def test_eval_results_read_back_by_the_model_card_as_written(tmp_path):
         low, high = written["ci95"]
         assert row["success_rate"] == round(k / n, 4) and row["episodes"] == n
         assert row["interval"] == f"{100 * low:.1f}–{100 * high:.1f}%"
+        assert row["interval"] == f"{100 * interval.low:.1f}–{100 * interval.high:.1f}%"  # rounded once (0/5: 43.4%)
     assert table[0]["interval"].startswith("0.0–") and table[1]["interval"].endswith("–100.0%")
 
 
@@ -525,3 +526,21 @@ def test_hf_vla_eval_add_to_card_merges_the_reported_rows_and_repeats(tmp_path, 
     assert saved["metaworld/drawer-open (image blanked)"] == {k: row[k] for k in ("success_rate", "episodes", "ci95")}
     standard = {name: row for name, row in before.items() if "(" not in name}
     assert standard and {name: saved[name] for name in standard} == standard  # an ablation leaves them as they were
+
+
+def test_a_server_reply_without_actions_is_named():
+    """A third-party server answering in another shape: the error says what came back, not a KeyError."""
+    from types import SimpleNamespace
+
+    from hf_vla.serving.client import ServerError
+    from hf_vla.sim.evaluation import ServerPolicy
+
+    policy = object.__new__(ServerPolicy)  # no connection: the client is a stand-in
+    obs = {"images": {"corner2": np.zeros((8, 8, 3), np.uint8)}, "instruction": "go", "state": None}
+    policy.unnorm_key = None
+    for reply, got in (({"action": [[0.0] * 4]}, r"\['action'\]"), ([[0.0] * 4], "list")):
+        policy.client = SimpleNamespace(infer=lambda request, reply=reply: reply)
+        with pytest.raises(ServerError, match=rf"expected a reply with 'actions' \[T, D\], got {got}"):
+            policy(obs)
+    policy.client = SimpleNamespace(infer=lambda request: {"actions": np.ones((2, 4))})
+    np.testing.assert_array_equal(policy(obs), np.ones((2, 4)))

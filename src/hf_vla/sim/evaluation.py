@@ -66,7 +66,7 @@ class TaskResult:
     def as_dict(self) -> dict:
         low, high = wilson_interval(self.successes, self.episodes)
         return {"instruction": self.instruction, "successes": self.successes, "episodes": self.episodes,
-                "success_rate": round(self.success_rate, 4), "ci95": [round(low, 4), round(high, 4)],
+                "success_rate": round(self.success_rate, 4), "ci95": _interval(low, high),
                 "mean_episode_steps": round(float(np.mean(self.steps)), 1) if self.steps else None,
                 "undecodable_episodes": self.undecodable}  # fmt: skip
 
@@ -82,6 +82,11 @@ class EvalConfig:
     blank_image: bool = False
     instructions: Mapping[str, str] | None = None  # task → instruction given to the policy instead of its own
     video_dir: str | None = None  # first episode of each task as an mp4, when set
+
+
+def _interval(low: float, high: float) -> list[float]:
+    # 6 places: the card shows percentages to one decimal, which a 4-place value would round a second time
+    return [round(low, 6), round(high, 6)]
 
 
 @contextmanager
@@ -188,7 +193,7 @@ def evaluate(policy: Callable, config: EvalConfig, progress: bool = True) -> dic
         "benchmark": "metaworld",
         "tasks": {task: result.as_dict() for task, result in results.items()},
         "average": {"successes": total, "episodes": episodes, "success_rate": round(total / max(episodes, 1), 4),
-                    "ci95": [round(low, 4), round(high, 4)],
+                    "ci95": _interval(low, high),
                     "undecodable_episodes": sum(r.undecodable for r in results.values())},  # fmt: skip
         "settings": settings,
         "seconds": round(seconds, 1),
@@ -274,11 +279,15 @@ class ServerPolicy:
         from ..serving.protocol import UNDECODABLE_CHUNK
 
         try:
-            return self.client.infer(request)["actions"]
+            reply = self.client.infer(request)
         except ServerError as error:  # hf-vla serve refuses to send a chunk that does not decode
             if UNDECODABLE_CHUNK in str(error):
                 raise UndecodableChunk(str(error)) from None
             raise
+        if not isinstance(reply, Mapping) or "actions" not in reply:  # another server's reply shape
+            got = sorted(reply) if isinstance(reply, Mapping) else type(reply).__name__
+            raise ServerError(f"expected a reply with 'actions' [T, D], got {got}", reply)
+        return reply["actions"]
 
     def close(self):
         self.client.close()
