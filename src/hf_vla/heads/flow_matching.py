@@ -446,7 +446,7 @@ class FlowMatchingActionHead(nn.Module):
             noise: `[B, H, A]` starting point x_0; drawn from N(0, I) when None.
             num_steps: Euler steps N (default `num_inference_steps`); step k evaluates at `t = k/N`.
         Returns:
-            `[B, action_horizon, action_dim]` normalised actions.
+            float32 `[B, action_horizon, action_dim]` normalised actions (integrated in float32 at any head dtype).
         """
         num_steps = self.num_inference_steps if num_steps is None else num_steps
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -456,12 +456,14 @@ class FlowMatchingActionHead(nn.Module):
         batch, device = first.shape[0], first.device
         state_tokens = self.encode_state(state, batch)
         shape = (batch, self.action_horizon, self.action_dim)
+        # The path in float32 whatever the head's dtype, as in training: in bf16 a step's v̂/N smaller than half the
+        # spacing of bf16 values around x would be rounded away; only the DiT's input is rounded.
         if noise is None:
-            actions = torch.randn(shape, device=device, dtype=self.dtype)
+            actions = torch.randn(shape, device=device, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}.")
         else:
-            actions = noise.to(device=device, dtype=self.dtype)
+            actions = noise.to(device=device, dtype=torch.float32)
 
         # Computed once, shared by every step: the conditions' keys/values, the attention mask, and everything that
         # depends only on the (known in advance) timesteps.
@@ -473,7 +475,7 @@ class FlowMatchingActionHead(nn.Module):
             velocity = self.predict_velocity(
                 actions, buckets, contexts, mask, state_tokens, timestep_features, action_tokens_only
             )
-            actions = actions + step * velocity
+            actions = actions + step * velocity.float()
         return actions
 
 

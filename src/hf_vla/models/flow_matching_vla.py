@@ -106,8 +106,9 @@ class VLAFlowMatchingModel(VLAPreTrainedModel):
         num_steps: int | None = None,
         **inputs,
     ) -> torch.Tensor:
-        """Normalised chunk `[B, action_horizon, action_dim]`: one backbone pass, then `num_steps` Euler steps of the
-        head alone (default `config.num_inference_steps`), starting from `noise` (drawn when omitted)."""
+        """Normalised float32 chunk `[B, action_horizon, action_dim]` (at any model dtype): one backbone pass, then
+        `num_steps` Euler steps of the head alone (default `config.num_inference_steps`), starting from `noise` (drawn
+        when omitted)."""
         self.check_predict_inputs(inputs, options=("state", "noise", "num_steps"))
         vlm_inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask")}
         conditions, mask = self.conditions(**vlm_inputs)
