@@ -1,5 +1,6 @@
 """GR00T, PI and PI_v3 as transformers models on both backbones, and at StarVLA's published configurations."""
 
+import copy
 import re
 
 import numpy as np
@@ -9,7 +10,7 @@ from conftest import FAMILIES, random_views
 from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
 from transformers import AutoConfig, AutoModel
 
-from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla import AutoModelForVLA, VLAPolicy, VLAProcessor
 from hf_vla.testing import TINY_HEADS
 
 VARIANTS = ["gr00t", "pi", "pi_v3"]
@@ -59,6 +60,48 @@ def test_save_load_exact_given_noise(flow, tmp_path):
         assert torch.equal(loaded.predict_action(**inputs, noise=noise), expected)
         assert torch.equal(loaded(**inputs, noise=train_noise, time=time).loss, expected_loss)
     assert not torch.equal(model.predict_action(**inputs), model.predict_action(**inputs))  # fresh noise each call
+
+
+def with_moving_head(model, seed=0):
+    """A copy whose head weights are drawn wide enough (std 0.1) that its velocity moves the chunk: an initialised
+    head's barely does, and a chunk that stays at its noise compares equal at any precision."""
+    moving = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in moving.action_head.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return moving
+
+
+def test_bf16_loading_and_casting_stay_close_to_float32(flow, tmp_path):
+    """`from_pretrained(dtype=bf16)`: every parameter bf16, only the backbone's rotary frequencies float32 (as
+    transformers builds them); the policy casts the processor's pixels. Measured max |Δ| to float32: 2e-3 to 7.7e-3
+    loaded in bf16, up to 7.7e-3 cast with `.to(bf16)` (which also rounds the rotary frequencies), while the chunk
+    moves 0.17 to 0.29 from its noise. Integrating in bf16 was up to 3.4e-2 away."""
+    _, _, model, processor = flow
+    model = with_moving_head(model)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    rng = np.random.default_rng(2)
+    views, state = np.stack(random_views(rng, 2)), rng.normal(size=(2, 6))
+    observation = {"images": {"primary": views[:, 0], "wrist": views[:, 1]}, "instruction": ["open", "close the door"],
+                   "state": state}  # fmt: skip
+    noise = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
+    _, full = VLAPolicy(model, processor).predict(observation, return_normalized=True, noise=noise)
+    assert np.abs(full - noise.numpy()).mean() > 0.1
+
+    policy = VLAPolicy.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    tensors = dict(policy.model.named_parameters()) | dict(policy.model.named_buffers())
+    float32 = sorted(name for name, tensor in tensors.items() if tensor.dtype != torch.bfloat16)
+    assert float32 and all(name.endswith("inv_freq") for name in float32), float32
+    _, low = policy.predict(observation, return_normalized=True, noise=noise)
+    np.testing.assert_allclose(low, full, rtol=0, atol=1e-2)
+
+    inputs = processor(images=list(map(list, views)), text=observation["instruction"], state=state)
+    cast = AutoModelForVLA.from_pretrained(tmp_path).to(torch.bfloat16)
+    chunk = cast.predict_action(**{**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}, noise=noise)
+    assert chunk.dtype == torch.float32
+    np.testing.assert_allclose(chunk.numpy(), full, rtol=0, atol=1e-2)
 
 
 def test_backbone_runs_once_per_predict_action(flow):
