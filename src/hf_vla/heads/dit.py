@@ -127,7 +127,8 @@ class Attention(nn.Module):
     """Multi-head attention with projections `to_q`, `to_k`, `to_v` and output projection `to_out.0`.
 
     Self-attention when no `encoder_hidden_states` are given; otherwise queries come from `hidden_states` and
-    keys/values from `encoder_hidden_states` (width `kv_dim`).
+    keys/values from `encoder_hidden_states` (width `kv_dim`). Always torch's SDPA: a model's `attn_implementation`
+    ("eager", "flash_attention_2") selects its backbone's attention only.
     """
 
     def __init__(
