@@ -194,3 +194,15 @@ def test_packed_linear_weights_predict_the_same_and_a_bf16_cast_runs_plain(saved
     plain = predict(AutoModelForVLA.from_pretrained(path).to(torch.bfloat16), variant, low_inputs)
     assert_same_prediction(predict(model.to(torch.bfloat16), variant, low_inputs), plain, atol=0)
     assert all(module._packed is None for module in model.modules() if type(module) is PackedLinear)
+
+
+def test_every_variant_returns_float32_chunks_at_any_model_dtype(saved):
+    """`predict_action` returns float32 whether the model runs in float32 or bf16 (flow heads integrate in float32,
+    OFT's head output is cast), so chunks from differently loaded models compare and decode alike."""
+    variant, path, processor = saved
+    inputs = processor(**random_observation(processor, batch_size=1, seed=1))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForVLA.from_pretrained(path, dtype=dtype).eval()
+        with torch.no_grad():
+            chunk = model.predict_action(**{**inputs, "pixel_values": inputs["pixel_values"].to(dtype)})
+        assert chunk.dtype == torch.float32 and chunk.shape == (1, model.config.action_horizon, model.config.action_dim)

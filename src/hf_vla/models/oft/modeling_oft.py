@@ -88,10 +88,11 @@ class VLAOFTForActionPrediction(VLAPreTrainedModel):
 
     @torch.no_grad()
     def predict_action(self, **inputs) -> torch.Tensor:
-        """One forward pass; the normalised action chunk `[B, action_horizon, action_dim]`."""
+        """One forward pass; the normalised float32 action chunk `[B, action_horizon, action_dim]` (at any model
+        dtype, as every variant returns it)."""
         self.check_predict_inputs(inputs)
         inputs = {k: v for k, v in inputs.items() if k not in ("actions", "action_mask", "state")}
-        return self.forward(**inputs).actions
+        return self.forward(**inputs).actions.float()
 
 
 __all__ = ["VLAOFTForActionPrediction"]
