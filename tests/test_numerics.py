@@ -130,19 +130,23 @@ def fixed_flow_sample(model, batch):
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(saved, monkeypatch):
-    """The backbone's layers run again in the backward pass (counted: module hooks do not see the replay), to the
-    same loss and gradients (measured: identical)."""
+    """The backbone's layers, and a flow head's DiT blocks, run again in the backward pass (counted: module hooks do
+    not see the replay), to the same loss and gradients (measured: identical)."""
     variant, path, processor = saved
     model = AutoModelForVLA.from_pretrained(path).train()
     _, inputs = prompts_of_three_lengths(processor, with_actions=True)
     options = fixed_flow_sample(model, 3)
-    calls, mlp = [], model.vlm.model.language_model.layers[0].mlp
-    monkeypatch.setattr(mlp, "forward", lambda *args, forward=mlp.forward: calls.append(1) or forward(*args))
+    calls, counted = [], [model.vlm.model.language_model.layers[0].mlp]
+    if variant in FLOW_VARIANTS:
+        counted.append(model.action_head.model.transformer_blocks[0].ff)
+    for module in counted:
+        monkeypatch.setattr(module, "forward", lambda *args, forward=module.forward, name=type(module).__name__:
+                            calls.append(name) or forward(*args))  # fmt: skip
     loss, gradients = loss_and_gradients(model, inputs, options)
-    assert len(calls) == 1
+    assert len(calls) == len(counted)
     model.gradient_checkpointing_enable()
     checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, inputs, options)
-    assert len(calls) == 3  # forward, then forward again in backward
+    assert len(calls) == 3 * len(counted)  # forward, then forward again in backward
     torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
     assert checkpointed_gradients.keys() == gradients.keys() and len(gradients) > 20
     for name, gradient in gradients.items():

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..packed_linear import PackedLinear
 
@@ -213,11 +214,13 @@ class FeedForward(nn.Module):
         return x
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(GradientCheckpointingLayer):
     """AdaLN → attention → (dropout) → residual, then affine-free LayerNorm → feed-forward → residual.
 
     `cross_attention_dim` only sets the input width of `to_k` / `to_v`: a block attends to `encoder_hidden_states`
-    whenever they are passed, and to its own tokens otherwise. The owning `DiT` decides which.
+    whenever they are passed, and to its own tokens otherwise. The owning `DiT` decides which. A
+    `GradientCheckpointingLayer`, so the model's `gradient_checkpointing_enable()` recomputes the head's blocks in
+    the backward pass too.
     """
 
     def __init__(
