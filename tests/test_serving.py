@@ -265,6 +265,20 @@ def test_healthz_and_api_key(policy):
         client._ws.close()
 
 
+def test_an_api_key_header_sent_twice_is_checked_not_a_server_error(policy):
+    with PolicyServer(policy, port=0, api_key="s3cret") as server:
+        uri = f"ws://127.0.0.1:{server.port}"
+        for headers in ([("x-api-key", "wrong"), ("x-api-key", "other")],
+                        [("Authorization", "Bearer wrong"), ("Authorization", "Api-Key other")]):  # fmt: skip
+            with pytest.raises(InvalidStatus) as excinfo:
+                connect(uri, additional_headers=headers, open_timeout=TIMEOUT)
+            assert excinfo.value.response.status_code == 401  # was 500: `headers.get` raised MultipleValuesError
+        for headers in ([("x-api-key", "wrong"), ("x-api-key", "s3cret")],
+                        [("Authorization", "Basic dXNlcg=="), ("Authorization", "Bearer s3cret")]):  # fmt: skip
+            with connect(uri, additional_headers=headers, open_timeout=TIMEOUT) as ws:
+                assert unpackb(ws.recv(timeout=TIMEOUT))["action_dim"] == 7
+
+
 # ---------------------------------------------------------------- robustness
 
 

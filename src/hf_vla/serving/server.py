@@ -235,10 +235,12 @@ class PolicyServer:
         return None
 
     def _authorized(self, headers) -> bool:
-        candidates = [headers.get("x-api-key", "")]
-        scheme, _, credential = headers.get("Authorization", "").partition(" ")
-        if scheme.lower() in ("bearer", "api-key"):
-            candidates.append(credential.strip())
+        # every value of a header sent twice (`headers.get` would raise, and the client get HTTP 500, not 401)
+        candidates = list(headers.get_all("x-api-key"))
+        for value in headers.get_all("Authorization"):
+            scheme, _, credential = value.partition(" ")
+            if scheme.lower() in ("bearer", "api-key"):
+                candidates.append(credential.strip())
         expected = self.options.api_key.encode()
         return any(hmac.compare_digest(c.encode(), expected) for c in candidates if c)
 
