@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-__all__ = ["packb", "unpackb", "Packer"]
+__all__ = ["packb", "unpackb", "unpack_tree", "decode_arrays", "Packer"]
 
 _ARRAY, _SCALAR = b"__ndarray__", b"__npgeneric__"
 _REFUSED_KINDS = {"O": "object", "V": "void/structured", "c": "complex"}
@@ -142,6 +142,12 @@ class _TooManyContainers(Exception):
 
 def unpackb(data: bytes, max_array_bytes: int | None = None) -> Any:
     """Inverse of `packb`. Raises ValueError for bytes that are not one well-formed message."""
+    return decode_arrays(unpack_tree(data), max_array_bytes)
+
+
+def unpack_tree(data: bytes) -> Any:
+    """The first half of `unpackb`: the frame's msgpack structure, numpy arrays still as their marker maps (so a
+    server can read a request's form before an array in it turns out to be bad). Raises ValueError."""
     counter = _ContainerCounter()
     try:
         tree = msgpack.unpackb(data, raw=False, object_hook=counter, list_hook=counter)
@@ -151,6 +157,11 @@ def unpackb(data: bytes, max_array_bytes: int | None = None) -> Any:
     except Exception as error:  # msgpack raises several unrelated types for bad input
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         raise ValueError(f"frame: not a valid msgpack message ({detail})"[:300]) from None
+    return tree
+
+
+def decode_arrays(tree: Any, max_array_bytes: int | None = None) -> Any:
+    """The second half of `unpackb`: `unpack_tree`'s output with its arrays and scalars checked and decoded."""
     return _decode(tree, "", max_array_bytes)
 
 

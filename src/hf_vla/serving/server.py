@@ -55,8 +55,9 @@ as openpi's own server sends its errors (openpi-client raises it: `RuntimeError(
 a StarVLA-form one gets `{"status": "error", "ok": False, "request_id": ..., "error": {"message": ...}}`, and a frame
 that cannot be read at all (not msgpack, not a map) the binary map `{"error": "<field>: <what is wrong>"}`. Frames
 over `max_frame_bytes` are refused by websockets itself (close code 1009, the frame is never read); arrays over
-`max_array_bytes` and requests over `max_request_rows` samples get error replies, and so does a request whose
-predicted chunk is not finite (FAST's undecodable chunks): no client is sent NaN.
+`max_array_bytes` (or that do not decode) get error replies in their request's form, requests over
+`max_request_rows` samples too, and so does a request whose predicted chunk is not finite (FAST's undecodable
+chunks): no client is sent NaN.
 
 HTTP: `GET /healthz` → 200 "OK" (no key needed). With an API key set, the upgrade needs `Authorization: Bearer KEY`,
 `Authorization: Api-Key KEY` (openpi-client's form) or `x-api-key: KEY`, else HTTP 401.
@@ -92,7 +93,7 @@ from websockets.asyncio.server import serve as websocket_serve
 
 from ..normalization import describe_action_mode, is_relative
 from .batching import BatchResult, BatchStats, ClientActivity, MicroBatcher
-from .msgpack_numpy import packb, unpackb
+from .msgpack_numpy import decode_arrays, packb, unpack_tree
 from .protocol import INFER_TYPES, STARVLA_MARKERS, UNDECODABLE_CHUNK, Limits, PostProcess, Request, RequestParser
 
 logger = logging.getLogger("hf_vla.serving")
@@ -296,11 +297,13 @@ class PolicyServer:
         try:
             if isinstance(frame, str):
                 raise ValueError("frame: text frames are not accepted; send a binary msgpack map")
-            message = unpackb(frame, self.options.limits.max_array_bytes)
+            tree = unpack_tree(frame)
+            if isinstance(tree, dict):  # the form is known before the arrays are decoded: their errors answer in it
+                starvla = any(key in tree for key in STARVLA_MARKERS)
+                openpi, request_id = not starvla, tree.get("request_id")
+            message = decode_arrays(tree, self.options.limits.max_array_bytes)
             if not isinstance(message, dict):
                 raise ValueError(f"message: expected a map, got {type(message).__name__}")
-            starvla = any(key in message for key in STARVLA_MARKERS)
-            openpi = not starvla
             request_id = message.get("request_id")
             kind = message.get("type", "infer")
             if kind == "configure":
