@@ -201,6 +201,58 @@ def test_real_openpi_client_round_trip(server, policy):
 
 
 @OPENPI_CONNECT_WARNING
+def test_openpi_libero_example_client_keys_reach_the_primary_and_wrist_cameras(server, policy):
+    """openpi's examples/libero/main.py, unchanged: 180°-rotated frames resized with padding by openpi-client's
+    image_tools, sent as `observation/image` and `observation/wrist_image` with a float64 state."""
+    websocket_policy = pytest.importorskip("openpi_client.websocket_client_policy")
+    from openpi_client import image_tools
+
+    rng = np.random.default_rng(8)
+    agentview, wrist = (rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for _ in range(2))
+    img, wrist_img = (image_tools.convert_to_uint8(image_tools.resize_with_pad(np.ascontiguousarray(frame[::-1, ::-1]),
+                                                                               48, 48))
+                      for frame in (agentview, wrist))  # fmt: skip
+    state = rng.normal(size=6)
+    element = {"observation/image": img, "observation/wrist_image": wrist_img, "observation/state": state,
+               "prompt": "put the bowl on the plate"}  # fmt: skip
+    expected = policy.predict({"images": {"primary": img, "wrist": wrist_img}, "instruction": element["prompt"],
+                               "state": state.astype(np.float32)})  # fmt: skip
+    swapped = policy.predict({"images": {"primary": wrist_img, "wrist": img}, "instruction": element["prompt"],
+                              "state": state.astype(np.float32)})  # fmt: skip
+    assert np.abs(expected - swapped).max() > 1e-4  # the cameras are told apart
+    client = websocket_policy.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    try:
+        np.testing.assert_allclose(client.infer(element)["actions"], expected, atol=1e-5)
+        with pytest.raises(RuntimeError, match="observation/primary, observation/image: the same field"):
+            client.infer({**element, "observation/primary": img})
+    finally:
+        client._ws.close()
+
+
+def test_openpi_camera_aliases_never_take_another_cameras_own_name():
+    from hf_vla.serving.protocol import RequestParser
+
+    def parser(cameras):
+        processor = SimpleNamespace(camera_names=cameras, state_dim=0, check_instruction=lambda *args: None,
+                                    embodiment_dims=lambda key: (7, 0), embodiment_action_mode=lambda key: "abs",
+                                    norm_stats={"k": {}})  # fmt: skip
+        return RequestParser(processor, default_unnorm_key=None, limits=Limits())
+
+    a, b = np.zeros((8, 8, 3), np.uint8), np.ones((8, 8, 3), np.uint8)
+    for cameras, sent, expected in [
+        (["primary", "image"], {"observation/primary": a, "observation/image": b}, (a, b)),
+        (["wrist", "wrist_image"], {"observation/wrist": a, "observation/wrist_image": b}, (a, b)),
+        (["front", "wrist"], {"observation/front": a, "observation/wrist_image": b}, (a, b)),
+    ]:
+        views = parser(cameras).openpi({**sent, "prompt": "go"}).rows[0].views
+        assert [np.shares_memory(v, e) for v, e in zip(views, expected)] == [True, True], cameras
+    with pytest.raises(ValueError, match=r"^images.front: missing; .* \['front', 'observation/front', "
+                                         r"'observation/images/front', 'observation.images.front', "
+                                         r"'observation/front_image'\]"):  # no `image` for a camera not primary
+        parser(["front", "wrist"]).openpi({"observation/image": a, "observation/wrist_image": b, "prompt": "go"})
+
+
+@OPENPI_CONNECT_WARNING
 def test_an_array_that_does_not_decode_is_an_error_in_its_requests_form(server, policy):
     """An array over max_array_bytes (or of a refused dtype) fails before the request is read; its error still
     comes in the request's form, so openpi-client raises it (a binary {"error"} map it would return as a reply)."""

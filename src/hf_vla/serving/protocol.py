@@ -14,7 +14,10 @@ import numpy as np
 from ..normalization import describe_action_mode, finite_float32, is_relative, numeric_array
 
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
-SINGLE_CAMERA_ALIASES = ("image", "observation/image")
+# openpi's LIBERO clients send `observation/image` (the main view) and `observation/wrist_image`: the main view's
+# names belong to a one-camera model's camera or to the camera named `primary`, `observation/<camera>_image` to each
+MAIN_VIEW_ALIASES = ("image", "observation/image")
+MAIN_CAMERA = "primary"
 STATE_KEYS = ("state", "observation/state", "observation.state")
 STARVLA_MARKERS = ("type", "payload", "examples", "batch_images")
 INFER_TYPES = ("infer", "predict_action")
@@ -143,6 +146,7 @@ class RequestParser:
 
     def __init__(self, processor, default_unnorm_key: str | None, limits: Limits):
         self.cameras = list(processor.camera_names)
+        self.camera_keys = _flat_camera_keys(self.cameras)
         self.state_dim = int(processor.state_dim)
         self.check_instruction = processor.check_instruction
         self.embodiment_dims = processor.embodiment_dims
@@ -278,9 +282,7 @@ class RequestParser:
 
     def _flat_image_names(self, camera: str | None = None) -> list[str]:
         """The keys a camera (by default, any camera) may be sent under without an `images` map."""
-        names = [p + c for c in ([camera] if camera else self.cameras) for p in FLAT_IMAGE_PREFIXES]
-        names += list(SINGLE_CAMERA_ALIASES) if len(self.cameras) == 1 else []
-        return list(dict.fromkeys(names))  # a camera named "image" is its own alias
+        return list(dict.fromkeys(name for c in ([camera] if camera else self.cameras) for name in self.camera_keys[c]))
 
     def _flat_images(self, obs: Mapping) -> dict:
         found = {}
@@ -368,6 +370,21 @@ class RequestParser:
         if not isinstance(key, str) or key not in self.unnorm_keys:
             raise ValueError(f"{name}: unknown key {reprlib.repr(key)}; available: {self.unnorm_keys}")
         return key
+
+
+def _flat_camera_keys(cameras: Sequence[str]) -> dict[str, list[str]]:
+    """Per camera, the top-level keys it may be sent under: its name with each prefix, then openpi's LIBERO names
+    unless they are another camera's own (a model with cameras `primary` and `image` reads `observation/image` as
+    the second)."""
+    own = {camera: [prefix + camera for prefix in FLAT_IMAGE_PREFIXES] for camera in cameras}
+    taken = {name for names in own.values() for name in names}
+    keys = {}
+    for camera in cameras:
+        aliases = [f"observation/{camera}_image"]
+        if len(cameras) == 1 or camera == MAIN_CAMERA:
+            aliases += MAIN_VIEW_ALIASES
+        keys[camera] = list(dict.fromkeys(own[camera] + [a for a in aliases if a not in taken]))
+    return keys
 
 
 def _one_of(message: Mapping, names: Sequence[str], where: str) -> str | None:

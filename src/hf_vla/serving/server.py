@@ -18,7 +18,9 @@ Requests. Each binary frame is one map, answered by one frame, in order.
    `{"actions": float32 [T, D] (or [B, T, D] for a batched observation), "server_timing": {...}}`.
    * images: `{"images": {camera: uint8 [H, W, 3] or [B, H, W, 3]}}` with exactly the model's cameras, or flat
      top-level keys `<camera>`, `observation/<camera>`, `observation/images/<camera>` or `observation.images.<camera>`;
-     a one-camera model also takes `image` / `observation/image`. Any image size is accepted (bicubic resize to
+     also openpi's LIBERO keys: `observation/<camera>_image` (`observation/wrist_image`), and `image` /
+     `observation/image` for a one-camera model's camera or the camera named `primary` (a key that is another
+     camera's own name stays that camera's). Any image size is accepted (bicubic resize to
      `training_obs_image_size`).
    * instruction: `prompt` or `instruction`, a string or one string per sample (a single string is broadcast).
    * state: `state`, `observation/state` or `observation.state`, float [S] or [B, S]; required when the model takes
