@@ -229,6 +229,32 @@ def test_openpi_libero_example_client_keys_reach_the_primary_and_wrist_cameras(s
         client._ws.close()
 
 
+@OPENPI_CONNECT_WARNING
+def test_channels_first_images_as_openpi_aloha_clients_send_them(server, policy):
+    """openpi's ALOHA examples send `np.transpose(img, (2, 0, 1))`: [3, H, W] (non-contiguous; packed in C order)."""
+    websocket_policy = pytest.importorskip("openpi_client.websocket_client_policy")
+    obs, batched = make_obs(9), make_obs(10, batch=2)
+    chw = {c: np.transpose(view, (2, 0, 1)) for c, view in obs["images"].items()}
+    batched_chw = {c: np.transpose(views, (0, 3, 1, 2)) for c, views in batched["images"].items()}
+    client = websocket_policy.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+    try:
+        reply = client.infer({"images": chw, "prompt": obs["instruction"], "state": obs["state"]})
+        np.testing.assert_allclose(reply["actions"], policy.predict(obs), atol=1e-5)
+        reply = client.infer({**batched, "images": batched_chw})
+        np.testing.assert_allclose(reply["actions"], policy.predict(batched), atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"images.wrist: expected shape \[H, W, 3\] or \[B, H, W, 3\] \(or "
+                                               r"channels first\), got \[4, 48, 48\]"):  # fmt: skip
+            client.infer({**obs, "images": {**chw, "wrist": np.zeros((4, 48, 48), np.uint8)}})
+    finally:
+        client._ws.close()
+    from hf_vla.serving.protocol import RequestParser
+
+    parser = RequestParser(policy.processor, "bridge", Limits())
+    square = np.arange(27, dtype=np.uint8).reshape(3, 3, 3)  # ambiguous: read as [H, W, 3], never transposed
+    views = parser.openpi({"images": {"primary": square, "wrist": square}, "prompt": "go", "state": obs["state"]})
+    assert np.array_equal(views.rows[0].views[0], square)
+
+
 def test_openpi_camera_aliases_never_take_another_cameras_own_name():
     from hf_vla.serving.protocol import RequestParser
 

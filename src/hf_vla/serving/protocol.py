@@ -301,9 +301,11 @@ class RequestParser:
             raise ValueError(f"{name}: expected a uint8 numpy array, got {type(array).__name__}")
         if array.dtype != np.uint8:
             raise ValueError(f"{name}: expected dtype uint8, got {array.dtype}")
+        if array.ndim in ranks and array.shape[-3] == 3 and array.shape[-1] != 3:  # channels first: openpi's ALOHA
+            array = np.moveaxis(array, -3, -1)  # clients send [3, H, W], as its own server accepts
         shapes = " or ".join({3: "[H, W, 3]", 4: "[B, H, W, 3]"}[r] for r in ranks)
         if array.ndim not in ranks or array.shape[-1] != 3 or min(array.shape[-3:-1]) < 1:
-            raise ValueError(f"{name}: expected shape {shapes}, got {list(array.shape)}")
+            raise ValueError(f"{name}: expected shape {shapes} (or channels first), got {list(array.shape)}")
         return array
 
     def _instructions(self, value: Any, batch: int, name: str) -> list[str]:

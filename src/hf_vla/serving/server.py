@@ -16,7 +16,8 @@ Requests. Each binary frame is one map, answered by one frame, in order.
 
 1. openpi form (any map without `type`, `payload`, `examples` or `batch_images`): an observation, reply
    `{"actions": float32 [T, D] (or [B, T, D] for a batched observation), "server_timing": {...}}`.
-   * images: `{"images": {camera: uint8 [H, W, 3] or [B, H, W, 3]}}` with exactly the model's cameras, or flat
+   * images: `{"images": {camera: uint8 [H, W, 3] or [B, H, W, 3]}}` (or channels first, `[3, H, W]` as openpi's
+     ALOHA clients send, where the last axis is not 3) with exactly the model's cameras, or flat
      top-level keys `<camera>`, `observation/<camera>`, `observation/images/<camera>` or `observation.images.<camera>`;
      also openpi's LIBERO keys: `observation/<camera>_image` (`observation/wrist_image`), and `image` /
      `observation/image` for a one-camera model's camera or the camera named `primary` (a key that is another
