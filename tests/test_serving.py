@@ -229,6 +229,17 @@ def test_openpi_libero_example_client_keys_reach_the_primary_and_wrist_cameras(s
         client._ws.close()
 
 
+def test_prompts_sent_as_numpy_strings(server, policy):
+    obs, batched = make_obs(11), make_obs(12, batch=2)
+    with client_for(server) as client:
+        reply = client.infer({**obs, "instruction": np.asarray(obs["instruction"])})  # a 0-d <U array
+        np.testing.assert_allclose(reply["actions"], policy.predict(obs), atol=1e-5)
+        reply = client.infer({**batched, "instruction": np.array(batched["instruction"])})
+        np.testing.assert_allclose(reply["actions"], policy.predict(batched), atol=1e-5)
+        with pytest.raises(ServerError, match=r"instruction: expected a string or 2 string\(s\), got array\(\[b'a'"):
+            client.infer({**batched, "instruction": np.array([b"a", b"b"])})
+
+
 @OPENPI_CONNECT_WARNING
 def test_channels_first_images_as_openpi_aloha_clients_send_them(server, policy):
     """openpi's ALOHA examples send `np.transpose(img, (2, 0, 1))`: [3, H, W] (non-contiguous; packed in C order)."""

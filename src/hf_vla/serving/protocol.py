@@ -312,6 +312,8 @@ class RequestParser:
         if value is None:
             raise ValueError(f"{name}: missing; send the instruction as `prompt` or `instruction`"
                              if name in ("prompt", "instruction") else f"{name}: missing instruction")
+        if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.ndim <= 1:
+            value = value.tolist()  # numpy strings (`np.asarray(prompt)`), which openpi's own server also takes
         texts = {name: value} if isinstance(value, str) else None
         if texts is None:
             if not isinstance(value, (list, tuple)) or len(value) != batch or not all(isinstance(v, str) for v in value):
