@@ -1038,6 +1038,44 @@ class SlowPolicy:
         return self.policy.predict(obs, **kwargs)
 
 
+class GatedPolicy:
+    """The policy, except that its predict signals `entered` and then waits for `release`."""
+
+    def __init__(self, policy):
+        self.policy, self.entered, self.release = policy, threading.Event(), threading.Event()
+        self.model, self.processor, self.unnorm_key = policy.model, policy.processor, policy.unnorm_key
+
+    def predict(self, obs, **kwargs):
+        self.entered.set()
+        assert self.release.wait(TIMEOUT)
+        return self.policy.predict(obs, **kwargs)
+
+
+def test_stopping_closes_every_connection_at_once_and_frees_the_port(policy):
+    gated, obs = GatedPolicy(policy), make_obs(13)
+    server = PolicyServer(gated, port=0).start()
+    port, serving, stopper = server.port, server._thread, threading.Thread(target=server.stop)
+    try:
+        busy, idle = client_for(server), client_for(server)
+        busy._ws.send(packb(obs))
+        assert gated.entered.wait(TIMEOUT)
+        stopper.start()  # while a prediction runs
+        for client in (busy, idle):  # closed "going away" (1001) without waiting for the prediction
+            with pytest.raises(ConnectionClosed) as excinfo:
+                client._ws.recv(timeout=TIMEOUT)
+            assert excinfo.value.rcvd.code == 1001
+        assert stopper.is_alive() and not gated.release.is_set()  # stop() waits for the worker thread...
+    finally:
+        gated.release.set()
+        if stopper.ident is None:
+            server.stop()
+        stopper.join(TIMEOUT)
+    assert not stopper.is_alive() and not serving.is_alive()
+    with PolicyServer(policy, port=port) as again, client_for(again) as client:  # ...and then the port is free
+        assert again.port == port
+        np.testing.assert_allclose(client.infer(obs)["actions"], policy.predict(obs), atol=1e-5)
+
+
 def test_a_timed_out_request_closes_the_connection_so_its_late_reply_answers_nothing(policy):
     slow, fast = make_obs(1, batch=1, prompt="slow"), make_obs(2, batch=1, prompt="fast")
     slow["instruction"] = ["slow"]
