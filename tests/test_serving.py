@@ -561,6 +561,27 @@ def test_concurrent_clients_get_their_own_rows_and_requests_are_batched(server, 
     assert after["largest_batch"] >= 4
 
 
+def test_concurrent_batched_starvla_requests_get_their_own_rows_in_both_units(server, policy):
+    """Two StarVLA clients at once, each a 2-sample request (one in the 2025 `batch_images` form, one configured to
+    execute 2 steps): each gets its own rows, `actions` in robot units and `normalized_actions` the model's output,
+    both cut to that connection's execute_steps."""
+    first, second = make_obs(20, batch=2), make_obs(21, batch=2)
+    views = [[obs["images"][c][b] for c in CAMERAS] for obs in (first, second) for b in range(2)]
+    legacy = {"request_id": "a", "batch_images": views[:2], "instructions": first["instruction"],
+              "state": first["state"][:, None]}  # fmt: skip
+    examples = {"type": "infer", "request_id": "b", "payload": {"examples": [
+        {"image": views[2 + b], "lang": second["instruction"][b], "state": second["state"][b]} for b in range(2)]}}
+    replies = run_clients(server, [[{"type": "ping"}, legacy], [{"type": "configure", "execute_steps": 2}, examples]])
+    assert replies[1][0]["action_chunk_size"] == 2
+    for (_, reply), obs, steps, request_id in ((replies[0], first, 4, "a"), (replies[1], second, 2, "b")):
+        actions, normalized = policy.predict(obs, return_normalized=True)
+        assert (reply["type"], reply["request_id"]) == ("inference_result", request_id)
+        assert reply["data"]["actions"].shape == reply["data"]["normalized_actions"].shape == (2, steps, 7)
+        np.testing.assert_allclose(reply["data"]["actions"], actions[:, :steps], atol=1e-5)
+        np.testing.assert_allclose(reply["data"]["normalized_actions"], normalized[:, :steps], atol=1e-5)
+        assert not np.allclose(reply["data"]["actions"], reply["data"]["normalized_actions"], atol=1e-2)
+
+
 def test_a_failing_sample_does_not_fail_its_batch_mates(server, policy, monkeypatch):
     # a sample that passes the request checks but fails inside predict (the batch is retried one row at a time)
     predict = policy.predict
