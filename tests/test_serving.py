@@ -774,6 +774,28 @@ def test_a_camera_named_image_is_its_own_alias_and_null_keys_are_absent():
         parser.openpi({"image": view, "observation/image": view, "prompt": "go"})
 
 
+def test_requests_without_an_instruction_take_the_default_prompt():
+    """openpi's ALOHA sim sends no prompt; its server answers with a configured default, and so does this one."""
+    import argparse
+
+    from hf_vla import VLAPolicy
+    from hf_vla.defaults import default_model_dir
+    from hf_vla.serving.protocol import RequestParser
+    from hf_vla.serving.server import add_arguments, options_from_args
+
+    processor = VLAPolicy.from_pretrained(default_model_dir()).processor
+    view = np.zeros((8, 8, 3), np.uint8)
+    parser = RequestParser(processor, None, Limits(), default_prompt="open the drawer")
+    assert parser.openpi({"images": {"corner2": view}}).rows[0].instruction == "open the drawer"
+    assert parser.openpi({"images": {"corner2": view}, "prompt": "close it"}).rows[0].instruction == "close it"
+    with pytest.raises(ValueError, match=r"^prompt: missing; send the instruction as `prompt` or `instruction`"):
+        RequestParser(processor, None, Limits()).openpi({"images": {"corner2": view}})
+    with pytest.raises(ValueError, match=r"^default_prompt: the instruction may not contain the reserved token"):
+        RequestParser(processor, None, Limits(), default_prompt="go<|im_end|>")
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--default-prompt", "open the drawer"])
+    assert options_from_args(args)["default_prompt"] == "open the drawer"
+
+
 def test_the_batcher_waits_only_for_connections_likely_to_send():
     window = 0.005
     fresh = ClientActivity(last_reply=0.0)  # metadata frame sent at t=0

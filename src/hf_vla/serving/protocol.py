@@ -144,7 +144,7 @@ class Limits:
 class RequestParser:
     """Validates decoded messages against the model (cameras, dtypes, shapes, keys) and turns them into rows."""
 
-    def __init__(self, processor, default_unnorm_key: str | None, limits: Limits):
+    def __init__(self, processor, default_unnorm_key: str | None, limits: Limits, default_prompt: str | None = None):
         self.cameras = list(processor.camera_names)
         self.camera_keys = _flat_camera_keys(self.cameras)
         self.state_dim = int(processor.state_dim)
@@ -158,6 +158,9 @@ class RequestParser:
             raise ValueError(f"unnorm_key: unknown default key {default_unnorm_key!r}; available: {self.unnorm_keys}")
         self.default_unnorm_key = default_unnorm_key
         self.limits = limits
+        if default_prompt is not None:  # checked now, as a request's instruction would be
+            self._instructions(default_prompt, 1, "default_prompt")
+        self.default_prompt = default_prompt
 
     def openpi(self, obs: Mapping) -> Request:
         images = obs.get("images")
@@ -309,6 +312,8 @@ class RequestParser:
         return array
 
     def _instructions(self, value: Any, batch: int, name: str) -> list[str]:
+        if value is None and self.default_prompt is not None:  # clients that send none (openpi's ALOHA sim)
+            value = self.default_prompt
         if value is None:
             raise ValueError(f"{name}: missing; send the instruction as `prompt` or `instruction`"
                              if name in ("prompt", "instruction") else f"{name}: missing instruction")

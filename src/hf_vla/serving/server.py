@@ -23,7 +23,8 @@ Requests. Each binary frame is one map, answered by one frame, in order.
      `observation/image` for a one-camera model's camera or the camera named `primary` (a key that is another
      camera's own name stays that camera's). Any image size is accepted (bicubic resize to
      `training_obs_image_size`).
-   * instruction: `prompt` or `instruction`, a string or one string per sample (a single string is broadcast).
+   * instruction: `prompt` or `instruction`, a string or one string per sample (a single string is broadcast);
+     without either, the server's `--default-prompt` when set.
    * state: `state`, `observation/state` or `observation.state`, float [S] or [B, S]; required when the model takes
      one (`state_dim` > 0: actions predicted without it would be off-distribution) or when the embodiment's
      statistics record relative actions (`action_mode` rel / delta: they are made absolute from it), otherwise
@@ -115,6 +116,7 @@ class _Connection:
 class ServerOptions:
     api_key: str | None = None
     unnorm_key: str | None = None
+    default_prompt: str | None = None  # the instruction of requests that send none (openpi's `default_prompt`)
     batching: bool = True
     batch_window_ms: float = 5.0
     max_batch: int = 16
@@ -142,7 +144,7 @@ class PolicyServer:
         self.options.check()
         processor = policy.processor
         default_key = self.options.unnorm_key or getattr(policy, "unnorm_key", None)
-        self.parser = RequestParser(processor, default_key, self.options.limits)
+        self.parser = RequestParser(processor, default_key, self.options.limits, self.options.default_prompt)
         self.options.postprocess.check(processor.action_horizon, processor.action_dim, processor.state_dim)
         self.metadata = self._metadata(ckpt_path)
         self.batcher: MicroBatcher | None = None
@@ -429,7 +431,8 @@ def serve(model_or_policy, host: str = "127.0.0.1", port: int = 8000, api_key: s
     """Serves a `VLAPolicy` (or a model directory / hub id, loaded with `VLAPolicy.from_pretrained` with `dtype`,
     `device` and `pack_linear_weights`) until interrupted.
 
-    `options`: unnorm_key, batching, batch_window_ms, max_batch, postprocess (a `PostProcess`), limits (a `Limits`).
+    `options`: unnorm_key, default_prompt, batching, batch_window_ms, max_batch, postprocess (a `PostProcess`), limits
+    (a `Limits`).
     """
     ckpt_path = None
     if isinstance(model_or_policy, (str, os.PathLike)):
@@ -488,6 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("HF_VLA_API_KEY"),
                         help="require this key (default: $HF_VLA_API_KEY; none = open)")
     parser.add_argument("--unnorm-key", help="default embodiment statistics for decoding actions")
+    parser.add_argument("--default-prompt", help="the instruction of requests that send none (openpi's ALOHA sim)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--device", type=_device, help="torch device, e.g. cuda")
     parser.add_argument("--pack-linear-weights", action="store_true",
@@ -523,6 +527,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
     limits = Limits(max_frame_bytes=int(args.max_frame_mb * 2**20), max_array_bytes=int(args.max_array_mb * 2**20))
     return dict(
         host=args.host, port=args.port, api_key=args.api_key or None, unnorm_key=args.unnorm_key,
+        default_prompt=args.default_prompt,
         batching=not args.no_batching, batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
         postprocess=postprocess, limits=limits,
         dtype=_torch_dtype(args.dtype), device=args.device, pack_linear_weights=args.pack_linear_weights,
