@@ -339,3 +339,37 @@ def test_policy_of_a_stateless_model_still_checks_a_given_state(tiny_vlm_dirs):
     for state, message in ((np.full(9, np.nan), "contains NaN or inf"), ("garbage", "expected a numeric array")):
         with pytest.raises(ValueError, match=rf"^state: {message}"):
             policy.predict({**obs, "state": state})
+
+
+def test_decode_actions_and_action_mask_take_tensors_of_any_dtype_and_refuse_non_numbers(oft):
+    """decode_actions' state (relative actions) and the processor's action_mask go through the same check as every
+    other raw array: a bfloat16 tensor is read exactly (numpy cannot take one directly), booleans and strings are
+    refused with the field named."""
+    _, processor = oft
+    processor.set_norm_stats("rel", {**processor.norm_stats["bridge"], "action_mode": ["rel"] * 6 + ["abs"]})
+    try:
+        chunk = np.random.default_rng(0).uniform(-1, 1, (1, 4, 7)).astype(np.float32)
+        state = np.array([[0.5, -0.25, 1.0, 0.0, 2.0, -1.0]], np.float32)  # exact in bfloat16
+        expected = processor.decode_actions(chunk, unnorm_key="rel", state=state)
+        for same in (torch.tensor(state, dtype=torch.bfloat16), torch.tensor(state), state.tolist()):
+            np.testing.assert_array_equal(processor.decode_actions(chunk, unnorm_key="rel", state=same), expected)
+        np.testing.assert_array_equal(processor.decode_actions(torch.tensor(chunk).bfloat16(), unnorm_key="rel"),
+                                      processor.decode_actions(torch.tensor(chunk).bfloat16().float(), unnorm_key="rel"))
+        for bad, message in ((np.ones((1, 6), bool), "expected a numeric array, got dtype bool"),
+                             ([[True] + [0.0] * 5], "expected numbers, got booleans among them"),
+                             ("abc", "expected a numeric array, got dtype <U3"),
+                             ([[0.0] * 6, [0.0]], "expected a numeric array, got ragged nested sequences")):  # fmt: skip
+            with pytest.raises(ValueError, match=rf"^state: {message}"):
+                processor.decode_actions(chunk, unnorm_key="rel", state=bad)
+        for bad, message in ((np.ones((1, 4, 7), bool), "expected a numeric array, got dtype bool"),
+                             ("abc", "expected a numeric array, got dtype <U3"),
+                             (np.float32(0.5), r"expected last dimension 7, got shape \[\]")):  # fmt: skip
+            with pytest.raises(ValueError, match=rf"^actions: {message}"):
+                processor.decode_actions(bad, unnorm_key="rel")
+    finally:
+        del processor.norm_stats["rel"]
+    actions = np.zeros((2, 4, 7))
+    mask = call(processor, actions=actions, action_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bfloat16))
+    assert mask["action_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    with pytest.raises(ValueError, match=r"^action_mask: expected a numeric array, got ragged nested sequences"):
+        call(processor, actions=actions, action_mask=[[1, 1, 1, 1], [1, 1, 1]])

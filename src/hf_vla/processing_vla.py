@@ -465,7 +465,7 @@ class VLAProcessor(ProcessorMixin):
             extra["actions"] = torch.from_numpy(self._normalize_rows(raw, keys, "action", "actions"))
         if action_mask is not None:
             full = (batch_size, self.action_horizon, self.action_dim)
-            mask = np.asarray(action_mask)
+            mask = numeric_array(action_mask, "action_mask", kinds="fiub")
             mask = self._check_array(mask, "action_mask", full if mask.ndim == 3 else full[:2], kinds="fiub")
             if not np.isin(mask, (0, 1)).all():  # other values would weigh the loss, or flip its sign
                 raise ValueError(f"action_mask: expected booleans or 0 / 1, got values {np.unique(mask)[:8].tolist()}")
@@ -652,10 +652,8 @@ class VLAProcessor(ProcessorMixin):
         `state` (one key only): the raw state the chunk was predicted from, `[S]` or `[B, S]`. For an embodiment
         trained on relative actions (statistics `action_mode` "rel" or "delta", for all dimensions or per dimension;
         see `hf_vla.normalization`) the chunk then comes back absolute; without it, as the model predicts it."""
-        if isinstance(actions, torch.Tensor):
-            actions = actions.detach().to("cpu", torch.float32).numpy()
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape[-1] != self.action_dim:
+        actions = numeric_array(actions, "actions").astype(np.float32)  # NaN kept: a token row that did not decode
+        if actions.ndim == 0 or actions.shape[-1] != self.action_dim:
             raise ValueError(f"actions: expected last dimension {self.action_dim}, got shape {list(actions.shape)}")
         if isinstance(unnorm_key, (list, tuple)):
             if actions.ndim < 2 or len(unnorm_key) != actions.shape[0]:
@@ -675,7 +673,7 @@ class VLAProcessor(ProcessorMixin):
         mode = self.embodiment_action_mode(key)
         if state is None or not is_relative(mode):
             return decoded
-        state = np.asarray(state, dtype=np.float32)
+        state = numeric_array(state, "state").astype(np.float32)
         if state.ndim != decoded.ndim - 1 or state.shape[:-1] != decoded.shape[:-2] or not np.isfinite(state).all():
             expected = ", ".join([*map(str, decoded.shape[:-2]), "S"])
             raise ValueError(f"state: expected finite values of shape [{expected}] for actions {list(decoded.shape)}, "
