@@ -390,6 +390,21 @@ def test_policy_reuses_its_pixel_buffer_without_mixing_observations(oft):
     assert other.data_ptr() != wrong_shape.data_ptr() and not torch.isnan(other).any()
 
 
+def test_a_pixel_buffer_that_cannot_take_the_pixels_in_place_is_replaced(oft):
+    """An earlier `pixel_values` moved to another device (here `meta`, as `.to("cuda")` would) or tracked by autograd
+    is not written into: the call allocates fresh pixels instead of failing in the copy."""
+    _, _, processor = oft
+    processor = copy.deepcopy(processor)
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    processor.image_size = [2 * factor, 3 * factor]  # the batched image path, which fills buffers
+    views = random_views(np.random.default_rng(2), 1, size=2 * factor)
+    expected = processor(images=views, text="x", state=np.zeros((1, 6)))["pixel_values"]
+    for buffer in (torch.empty_like(expected, device="meta"), torch.zeros_like(expected, requires_grad=True)):
+        written = processor(images=views, text="x", state=np.zeros((1, 6)), pixel_buffer=buffer)["pixel_values"]
+        assert written.device.type == "cpu" and not written.requires_grad
+        torch.testing.assert_close(written, expected, rtol=0, atol=0)
+
+
 def test_a_call_in_flight_keeps_its_pixel_buffer(oft):
     """A buffer is taken out of the pool for the length of a call: a call that starts while another is running
     (another thread, or here one nested inside the model's forward) gets a buffer of its own, so neither call's

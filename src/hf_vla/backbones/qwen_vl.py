@@ -62,7 +62,7 @@ class QwenVLAdapter(BackboneAdapter):
         pixels = pixels.view(n, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
         pixels = pixels.permute(0, 1, 4, 2, 5, 7, 3, 6)
         shape = (n * grid_h * grid_w, channels * temporal * patch * patch)
-        if out is None or tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        if not _reusable(out, shape):
             out = torch.empty(shape)
         frames = out.view(*pixels.shape[:-2], temporal, patch, patch)
         multiplier, offset = _affine_constants(p)
@@ -70,6 +70,13 @@ class QwenVLAdapter(BackboneAdapter):
         frames[..., 1:, :, :] = frames[..., :1, :, :]  # Qwen repeats a still image along the temporal patch axis
         grids = torch.tensor([[1, grid_h, grid_w]] * n, dtype=torch.int64)
         return {"pixel_values": out, "image_grid_thw": grids}
+
+
+def _reusable(out: torch.Tensor | None, shape: tuple) -> bool:
+    """Whether an earlier `pixel_values` can take these pixels in place: a plain CPU float32 tensor of this shape (one
+    moved to the GPU, or one autograd tracks, cannot be an `out=` of the CPU pass: a fresh one is made instead)."""
+    return (out is not None and tuple(out.shape) == shape and out.dtype == torch.float32 and out.is_contiguous()
+            and out.device.type == "cpu" and not out.requires_grad)
 
 
 def _affine_constants(p) -> tuple[torch.Tensor, torch.Tensor]:
