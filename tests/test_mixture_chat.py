@@ -402,8 +402,8 @@ def test_a_mixture_model_predicts_and_serves_each_embodiment_at_its_own_width(mi
     nostate = policy.predict(obs, unnorm_key="nostate")  # no state: zeros, as in training
     np.testing.assert_array_equal(nostate, policy.predict({**obs, "state": np.zeros(7)}, unnorm_key="nostate"))
     assert nostate.shape == (HORIZON, 2)
-    with pytest.raises(ValueError, match=r"state: expected shape \[1, 3\] \(embodiment 'arm4'.s own state\) or "
-                                         r"\[1, 7\] \(padded to the model's\), got \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"state: expected shape \[3\] \(embodiment 'arm4'.s own state\) or "
+                                         r"\[7\] \(padded to the model's\), got \[5\]"):  # as sent: unbatched
         policy.predict({**obs, "state": np.zeros(5)}, unnorm_key="arm4")
     with pytest.raises(ValueError, match=r"state: missing; this model takes a state of 3 values"):
         policy.predict(obs, unnorm_key="arm4")

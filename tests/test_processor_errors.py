@@ -373,3 +373,40 @@ def test_decode_actions_and_action_mask_take_tensors_of_any_dtype_and_refuse_non
     assert mask["action_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
     with pytest.raises(ValueError, match=r"^action_mask: expected a numeric array, got ragged nested sequences"):
         call(processor, actions=actions, action_mask=[[1, 1, 1, 1], [1, 1, 1]])
+
+
+def test_policy_errors_name_the_observation_fields_as_sent(oft):
+    """The policy's errors speak of the observation the client sent (camera names, `instruction` / `prompt`, the
+    state's own shape), not of the processor call it becomes (`images[0][1]`, `text[0]`, a batched `[1, S]`)."""
+    model, processor = oft
+    policy, image = VLAPolicy(model, processor), np.zeros((48, 48, 3), np.uint8)
+    obs = {"images": {"primary": image, "wrist": image}, "instruction": "go", "state": np.zeros(6)}
+    batch = np.zeros((2, 48, 48, 3), np.uint8)
+    batched = {"images": {"primary": batch, "wrist": batch}, "instruction": ["go", "stop"], "state": np.zeros((2, 6))}
+    for bad, message in (
+        ({"state": np.zeros(5)}, r"state: expected shape \[6\], got \[5\]"),
+        ({"instruction": "go <|im_end|>"}, r"instruction: the instruction may not contain the reserved token '<\|im_end\|>'"),
+        ({"instruction": None, "prompt": "go <|image_pad|>"}, r"prompt: the instruction may not contain the reserved"),
+        ({"images": {"primary": image, "wrist": image[:0]}}, r"images\['wrist'\]: expected images of at least 1 × 1 "
+                                                             r"pixels, got 0 × 48"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^{message}"):
+            policy.predict({**obs, **bad})
+    for bad, message in (
+        ({"state": np.zeros((2, 5))}, r"state: expected shape \[2, 6\], got \[2, 5\]"),
+        ({"instruction": ["go", "stop <|im_start|>"]}, r"instruction\[1\]: the instruction may not contain the reserved"),
+        ({"instruction": ["go", 3]}, r"instruction\[1\]: expected str, got int"),
+        ({"images": {"primary": batch[:0], "wrist": batch[:0]}, "state": np.zeros((0, 6))},
+         r"images: expected at least one sample, got 0$"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^{message}"):
+            policy.predict({**batched, **bad})
+    stats = processor.norm_stats["bridge"]
+    processor.set_norm_stats("narrow", {**stats, "state": {**stats["state"], "embodiment_dim": 4}})
+    try:  # a mixture's narrower embodiment takes its own state or the padded one
+        with pytest.raises(ValueError, match=r"^state: expected shape \[4\] \(embodiment 'narrow''s own state\) or "
+                                             r"\[6\] \(padded to the model's\), got \[5\]$"):
+            policy.predict({**obs, "state": np.zeros(5)}, unnorm_key="narrow")
+        assert policy.predict({**obs, "state": np.zeros(4)}, unnorm_key="narrow").shape == (4, 7)
+    finally:
+        del processor.norm_stats["narrow"]

@@ -102,6 +102,9 @@ class VLAPolicy:
                 raise ValueError(f"images[{camera!r}]: expected dtype uint8, got {array.dtype}")
             if array.ndim not in (3, 4) or array.shape[-1] != 3:
                 raise ValueError(f"images[{camera!r}]: expected [B, H, W, 3] or [H, W, 3], got {list(array.shape)}")
+            if min(array.shape[-3:-1]) < 1:  # named by camera here: the processor only knows sample and view indices
+                raise ValueError(f"images[{camera!r}]: expected images of at least 1 × 1 pixels, got "
+                                 f"{array.shape[-3]} × {array.shape[-2]}")
             arrays[camera] = array
         ranks = {a.ndim for a in arrays.values()}
         if len(ranks) != 1:
@@ -113,14 +116,18 @@ class VLAPolicy:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"images: cameras have different batch sizes {sizes}")
         batch_size = next(iter(sizes.values()))
+        if batch_size == 0:
+            raise ValueError("images: expected at least one sample, got 0")  # as the server words it
 
-        instruction = obs.get("instruction")
-        if instruction is None:
-            instruction = obs.get("prompt")
+        field = "prompt" if obs.get("instruction") is None and obs.get("prompt") is not None else "instruction"
+        instruction = obs.get(field)
         if isinstance(instruction, str):  # one instruction for the whole batch, as the server takes it
+            self.processor.check_instruction(instruction, field)
             instruction = [instruction] * batch_size
         if not isinstance(instruction, (list, tuple)) or len(instruction) != batch_size:
-            raise ValueError(f"instruction: expected a string or {batch_size} string(s), got {instruction!r:.80}")
+            raise ValueError(f"{field}: expected a string or {batch_size} string(s), got {instruction!r:.80}")
+        for b, text in enumerate(instruction):
+            self.processor.check_instruction(text, f"{field}[{b}]")
 
         state = obs.get("state")
         if state is not None:
@@ -134,6 +141,17 @@ class VLAPolicy:
                 raise ValueError("state: contains NaN or inf")
         views = [[arrays[c][b] for c in cameras] for b in range(batch_size)]
         return {"images": views, "text": list(instruction), "state": state}, unbatched
+
+    def _check_state_width(self, state: np.ndarray, own_width: int, key: str, sent_shape: tuple) -> None:
+        """The state's width, reported in the shape the observation sent it in (`[S]` unbatched), not the processor's
+        batched `[B, S]`."""
+        if state.shape[-1] in (own_width, self.processor.state_dim):
+            return
+        lead = list(sent_shape[:-1])
+        expected = str(lead + [self.processor.state_dim])
+        if own_width != self.processor.state_dim:
+            expected = f"{lead + [own_width]} (embodiment {key!r}'s own state) or {expected} (padded to the model's)"
+        raise ValueError(f"state: expected shape {expected}, got {list(sent_shape)}")
 
     @torch.no_grad()
     def predict(
@@ -155,6 +173,8 @@ class VLAPolicy:
         raw_state = batch["state"]
         if raw_state is None and state_width:  # actions without the state the model trained with: off-distribution
             raise ValueError(f"state: missing; this model takes a state of {state_width} values")
+        if raw_state is not None and self.processor.state_dim:
+            self._check_state_width(raw_state, state_width, key, np.shape(obs["state"]))
         if raw_state is None and is_relative(action_mode):
             mode = describe_action_mode(action_mode)
             raise ValueError(f"state: missing; embodiment {key!r} predicts {mode} actions, which are turned into "
