@@ -100,6 +100,25 @@ def test_batched_image_path_equals_the_image_processor(tiny_vlm_dirs, family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_views_one_or_three_pixels_high_are_read_channels_last(tiny_vlm_dirs, family):
+    """Views are [H, W, 3]; left to guess, transformers takes a first axis of 1 or 3 for the channels and patches a
+    transposed image (a processor whose image_size is 3 high, or a chat sample's tiny image, gives such views)."""
+    from PIL import Image
+
+    from hf_vla.backbones.qwen_vl import QwenVLAdapter
+
+    processor = AutoImageProcessor.from_pretrained(tiny_vlm_dirs[family])
+    rng = np.random.default_rng(1)
+    for height in (1, 3):
+        views = [rng.integers(0, 256, (height, 70, 3), dtype=np.uint8)]
+        expected = processor(images=[Image.fromarray(view) for view in views], return_tensors="pt")
+        got = QwenVLAdapter().preprocess_images(processor, views)
+        assert got["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
+        assert got["image_grid_thw"][0, 2] > got["image_grid_thw"][0, 1]  # wider than high, as the view
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_patch_embedding_matmul_equals_the_convolution(tiny_vlm_dirs, family):
     from hf_vla import AutoModelForVLA
     from hf_vla.backbones.qwen_vl import PatchConv3d

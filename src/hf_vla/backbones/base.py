@@ -51,8 +51,9 @@ class BackboneAdapter:
 
     def preprocess_images(self, image_processor, views: list, out: torch.Tensor | None = None) -> dict:
         """Pixel inputs for a list of views (uint8 [H, W, 3]); a family may add a faster path than the processor's,
-        and may write the pixels into `out` (an earlier result's `pixel_values`) when its shape fits."""
-        return image_processor(images=views, return_tensors="pt")
+        and may write the pixels into `out` (an earlier result's `pixel_values`) when its shape fits. The layout is
+        stated: left to guess, transformers reads a view 1 or 3 pixels high as channels-first."""
+        return image_processor(images=views, return_tensors="pt", input_data_format="channels_last")
 
 
 
