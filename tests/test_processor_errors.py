@@ -410,3 +410,18 @@ def test_policy_errors_name_the_observation_fields_as_sent(oft):
         assert policy.predict({**obs, "state": np.zeros(4)}, unnorm_key="narrow").shape == (4, 7)
     finally:
         del processor.norm_stats["narrow"]
+
+
+def test_image_size_and_state_bins_must_be_usable(oft):
+    """Settings are checked when the processor is made: a zero side used to fail inside PIL at the first call, a
+    fractional one to be cut down, one state bin to write every state as the same number."""
+    _, processor = oft
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    for size in ([0, 56], [-5, 56], [56.7, 56], [True, 56], [56], "224", None):
+        with pytest.raises(ValueError, match=r"^image_size: expected \[height, width\], two integers ≥ 1, got "
+                                             + re.escape(repr(size))):
+            VLAProcessor(image_processor, tokenizer, image_size=size)
+    assert VLAProcessor(image_processor, tokenizer, image_size=(np.int64(48), 64)).image_size == [48, 64]
+    for bins in (0, 1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^state_bins: expected an integer ≥ 2, got {re.escape(repr(bins))}"):
+            VLAProcessor(image_processor, tokenizer, state_bins=bins)

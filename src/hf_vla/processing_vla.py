@@ -66,6 +66,15 @@ def _uniform_bins(num_bins: int) -> UniformBins:
     return UniformBins(num_bins)
 
 
+def _positive_ints(values, field: str) -> list[int]:
+    """`[height, width]` as two integers ≥ 1 (a 0 would fail inside PIL at the first call, 56.7 be cut to 56)."""
+    sizes = list(values) if isinstance(values, (list, tuple, np.ndarray)) else None
+    if (sizes is None or len(sizes) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in sizes)):
+        raise ValueError(f"{field}: expected [height, width], two integers ≥ 1, got {values!r}")
+    return [int(s) for s in sizes]
+
+
 def state_to_text(normalized_state: np.ndarray, token_template: str | None = None, num_bins: int = STATE_BINS) -> str:
     """`[STATE] b1 b2 ... [ACTION]` with each normalised dimension as its bin index among `num_bins` uniform bins
     over [-1, 1] (StarVLA's state text: values below -1 give -1), or, with `token_template` (e.g.
@@ -87,7 +96,9 @@ class VLAProcessor(ProcessorMixin):
         norm_stats (`dict`, *optional*): per-embodiment statistics, `{key: {"action": {...}, "state": {...}}}`
             (format in `hf_vla.normalization`).
         camera_names (`list[str]`): the camera views each sample carries, in prompt order.
-        image_size (`list[int]`): `[height, width]` every view is resized to before the image processor.
+        image_size (`list[int]`): `[height, width]` every view is resized to (bicubic) before the image processor. A
+            size the backbone's processor would change (Qwen: sides not multiples of patch × merge, or a pixel count
+            outside its bounds) is resized again by it to the nearest one it takes (`smart_resize`), as in StarVLA.
         action_dim, action_horizon, state_dim, state_in_prompt, prompt_template: as in `VLAConfig`.
         action_query_token / action_query_suffix: OFT's placeholder token and the text that carries it.
         state_token_template (`str`, *optional*): write state bins as these tokens (bins variant) instead of numbers.
@@ -124,7 +135,7 @@ class VLAProcessor(ProcessorMixin):
         if len(set(camera_names)) != len(camera_names):
             raise ValueError(f"camera_names: expected distinct names, got {list(camera_names)}")
         self.camera_names = list(camera_names)
-        self.image_size = [int(s) for s in image_size]
+        self.image_size = _positive_ints(image_size, "image_size")
         self.action_dim = int(action_dim)
         self.action_horizon = int(action_horizon)
         self.state_dim = int(state_dim)
@@ -134,10 +145,10 @@ class VLAProcessor(ProcessorMixin):
         self.action_query_suffix = action_query_suffix
         self.state_token_template = state_token_template
         self.state_bins = int(state_bins)
+        if self.state_bins < 2 or self.state_bins != state_bins:  # fewer bins would write every state as one value
+            raise ValueError(f"state_bins: expected an integer ≥ 2, got {state_bins!r}")
         self.concat_views = bool(concat_views)
         self.backbone = backbone
-        if len(self.image_size) != 2:
-            raise ValueError(f"image_size: expected [height, width], got {image_size}")
         if "{instruction}" not in self.prompt_template:  # as VLAConfig: without it every prompt would be the same
             raise ValueError(f"prompt_template: expected a text containing '{{instruction}}', got {prompt_template!r}")
         if not self.camera_names:
