@@ -100,9 +100,49 @@ def test_batched_image_path_equals_the_image_processor(tiny_vlm_dirs, family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_processor_equals_the_backbones_own_processor(tiny_vlm_dirs, family):
+    """VLAProcessor's whole output equals transformers' Qwen2_5_VLProcessor / Qwen3VLProcessor (image-only: no
+    torchvision) on the same already-resized views and prompt text: token ids with the image runs, padding, masks,
+    patch grids and pixels, for square and non-square sizes Qwen keeps (the batched path), a size it rounds (the
+    processor's own path), and one pixel_buffer carried from call to call across shapes."""
+    from PIL import Image
+
+    from hf_vla import VLAProcessor
+    from hf_vla.training.trl import image_only_processor
+
+    image_processor = AutoImageProcessor.from_pretrained(tiny_vlm_dirs[family])
+    processor = VLAProcessor(image_processor, AutoTokenizer.from_pretrained(tiny_vlm_dirs[family]),
+                             camera_names=["primary", "wrist"], state_dim=3, state_in_prompt=True,
+                             prompt_template="Task: {instruction}.", backbone=family)  # fmt: skip
+    rng = np.random.default_rng(0)
+    processor.compute_norm_stats("arm", rng.normal(size=(64, 7)), rng.normal(size=(64, 3)))
+    reference = image_only_processor(processor, padding_side="left")
+    factor = image_processor.patch_size * image_processor.merge_size
+    buffer, reused = None, 0
+    for size in ([2 * factor, 2 * factor], [2 * factor, 3 * factor], [3 * factor, 2 * factor], [50, 70]):
+        processor.image_size = size
+        views = [[rng.integers(0, 256, (45, 61, 3), dtype=np.uint8) for _ in range(2)] for _ in range(2)]
+        texts, state = ["open the drawer", "go"], rng.normal(size=(2, 3))
+        got = processor(images=views, text=texts, state=state, pixel_buffer=buffer)
+        reused += buffer is not None and got["pixel_values"].data_ptr() == buffer.data_ptr()
+        buffer = got["pixel_values"]
+        resized = [[Image.fromarray(view).resize(size[::-1], Image.BICUBIC) for view in sample] for sample in views]
+        prompts = [processor._instruction_text(text, got["state"][b].numpy(), b) for b, text in enumerate(texts)]
+        messages = [[{"role": "user", "content": [{"type": "image", "image": image} for image in sample]
+                      + [{"type": "text", "text": prompt}]}] for sample, prompt in zip(resized, prompts)]  # fmt: skip
+        expected = reference.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                                 add_generation_prompt=True, padding=True)  # fmt: skip
+        assert "[STATE]" in prompts[0]
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+            assert got[key].tolist() == expected[key].tolist(), (size, key)
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], rtol=0, atol=1e-6)
+    assert reused == 1  # [2f, 3f] and [3f, 2f] views fill the same number of patches: the buffer took the second
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_views_one_or_three_pixels_high_are_read_channels_last(tiny_vlm_dirs, family):
     """Views are [H, W, 3]; left to guess, transformers takes a first axis of 1 or 3 for the channels and patches a
-    transposed image (a processor whose image_size is 3 high, or a chat sample's tiny image, gives such views)."""
+    transposed image (a processor whose image_size is 1 or 3 high gives such views)."""
     from PIL import Image
 
     from hf_vla.backbones.qwen_vl import QwenVLAdapter
