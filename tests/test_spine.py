@@ -68,6 +68,56 @@ def test_processor_round_trip_is_exact(oft, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+SETTINGS = ("camera_names", "image_size", "action_dim", "action_horizon", "state_dim", "state_in_prompt", "prompt_template",
+            "action_query_token", "action_query_suffix", "state_token_template", "state_bins", "concat_views", "backbone",
+            "chat_template", "norm_stats")
+
+
+def test_every_processor_setting_round_trips_and_older_configs_get_the_defaults(tiny_vlm_dirs, tmp_path):
+    import json
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from hf_vla.normalization import compute_stats
+
+    vlm = tiny_vlm_dirs["qwen3_vl"]
+    rng = np.random.default_rng(0)
+    processor = VLAProcessor(
+        AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm), camera_names=["front", "wrist", "top"],
+        image_size=[64, 96], action_dim=5, action_horizon=3, state_dim=4, state_in_prompt=True,
+        prompt_template="Task: {instruction}!", action_query_token="<|fim_pad|>",
+        action_query_suffix=" then {horizon}: {queries}", state_bins=32, concat_views=True, backbone="qwen3_vl",
+    )  # fmt: skip
+    actions = rng.normal(size=(64, 5))
+    actions[:, 4] = 2.5  # a constant dimension
+    stats = {"action": compute_stats(actions, ["q99", "min_max", "mean_std", "binary", "identity"]),
+             "state": {**compute_stats(rng.normal(size=(64, 4)), ["identity", "q99", "binary", "mean_std"]),
+                       "embodiment_dim": 3},
+             "action_mode": ["rel", "abs", "delta", "abs", "abs"], "num_transitions": 64}  # fmt: skip
+    processor.set_norm_stats("arm", stats)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    for name in SETTINGS:
+        assert getattr(loaded, name) == getattr(processor, name), name
+    sample = dict(images=random_views(rng, 2, cameras=3), text=["open", "close the door"], state=rng.normal(size=(2, 3)),
+                  actions=rng.normal(size=(2, 3, 5)))  # fmt: skip
+    a, b = processor(**sample), loaded(**sample)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert a["image_grid_thw"].tolist() == [[1, 12, 6]] * 2  # three 64 × 96 views stacked: one 192 × 96 image
+    chunk = rng.uniform(-1, 1, (2, 3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.decode_actions(chunk, state=sample["state"]),
+                                  processor.decode_actions(chunk, state=sample["state"]))  # fmt: skip
+
+    # a processor_config.json from before state_bins, concat_views, state_token_template and the OFT query settings
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    newer = ("state_bins", "concat_views", "state_token_template", "action_query_token", "action_query_suffix")
+    (tmp_path / "processor_config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in newer}))
+    older = AutoProcessor.from_pretrained(tmp_path)
+    assert [getattr(older, name) for name in newer] == [256, False, None, None, None]
+    for name in set(SETTINGS) - set(newer):
+        assert getattr(older, name) == getattr(processor, name), name
+
+
 def test_bf16_loading(oft, tmp_path):
     _, model, processor = oft
     model.save_pretrained(tmp_path)
