@@ -425,3 +425,39 @@ def test_image_size_and_state_bins_must_be_usable(oft):
     for bins in (0, 1, 2.5, True):
         with pytest.raises(ValueError, match=rf"^state_bins: expected an integer ≥ 2, got {re.escape(repr(bins))}"):
             VLAProcessor(image_processor, tokenizer, state_bins=bins)
+
+
+def test_normalised_actions_decode_back_for_every_mode_and_embodiment_width(oft):
+    """processor(actions=...) then decode_actions gives the raw chunk back in float32 for every normalisation mode:
+    within rounding for the affine ones (q99 inside its range, min_max, mean_std), exactly for identity, binary
+    and constant dimensions; q99 values beyond the range come back clamped to it. A mixed batch decodes each sample
+    with its own statistics, a narrower embodiment at its own width."""
+    from hf_vla.normalization import compute_stats
+
+    _, processor = oft
+    rng = np.random.default_rng(3)
+    modes = ["q99", "min_max", "mean_std", "binary", "identity", "mean_std", "q99"]
+    data = rng.normal(size=(512, 7)) * [1, 3, 0.01, 1, 5, 1, 1] + [0, 1, 2, 0, 0, 0, 0]
+    data[:, 3] = rng.integers(0, 2, 512)  # a gripper
+    data[:, 5], data[:, 6] = 0.1, 7.0  # constant dimensions
+    data = data.astype(np.float32)
+    wide = {"action": compute_stats(data, modes), "state": processor.norm_stats["bridge"]["state"]}
+    narrow = {"action": {**compute_stats(data, modes), "embodiment_dim": 5}, "state": wide["state"]}
+    processor.set_norm_stats("wide", wide)
+    processor.set_norm_stats("narrow", narrow)
+    try:
+        chunks = data[:8].reshape(2, 4, 7)
+        chunks[0, 0, 0] = wide["action"]["q99"][0] + 5.0  # beyond the q99 range
+        keys = ["wide", "narrow"]
+        batch = call(processor, actions=chunks, embodiment=keys)
+        mixed = processor.decode_actions(batch["actions"], unnorm_key=keys)
+        assert mixed.dtype == np.float32 and mixed.shape == (2, 4, 7)
+        assert processor.decode_actions(batch["actions"][1], unnorm_key="narrow").shape == (4, 5)
+        np.testing.assert_array_equal(processor.decode_actions(batch["actions"][1], unnorm_key="narrow"), mixed[1, :, :5])
+        expected = chunks.copy()
+        expected[0, 0, 0] = wide["action"]["q99"][0]  # clamped
+        np.testing.assert_allclose(mixed[..., :3], expected[..., :3], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(mixed[..., 3:], expected[..., 3:])
+        assert batch["actions"][0, 0, 0] == 1.0 and set(batch["actions"][..., 3].unique().tolist()) <= {0.0, 1.0}
+    finally:
+        del processor.norm_stats["wide"], processor.norm_stats["narrow"]
