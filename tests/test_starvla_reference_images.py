@@ -291,8 +291,8 @@ def test_fast_path_non_square_matches(base_vlms):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_libero_256_frames_obs_224(base_vlms, family):
     """LIBERO-size 256×256 frames, two views, obs_image_size [224, 224] (the released LIBERO YAMLs). StarVLA resizes
-    256 → 224 with PIL's default BICUBIC (trainer_tools.resize_images); hf_vla resizes with BILINEAR
-    (processing_vla.VLAProcessor._resized). Same grid, different pixels."""
+    256 → 224 with PIL's default BICUBIC (trainer_tools.resize_images), and so does hf_vla
+    (processing_vla.VLAProcessor._resized): same grid, same pixels."""
     frames = frames_for(batch=2, views=2, height=256, width=256, seed=1)
     _, ref, got, ref_images, hf_views = compare_inference(base_vlms, family, frames, run_config([224, 224]))
     assert_same_pixels(ref, got, ref_images, hf_views)
@@ -301,7 +301,7 @@ def test_libero_256_frames_obs_224(base_vlms, family):
 def test_libero_256_frames_training_path(base_vlms):
     """Training (the dataloader's fixed `Image.fromarray(frame).resize((224, 224))`, BICUBIC) gives the same pixels
     as StarVLA's inference with obs_image_size [224, 224]; hf_vla's training batches go through the same processor
-    call as its inference, so they differ from StarVLA's training pixels exactly as in the inference test."""
+    call as its inference, so they equal StarVLA's training pixels too."""
     frames = frames_for(batch=2, views=2, height=256, width=256, seed=2)
     processor, ref, got, _, hf_views = compare_inference(base_vlms, "qwen2_5_vl", frames, run_config([224, 224]))
     train_images = starvla_training_images(frames, "qwen2_5_vl")
@@ -312,7 +312,7 @@ def test_libero_256_frames_training_path(base_vlms):
 
 def test_odd_size_frames_obs_224(base_vlms):
     """250×333 frames with obs_image_size [224, 224]: both end at 224×224 (grid 16×16), resized with BICUBIC in
-    StarVLA and BILINEAR in hf_vla."""
+    StarVLA and hf_vla alike."""
     frames = frames_for(batch=2, views=2, height=250, width=333, seed=3)
     _, ref, got, ref_images, hf_views = compare_inference(base_vlms, "qwen2_5_vl", frames, run_config([224, 224]))
     assert ref["image_grid_thw"].tolist() == [[1, 16, 16]] * 4
@@ -335,8 +335,8 @@ def test_frames_without_obs_image_size_get_the_training_resolution(base_vlms, he
 
 def test_non_square_obs_image_size_order(base_vlms):
     """obs_image_size is a PIL size in StarVLA (`resize_images` → `Image.resize(target_size)`): [320, 240] means 320
-    wide, 240 high (then fetch_image → 252×308, grid 18×22). convert_starvla.image_size_for passes it on as hf_vla's
-    [height, width], i.e. 320 high, 240 wide (→ 308×252, grid 22×18)."""
+    wide, 240 high (then fetch_image → 252×308, grid 18×22). convert_starvla.image_size_for turns it into hf_vla's
+    [height, width] = [240, 320], the same 240 high, 320 wide."""
     frames = frames_for(batch=1, views=2, height=480, width=640, seed=6)
     _, ref, got, ref_images, hf_views = compare_inference(base_vlms, "qwen2_5_vl", frames, run_config([320, 240]))
     assert ref["image_grid_thw"].tolist() == [[1, 18, 22]] * 2
