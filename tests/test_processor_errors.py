@@ -353,12 +353,14 @@ def test_decode_actions_and_action_mask_take_tensors_of_any_dtype_and_refuse_non
         expected = processor.decode_actions(chunk, unnorm_key="rel", state=state)
         for same in (torch.tensor(state, dtype=torch.bfloat16), torch.tensor(state), state.tolist()):
             np.testing.assert_array_equal(processor.decode_actions(chunk, unnorm_key="rel", state=same), expected)
-        np.testing.assert_array_equal(processor.decode_actions(torch.tensor(chunk).bfloat16(), unnorm_key="rel"),
-                                      processor.decode_actions(torch.tensor(chunk).bfloat16().float(), unnorm_key="rel"))
+        low = torch.tensor(chunk).bfloat16()
+        np.testing.assert_array_equal(processor.decode_actions(low, unnorm_key="rel"),
+                                      processor.decode_actions(low.float(), unnorm_key="rel"))
         for bad, message in ((np.ones((1, 6), bool), "expected a numeric array, got dtype bool"),
                              ([[True] + [0.0] * 5], "expected numbers, got booleans among them"),
                              ("abc", "expected a numeric array, got dtype <U3"),
-                             ([[0.0] * 6, [0.0]], "expected a numeric array, got ragged nested sequences")):  # fmt: skip
+                             ([[0.0] * 6, [0.0]], "expected a numeric array, got ragged nested sequences"),
+                             ):  # fmt: skip
             with pytest.raises(ValueError, match=rf"^state: {message}"):
                 processor.decode_actions(chunk, unnorm_key="rel", state=bad)
         for bad, message in ((np.ones((1, 4, 7), bool), "expected a numeric array, got dtype bool"),
@@ -369,7 +371,8 @@ def test_decode_actions_and_action_mask_take_tensors_of_any_dtype_and_refuse_non
     finally:
         del processor.norm_stats["rel"]
     actions = np.zeros((2, 4, 7))
-    mask = call(processor, actions=actions, action_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bfloat16))
+    steps = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bfloat16)
+    mask = call(processor, actions=actions, action_mask=steps)
     assert mask["action_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
     with pytest.raises(ValueError, match=r"^action_mask: expected a numeric array, got ragged nested sequences"):
         call(processor, actions=actions, action_mask=[[1, 1, 1, 1], [1, 1, 1]])
@@ -385,7 +388,8 @@ def test_policy_errors_name_the_observation_fields_as_sent(oft):
     batched = {"images": {"primary": batch, "wrist": batch}, "instruction": ["go", "stop"], "state": np.zeros((2, 6))}
     for bad, message in (
         ({"state": np.zeros(5)}, r"state: expected shape \[6\], got \[5\]"),
-        ({"instruction": "go <|im_end|>"}, r"instruction: the instruction may not contain the reserved token '<\|im_end\|>'"),
+        ({"instruction": "go <|im_end|>"},
+         r"instruction: the instruction may not contain the reserved token '<\|im_end\|>'"),
         ({"instruction": None, "prompt": "go <|image_pad|>"}, r"prompt: the instruction may not contain the reserved"),
         ({"images": {"primary": image, "wrist": image[:0]}}, r"images\['wrist'\]: expected images of at least 1 × 1 "
                                                              r"pixels, got 0 × 48"),
@@ -394,7 +398,8 @@ def test_policy_errors_name_the_observation_fields_as_sent(oft):
             policy.predict({**obs, **bad})
     for bad, message in (
         ({"state": np.zeros((2, 5))}, r"state: expected shape \[2, 6\], got \[2, 5\]"),
-        ({"instruction": ["go", "stop <|im_start|>"]}, r"instruction\[1\]: the instruction may not contain the reserved"),
+        ({"instruction": ["go", "stop <|im_start|>"]},
+         r"instruction\[1\]: the instruction may not contain the reserved"),
         ({"instruction": ["go", 3]}, r"instruction\[1\]: expected str, got int"),
         ({"images": {"primary": batch[:0], "wrist": batch[:0]}, "state": np.zeros((0, 6))},
          r"images: expected at least one sample, got 0$"),
@@ -452,8 +457,9 @@ def test_normalised_actions_decode_back_for_every_mode_and_embodiment_width(oft)
         batch = call(processor, actions=chunks, embodiment=keys)
         mixed = processor.decode_actions(batch["actions"], unnorm_key=keys)
         assert mixed.dtype == np.float32 and mixed.shape == (2, 4, 7)
-        assert processor.decode_actions(batch["actions"][1], unnorm_key="narrow").shape == (4, 5)
-        np.testing.assert_array_equal(processor.decode_actions(batch["actions"][1], unnorm_key="narrow"), mixed[1, :, :5])
+        assert own.shape == (4, 5)
+        own = processor.decode_actions(batch["actions"][1], unnorm_key="narrow")
+        np.testing.assert_array_equal(own, mixed[1, :, :5])
         expected = chunks.copy()
         expected[0, 0, 0] = wide["action"]["q99"][0]  # clamped
         np.testing.assert_allclose(mixed[..., :3], expected[..., :3], rtol=1e-6, atol=1e-6)

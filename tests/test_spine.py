@@ -68,9 +68,9 @@ def test_processor_round_trip_is_exact(oft, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-SETTINGS = ("camera_names", "image_size", "action_dim", "action_horizon", "state_dim", "state_in_prompt", "prompt_template",
-            "action_query_token", "action_query_suffix", "state_token_template", "state_bins", "concat_views", "backbone",
-            "chat_template", "norm_stats")
+SETTINGS = ("camera_names", "image_size", "action_dim", "action_horizon", "state_dim", "state_in_prompt",
+            "prompt_template", "action_query_token", "action_query_suffix", "state_token_template", "state_bins",
+            "concat_views", "backbone", "chat_template", "norm_stats")
 
 
 def test_every_processor_setting_round_trips_and_older_configs_get_the_defaults(tiny_vlm_dirs, tmp_path):
@@ -83,9 +83,9 @@ def test_every_processor_setting_round_trips_and_older_configs_get_the_defaults(
     vlm = tiny_vlm_dirs["qwen3_vl"]
     rng = np.random.default_rng(0)
     processor = VLAProcessor(
-        AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm), camera_names=["front", "wrist", "top"],
-        image_size=[64, 96], action_dim=5, action_horizon=3, state_dim=4, state_in_prompt=True,
-        prompt_template="Task: {instruction}!", action_query_token="<|fim_pad|>",
+        AutoImageProcessor.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm),
+        camera_names=["front", "wrist", "top"], image_size=[64, 96], action_dim=5, action_horizon=3, state_dim=4,
+        state_in_prompt=True, prompt_template="Task: {instruction}!", action_query_token="<|fim_pad|>",
         action_query_suffix=" then {horizon}: {queries}", state_bins=32, concat_views=True, backbone="qwen3_vl",
     )  # fmt: skip
     actions = rng.normal(size=(64, 5))
@@ -99,8 +99,8 @@ def test_every_processor_setting_round_trips_and_older_configs_get_the_defaults(
     loaded = AutoProcessor.from_pretrained(tmp_path)
     for name in SETTINGS:
         assert getattr(loaded, name) == getattr(processor, name), name
-    sample = dict(images=random_views(rng, 2, cameras=3), text=["open", "close the door"], state=rng.normal(size=(2, 3)),
-                  actions=rng.normal(size=(2, 3, 5)))  # fmt: skip
+    sample = dict(images=random_views(rng, 2, cameras=3), text=["open", "close the door"],
+                  state=rng.normal(size=(2, 3)), actions=rng.normal(size=(2, 3, 5)))
     a, b = processor(**sample), loaded(**sample)
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert a["image_grid_thw"].tolist() == [[1, 12, 6]] * 2  # three 64 × 96 views stacked: one 192 × 96 image
