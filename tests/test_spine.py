@@ -235,6 +235,15 @@ def test_batched_and_unbatched_policy_match_the_manual_pipeline(oft):
     single = policy.predict({"images": {"primary": primary[1], "wrist": wrist[1]}, "prompt": text[1], "state": state[1]})
     assert single.shape == (4, 7)
     np.testing.assert_allclose(single, batched[1], rtol=1e-4, atol=1e-5)
+    # numpy strings, as the server takes them: one per sample, or one (0-d) for the batch
+    for instruction in (np.asarray(text), np.asarray(text[1])):
+        again = policy.predict({"images": {"primary": primary, "wrist": wrist}, "instruction": instruction,
+                                "state": state})  # fmt: skip
+        expected = batched if instruction.ndim else policy.predict(
+            {"images": {"primary": primary, "wrist": wrist}, "instruction": text[1], "state": state})
+        np.testing.assert_array_equal(again, expected)
+    with pytest.raises(ValueError, match=r"^instruction: expected a string or 3 string\(s\), got array\(\[\[1"):
+        policy.predict({"images": {"primary": primary, "wrist": wrist}, "instruction": np.ones((3, 1)), "state": state})
     actions, normalized = policy.predict({"images": {"primary": primary[1], "wrist": wrist[1]}, "prompt": text[1],
                                           "state": state[1]}, return_normalized=True)  # fmt: skip
     assert normalized.shape == (4, 7) and normalized.dtype == np.float32
@@ -388,6 +397,26 @@ def test_prompt_cache_follows_the_state_text_and_the_template(tiny_vlm_dirs):
         torch.testing.assert_close(cached, uncached(images=views, text="open the drawer", state=state)["input_ids"])
     assert not torch.equal(processor(images=views, text="open the drawer", state=low)["input_ids"],
                            processor(images=views, text="open the drawer", state=high)["input_ids"])  # fmt: skip
+    # another tokenizer attached (here a counting stand-in of the same length and pad token) is asked again
+    class CountingTokenizer:
+        def __init__(self, tokenizer):
+            self.tokenizer, self.calls = tokenizer, 0
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def __len__(self):
+            return len(self.tokenizer)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return self.tokenizer(*args, **kwargs)
+
+    original = processor.tokenizer
+    processor.tokenizer = CountingTokenizer(original)
+    processor(images=views, text="open the drawer", state=low)
+    assert processor.tokenizer.calls == 1
+    processor.tokenizer = original
     processor.prompt_template = "Task: {instruction}"
     uncached.prompt_template = "Task: {instruction}"
     uncached._prompt_cache.clear()

@@ -121,13 +121,16 @@ class VLAPolicy:
 
         field = "prompt" if obs.get("instruction") is None and obs.get("prompt") is not None else "instruction"
         instruction = obs.get(field)
+        if isinstance(instruction, np.ndarray) and instruction.dtype.kind == "U" and instruction.ndim <= 1:
+            instruction = instruction.tolist()  # numpy strings (`np.asarray(prompt)`), as the server takes them
         if isinstance(instruction, str):  # one instruction for the whole batch, as the server takes it
             self.processor.check_instruction(instruction, field)
             instruction = [instruction] * batch_size
-        if not isinstance(instruction, (list, tuple)) or len(instruction) != batch_size:
+        elif isinstance(instruction, (list, tuple)) and len(instruction) == batch_size:
+            for b, text in enumerate(instruction):
+                self.processor.check_instruction(text, f"{field}[{b}]")
+        else:
             raise ValueError(f"{field}: expected a string or {batch_size} string(s), got {instruction!r:.80}")
-        for b, text in enumerate(instruction):
-            self.processor.check_instruction(text, f"{field}[{b}]")
 
         state = obs.get("state")
         if state is not None:

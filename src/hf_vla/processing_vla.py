@@ -503,11 +503,11 @@ class VLAProcessor(ProcessorMixin):
             state_texts = tuple(
                 state_to_text(row, self.state_token_template, self.state_bins) for row in normalized_state
             )
-        # tokens added to the tokenizer later change the ids, hence its length in the key
+        # another tokenizer attached, or tokens added to this one later, change the ids: both are in the key
         template = (self.chat_template, self.prompt_template, self.action_query_suffix, self.action_query_token,
                     self.action_horizon)  # fmt: skip
-        key = (len(self.tokenizer), self.tokenizer.pad_token_id, template, views_per_prompt, tuple(counts), tuple(text),
-               state_texts)  # fmt: skip
+        key = (id(self.tokenizer), len(self.tokenizer), self.tokenizer.pad_token_id, template, views_per_prompt,
+               tuple(counts), tuple(text), state_texts)  # fmt: skip
         encoded = self._prompt_cache.get(key)
         if encoded is None:
             instructions = [
