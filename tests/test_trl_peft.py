@@ -283,7 +283,7 @@ def test_reward_target_fn_score_fn_and_target_column_by_hand(vlm_dir):
         action_reward(model)(None, None, completions, goal=[goal] * 3)
 
 
-def test_grpo_samples_only_the_action_tokens_a_fast_model_can_decode(vlm_dir, fast_tokenizer):
+def test_grpo_samples_only_the_action_tokens_a_fast_model_can_decode(vlm_dir, fast_tokenizer):  # noqa: F811
     # a 64-token FAST tokenizer on 96 reserved rows (a custom tokenizer on a StarVLA -Action backbone): ids past its
     # vocabulary never decode, so GRPO must not sample them (greedy decoding already does not)
     model, _ = make_token_model(vlm_dir, "fast", fast_tokenizer, num_action_tokens=96)
