@@ -786,9 +786,30 @@ def test_generated_backbone_and_dataset_are_not_reused_for_other_settings(train_
 
 def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
     recipe = str(REPO / "trainers" / "recipes" / "oft.yaml")
-    for override, message in [(["--data.lerobt", "/data/x"], r"data: unknown key\(s\) \['lerobt'\]"),
+    # unknown keys are named with their closest known key; values of the wrong type are refused before anything runs
+    for override, message in [(["--data.lerobt", "/data/x"], r"data: unknown key\(s\) \['lerobt'\] \(closest known: "
+                                                             r"lerobt → lerobot\)"),
+                              (["--trainer.max_step", "3"], r"trainer: unknown key\(s\) \['max_step'\] \(closest "
+                                                            r"known: max_step → max_steps\); expected TrainingArguments"),
+                              (["--trainer.max_steps", "abc"], r"trainer\.max_steps: expected an integer, got 'abc'"),
+                              (["--trainer.max_steps", "true"], r"trainer\.max_steps: expected an integer, got True"),
+                              (["--trainer.bf16", "1"], r"trainer\.bf16: expected true or false, got 1"),
+                              (["--trainer.weight_decay", "[0.1]"], r"trainer\.weight_decay: expected a number, got "),
+                              (["--model.action_horizon", "0"], r"model\.action_horizon: expected a positive integer"),
+                              (["--model.variant", "gr00"], r"model\.variant: expected one of \['bins', 'fast', 'gr00t', "
+                                                            r"'oft', 'pi', 'pi_v3'\], got 'gr00'"),
+                              (["--model.variant", "gr00t", "--model.head", "{num_dit_layer: 1}"],
+                               r"model\.head: unknown key\(s\) \['num_dit_layer'\] \(closest known: num_dit_layer → "
+                               r"num_dit_layers\); expected VLAGR00TConfig fields$"),
+                              (["--model.variant", "gr00t"], r"model\.head: unknown key\(s\) \['head_hidden_dim', "
+                                                             r"'head_num_blocks'\].* \(oft fields: to switch variants, "
+                                                             r"start from that variant's recipe or reset the head"),
+                              (["--model.head.action_horizon", "4"], r"model\.head: \['action_horizon'\] are set by the "
+                                                                     r"model section; use model\.action_horizon instead"),
+                              (["--model.head", "[4]"], r"model\.head: expected \{field: value\} of the variant's config"),
                               (["--model.action_horizn", "16"], r"model: unknown key\(s\) \['action_horizn'\]"),
-                              (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\]"),
+                              (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\] "
+                                                                     r"\(closest known: random_shfit → random_shift\)"),
                               (["--model.image_size", "224"], r"model\.image_size: expected \[height, width\] in pixels, got 224"),
                               (["--model.dtype", "bf16"], r"model\.dtype: expected null, auto or a torch dtype name .*got 'bf16'"),
                               (["--data.eval_split", "-0.1"], r"data\.eval_split: expected a fraction in \[0, 1\), got -0\.1"),

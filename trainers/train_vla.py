@@ -21,11 +21,14 @@ resolved recipe as training_recipe.yaml (beside Trainer's checkpoint-N folders, 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
 import os
 import shutil
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,9 +40,11 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vla import AutoModelForVLA, VLAProcessor
+from hf_vla.auto import VARIANTS
 from hf_vla.data.augment import RandomShift
 from hf_vla.data.collators import CoTrainingCollator, VLACollator
 from hf_vla.data.lerobot import compute_union_stats, load_lerobot
+from hf_vla.modeling_vla import GENERAL_CONFIG_KWARGS
 from hf_vla.normalization import normalize
 from hf_vla.training import VLATrainer
 from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
@@ -226,6 +231,13 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
     return train, evaluation, stats, camera_names[0], action_only
 
 
+def unknown_keys_message(section: str, unknown: list[str], known) -> str:
+    """`section: unknown key(s) [...]`, with the closest known key of each (a misspelling is the usual cause)."""
+    hints = {name: difflib.get_close_matches(name, list(known), n=1) for name in unknown}
+    closest = ", ".join(f"{name} → {hint[0]}" for name, hint in hints.items() if hint)
+    return f"{section}: unknown key(s) {unknown}" + (f" (closest known: {closest})" if closest else "")
+
+
 def check_recipe_keys(recipe: dict) -> None:
     """Every `model` / `data` key is one this script reads, and so are the keys of the fixed-schema settings under
     them: a misspelt `--data.lerobt` would otherwise train on the synthetic set (`head` and `tiny_vlm` go to configs
@@ -233,13 +245,15 @@ def check_recipe_keys(recipe: dict) -> None:
     for section in ("model", "data"):
         unknown = sorted(set(recipe[section]) - set(DEFAULTS[section]))
         if unknown:
-            raise ValueError(f"{section}: unknown key(s) {unknown}; expected {sorted(DEFAULTS[section])}")
+            raise ValueError(f"{unknown_keys_message(section, unknown, DEFAULTS[section])}; expected "
+                             f"{sorted(DEFAULTS[section])}")
         for key in ("fast", "synthetic", "normalization", "augment"):
             value, default = recipe[section].get(key), DEFAULTS[section].get(key)
             if isinstance(value, dict) and isinstance(default, dict):
                 unknown = sorted(set(value) - set(default))
                 if unknown:
-                    raise ValueError(f"{section}.{key}: unknown key(s) {unknown}; expected {sorted(default)}")
+                    raise ValueError(f"{unknown_keys_message(f'{section}.{key}', unknown, default)}; expected "
+                                     f"{sorted(default)}")
     check_recipe_values(recipe["model"], recipe["data"])
 
 
@@ -247,6 +261,10 @@ def check_recipe_values(model: dict, data: dict) -> None:
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+    check_model_head(model)
+    horizon = model["action_horizon"]
+    if not (isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0):
+        raise ValueError(f"model.action_horizon: expected a positive integer, got {horizon!r}")
     size = model["image_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise ValueError(f"model.image_size: expected [height, width] in pixels, got {size!r}")
@@ -261,6 +279,55 @@ def check_recipe_values(model: dict, data: dict) -> None:
     shift = augment.get("random_shift") or 0 if isinstance(augment, dict) else None
     if not (isinstance(shift, int) and not isinstance(shift, bool) and shift >= 0):
         raise ValueError(f"data.augment: expected {{random_shift: pixels (an integer >= 0)}}, got {data['augment']!r}")
+
+
+def check_model_head(model: dict) -> None:
+    """`model.variant` and the field names of `model.head`, before the data is read (the statistics of a large dataset
+    take minutes; from_vlm refuses a misspelt field only when the model is built)."""
+    variants = sorted(name.removeprefix("vla_") for name in VARIANTS)
+    if model["variant"] not in variants:
+        raise ValueError(f"model.variant: expected one of {variants}, got {model['variant']!r}")
+    head = model["head"] if model["head"] is not None else {}
+    if not isinstance(head, dict):
+        raise ValueError(f"model.head: expected {{field: value}} of the variant's config, got {head!r}")
+    set_by_model = sorted(set(head) & set(DEFAULTS["model"]))
+    if set_by_model:  # build_model passes these from the model section itself
+        raise ValueError(f"model.head: {set_by_model} are set by the model section; use "
+                         f"{', '.join(f'model.{key}' for key in set_by_model)} instead")
+    config_class = VARIANTS[f"vla_{model['variant']}"][0]
+    known = {field.name for field in dataclasses.fields(config_class)} | GENERAL_CONFIG_KWARGS
+    unknown = sorted(set(head) - known)
+    if unknown:
+        others = [name.removeprefix("vla_") for name, (other, _) in VARIANTS.items()
+                  if set(unknown) <= {field.name for field in dataclasses.fields(other)}]  # fmt: skip
+        switched = f" ({others[0]} fields: to switch variants, start from that variant's recipe or reset the head " \
+                   "with --model.head null)" if others else ""
+        raise ValueError(f"{unknown_keys_message('model.head', unknown, known)}; expected {config_class.__name__} "
+                         f"fields{switched}")
+
+
+NUMBER_TYPES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_trainer_fields(fields: dict) -> None:
+    """The `trainer` section's TrainingArguments fields, checked before anything is loaded or built: TrainingArguments
+    is made after the model (see main), and takes any value of its numeric and boolean fields without a word
+    (`max_steps: abc` would fail at the first step, after the data and the model were loaded)."""
+    known = {field.name: field.type for field in dataclasses.fields(TrainingArguments) if field.init}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"{unknown_keys_message('trainer', unknown, known)}; expected TrainingArguments fields, or "
+                         "learning_rate, freeze, loss_scale")
+    for name, value in fields.items():
+        annotated = known[name]
+        options = set(annotated.__args__) if isinstance(annotated, types.UnionType) else {annotated}
+        expected = options - {type(None)}
+        if len(expected) != 1 or next(iter(expected)) not in NUMBER_TYPES or (value is None and type(None) in options):
+            continue
+        kind = next(iter(expected))
+        accepted = (int, float) if kind is float else (kind,)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+            raise ValueError(f"trainer.{name}: expected {NUMBER_TYPES[kind]}, got {value!r}")
 
 
 def load_mixture_data(data: dict, model: dict):
@@ -359,7 +426,8 @@ def resolve_vlm(model: dict, output_dir: Path) -> str:
 
 
 def build_model(model: dict, vlm: str, action_dim: int, state_dim: int, action_tokenizer=None):
-    kwargs = dict(action_dim=action_dim, action_horizon=model["action_horizon"], state_dim=state_dim, **model["head"])
+    kwargs = dict(action_dim=action_dim, action_horizon=model["action_horizon"], state_dim=state_dim,
+                  **(model["head"] or {}))
     if model["variant"] == "fast":
         kwargs["action_tokenizer"] = action_tokenizer
     dtype = model["dtype"]
@@ -442,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     fields, learning_rates, freeze, loss_scale = split_trainer_section(trainer_cfg)
     resume = fields.pop("resume_from_checkpoint", None)
+    check_trainer_fields(fields)
     if "output_dir" not in fields:
         raise ValueError("trainer.output_dir: required")
     output_dir, seed = Path(fields["output_dir"]), int(fields.get("seed", 42))
