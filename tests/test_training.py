@@ -833,6 +833,29 @@ def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_train_vla_head_overrides_reach_the_model_and_the_saved_recipe(train_vla, tmp_path):
+    """One nested head field set on the command line changes that field and keeps the recipe's others; `model.head:
+    null` builds the variant's default head (it used to stop the run with a TypeError)."""
+    run = ["--trainer.max_steps", "1", "--trainer.save_strategy", "no", "--trainer.disable_tqdm", "true",
+           "--data.eval_split", "0", "--model.image_size", "[28, 28]", "--data.synthetic.num_episodes", "2",
+           "--data.synthetic.length", "8"]  # fmt: skip
+    out = tmp_path / "gr00t"
+    train_vla.main([str(REPO / "trainers" / "recipes" / "gr00t.yaml"), *run, "--trainer.output_dir", str(out),
+                    "--model.head.num_dit_layers", "1", "--model.head.dropout", "0.25"])  # fmt: skip
+    config = AutoModelForVLA.from_pretrained(out).config
+    head = yaml.safe_load((REPO / "trainers" / "recipes" / "gr00t.yaml").read_text())["model"]["head"]
+    expected = {**head, "num_dit_layers": 1, "dropout": 0.25}
+    assert {key: getattr(config, key) for key in expected} == expected and head["num_dit_layers"] != 1
+    assert load_recipe(out / "training_recipe.yaml")["model"]["head"] == expected
+    out = tmp_path / "oft"
+    train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), *run, "--trainer.output_dir", str(out),
+                    "--model.head", "null"])  # fmt: skip
+    assert load_recipe(out / "training_recipe.yaml")["model"]["head"] is None
+    from hf_vla.models.oft import VLAOFTConfig
+
+    assert AutoModelForVLA.from_pretrained(out).config.head_num_blocks == VLAOFTConfig().head_num_blocks
+
+
 def test_train_vla_statistics_keys_of_several_datasets(train_vla, tmp_path):
     from hf_vla.data.lerobot import compute_union_stats
 
