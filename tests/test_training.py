@@ -1184,6 +1184,26 @@ def test_fitted_fast_tokenizer_travels_with_the_model_and_a_resumed_run_keeps_it
     assert AutoModelForVLA.from_pretrained(resumed).action_tokenizer.bpe.to_str() == tokenizer.bpe.to_str()
 
 
+@pytest.mark.parametrize("variant", ["oft", "gr00t"])
+def test_train_vla_resumed_run_continues_exactly(variant, train_vla, tmp_path):
+    """A run resumed from checkpoint-2 logs the uninterrupted run's losses at steps 3 and 4, for a regression head and
+    a flow head (whose noise and timesteps come from the restored RNG), with random image shifts drawn in between."""
+    def losses(out: Path) -> dict:
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    run = [str(REPO / "trainers" / "recipes" / f"{variant}.yaml"), "--trainer.max_steps", "4", "--trainer.save_steps",
+           "2", "--trainer.logging_steps", "1", "--trainer.disable_tqdm", "true", "--data.eval_split", "0",
+           "--model.image_size", "[28, 28]", "--model.action_horizon", "4", "--data.augment.random_shift", "2",
+           "--data.synthetic.num_episodes", "2", "--data.synthetic.length", "8"]  # fmt: skip
+    train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "full")])
+    train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "resumed"), "--trainer.resume_from_checkpoint",
+                    str(tmp_path / "full" / "checkpoint-2")])  # fmt: skip
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(full) == [1, 2, 3, 4] and len(set(full.values())) == 4
+    assert resumed[3] == full[3] and resumed[4] == full[4]
+
+
 def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_path, dataset_root):
     """`resume_from_checkpoint: true` picks the newest checkpoint-N of the output directory and continues from its
     weights: a marker written into checkpoint-2's weights is still there after one more step (a fresh start, or the
