@@ -115,6 +115,53 @@ def test_generated_demonstrations_are_a_lerobot_dataset(tmp_path):
         np.testing.assert_allclose(obs["state"], data._states[first["length"] - 1], atol=0.05)
 
 
+def test_hf_vla_generate_writes_what_train_vla_reads_and_refuses_a_non_empty_folder(tmp_path, capsys):
+    """`hf-vla generate metaworld` → the Meta-World recipe trains on it as written (camera, statistics key, action
+    width, instructions) → the model predicts for one of its frames. An existing non-empty output folder (a dataset,
+    or anything else) is refused in one line and left as it was, instead of a traceback or a mixed folder."""
+    import importlib.util
+
+    from hf_vla import VLAPolicy
+    from hf_vla.cli import main as cli
+
+    out = tmp_path / "demos"
+    generate = ["generate", "metaworld", str(out), "--tasks", "drawer-open", "--episodes", "1", "--image-size", "32"]
+    assert cli(generate) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"]["drawer-open"]["episodes"] == 1
+    data = load_lerobot(out, action_horizon=8, camera_rename={"observation.images.corner2": "corner2"})
+    assert data.fps == 80 and data.camera_names == ["corner2"] and data[0]["instruction"] == "open the drawer"
+    assert (data[0]["state"].shape, data[0]["actions"].shape) == ((4,), (8, 4))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for folder in (out, tmp_path / "notes"):
+        before = sorted(path.relative_to(folder) for path in folder.rglob("*"))
+        with pytest.raises(SystemExit) as exit_info:
+            cli([*generate[:2], str(folder), *generate[3:]])
+        assert exit_info.value.code == 2 and sorted(path.relative_to(folder) for path in folder.rglob("*")) == before
+        assert capsys.readouterr().err == (f"hf-vla generate: {folder} exists and is not an empty folder; remove it or "
+                                           "choose another output folder (demonstrations are written into a new or "
+                                           "empty one only)\n")
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_vla", root / "trainers" / "train_vla.py")
+    train_vla = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_vla)
+    model_dir = tmp_path / "model"
+    train_vla.main([str(root / "trainers" / "recipes" / "metaworld.yaml"), "--data.lerobot", str(out),
+                    "--trainer.output_dir", str(model_dir), "--trainer.max_steps", "1", "--trainer.save_strategy", "no",
+                    "--trainer.per_device_train_batch_size", "2", "--trainer.disable_tqdm", "true",
+                    "--model.image_size", "[32, 32]"])  # fmt: skip
+    policy = VLAPolicy.from_pretrained(str(model_dir))
+    stats = policy.processor.norm_stats["metaworld"]
+    assert policy.processor.camera_names == ["corner2"] and list(policy.processor.norm_stats) == ["metaworld"]
+    assert (policy.model.config.action_dim, policy.model.config.state_dim) == (4, 0) and "state" not in stats
+    assert stats["action"]["mode"] == ["min_max"] * 4 and stats["num_transitions"] == len(data)
+    np.testing.assert_allclose(stats["action"]["max"], data._actions.max(axis=0), rtol=1e-6)
+    frame = data[5]
+    chunk = policy.predict({"images": frame["images"], "instruction": frame["instruction"]})
+    assert chunk.shape == (8, 4) and np.isfinite(chunk).all()
+
+
 def test_wilson_interval_matches_the_closed_form():
     for k, n in [(0, 10), (7, 10), (20, 20), (45, 80)]:
         p, z = k / n, 1.959963984540054

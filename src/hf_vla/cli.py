@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: its message, not a traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: its message, not a traceback
         parser.exit(2, f"hf-vla {args.command}: {error}\n")
 
 

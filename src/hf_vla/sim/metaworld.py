@@ -211,6 +211,8 @@ def generate_demonstrations(
 
     Seeds `seed, seed + 1, ...` are tried per task until `episodes` succeed (at most `max_attempts_per_episode ×
     episodes` tries); evaluation seeds should lie elsewhere (`hf-vla eval metaworld` starts at 10 000).
+    `out_dir` must be new or an empty folder: a dataset already there, or a crashed run's partial files, is
+    refused.
     """
     from tqdm.auto import tqdm
 
@@ -219,6 +221,10 @@ def generate_demonstrations(
     if episodes < 1:
         raise ValueError(f"episodes: expected a positive integer, got {episodes}")
     tasks = distinct_task_names(tasks)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a dataset, a crashed run's leftovers, other files
+        raise FileExistsError(f"{out} exists and is not an empty folder; remove it or choose another output folder "
+                              "(demonstrations are written into a new or empty one only)")
     start = time.perf_counter()
     writer = LeRobotWriter(out_dir, fps=FPS, robot_type="sawyer", video=video,
                            feature_names={"observation.state": STATE_NAMES, "action": ACTION_NAMES})  # fmt: skip
@@ -257,7 +263,7 @@ def main(argv=None):
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("out", help="output directory of the LeRobot dataset")
+    parser.add_argument("out", help="output directory of the LeRobot dataset (new, or an empty folder)")
     parser.add_argument("--tasks", nargs="+", default=list(EASY_TASKS), help="Meta-World task names")
     parser.add_argument("--episodes", type=int, default=50, help="successful episodes per task")
     parser.add_argument("--image-size", type=int, default=112)
