@@ -773,6 +773,14 @@ def test_resuming_the_latest_checkpoint_needs_one(train_vla, tmp_path):
         with pytest.raises(ValueError, match=rf"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N"):
             train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(output_dir),
                             "--trainer.resume_from_checkpoint", "true"])  # fmt: skip
+    # a misspelt checkpoint path is refused before the data and the model are loaded, not by Trainer afterwards
+    for checkpoint in (str(tmp_path / "run" / "checkpoint-3"), "5"):
+        with pytest.raises(ValueError, match=re.escape(f"trainer.resume_from_checkpoint: expected true (the latest "
+                                                       f"checkpoint-N of output_dir) or a checkpoint folder, got "
+                                                       f"{yaml.safe_load(checkpoint)!r}, which is not a folder")):
+            train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(tmp_path),
+                            "--trainer.resume_from_checkpoint", checkpoint])  # fmt: skip
+    assert not any(tmp_path.iterdir())
 
 
 def test_generated_backbone_and_dataset_are_not_reused_for_other_settings(train_vla, tmp_path):

@@ -518,6 +518,9 @@ def main(argv: list[str] | None = None) -> dict:
         resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if resume is None:
             raise ValueError(f"trainer.resume_from_checkpoint: true, but {output_dir} holds no checkpoint-N to resume")
+    if resume and not (isinstance(resume, str) and Path(resume).is_dir()):  # Trainer says so only after the build
+        raise ValueError(f"trainer.resume_from_checkpoint: expected true (the latest checkpoint-N of output_dir) or a "
+                         f"checkpoint folder, got {resume!r}, which is not a folder")
     if resume:
         check_steps_left(Path(resume), fields.get("max_steps"))
     is_main = int(os.environ.get("RANK", "0")) == 0
