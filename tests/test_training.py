@@ -886,6 +886,45 @@ def test_train_vla_statistics_keys_of_several_datasets(train_vla, tmp_path):
     np.testing.assert_allclose(saved["state"]["mean"], union["state"]["mean"], rtol=1e-6)
 
 
+def test_train_vla_evaluates_every_datasets_tail_in_its_own_robot_units_every_eval_steps(train_vla, tmp_path):
+    """data.eval_split holds out the tail of each dataset; `eval_strategy: steps` evaluates every `eval_steps`, and
+    the final metrics are the saved policy's errors on those frames, each decoded with its own embodiment's statistics
+    (the second dataset's actions are 20 times larger: decoded with the first's statistics they would be far off)."""
+    from hf_vla.data.lerobot_writer import synthetic_episodes
+
+    roots = []
+    for name, scale, seed in (("small", 1.0, 0), ("large", 20.0, 1)):
+        episodes = synthetic_episodes(2, 8, size=16, state_dim=2, action_dim=3, seed=seed)
+        for episode in episodes:
+            episode["frames"]["action"] = episode["frames"]["action"] * scale
+        roots.append(write_lerobot_dataset(tmp_path / name, episodes, fps=10, video=False))
+    out = tmp_path / "run"
+    metrics = train_vla.main([
+        str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(out), "--trainer.max_steps", "4",
+        "--trainer.save_strategy", "no", "--trainer.disable_tqdm", "true", "--trainer.eval_strategy", "steps",
+        "--trainer.eval_steps", "2", "--data.eval_split", "0.25", "--data.lerobot", f"[{roots[0]}, {roots[1]}]",
+        "--data.embodiment", "[small, large]", "--model.image_size", "[28, 28]", "--model.action_horizon", "4",
+        "--data.camera_rename", "{observation.images.front: primary, observation.images.wrist: wrist}",
+    ])  # fmt: skip
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_action_l1" in entry] == [2, 4]
+
+    policy = VLAPolicy.from_pretrained(str(out))
+    errors = []
+    for root, key in zip(roots, ("small", "large")):
+        dataset = load_lerobot(root, action_horizon=4, camera_rename=CAMERAS)
+        held_out = range(len(dataset) - round(len(dataset) * 0.25), len(dataset))  # 17 frames: the last 4
+        for index in held_out:
+            sample = dataset[index]
+            chunk = policy.predict({"images": sample["images"], "instruction": sample["instruction"],
+                                    "state": sample["state"]}, unnorm_key=key)  # fmt: skip
+            errors.append((chunk - sample["actions"])[sample["action_mask"]])
+    errors = np.concatenate(errors)
+    assert metrics["eval_action_l1"] == pytest.approx(np.abs(errors).mean(), rel=1e-4)
+    assert metrics["eval_action_mse"] == pytest.approx((errors**2).mean(), rel=1e-4)
+    assert metrics["eval_action_l1"] > 5  # the large dataset's errors, in its own units
+
+
 def test_train_vla_with_a_mixture(train_vla, tmp_path, dataset_root, caplog):
     cameras = dict(CAMERAS)
     mixture = {"datasets": [{"path": str(dataset_root), "embodiment": "toy_a", "cameras": cameras},
