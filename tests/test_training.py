@@ -807,29 +807,30 @@ def test_generated_backbone_and_dataset_are_not_reused_for_other_settings(train_
 def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
     recipe = str(REPO / "trainers" / "recipes" / "oft.yaml")
     # unknown keys are named with their closest known key; values of the wrong type are refused before anything runs
-    for override, message in [(["--data.lerobt", "/data/x"], r"data: unknown key\(s\) \['lerobt'\] \(closest known: "
-                                                             r"lerobt → lerobot\)"),
-                              (["--trainer.max_step", "3"], r"trainer: unknown key\(s\) \['max_step'\] \(closest "
-                                                            r"known: max_step → max_steps\); expected TrainingArguments"),
-                              (["--trainer.max_steps", "abc"], r"trainer\.max_steps: expected an integer, got 'abc'"),
-                              (["--trainer.max_steps", "true"], r"trainer\.max_steps: expected an integer, got True"),
-                              (["--trainer.bf16", "1"], r"trainer\.bf16: expected true or false, got 1"),
-                              (["--trainer.weight_decay", "[0.1]"], r"trainer\.weight_decay: expected a number, got "),
-                              (["--model.action_horizon", "0"], r"model\.action_horizon: expected a positive integer"),
-                              (["--model.variant", "gr00"], r"model\.variant: expected one of \['bins', 'fast', 'gr00t', "
-                                                            r"'oft', 'pi', 'pi_v3'\], got 'gr00'"),
-                              (["--model.variant", "gr00t", "--model.head", "{num_dit_layer: 1}"],
-                               r"model\.head: unknown key\(s\) \['num_dit_layer'\] \(closest known: num_dit_layer → "
-                               r"num_dit_layers\); expected VLAGR00TConfig fields$"),
-                              (["--model.variant", "gr00t"], r"model\.head: unknown key\(s\) \['head_hidden_dim', "
-                                                             r"'head_num_blocks'\].* \(oft fields: to switch variants, "
-                                                             r"start from that variant's recipe or reset the head"),
-                              (["--model.head.action_horizon", "4"], r"model\.head: \['action_horizon'\] are set by the "
-                                                                     r"model section; use model\.action_horizon instead"),
-                              (["--model.head", "[4]"], r"model\.head: expected \{field: value\} of the variant's config"),
+    checked_early = [
+        (["--data.lerobt", "/data/x"], r"data: unknown key\(s\) \['lerobt'\] \(closest known: lerobt → lerobot\)"),
+        (["--trainer.max_step", "3"], r"trainer: unknown key\(s\) \['max_step'\] \(closest known: max_step → "
+                                      r"max_steps\); expected TrainingArguments"),
+        (["--trainer.max_steps", "abc"], r"trainer\.max_steps: expected an integer, got 'abc'"),
+        (["--trainer.max_steps", "true"], r"trainer\.max_steps: expected an integer, got True"),
+        (["--trainer.bf16", "1"], r"trainer\.bf16: expected true or false, got 1"),
+        (["--trainer.weight_decay", "[0.1]"], r"trainer\.weight_decay: expected a number, got "),
+        (["--model.action_horizon", "0"], r"model\.action_horizon: expected a positive integer"),
+        (["--model.variant", "gr00"], r"model\.variant: expected one of \['bins', 'fast', 'gr00t', 'oft', 'pi', "
+                                      r"'pi_v3'\], got 'gr00'"),
+        (["--model.variant", "gr00t", "--model.head", "{num_dit_layer: 1}"],
+         r"model\.head: unknown key\(s\) \['num_dit_layer'\] \(closest known: num_dit_layer → num_dit_layers\); "
+         r"expected VLAGR00TConfig fields$"),
+        (["--model.variant", "gr00t"], r"model\.head: unknown key\(s\) \['head_hidden_dim', 'head_num_blocks'\].* "
+                                       r"\(oft fields: to switch variants, start from that variant's recipe or reset"),
+        (["--model.head.action_horizon", "4"], r"model\.head: \['action_horizon'\] are set by the model section; use "
+                                               r"model\.action_horizon instead"),
+        (["--model.head", "[4]"], r"model\.head: expected \{field: value\} of the variant's config"),
+        (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\] \(closest known: "
+                                               r"random_shfit → random_shift\)"),
+    ]
+    for override, message in [*checked_early,
                               (["--model.action_horizn", "16"], r"model: unknown key\(s\) \['action_horizn'\]"),
-                              (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\] "
-                                                                     r"\(closest known: random_shfit → random_shift\)"),
                               (["--model.image_size", "224"], r"model\.image_size: expected \[height, width\] in pixels, got 224"),
                               (["--model.dtype", "bf16"], r"model\.dtype: expected null, auto or a torch dtype name .*got 'bf16'"),
                               (["--data.eval_split", "-0.1"], r"data\.eval_split: expected a fraction in \[0, 1\), got -0\.1"),
@@ -862,6 +863,29 @@ def test_train_vla_head_overrides_reach_the_model_and_the_saved_recipe(train_vla
     from hf_vla.models.oft import VLAOFTConfig
 
     assert AutoModelForVLA.from_pretrained(out).config.head_num_blocks == VLAOFTConfig().head_num_blocks
+
+
+def test_train_vla_learning_rates_loss_scale_and_freeze_from_the_command_line(train_vla, tmp_path):
+    """A dict given to --trainer.learning_rate replaces the recipe's rates (the recipe's vlm.model.visual rate is
+    gone); --trainer.loss_scale.vla weighs the logged loss; a freeze path that matches nothing is named."""
+    run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.max_steps", "2", "--trainer.save_strategy", "no",
+           "--trainer.logging_steps", "1", "--trainer.disable_tqdm", "true", "--data.eval_split", "0",
+           "--model.image_size", "[28, 28]", "--model.action_horizon", "4", "--data.synthetic.num_episodes", "2",
+           "--data.synthetic.length", "8"]  # fmt: skip
+    out = tmp_path / "run"
+    train_vla.main([*run, "--trainer.output_dir", str(out), "--trainer.learning_rate",
+                    "{base: 1e-4, action_head: 2e-3}", "--trainer.loss_scale.vla", "2.5"])  # fmt: skip
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = [entry for entry in history if "loss" in entry]
+    assert [entry["loss"] for entry in history] == pytest.approx([2.5 * entry["action_loss"] for entry in history])
+    assert [sorted(key for key in entry if key.startswith("learning_rate")) for entry in history] == [
+        ["learning_rate", "learning_rate/action_head"]] * 2
+    assert (history[1]["learning_rate"], history[1]["learning_rate/action_head"]) == pytest.approx((2.5e-5, 5e-4))
+    recipe = load_recipe(out / "training_recipe.yaml")["trainer"]
+    assert recipe["learning_rate"] == {"base": 1e-4, "action_head": 2e-3} and recipe["loss_scale"]["vla"] == 2.5
+    with pytest.raises(ValueError, match=r"freeze: \['vlm\.model\.visul'\] match no parameter of "
+                                         r"VLAOFTForActionPrediction\. .* top-level modules: \['action_head', 'vlm'\]"):
+        train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "frozen"), "--trainer.freeze", "vlm.model.visul"])
 
 
 def test_train_vla_statistics_keys_of_several_datasets(train_vla, tmp_path):
