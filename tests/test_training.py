@@ -1300,3 +1300,6 @@ def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_pa
     final = load_file(out / "model.safetensors")[marked]
     assert (final - 50.0).abs().max() < 1.0, final  # one AdamW step of lr 1e-3 moves a value by about 1e-3
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    # the saved recipe says how the model trains, not how this run started: run again elsewhere, it starts afresh
+    for folder in (out, out / "checkpoint-3"):
+        assert "resume_from_checkpoint" not in yaml.safe_load((folder / "training_recipe.yaml").read_text())["trainer"]

@@ -510,6 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     fields, learning_rates, freeze, loss_scale = split_trainer_section(trainer_cfg)
     resume = fields.pop("resume_from_checkpoint", None)
+    # how this run started, not how the model trains: the saved recipe, run again in a new folder, starts afresh
+    trainer_cfg.pop("resume_from_checkpoint", None)
     check_trainer_fields(fields)
     if "output_dir" not in fields:
         raise ValueError("trainer.output_dir: required")
