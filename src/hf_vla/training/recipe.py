@@ -1,7 +1,8 @@
 """Training recipes: a YAML file with `model`, `data` and `trainer` sections, plus dotted command-line overrides.
 
     python trainers/train_vla.py trainers/recipes/gr00t.yaml --trainer.max_steps 100 \\
-        --trainer.learning_rate.action_head 1e-4 --model.head.num_dit_layers 8 --data.mixture mix.yaml
+        --trainer.learning_rate.action_head 1e-4 --model.head.num_dit_layers 8 \\
+        --data.mixture mix.yaml --data.eval_split 0
 
 An override is `--section.key.subkey VALUE` (or `--section.key.subkey=VALUE`); VALUE is read as YAML, so `1e-4`,
 `true`, `null`, `[a, b]` and `{min_lr: 1e-6}` have their YAML types. Under `trainer.learning_rate` the rest of the
