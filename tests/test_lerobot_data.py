@@ -739,6 +739,24 @@ def test_decoder_seeks_once_per_call_and_not_at_all_when_reading_on(roots):
     assert decoder.seeks == 2
 
 
+def test_a_tolerance_wider_than_half_a_frame_still_gives_the_nearest_frame(roots):
+    # regression: the seeking decoder returned the first frame within tolerance_s, an earlier neighbour of the exact one
+    from hf_vla.data import PreloadedDecoder
+
+    video = roots["v3"] / f"videos/{FRONT}/chunk-000/file-000.mp4"
+    calls = [[1.0, 0.5], [0.52], [0.48], [0.58], [2.3], [2.21], [3.0, 3.8, 3.92]]  # on, behind, ahead; a seek; the end
+    for decoder in (PyAVDecoder(tolerance_s=0.25), PreloadedDecoder(tolerance_s=0.25)):
+        for timestamps in calls:
+            nearest = np.minimum(np.round(np.array(timestamps) * FPS) / FPS, 3.8)  # 39 frames: the last is at 3.8 s
+            np.testing.assert_array_equal(decoder.decode(video, timestamps), decode_frames_naively(video, nearest),
+                                          err_msg=f"{type(decoder).__name__} at {timestamps}")
+        with pytest.raises(VideoDecodeError, match=r"t=4\.2000s"):
+            decoder.decode(video, [4.2])  # the last frame, at 3.8 s, is 0.4 s away
+    exact = PyAVDecoder(tolerance_s=1e-4)  # LeRobot's tolerance: float32 timestamps are closer than that
+    frames = exact.decode(video, np.arange(39, dtype=np.float32) / np.float32(FPS))
+    np.testing.assert_array_equal(frames, decode_frames_naively(video, np.arange(39) / FPS))
+
+
 def test_custom_decoder_is_used(roots):
     calls = []
 

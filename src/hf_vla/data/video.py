@@ -8,7 +8,7 @@ which are seconds into the file), or a plain callable with that signature. `PyAV
 * the timestamps of one call are served by a single seek to the keyframe at or before the earliest one, then decoding
   forward; a later call that starts a little ahead of where the previous one stopped (sequential reading; "a little"
   is within the keyframe spacing, so decoding on costs no more than a seek would) continues without seeking at all;
-* each timestamp gets the frame whose presentation time is within `tolerance_s` (default: half a frame period).
+* each timestamp gets the frame nearest to it, which must be within `tolerance_s` (default: half a frame period).
 
 `PreloadedDecoder` decodes each file whole on first use and answers from memory, for datasets that fit in RAM.
 
@@ -61,12 +61,16 @@ class _OpenVideo:
         self.frames = None  # live `container.decode` iterator, None until the first seek
         self.last_frame = None  # last frame pulled from `frames`
         self.last_time = None
+        self.previous_frame = None  # the one pulled before it (the last frame of the stream once `frames` ended)
+        self.previous_time = None
         self.last_keyframe_time = None
         self.keyframe_interval = 0.0  # largest keyframe spacing seen so far, in seconds
 
     def pull(self):
         """Next decoded frame (None at the end of the stream); tracks the keyframe spacing."""
         frame = next(self.frames, None)
+        if self.last_frame is not None:
+            self.previous_frame, self.previous_time = self.last_frame, self.last_time
         if frame is None:
             self.last_frame = self.last_time = None
             return None
@@ -80,9 +84,12 @@ class _OpenVideo:
     def to_rgb(self, frame) -> np.ndarray:
         return self.reformatter.reformat(frame, format="rgb24").to_ndarray()
 
+    def forget_frames(self):
+        self.last_frame = self.last_time = self.previous_frame = self.previous_time = None
+
     def close(self):
         self.frames = None
-        self.last_frame = None
+        self.forget_frames()
         self.container.close()
 
 
@@ -90,8 +97,8 @@ class PyAVDecoder:
     """Decodes frames at given timestamps with PyAV, one seek per call at most (see the module docstring).
 
     Args:
-        tolerance_s: largest allowed distance between a requested timestamp and the frame returned; by default half
-            the stream's frame period (1e-4 s when the stream has no frame rate).
+        tolerance_s: largest allowed distance between a requested timestamp and the frame returned (the nearest one);
+            by default half the stream's frame period (1e-4 s when the stream has no frame rate).
         max_forward_s: upper bound on how far ahead of the last decoded frame a call may start and still decode
             forward instead of seeking (it also has to be within the keyframe spacing seen so far).
         max_open_files: containers kept open per process.
@@ -127,52 +134,66 @@ class PyAVDecoder:
         path = str(path)
         wanted = _checked_timestamps(path, timestamps)
         video = self._get(path)
+        half_period = 0.5 * video.frame_period - 1e-6 if video.frame_period else None
         tolerance = self.tolerance_s
         if tolerance is None:
-            tolerance = 0.5 * video.frame_period - 1e-6 if video.frame_period else 1e-4
+            tolerance = half_period or 1e-4
+        # a frame this close is the nearest one (at a constant frame rate), so no later frame need be decoded to check
+        nearest_within = tolerance if half_period is None else min(tolerance, half_period)
         order = np.argsort(wanted, kind="stable")
         out: list[np.ndarray | None] = [None] * wanted.size
         try:
-            self._decode_sorted(video, wanted, order, tolerance, out)
+            self._decode_sorted(video, wanted, order, tolerance, nearest_within, out)
         except av.FFmpegError as err:
             self._close(path)
             raise VideoDecodeError(f"error decoding video file {path}: {err}") from err
         return np.stack(out)
 
-    def _decode_sorted(self, video: _OpenVideo, wanted, order, tolerance, out):
+    def _decode_sorted(self, video: _OpenVideo, wanted, order, tolerance, nearest_within, out):
         first = wanted[order[0]]
-        if not self._can_read_on(video, first, tolerance):
+        if not self._can_read_on(video, first, nearest_within):
             self._seek(video, first)
-        pending = list(order)
-        frame = video.last_frame
-        while pending:
-            target = wanted[pending[0]]
-            if frame is not None and abs(video.last_time - target) <= tolerance:
-                out[pending.pop(0)] = video.to_rgb(frame)
-                continue
-            if frame is not None and video.last_time > target + tolerance:
-                raise VideoDecodeError(
-                    f"video file {video.path}: no frame within {tolerance:.4f}s of t={target:.4f}s "
-                    f"(nearest decoded frame is at {video.last_time:.4f}s)"
-                )
-            frame = video.pull()
-            if frame is None:
-                raise VideoDecodeError(f"video file {video.path}: t={target:.4f}s is past the end of the stream")
+        for index in order:
+            out[index] = video.to_rgb(self._nearest_frame(video, wanted[index], tolerance, nearest_within))
 
-    def _can_read_on(self, video: _OpenVideo, first: float, tolerance: float) -> bool:
-        """Whether decoding forward from the current position beats seeking: the target is not behind us and is
-        closer than a keyframe interval (a seek would decode about as much) and than `max_forward_s`."""
+    def _nearest_frame(self, video: _OpenVideo, target: float, tolerance: float, nearest_within: float):
+        """Decodes forward to the frame nearest `target`: one within `nearest_within` of it, else the last frame before
+        it or the first after it, whichever is closer."""
+        while video.last_frame is None or video.last_time < target:
+            if video.last_frame is not None and target - video.last_time <= nearest_within:
+                return video.last_frame
+            if video.pull() is None:
+                break
+        candidates = [(abs(time - target), time, frame) for time, frame in
+                      ((video.previous_time, video.previous_frame), (video.last_time, video.last_frame))
+                      if frame is not None]  # fmt: skip
+        if not candidates:
+            raise VideoDecodeError(f"video file {video.path}: t={target:.4f}s is past the end of the stream")
+        distance, time, frame = min(candidates, key=lambda candidate: candidate[0])
+        if distance > tolerance and video.last_frame is None and target > time:
+            raise VideoDecodeError(f"video file {video.path}: t={target:.4f}s is past the end of the stream (last "
+                                   f"frame at {time:.4f}s)")
+        if distance > tolerance:
+            raise VideoDecodeError(f"video file {video.path}: no frame within {tolerance:.4f}s of t={target:.4f}s "
+                                   f"(nearest decoded frame is at {time:.4f}s)")
+        return frame
+
+    def _can_read_on(self, video: _OpenVideo, first: float, nearest_within: float) -> bool:
+        """Whether decoding forward from the current position beats seeking: the target is not behind us (no frame
+        before the current one can be the nearest) and is closer than a keyframe interval (a seek would decode about
+        as much) and than `max_forward_s`."""
         if video.last_time is None:
             return False
         ahead = first - video.last_time
         reach = min(self.max_forward_s, max(video.keyframe_interval, video.frame_period or 0.0))
-        return -tolerance <= ahead <= reach + tolerance
+        return -nearest_within <= ahead <= reach + nearest_within
 
     def _seek(self, video: _OpenVideo, seconds: float):
         offset = max(0.0, seconds) / float(video.stream.time_base)
         video.container.seek(int(offset), stream=video.stream, backward=True, any_frame=False)
         video.frames = video.container.decode(video.stream)
-        video.last_frame = video.last_time = video.last_keyframe_time = None
+        video.forget_frames()
+        video.last_keyframe_time = None
         self.seeks += 1
 
     def _get(self, path: str) -> _OpenVideo:
