@@ -757,6 +757,20 @@ def test_a_tolerance_wider_than_half_a_frame_still_gives_the_nearest_frame(roots
     np.testing.assert_array_equal(frames, decode_frames_naively(video, np.arange(39) / FPS))
 
 
+def test_reading_more_files_than_max_open_files_closes_and_reopens_them(roots):
+    decoder = PyAVDecoder(max_open_files=1)
+    ds = load_lerobot(roots["v3_split"], decoder=decoder)  # 2 cameras x 2 files, read in turn by every sample
+    for row in np.random.default_rng(0).permutation(len(ds))[:20]:
+        sample = ds[row]
+        for camera, key in enumerate((FRONT, WRIST)):
+            expected = pixel_value(sample["episode_index"], sample["frame_index"], camera)
+            assert abs(sample["images"][key].mean() - expected) < H264_TOLERANCE, (row, key)
+    assert list(decoder._open) == [str(roots["v3_split"] / ds.episodes[sample["episode_index"]]["videos"][WRIST][0])]
+    for bad in (0, -1, 1.5, True):  # 0 used to close the container it had just opened, then fail reading it
+        with pytest.raises(ValueError, match=rf"max_open_files: expected an integer ≥ 1, got {bad}"):
+            PyAVDecoder(max_open_files=bad)
+
+
 def test_custom_decoder_is_used(roots):
     calls = []
 

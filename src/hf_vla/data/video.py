@@ -112,6 +112,9 @@ class PyAVDecoder:
         max_open_files: int = 16,
         thread_count: int = 1,
     ):
+        if isinstance(max_open_files, bool) or not isinstance(max_open_files, int) or max_open_files < 1:
+            # with none kept open, the container just opened was closed before it was read
+            raise ValueError(f"max_open_files: expected an integer ≥ 1, got {max_open_files!r}")
         self.tolerance_s = tolerance_s
         self.max_forward_s = max_forward_s
         self.max_open_files = max_open_files
