@@ -570,6 +570,32 @@ def test_corrupt_or_missing_video_names_the_file(roots, tmp_path):
     assert len(load_lerobot(root, cameras=[])) == len(ds)  # a camera not read needs no video
 
 
+def test_a_video_at_another_frame_rate_is_read_by_time_and_a_missing_frame_names_its_sample(roots, episodes, tmp_path):
+    from hf_vla.data.lerobot_writer import VideoFileWriter
+
+    recorded = all_frames(episodes, FRONT)  # the three episodes of the one v3 file, at 10 fps
+    for name, fps, frames in (("slower", FPS // 2, recorded[::2]), ("faster", FPS * 2, recorded.repeat(2, axis=0))):
+        root = shutil.copytree(roots["v3"], tmp_path / name)
+        video = root / f"videos/{FRONT}/chunk-000/file-000.mp4"
+        writer = VideoFileWriter(video, fps, "h264", gop=2, crf=23)
+        writer.write(frames)
+        writer.close()
+        ds = load_lerobot(root, cameras=[FRONT])
+        for row in range(len(ds)):
+            if name == "slower" and row % 2:  # a time the 5 fps video has no frame for
+                episode = next(e for e in range(3) if row < row_of(episodes, e + 1, 0))
+                frame = row - row_of(episodes, episode, 0)
+                offset = row_of(episodes, episode, 0) / FPS
+                with pytest.raises(VideoDecodeError, match=rf"{video}: no frame within .* \(camera '{FRONT}' of "
+                                                           rf"episode {episode} frame {frame}, whose episode starts "
+                                                           rf"{offset:.4f}s into the file\)"):
+                    ds[row]
+                continue
+            sample = ds[row]
+            expected = pixel_value(sample["episode_index"], sample["frame_index"])
+            assert abs(sample["images"][FRONT].mean() - expected) < H264_TOLERANCE, (name, row)
+
+
 def test_missing_parquet_names_the_file(roots, tmp_path):
     root = shutil.copytree(roots["v2.1"], tmp_path / "missing")
     data = root / "data/chunk-000/episode_000001.parquet"

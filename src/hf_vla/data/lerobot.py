@@ -35,7 +35,7 @@ from ..normalization import (
     relative_state_width
 )
 from ..normalization import compute_stats as compute_feature_stats
-from .video import as_decoder
+from .video import VideoDecodeError, as_decoder
 
 CAMERA_DTYPES = ("video", "image")
 DEFAULT_STATE_KEY = "observation.state"
@@ -296,7 +296,12 @@ class LeRobotDataset(Dataset):
                 images[name] = self._embedded_image(row, key)
                 continue
             path, offset = episode["videos"][key]
-            frames = self.decoder.decode(self.root / path, [offset + self._timestamp[row]])
+            try:
+                frames = self.decoder.decode(self.root / path, [offset + self._timestamp[row]])
+            except VideoDecodeError as err:  # a v3 file holds many episodes: say which sample asked
+                where = (f"camera {key!r} of episode {self._episode_index[row]} frame {self._frame_index[row]}, "
+                         f"whose episode starts {offset:.4f}s into the file")
+                raise VideoDecodeError(f"{err} ({where})") from err
             images[name] = np.asarray(frames[0])
         return images
 
