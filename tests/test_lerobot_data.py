@@ -507,6 +507,36 @@ def test_decoded_frames_match_their_episode_and_frame(roots, name):
             assert abs(image.mean() - pixel_value(episode, frame, camera)) < H264_TOLERANCE, (name, row, key)
 
 
+def moving_texture_episodes(lengths, size=32):
+    """Camera frames with mean `pixel_value(e, f)` under a zero-mean texture that moves 3 pixels per frame: encoders
+    make P (and, with h264, B) frames of them, where flat frames come out as keyframes only at gop 2."""
+    texture = np.random.default_rng(0).integers(-12, 13, size=(size, 2 * size))
+    texture -= np.round(texture.mean()).astype(texture.dtype)
+    episodes = []
+    for e, n in enumerate(lengths):
+        views = [np.roll(texture, 3 * f, axis=1)[:, :size] + pixel_value(e, f) for f in range(n)]
+        camera = np.repeat(np.stack(views)[..., None], 3, axis=-1).astype(np.uint8)
+        episodes.append({"task": f"task {e}", "frames": {FRONT: camera, "action": np.zeros((n, 2), np.float32)}})
+    return episodes
+
+
+@pytest.mark.parametrize("codec, fps, gop", [("h264", 15, 12), ("h264", 50, 48), ("av1", 30, 12)])
+def test_random_access_decodes_inter_frames_of_shared_and_rolled_over_files(tmp_path, codec, fps, gop):
+    source = moving_texture_episodes([20, 23, 21, 22])
+    root = write_lerobot_dataset(tmp_path / "moving", source, fps, codec=codec, gop=gop, crf=18, episodes_per_file=3)
+    seeking, preloaded = load_lerobot(root), load_lerobot(root, decoder="preload")
+    assert sorted({episode["videos"][FRONT][0] for episode in seeking.episodes.values()})[-1].endswith("file-001.mp4")
+    rows = np.random.default_rng(fps).permutation(len(seeking))
+    for row in [*rows, *range(len(seeking) - 1, len(seeking) - 30, -3), 5, 5, 60, 60]:  # shuffled, backwards, repeated
+        sample = seeking[row]
+        image, episode, frame = sample["images"][FRONT], sample["episode_index"], sample["frame_index"]
+        np.testing.assert_array_equal(image, preloaded[row]["images"][FRONT], err_msg=f"row {row}")
+        assert abs(image.mean() - source[episode]["frames"][FRONT][frame].mean()) < 1.5, (row, episode, frame)
+    path, offset = seeking.episodes[1]["videos"][FRONT]  # the independent decoder, one seek per frame
+    np.testing.assert_array_equal(decode_frames_naively(root / path, offset + np.array([0, 11, 22]) / fps),
+                                  np.stack([preloaded[row_of(source, 1, frame)]["images"][FRONT] for frame in (0, 11, 22)]))
+
+
 def test_image_mode_is_exact(roots):
     source = synthetic_episodes(3, 12, state_dim=3, cameras=("front",))
     for name in ("image", "image_v2.1"):
