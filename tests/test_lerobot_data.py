@@ -537,6 +537,26 @@ def test_random_access_decodes_inter_frames_of_shared_and_rolled_over_files(tmp_
     np.testing.assert_array_equal(decode_frames_naively(root / path, offset + np.array([0, 11, 22]) / fps), expected)
 
 
+def flat_episode(episode, length, size=16):
+    values = np.array([pixel_value(episode, frame) for frame in range(length)], np.uint8)
+    return {"task": f"task {episode}", "frames": {FRONT: np.repeat(values, size * size * 3).reshape(length, size, size, 3),
+                                                  "action": np.zeros((length, 1), np.float32)}}
+
+
+def test_a_long_episode_after_another_gets_its_frames_at_float32_timestamps(tmp_path):
+    fps, lengths = 3, [7, 12300]  # t reaches 4100 s, where float32 is off by up to 2.4e-4 s (LeRobot's tolerance: 1e-4)
+    root = write_lerobot_dataset(tmp_path / "long", [flat_episode(e, n) for e, n in enumerate(lengths)], fps, gop=10)
+    timestamps = pq.read_table(root / "data/chunk-000/file-000.parquet").column("timestamp")
+    assert timestamps.type == pa.float32()
+    assert np.abs(timestamps.to_numpy()[lengths[0]:] - np.arange(lengths[1]) / fps).max() > 1e-4
+    ds = load_lerobot(root)
+    rows = [*range(len(ds) - 200, len(ds)), *np.random.default_rng(0).integers(0, len(ds), 150)]
+    for row in rows:  # reading on to the end of the file, then seeking
+        sample = ds[row]
+        expected = pixel_value(sample["episode_index"], sample["frame_index"])
+        assert abs(sample["images"][FRONT].mean() - expected) < H264_TOLERANCE, (row, sample["frame_index"])
+
+
 def test_image_mode_is_exact(roots):
     source = synthetic_episodes(3, 12, state_dim=3, cameras=("front",))
     for name in ("image", "image_v2.1"):
