@@ -539,8 +539,8 @@ def test_random_access_decodes_inter_frames_of_shared_and_rolled_over_files(tmp_
 
 def flat_episode(episode, length, size=16):
     values = np.array([pixel_value(episode, frame) for frame in range(length)], np.uint8)
-    return {"task": f"task {episode}", "frames": {FRONT: np.repeat(values, size * size * 3).reshape(length, size, size, 3),
-                                                  "action": np.zeros((length, 1), np.float32)}}
+    views = np.repeat(values, size * size * 3).reshape(length, size, size, 3)
+    return {"task": f"task {episode}", "frames": {FRONT: views, "action": np.zeros((length, 1), np.float32)}}
 
 
 def test_a_long_episode_after_another_gets_its_frames_at_float32_timestamps(tmp_path):
