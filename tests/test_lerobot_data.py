@@ -949,6 +949,22 @@ def test_forked_workers_after_the_parent_decoded(roots):
     assert images.shape == (39, 32, 32, 3) and np.array_equal(images[20].numpy(), parent_image)
 
 
+@pytest.mark.parametrize("decoder", ["pyav", "preload"])
+def test_two_forked_workers_read_shuffled_samples_of_several_files(roots, decoder):
+    ds = load_lerobot(roots["v3_split"], decoder=decoder)
+    ds[30]  # the parent has a file open (or decoded) before the fork
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, timeout=60,
+                                         multiprocessing_context="fork", generator=torch.Generator().manual_seed(0))
+    seen = []
+    for batch in loader:
+        for camera, key in enumerate((FRONT, WRIST)):
+            expected = [pixel_value(e, f, camera) for e, f in zip(batch["episode_index"], batch["frame_index"])]
+            means = batch["images"][key].double().mean(dim=(1, 2, 3)).numpy()
+            np.testing.assert_allclose(means, expected, atol=H264_TOLERANCE, err_msg=key)
+        seen += list(zip(batch["episode_index"].tolist(), batch["frame_index"].tolist()))
+    assert sorted(seen) == sorted((ds[row]["episode_index"], ds[row]["frame_index"]) for row in range(len(ds)))
+
+
 @pytest.mark.parametrize("name", ["v3", "v3_split", "v2.1"])
 def test_preloaded_decoder_gives_the_same_frames_as_seeking(roots, name):
     from hf_vla.data import PreloadedDecoder
