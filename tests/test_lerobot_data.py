@@ -516,7 +516,8 @@ def moving_texture_episodes(lengths, size=32):
     for e, n in enumerate(lengths):
         views = [np.roll(texture, 3 * f, axis=1)[:, :size] + pixel_value(e, f) for f in range(n)]
         camera = np.repeat(np.stack(views)[..., None], 3, axis=-1).astype(np.uint8)
-        episodes.append({"task": f"task {e}", "frames": {FRONT: camera, "action": np.zeros((n, 2), np.float32)}})
+        actions = np.stack([np.full(n, e), np.arange(n)], axis=1).astype(np.float32)
+        episodes.append({"task": f"task {e}", "frames": {FRONT: camera, "action": actions}})
     return episodes
 
 
@@ -535,6 +536,26 @@ def test_random_access_decodes_inter_frames_of_shared_and_rolled_over_files(tmp_
     path, offset = seeking.episodes[1]["videos"][FRONT]  # the independent decoder, one seek per frame
     expected = np.stack([preloaded[row_of(source, 1, frame)]["images"][FRONT] for frame in (0, 11, 22)])
     np.testing.assert_array_equal(decode_frames_naively(root / path, offset + np.array([0, 11, 22]) / fps), expected)
+
+
+def test_v3_v21_and_image_layouts_read_the_same_samples(tmp_path):
+    source = moving_texture_episodes([9, 12, 10])
+    layouts = {"image": dict(video=False), "v3": dict(episodes_per_file=2), "v2.1": dict(version="v2.1")}
+    datasets = {name: load_lerobot(write_lerobot_dataset(tmp_path / name, source, FPS, crf=18, **kwargs),
+                                   action_horizon=3) for name, kwargs in layouts.items()}
+    for row in np.random.default_rng(0).permutation(31):
+        samples = {name: ds[row] for name, ds in datasets.items()}
+        episode, frame = samples["image"]["episode_index"], samples["image"]["frame_index"]
+        recorded = source[episode]["frames"][FRONT]
+        np.testing.assert_array_equal(samples["image"]["images"][FRONT], recorded[frame])
+        for name in ("v3", "v2.1"):
+            sample = samples[name]
+            assert (sample["episode_index"], sample["frame_index"]) == (episode, frame)
+            assert sample["instruction"] == f"task {episode}"
+            np.testing.assert_array_equal(sample["actions"], samples["image"]["actions"])
+            np.testing.assert_array_equal(sample["action_mask"], samples["image"]["action_mask"])
+            errors = np.abs(recorded.astype(np.int16) - sample["images"][FRONT]).mean(axis=(1, 2, 3))
+            assert errors.argmin() == frame and errors[frame] < 2, (name, row, errors.round(1))
 
 
 def flat_episode(episode, length, size=16):
