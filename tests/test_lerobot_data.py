@@ -667,6 +667,27 @@ def test_a_video_at_another_frame_rate_is_read_by_time_and_a_missing_frame_names
             assert abs(sample["images"][FRONT].mean() - expected) < H264_TOLERANCE, (name, row)
 
 
+@pytest.mark.parametrize("decoder", ["pyav", "preload"])
+def test_a_truncated_video_gives_no_wrong_frame_and_names_file_and_sample(roots, tmp_path, decoder):
+    root = shutil.copytree(roots["v3"], tmp_path / "truncated")
+    video = root / f"videos/{FRONT}/chunk-000/file-000.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size * 9 // 10])  # as a download cut short leaves it
+    ds = load_lerobot(root, cameras=[FRONT], decoder=decoder)
+    with pytest.raises(VideoDecodeError, match=rf"{video}.* \(camera '{FRONT}' of episode 2 frame 13, "):
+        ds[len(ds) - 1]
+    read = 0
+    for row in np.random.default_rng(0).permutation(len(ds)):  # every frame is either its own or refused
+        try:
+            image = ds[row]["images"][FRONT]
+        except VideoDecodeError as err:
+            sample = f"episode {ds._episode_index[row]} frame {ds._frame_index[row]},"
+            assert str(video) in str(err) and sample in str(err)
+            continue
+        assert abs(image.mean() - pixel_value(ds._episode_index[row], ds._frame_index[row])) < H264_TOLERANCE, row
+        read += 1
+    assert read >= 20  # the frames before the cut
+
+
 def test_missing_parquet_names_the_file(roots, tmp_path):
     root = shutil.copytree(roots["v2.1"], tmp_path / "missing")
     data = root / "data/chunk-000/episode_000001.parquet"
