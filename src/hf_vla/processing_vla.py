@@ -216,7 +216,8 @@ class VLAProcessor(ProcessorMixin):
                              f"{modes[own:]}")
         needed = relative_state_width(modes, self.action_dim)
         state_width = stats["state"].get("embodiment_dim", self.state_dim) if "state" in stats else self.state_dim
-        if state_width and state_width < needed:  # a model without state may decode from any raw state given  # action dimension i is relative to state dimension i
+        # action dimension i is relative to state dimension i (a model without state decodes from any raw state given)
+        if state_width and state_width < needed:
             raise ValueError(f"{field}: {describe_action_mode(compact_action_mode(modes))} needs state values for "
                              f"action dimensions 0..{needed - 1}, but the embodiment's state has {state_width}")
         if "action_mode" in stats:  # one form per meaning: "rel" and ["rel"] * D compare equal afterwards
