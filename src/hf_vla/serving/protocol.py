@@ -158,6 +158,7 @@ class RequestParser:
             raise ValueError(f"unnorm_key: unknown default key {default_unnorm_key!r}; available: {self.unnorm_keys}")
         self.default_unnorm_key = default_unnorm_key
         self.limits = limits
+        self.default_prompt = None
         if default_prompt is not None:  # checked now, as a request's instruction would be
             self._instructions(default_prompt, 1, "default_prompt")
         self.default_prompt = default_prompt
