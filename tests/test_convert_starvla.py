@@ -226,6 +226,37 @@ def test_oft_state_width_and_bad_statistics_or_dtype(vlms, tmp_path, capsys):
             convert_starvla(run, tmp_path / "bad")
 
 
+def tiny_oft_run(vlms, run_dir, wrap=lambda state: state):
+    """A QwenOFT run of a fresh model on the tiny Qwen2.5-VL, its StarVLA state dict passed through `wrap`."""
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,
+                                        state_dim=S, action_token="🔍", prompt_template=COT)  # fmt: skip
+    run = write_run(run_dir, "QwenOFT", vlms["qwen2_5_vl"], wrap(to_starvla(original.state_dict(), "oft")),
+                    {"action_dim": A, "state_dim": S, "future_action_window_size": H - 1},
+                    {"CoT_prompt": COT, "obs_image_size": [56, 56], "include_state": True,
+                     "data_mix": "libero_goal"})  # fmt: skip
+    return original, run
+
+
+@pytest.mark.parametrize("wrapper", ["module.", "_orig_mod.", "module._orig_mod.", "compiled-submodule"])
+def test_checkpoints_saved_through_ddp_or_torch_compile_convert(vlms, tmp_path, wrapper):
+    """DDP / DeepSpeed prefix every key with `module.`, torch.compile the compiled module's keys with `_orig_mod.`
+    (a compiled submodule: `action_model._orig_mod.model.fc1.weight`): the weights are the same, the report says so."""
+    def wrap(state):
+        if wrapper == "compiled-submodule":
+            return {k.replace("action_model.", "action_model._orig_mod.", 1): v for k, v in state.items()}
+        return {wrapper + k: v for k, v in state.items()}
+
+    original, run = tiny_oft_run(vlms, tmp_path / "run", wrap)
+    out = convert_starvla(run, tmp_path / "out")
+    assert_same_weights(original, AutoModelForVLA.from_pretrained(out))
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["keys"]["checkpoint"] == report["keys"]["loaded"] == len(original.state_dict())
+    removed = {"module.": ["module."], "module._orig_mod.": ["module.", "_orig_mod."]}.get(wrapper, ["_orig_mod."])
+    assert any(note.startswith(f"the checkpoint's keys carried the wrapper prefixes {removed}")
+               for note in report["notes"]), report["notes"]  # fmt: skip
+
+
 def test_a_run_on_relative_actions_needs_their_dimensions_named(vlms, tmp_path, capsys):
     torch.manual_seed(0)
     original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,

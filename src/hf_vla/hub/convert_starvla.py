@@ -8,7 +8,8 @@ The converter
    QwenPI_v3 → pi_v3, QwenFast → fast) and `framework.qwenvl.base_vlm` to a backbone family by substring;
 2. builds the variant's config on the base VLM's config (embedding rows taken from the checkpoint) from the run's
    `framework.action_model` and `datasets.vla_data` fields, deciding the flow heads' attention mode;
-3. renames every checkpoint key (`qwen_vl_interface.model.` → `vlm.`, `action_model.` → `action_head.`, ...) and
+3. renames every checkpoint key (`qwen_vl_interface.model.` → `vlm.`, `action_model.` → `action_head.`, ...;
+   DDP's `module.` and torch.compile's `_orig_mod.` prefixes removed first) and
    refuses, with a report of missing / unexpected / mis-shaped keys, unless the checkpoint fills the model exactly;
 4. writes `save_pretrained` of the model and of a `VLAProcessor` (StarVLA's prompt, cameras, image size, and the
    statistics with explicit per-dimension normalisation modes), plus `conversion_report.json`.
@@ -157,9 +158,18 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                                      f"{str(error).splitlines()[0] if str(error) else ''})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StarVLAConversionError(f"{path}: expected a flat state dict of tensors (StarVLA's checkpoint format)")
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP / DeepSpeed wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def unwrap_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`state` without the wrappers' key prefixes, and the prefixes removed: torch.compile's `_orig_mod.` (before
+    the keys of the compiled module, which may be a submodule) and DDP / DeepSpeed's `module.` (before every key)."""
+    removed = []
+    if any(re.search(r"(^|\.)_orig_mod\.", k) for k in state):
+        state, removed = {re.sub(r"(^|\.)_orig_mod\.", r"\1", k): v for k, v in state.items()}, ["_orig_mod."]
+    if state and all(k.startswith("module.") for k in state):
+        state, removed = {k[len("module."):]: v for k, v in state.items()}, ["module.", *removed]
+    return state, removed
 
 
 # ---------------------------------------------------------------------------------------------------- key mapping
@@ -729,7 +739,7 @@ def convert_starvla(
     base_vlm = str(base_vlm or _get(config, "framework.qwenvl.base_vlm") or "")
     if not base_vlm:
         raise StarVLAConversionError("config.yaml has no framework.qwenvl.base_vlm; pass --base-vlm")
-    state = load_checkpoint(files.checkpoint)
+    state, prefixes = unwrap_keys(load_checkpoint(files.checkpoint))
 
     model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention,
                                              statistics, condition_mask)  # fmt: skip
@@ -739,6 +749,9 @@ def convert_starvla(
         base_vlm, model.config, config, statistics, action_modes, state_modes, cameras, relative_actions
     )
     include_state = bool(_get(config, "datasets.vla_data.include_state", False))
+    if prefixes:
+        notes.append(f"the checkpoint's keys carried the wrapper prefixes {prefixes} (DDP / DeepSpeed 'module.', "
+                     "torch.compile '_orig_mod.'); they were removed")
     if variant == "fast":
         if fast_tokenizer is not None:
             model.set_action_tokenizer(fast_tokenizer)
