@@ -257,6 +257,28 @@ def test_checkpoints_saved_through_ddp_or_torch_compile_convert(vlms, tmp_path, 
                for note in report["notes"]), report["notes"]  # fmt: skip
 
 
+def test_output_folder_must_be_new_or_empty(vlms, tmp_path, capsys):
+    """Converting over an earlier model would leave its other files (a FAST run's action_tokenizer/) to be loaded with
+    the new one: a non-empty folder or a file is refused before anything is written, an empty folder is used."""
+    original, run = tiny_oft_run(vlms, tmp_path / "run")
+    earlier = tmp_path / "earlier"
+    (earlier / "action_tokenizer").mkdir(parents=True)
+    (earlier / "action_tokenizer" / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert main([str(run), str(earlier)]) == 1
+    assert capsys.readouterr().err == (f"hf-vla convert-starvla: {earlier} exists and is not an empty folder; remove "
+                                       "it or choose another output folder (a converted model is written into a new "
+                                       "or empty one only)\n")  # fmt: skip
+    assert sorted(p.name for p in earlier.rglob("*")) == ["action_tokenizer", "config.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StarVLAConversionError, match="file exists and is not an empty folder"):
+        convert_starvla(run, tmp_path / "file")
+    with pytest.raises(StarVLAConversionError, match="run exists and is not an empty folder"):
+        convert_starvla(run, run)  # into the run directory itself
+    (tmp_path / "empty").mkdir()
+    assert_same_weights(original, AutoModelForVLA.from_pretrained(convert_starvla(run, tmp_path / "empty")))
+
+
 def test_a_run_on_relative_actions_needs_their_dimensions_named(vlms, tmp_path, capsys):
     torch.manual_seed(0)
     original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="oft", action_dim=A, action_horizon=H,

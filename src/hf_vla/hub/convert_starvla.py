@@ -693,6 +693,14 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
 # ---------------------------------------------------------------------------------------------------- entry points
 
 
+def check_output_dir(out_dir: Path) -> None:
+    # Written over, an earlier model's files that this conversion does not write (a FAST run's action_tokenizer/)
+    # would stay beside it and be loaded with it.
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise StarVLAConversionError(f"{out_dir} exists and is not an empty folder; remove it or choose another output "
+                                     "folder (a converted model is written into a new or empty one only)")
+
+
 def convert_starvla(
     run_dir=None,
     out_dir=None,
@@ -710,7 +718,7 @@ def convert_starvla(
     fast_tokenizer=None,
     relative_actions=None,
 ) -> Path:
-    """Converts a StarVLA run into an hf_vla model directory at `out_dir` and returns its path.
+    """Converts a StarVLA run into an hf_vla model directory at `out_dir` (a new or empty folder) and returns its path.
 
     Args:
         run_dir: the StarVLA run directory, or a checkpoint file inside it (as StarVLA's `from_pretrained` takes).
@@ -731,6 +739,7 @@ def convert_starvla(
     """
     if out_dir is None:
         raise StarVLAConversionError("out_dir is required")
+    check_output_dir(Path(out_dir))
     files = locate_files(run_dir, config_path, statistics_path, checkpoint_path)
     config = yaml.safe_load(files.config.read_text()) or {}
     statistics = json.loads(files.statistics.read_text())
@@ -782,7 +791,7 @@ def convert_starvla(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-vla convert-starvla", description="StarVLA run → hf_vla model dir")
     parser.add_argument("run_dir", help="StarVLA run directory (or a checkpoint file inside it)")
-    parser.add_argument("out_dir", help="output model directory")
+    parser.add_argument("out_dir", help="output model directory (new or empty; a non-empty one is refused)")
     parser.add_argument("--config", help="config.yaml (default: RUN_DIR/config.yaml)")
     parser.add_argument("--statistics", help="dataset_statistics.json (default: RUN_DIR/dataset_statistics.json)")
     parser.add_argument("--checkpoint", help=".pt or .safetensors state dict (default: the newest in RUN_DIR)")
