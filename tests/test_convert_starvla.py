@@ -31,6 +31,7 @@ from hf_vla.hub.convert_starvla import (
     choose_state_modes,
     convert_starvla,
     image_size_for,
+    locate_files,
     main,
     map_key,
 )
@@ -255,6 +256,40 @@ def test_checkpoints_saved_through_ddp_or_torch_compile_convert(vlms, tmp_path, 
     removed = {"module.": ["module."], "module._orig_mod.": ["module.", "_orig_mod."]}.get(wrapper, ["_orig_mod."])
     assert any(note.startswith(f"the checkpoint's keys carried the wrapper prefixes {removed}")
                for note in report["notes"]), report["notes"]  # fmt: skip
+
+
+def test_which_checkpoint_a_run_directory_gives(tmp_path):
+    """The newest `checkpoints/steps_N_*` by step number (not by name), `final_model/` once training has ended,
+    `--checkpoint` over both, a checkpoint file as the run (as StarVLA's from_pretrained takes one), from anywhere."""
+    run = write_run(tmp_path / "run_2026-09-01", "QwenOFT", "Qwen2.5-VL", {}, {})  # steps_5 and steps_10
+    checkpoints = run / "checkpoints"
+    for name in ("steps_9_pytorch_model.pt", "steps_100_model.safetensors", "steps_99_pytorch_model.pt"):
+        (checkpoints / name).touch()
+    (checkpoints / "steps_1000_optimizer.pt").touch()  # not a model checkpoint
+    assert locate_files(run).checkpoint == checkpoints / "steps_100_model.safetensors"
+    (run / "final_model").mkdir()
+    (run / "final_model" / "pytorch_model.pt").touch()
+    assert locate_files(run).checkpoint == run / "final_model" / "pytorch_model.pt"
+    chosen = locate_files(run, checkpoint_path=checkpoints / "steps_9_pytorch_model.pt")
+    assert chosen.checkpoint == checkpoints / "steps_9_pytorch_model.pt" and chosen.run_dir == run
+    for checkpoint in (checkpoints / "steps_5_pytorch_model.pt", run / "final_model" / "pytorch_model.pt"):
+        files = locate_files(checkpoint)
+        assert (files.checkpoint, files.run_dir, files.config) == (checkpoint, run, run / "config.yaml")
+    # `.` and a checkpoint named from inside checkpoints/: the run is found, and dated by its folder's name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(run)
+        files = locate_files(".")
+        assert (files.run_dir, files.checkpoint) == (run, run / "final_model" / "pytorch_model.pt")
+        assert choose_condition_mask("gr00t", {}, files.run_dir)[0] == "always"  # run date 2026-09-01
+        patch.chdir(checkpoints)
+        files = locate_files("steps_10_pytorch_model.pt")
+        assert (files.run_dir, files.statistics) == (run, run / "dataset_statistics.json")
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").touch()
+    (empty / "dataset_statistics.json").touch()
+    with pytest.raises(StarVLAConversionError, match=r"no checkpoint in .*empty: expected checkpoints/steps_N_"):
+        locate_files(empty)
 
 
 def test_output_folder_must_be_new_or_empty(vlms, tmp_path, capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -125,7 +126,8 @@ def find_checkpoint(run_dir: Path) -> Path:
 
 
 def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoint_path=None) -> RunFiles:
-    run_dir = Path(run_dir) if run_dir is not None else None
+    # absolute, so that `.` (or a checkpoint named from inside checkpoints/) has parents and a name to date the run by
+    run_dir = Path(os.path.abspath(run_dir)) if run_dir is not None else None
     if run_dir is not None and run_dir.is_file():  # a checkpoint path, as StarVLA's from_pretrained takes
         checkpoint_path = checkpoint_path or run_dir
         run_dir = run_dir.parent if (run_dir.parent / "config.yaml").is_file() else run_dir.parent.parent
