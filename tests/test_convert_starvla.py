@@ -292,6 +292,41 @@ def test_which_checkpoint_a_run_directory_gives(tmp_path):
         locate_files(empty)
 
 
+def test_statistics_of_several_embodiments_and_not_finite_ones(vlms, tmp_path):
+    """Every embodiment of dataset_statistics.json is kept under its own key (none is a default: the policy names
+    one), with its own modes; a state of another width than the model's is left out with a note, an entry without
+    'action' statistics is skipped, and a NaN anywhere is refused, naming where, before anything is written."""
+    _, run = tiny_oft_run(vlms, tmp_path / "run")
+    stats = statistics([True] * A)
+    stats["widowx"] = {"action": {**stats["franka"]["action"], "mask": [True] * 6 + [False]},
+                       "state": {k: v[:1] * 8 for k, v in stats["franka"]["state"].items()}}  # fmt: skip
+    stats["no_state"] = {"action": stats["franka"]["action"], "num_transitions": 7}
+    stats["summary"] = {"num_transitions": 107}
+    (run / "dataset_statistics.json").write_text(json.dumps(stats))
+    out = convert_starvla(run, tmp_path / "out")
+    report = json.loads((out / "conversion_report.json").read_text())
+    libero = ["min_max"] * 6 + ["identity"]  # data_mix libero_goal: the DataConfig's modes, not the mask's
+    assert report["normalization_modes"] == {"franka": {"action": libero, "state": ["q99"] * S},
+                                             "widowx": {"action": libero, "state": None},
+                                             "no_state": {"action": libero, "state": None}}  # fmt: skip
+    assert "widowx: the state statistics have 8 dimensions, the model 5; they are not stored" in report["notes"]
+    processor = VLAProcessor.from_pretrained(out)
+    assert {k: sorted(v) for k, v in processor.norm_stats.items()} == {
+        "franka": ["action", "num_trajectories", "num_transitions", "state"], "widowx": ["action"],
+        "no_state": ["action", "num_transitions"]}  # fmt: skip
+    assert processor.norm_stats["widowx"]["action"]["q99"] == stats["widowx"]["action"]["q99"]
+    with pytest.raises(ValueError, match=r"several embodiments are known, name one of \['franka', 'no_state', "):
+        processor.decode_actions(np.zeros((1, H, A), np.float32))
+
+    stats = statistics()
+    stats["franka"]["state"]["q99"][3] = float("nan")  # json writes NaN, and reads it back
+    (run / "dataset_statistics.json").write_text(json.dumps(stats))
+    with pytest.raises(StarVLAConversionError, match=r"dataset_statistics\.json: norm_stats\['franka'\]\['state'\]"
+                                                     r"\.q99: not finite at dimension\(s\) \[3\]"):
+        convert_starvla(run, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+
+
 def test_output_folder_must_be_new_or_empty(vlms, tmp_path, capsys):
     """Converting over an earlier model would leave its other files (a FAST run's action_tokenizer/) to be loaded with
     the new one: a non-empty folder or a file is refused before anything is written, an empty folder is used."""
