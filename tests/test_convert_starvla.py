@@ -327,6 +327,39 @@ def test_statistics_of_several_embodiments_and_not_finite_ones(vlms, tmp_path):
     assert not (tmp_path / "nan").exists()
 
 
+def test_two_conversions_are_byte_identical_and_serve_the_same_actions(vlms, tmp_path):
+    """Converting a run twice writes the same bytes; loaded through the Auto classes and VLAPolicy, both give the
+    original model's actions."""
+    from transformers import AutoProcessor
+
+    from hf_vla import VLAPolicy
+
+    original, run = tiny_oft_run(vlms, tmp_path / "run")
+    first, second = convert_starvla(run, tmp_path / "first"), convert_starvla(run, tmp_path / "second")
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert {"config.json", "model.safetensors", "processor_config.json", "conversion_report.json"} <= {
+        str(p) for p in files}  # fmt: skip
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    processor = AutoProcessor.from_pretrained(first)
+    assert type(processor) is VLAProcessor and processor.camera_names == ["primary", "wrist"]
+    inputs = processor(images=views(3, 2, 56), text=["open the drawer"], state=STATE)
+    expected = original.predict_action(**inputs)
+    assert torch.equal(AutoModelForVLA.from_pretrained(second).predict_action(**inputs), expected)
+    rng = np.random.default_rng(4)
+    obs = {"images": {camera: rng.integers(0, 256, (1, 56, 56, 3), dtype=np.uint8) for camera in ("primary", "wrist")},
+           "instruction": ["open the drawer"], "state": STATE}  # fmt: skip
+    actions = [VLAPolicy.from_pretrained(out).predict(obs, return_normalized=True) for out in (first, second)]
+    np.testing.assert_array_equal(actions[0][0], actions[1][0])
+    np.testing.assert_array_equal(actions[0][1], actions[1][1])
+    views_of_obs = [[obs["images"]["primary"][0], obs["images"]["wrist"][0]]]
+    inputs = processor(images=views_of_obs, text=["open the drawer"], state=STATE)
+    np.testing.assert_array_equal(actions[0][1], original.predict_action(**inputs).numpy())
+    np.testing.assert_array_equal(actions[0][0], processor.decode_actions(actions[0][1], "franka"))
+
+
 def test_output_folder_must_be_new_or_empty(vlms, tmp_path, capsys):
     """Converting over an earlier model would leave its other files (a FAST run's action_tokenizer/) to be loaded with
     the new one: a non-empty folder or a file is refused before anything is written, an empty folder is used."""
