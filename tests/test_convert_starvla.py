@@ -8,6 +8,7 @@ StarVLA's prompt text (written out by hand), and the same losses and predictions
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,28 @@ def test_two_conversions_are_byte_identical_and_serve_the_same_actions(vlms, tmp
     inputs = processor(images=views_of_obs, text=["open the drawer"], state=STATE)
     np.testing.assert_array_equal(actions[0][1], original.predict_action(**inputs).numpy())
     np.testing.assert_array_equal(actions[0][0], processor.decode_actions(actions[0][1], "franka"))
+
+
+def test_unreadable_config_or_statistics_are_reported_not_raised(tmp_path, capsys):
+    """A half-copied run directory: the command names the file and the parser's complaint, with no traceback."""
+    run = write_run(tmp_path / "run", "QwenOFT", "Qwen2.5-VL", {}, {})
+    cases = [
+        ("config.yaml", "framework: {name: QwenOFT\n", r"config\.yaml: not readable \(ParserError: expected ',' or "
+                                                        r"'}', but got '<stream end>', line 2 column 1\)"),
+        ("config.yaml", "- QwenOFT\n", r"config\.yaml: expected a mapping at the top level, got list"),
+        ("dataset_statistics.json", '{"franka": {"action"', r"dataset_statistics\.json: not readable "
+                                                             r"\(JSONDecodeError: Expecting ':' delimiter"),
+        ("dataset_statistics.json", "[]", r"dataset_statistics\.json: expected a mapping at the top level, got list"),
+    ]  # fmt: skip
+    for name, text, message in cases:
+        original = (run / name).read_text()
+        (run / name).write_text(text)
+        capsys.readouterr()
+        assert main([str(run), str(tmp_path / "out")]) == 1, name
+        err = capsys.readouterr().err
+        assert re.match(rf"hf-vla convert-starvla: {re.escape(str(run))}/{message}", err), err
+        (run / name).write_text(original)
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_folder_must_be_new_or_empty(vlms, tmp_path, capsys):

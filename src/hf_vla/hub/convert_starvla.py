@@ -145,6 +145,21 @@ def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoin
     return RunFiles(run_dir, found["config"], found["statistics"], checkpoint)
 
 
+def read_mapping(path: Path, parse) -> dict:
+    """config.yaml / dataset_statistics.json as a dict (empty for an empty file), or the parser's own message."""
+    try:
+        tree = parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:  # json.JSONDecodeError (and a bad encoding) is a ValueError
+        mark = getattr(error, "problem_mark", None)  # YAML's message spans lines; its problem and place suffice
+        detail = f"{error.problem}, line {mark.line + 1} column {mark.column + 1}" if mark else str(error)
+        raise StarVLAConversionError(f"{path}: not readable ({type(error).__name__}: {detail})") from error
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise StarVLAConversionError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    return tree
+
+
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise StarVLAConversionError(f"checkpoint file not found: {path}")
@@ -743,8 +758,8 @@ def convert_starvla(
         raise StarVLAConversionError("out_dir is required")
     check_output_dir(Path(out_dir))
     files = locate_files(run_dir, config_path, statistics_path, checkpoint_path)
-    config = yaml.safe_load(files.config.read_text()) or {}
-    statistics = json.loads(files.statistics.read_text())
+    config = read_mapping(files.config, yaml.safe_load)
+    statistics = read_mapping(files.statistics, json.loads)
     framework = _get(config, "framework.name") or _get(config, "framework.framework_py")
     variant = variant_for(framework)
     base_vlm = str(base_vlm or _get(config, "framework.qwenvl.base_vlm") or "")
