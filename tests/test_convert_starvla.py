@@ -383,6 +383,31 @@ def test_unreadable_config_or_statistics_are_reported_not_raised(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_command_line_cameras_and_bad_options(vlms, tmp_path, capsys):
+    """--cameras takes spaces after commas as --action-modes does; a camera named twice, a FAST tokenizer that is
+    missing or fitted for another horizon are reported as conversion errors, with nothing written."""
+    _, run = tiny_oft_run(vlms, tmp_path / "run")
+    assert main([str(run), str(tmp_path / "out"), "--cameras", "front, wrist"]) == 0
+    assert VLAProcessor.from_pretrained(tmp_path / "out").camera_names == ["front", "wrist"]
+    capsys.readouterr()
+    assert main([str(run), str(tmp_path / "twice"), "--cameras", "front,front"]) == 1
+    assert capsys.readouterr().err.startswith("hf-vla convert-starvla: camera_names: expected distinct names")
+
+    chunks = np.random.default_rng(0).uniform(-1, 1, (50, H + 1, A)).astype(np.float32)
+    FASTTokenizer.fit(chunks, scale=10, vocab_size=64).save_pretrained(tmp_path / "fast")
+    torch.manual_seed(0)
+    original = AutoModelForVLA.from_vlm(vlms["qwen2_5_vl"], variant="fast", action_dim=A, action_horizon=H,
+                                        num_action_tokens=2048)  # fmt: skip
+    weights = to_starvla(original.state_dict(), "fast")
+    fast_run = write_run(tmp_path / "fast_run", "QwenFast", vlms["qwen2_5_vl"], weights,
+                         {"action_dim": A, "future_action_window_size": H - 1})  # fmt: skip
+    for tokenizer, message in ((tmp_path / "fast", f"fast_tokenizer: action_tokenizer.time_horizon: expected {H}"),
+                               (tmp_path / "no_fast", "fast_tokenizer: ")):  # fmt: skip
+        assert main([str(fast_run), str(tmp_path / "out_fast"), "--fast-tokenizer", str(tokenizer)]) == 1
+        assert capsys.readouterr().err.startswith(f"hf-vla convert-starvla: {message}")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "out_fast").exists()
+
+
 def test_output_folder_must_be_new_or_empty(vlms, tmp_path, capsys):
     """Converting over an earlier model would leave its other files (a FAST run's action_tokenizer/) to be loaded with
     the new one: a non-empty folder or a file is refused before anything is written, an empty folder is used."""

@@ -661,9 +661,12 @@ def build_processor(base_vlm: str, model_config, config: dict, statistics: dict,
                     state_modes=None, cameras=None, relative_actions=None) -> tuple[VLAProcessor, dict, list[str]]:
     """StarVLA's prompt, cameras and image size; its statistics with explicit per-dimension modes."""
     camera_names, cameras_source = choose_cameras(config, cameras)
-    processor = VLAProcessor.from_vlm(
-        base_vlm, model_config, camera_names=camera_names, image_size=image_size_for(config)
-    )
+    try:
+        processor = VLAProcessor.from_vlm(
+            base_vlm, model_config, camera_names=camera_names, image_size=image_size_for(config)
+        )
+    except ValueError as err:  # e.g. a camera named twice
+        raise StarVLAConversionError(str(err)) from err
     state_dim, modes, notes, action_source, state_source = model_config.state_dim, {}, [], None, None
     relative, relative_source = choose_relative_actions(config, model_config.action_dim, relative_actions)
     for key, stats in statistics.items():
@@ -780,7 +783,10 @@ def convert_starvla(
                      "torch.compile '_orig_mod.'); they were removed")
     if variant == "fast":
         if fast_tokenizer is not None:
-            model.set_action_tokenizer(fast_tokenizer)
+            try:
+                model.set_action_tokenizer(fast_tokenizer)
+            except (OSError, ValueError) as err:  # not found, or fitted for another horizon / width / vocabulary
+                raise StarVLAConversionError(f"fast_tokenizer: {err}") from err
         else:
             notes.append("no FAST tokenizer attached: attach StarVLA's universal one (physical-intelligence/fast) "
                          "with model.set_action_tokenizer(...) before decoding actions")  # fmt: skip
@@ -825,11 +831,12 @@ def main(argv=None) -> int:
     parser.add_argument("--relative-actions", help=f"a run trained on relative actions: one of {list(ACTION_MODES)}, "
                         "or one per action dimension comma-separated (e.g. delta,delta,delta,delta,delta,delta,abs)")
     args = parser.parse_args(argv)
+    cameras = [name.strip() for name in args.cameras.split(",")] if args.cameras else None
     try:
         out = convert_starvla(
             args.run_dir, args.out_dir, config_path=args.config, statistics_path=args.statistics,
             checkpoint_path=args.checkpoint, base_vlm=args.base_vlm, dtype=args.dtype, action_modes=args.action_modes,
-            state_modes=args.state_modes, cameras=args.cameras.split(",") if args.cameras else None,
+            state_modes=args.state_modes, cameras=cameras,
             interleave_self_attention=None if args.attention_mode is None else args.attention_mode == "interleaved",
             condition_mask=args.condition_mask, fast_tokenizer=args.fast_tokenizer,
             relative_actions=args.relative_actions,
