@@ -387,8 +387,10 @@ def test_command_line_cameras_and_bad_options(vlms, tmp_path, capsys):
     """--cameras takes spaces after commas as --action-modes does; a camera named twice, a FAST tokenizer that is
     missing or fitted for another horizon are reported as conversion errors, with nothing written."""
     _, run = tiny_oft_run(vlms, tmp_path / "run")
+    capsys.readouterr()
     assert main([str(run), str(tmp_path / "out"), "--cameras", "front, wrist"]) == 0
     assert VLAProcessor.from_pretrained(tmp_path / "out").camera_names == ["front", "wrist"]
+    assert f"checkpoint: {run / 'checkpoints' / 'steps_10_pytorch_model.pt'}\n" in capsys.readouterr().out
     capsys.readouterr()
     assert main([str(run), str(tmp_path / "twice"), "--cameras", "front,front"]) == 1
     assert capsys.readouterr().err.startswith("hf-vla convert-starvla: camera_names: expected distinct names")

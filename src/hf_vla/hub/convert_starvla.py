@@ -846,6 +846,7 @@ def main(argv=None) -> int:
         return 1
     report = json.loads((out / REPORT_NAME).read_text())
     print(f"converted {report['framework']} -> {report['model_type']} ({report['backbone']}) into {out}")
+    print(f"checkpoint: {report['sources']['checkpoint']}")  # the newest one unless --checkpoint named it
     if report["attention_mode"]:
         print(f"attention mode: {report['attention_mode']} ({report['attention_mode_reason']})")
     if report["condition_mask"]:
