@@ -281,6 +281,8 @@ def test_which_checkpoint_a_run_directory_gives(tmp_path):
         patch.chdir(run)
         files = locate_files(".")
         assert (files.run_dir, files.checkpoint) == (run, run / "final_model" / "pytorch_model.pt")
+        given = locate_files(None, "config.yaml", "dataset_statistics.json", "checkpoints/steps_5_pytorch_model.pt")
+        assert (given.config, given.checkpoint) == (run / "config.yaml", checkpoints / "steps_5_pytorch_model.pt")
         assert choose_condition_mask("gr00t", {}, files.run_dir)[0] == "always"  # run date 2026-09-01
         patch.chdir(checkpoints)
         files = locate_files("steps_10_pytorch_model.pt")

@@ -126,7 +126,8 @@ def find_checkpoint(run_dir: Path) -> Path:
 
 
 def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoint_path=None) -> RunFiles:
-    # absolute, so that `.` (or a checkpoint named from inside checkpoints/) has parents and a name to date the run by
+    # absolute, so that `.` (or a checkpoint named from inside checkpoints/) has parents and a name to date the run by,
+    # and the report's sources say where the files were wherever it is read
     run_dir = Path(os.path.abspath(run_dir)) if run_dir is not None else None
     if run_dir is not None and run_dir.is_file():  # a checkpoint path, as StarVLA's from_pretrained takes
         checkpoint_path = checkpoint_path or run_dir
@@ -136,12 +137,12 @@ def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoin
                                  ("statistics", statistics_path, "dataset_statistics.json")):  # fmt: skip
         if given is None and run_dir is None:
             raise StarVLAConversionError(f"no run directory and no --{name} file given")
-        found[name] = Path(given) if given is not None else run_dir / default
+        found[name] = Path(os.path.abspath(given)) if given is not None else run_dir / default
         if not found[name].is_file():
             raise StarVLAConversionError(f"{name} file not found: {found[name]}")
     if checkpoint_path is None and run_dir is None:
         raise StarVLAConversionError("no run directory and no --checkpoint file given")
-    checkpoint = Path(checkpoint_path) if checkpoint_path is not None else find_checkpoint(run_dir)
+    checkpoint = Path(os.path.abspath(checkpoint_path)) if checkpoint_path is not None else find_checkpoint(run_dir)
     return RunFiles(run_dir, found["config"], found["statistics"], checkpoint)
 
 
