@@ -149,7 +149,7 @@ def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoin
 def read_mapping(path: Path, parse) -> dict:
     """config.yaml / dataset_statistics.json as a dict (empty for an empty file), or the parser's own message."""
     try:
-        tree = parse(path.read_text())
+        tree = parse(path.read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError) as error:  # json.JSONDecodeError (and a bad encoding) is a ValueError
         mark = getattr(error, "problem_mark", None)  # YAML's message spans lines; its problem and place suffice
         detail = f"{error.problem}, line {mark.line + 1} column {mark.column + 1}" if mark else str(error)
@@ -845,7 +845,7 @@ def main(argv=None) -> int:
     except StarVLAConversionError as err:
         print(f"hf-vla convert-starvla: {err}", file=sys.stderr)  # as the other hf-vla commands report bad input
         return 1
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
     print(f"converted {report['framework']} -> {report['model_type']} ({report['backbone']}) into {out}")
     print(f"checkpoint: {report['sources']['checkpoint']}")  # the newest one unless --checkpoint named it
     if report["attention_mode"]:
