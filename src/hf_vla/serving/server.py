@@ -31,7 +31,8 @@ Requests. Each binary frame is one map, answered by one frame, in order.
      optional (then only `delta_dims` post-processing reads it).
    * `unnorm_key` (optional): which embodiment's statistics decode the actions.
    Unrelated keys are ignored, but one field sent under two names (`instruction` and `prompt`, two state keys, two
-   names of a camera, an `images` map beside flat camera keys) is an error, as are keys beside a `payload`.
+   names of a camera, an `images` map beside flat camera keys) is an error, as are `examples`, `batch_images` or
+   `unnorm_key` beside a `payload` (the StarVLA form below).
 2. StarVLA form: `{"type": "infer" | "predict_action" | "ping", "request_id": ..., "payload": {"examples": [{"image":
    [uint8 HWC per camera], "lang": str, "state"?: [S]}], "unnorm_key": ...}}`, or the payload's keys at top level;
    the 2025 form `{"batch_images": [[uint8 HWC per camera]] * B, "instructions": [str] * B, "state"?: [B, S]}` too
