@@ -1006,6 +1006,28 @@ def test_train_vla_checks_each_dataset_has_the_processors_cameras_by_name(train_
     assert camera_names == ["primary", "wrist"] and list(train[len(train) - 1]["images"]) == ["wrist", "primary"]
 
 
+def test_one_camera_rename_serves_folders_with_different_feature_keys(train_vla, tmp_path):
+    """data.lerobot as a list whose folders key their cameras differently: the camera-name error says to use
+    data.camera_rename, and one map with both folders' keys does it (each folder takes its own entries)."""
+    episodes = toy_episodes()
+    for episode in episodes:
+        frames = episode["frames"]
+        frames["observation.images.image"] = frames.pop("observation.images.front")
+    other = write_lerobot_dataset(tmp_path / "other", episodes, fps=10, video=False)
+    toy = write_lerobot_dataset(tmp_path / "toy", toy_episodes(), fps=10, video=False)
+    model = {**train_vla.DEFAULTS["model"], "action_horizon": HORIZON}
+    data = {**train_vla.DEFAULTS["data"], "lerobot": [str(toy), str(other)], "embodiment": ["toy", "toy"],
+            "video_decoder": None}
+    with pytest.raises(ValueError, match="name their cameras differently .*; use data.camera_rename"):
+        train_vla.load_lerobot_data(data, model, tmp_path)
+    rename = {**CAMERAS, "observation.images.image": "primary"}
+    train, *_, camera_names, _ = train_vla.load_lerobot_data({**data, "camera_rename": rename}, model, tmp_path)
+    assert camera_names == ["primary", "wrist"] and set(train[len(train) - 1]["images"]) == {"primary", "wrist"}
+    with pytest.raises(ValueError, match=re.escape("data.camera_rename: ['observation.images.imag'] not among")):
+        train_vla.load_lerobot_data({**data, "camera_rename": {**CAMERAS, "observation.images.imag": "primary"}},
+                                    model, tmp_path)  # fmt: skip
+
+
 def test_saved_recipe_reloads_unchanged(tmp_path):
     """Strings that look like numbers or YAML 1.1 booleans stay strings through dump_recipe → load_recipe (and any
     plain YAML reader)."""

@@ -180,6 +180,26 @@ def lerobot_specs(data: dict, output_dir: Path) -> list[tuple[Path, str]]:
     return list(zip(roots, names))
 
 
+def camera_renames(rename: dict | None, roots: list[Path], cameras) -> list[dict | None]:
+    """data.camera_rename per dataset. One map serves a list of folders whose cameras have different feature keys:
+    each folder takes the entries of its own features, and an entry that no folder has is an error."""
+    if not rename or len(roots) == 1:
+        return [rename] * len(roots)
+    selected = None if cameras is None else [cameras] if isinstance(cameras, str) else list(cameras)
+    per_root = []
+    for root in roots:
+        info = root / "meta" / "info.json"
+        if not info.is_file():  # load_lerobot names the problem
+            return [rename] * len(roots)
+        features = json.loads(info.read_text()).get("features", {})
+        per_root.append({k: v for k, v in rename.items() if k in features and (selected is None or k in selected)})
+    unused = [k for k in rename if not any(k in r for r in per_root)]
+    if unused:
+        raise ValueError(f"data.camera_rename: {unused} not among the selected cameras of any of the datasets "
+                         f"{[str(r) for r in roots]}")
+    return per_root
+
+
 def write_synthetic_dataset(root: Path, settings: dict) -> Path:
     from hf_vla.data.lerobot_writer import synthetic_episodes, write_lerobot_dataset
 
@@ -204,9 +224,11 @@ def load_lerobot_data(data: dict, model: dict, output_dir: Path):
         camera_rename = {k: v for k, v in SYNTHETIC_CAMERA_RENAME.items() if data["cameras"] in (None, []) or
                          k in data["cameras"]}  # fmt: skip
     train_parts, eval_parts, members, action_only, camera_names = [], [], {}, [], []
-    for root, key in lerobot_specs(data, output_dir):
+    specs = lerobot_specs(data, output_dir)
+    renames = camera_renames(camera_rename, [root for root, _ in specs], data["cameras"])
+    for (root, key), rename in zip(specs, renames):
         settings = dict(action_horizon=model["action_horizon"], action_mode=data["action_mode"])
-        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=camera_rename,
+        dataset = load_lerobot(root, cameras=data["cameras"], camera_rename=rename,
                                decoder=data["video_decoder"], **settings)  # fmt: skip
         members.setdefault(key, []).append(dataset)
         camera_names.append(list(dataset.camera_names))
