@@ -1325,3 +1325,39 @@ def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_pa
     # the saved recipe says how the model trains, not how this run started: run again elsewhere, it starts afresh
     for folder in (out, out / "checkpoint-3"):
         assert "resume_from_checkpoint" not in yaml.safe_load((folder / "training_recipe.yaml").read_text())["trainer"]
+
+
+def test_trainers_readme_from_python_snippets_run_as_written(vlm_dir, tmp_path):
+    """trainers/README.md, "From Python": both snippets with a local backbone and dataset for the hub id and /data
+    path, and sizes cut down to seconds (max_steps, batch size, image size, bf16 off on CPU)."""
+    from hf_vla.action_tokenizers import FASTTokenizer
+    from hf_vla.data.lerobot_writer import synthetic_episodes
+
+    episodes = synthetic_episodes(num_episodes=2, length=10, state_dim=7, action_dim=7, cameras=("image_0", "image_1"))
+    root = write_lerobot_dataset(tmp_path / "bridge_lerobot", episodes, fps=10, video=False)
+
+    dataset = load_lerobot(root, action_horizon=16, cameras=["observation.images.image_0"],
+                           camera_rename={"observation.images.image_0": "primary"})  # only the camera the model sees
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant="oft", action_dim=7, action_horizon=16,
+                                     state_dim=dataset[0]["state"].shape[-1])
+    processor = VLAProcessor.from_vlm(vlm_dir, model.config, camera_names=["primary"], image_size=[28, 28])
+    processor.set_norm_stats("bridge", dataset.compute_stats())
+    out = tmp_path / "oft-bridge"
+    args = TrainingArguments(str(out), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-5,
+                             lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-6},
+                             save_steps=5000, report_to="none", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = VLATrainer(model, args, train_dataset=dataset, processing_class=processor,
+                         learning_rates={"vlm.model.visual": 1e-5, "action_head": 1e-4}, freeze=[])
+    trainer.train()
+    trainer.save_model()
+    trainer.end()
+    assert AutoProcessor.from_pretrained(out).norm_stats.keys() == {"bridge"}
+    assert AutoModelForVLA.from_pretrained(out).config.action_horizon == 16
+
+    stats = dataset.compute_stats()
+    actions_only = dataset.without_images()
+    rows = np.random.default_rng(0).choice(len(dataset), size=min(2000, len(dataset)), replace=False)
+    chunks = np.stack([normalize(actions_only[int(i)]["actions"], stats["action"]) for i in rows])
+    model = AutoModelForVLA.from_vlm(vlm_dir, variant="fast", action_dim=7, action_horizon=16,
+                                     state_dim=7, state_in_prompt=True, action_tokenizer=FASTTokenizer.fit(chunks))
+    assert model.config.model_type == "vla_fast" and model.config.state_in_prompt
