@@ -191,7 +191,7 @@ def camera_renames(rename: dict | None, roots: list[Path], cameras) -> list[dict
         info = root / "meta" / "info.json"
         if not info.is_file():  # load_lerobot names the problem
             return [rename] * len(roots)
-        features = json.loads(info.read_text()).get("features", {})
+        features = json.loads(info.read_text(encoding="utf-8")).get("features", {})
         per_root.append({k: v for k, v in rename.items() if k in features and (selected is None or k in selected)})
     unused = [k for k in rename if not any(k in r for r in per_root)]
     if unused:
