@@ -44,7 +44,7 @@ from hf_vla.auto import VARIANTS
 from hf_vla.data.augment import RandomShift
 from hf_vla.data.collators import CoTrainingCollator, VLACollator
 from hf_vla.data.lerobot import compute_union_stats, load_lerobot
-from hf_vla.modeling_vla import GENERAL_CONFIG_KWARGS
+from hf_vla.modeling_vla import config_field_names
 from hf_vla.normalization import normalize
 from hf_vla.training import VLATrainer
 from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
@@ -317,11 +317,11 @@ def check_model_head(model: dict) -> None:
         raise ValueError(f"model.head: {set_by_model} are set by the model section; use "
                          f"{', '.join(f'model.{key}' for key in set_by_model)} instead")
     config_class = VARIANTS[f"vla_{model['variant']}"][0]
-    known = {field.name for field in dataclasses.fields(config_class)} | GENERAL_CONFIG_KWARGS
+    known = config_field_names(config_class)
     unknown = sorted(set(head) - known)
     if unknown:
         others = [name.removeprefix("vla_") for name, (other, _) in VARIANTS.items()
-                  if set(unknown) <= {field.name for field in dataclasses.fields(other)}]  # fmt: skip
+                  if set(unknown) <= config_field_names(other)]  # fmt: skip
         switched = f" ({others[0]} fields: to switch variants, start from that variant's recipe or reset the head " \
                    "with --model.head null)" if others else ""
         raise ValueError(f"{unknown_keys_message('model.head', unknown, known)}; expected {config_class.__name__} "

@@ -49,6 +49,11 @@ class VLAOutput(ModelOutput):
     actions: torch.FloatTensor | None = None
 
 
+def config_field_names(config_class) -> set[str]:
+    """The keyword arguments a variant's config takes: its dataclass fields and the general transformers ones."""
+    return {field.name for field in dataclasses.fields(config_class)} | GENERAL_CONFIG_KWARGS
+
+
 def base_vlm_reference(vlm_name_or_path) -> str:
     """What a config records as its backbone: a hub id as given, a local folder as an absolute path (a relative one,
     `models/qwen`, reads like a hub id wherever it is not)."""
@@ -163,7 +168,7 @@ class VLAPreTrainedModel(PreTrainedModel):
         `dtype` is the whole model's: None gives torch's default (float32) whatever the checkpoint holds (the fp32
         weights mixed-precision training wants), `"auto"` the checkpoint's own. The head gets the backbone's dtype, so
         that the saved model loads back as it was built."""
-        known = {field.name for field in dataclasses.fields(cls.config_class)} | GENERAL_CONFIG_KWARGS
+        known = config_field_names(cls.config_class)
         unknown = sorted(set(config_kwargs) - known)
         if unknown:  # a misspelt `action_horizn=8` would otherwise leave the default horizon
             hints = {name: (difflib.get_close_matches(name, known, n=1) or ["(none close)"])[0] for name in unknown}
