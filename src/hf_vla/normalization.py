@@ -56,6 +56,14 @@ def numeric_array(value, field: str, kinds: str = "fiu") -> np.ndarray:
     return array
 
 
+def python_strings(value):
+    """Numpy strings (`np.asarray(prompt)`: 0-d, or one per sample) as `str` / a list of `str`, as openpi's server
+    reads them; any other value as it is."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.ndim <= 1:
+        return value.tolist()
+    return value
+
+
 def finite_float32(array: np.ndarray, field: str) -> np.ndarray:
     """float32 copy of an array, refusing NaN / inf and values beyond float32's range (the cast would make them inf)."""
     if not np.isfinite(array).all():

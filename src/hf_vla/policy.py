@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .modeling_vla import HUB_DOWNLOAD_KWARGS
-from .normalization import describe_action_mode, is_relative, numeric_array
+from .normalization import describe_action_mode, is_relative, numeric_array, python_strings
 from .processing_vla import VLAProcessor
 
 OBSERVATION_KEYS = ("images", "instruction", "prompt", "state", "unnorm_key")
@@ -121,8 +121,7 @@ class VLAPolicy:
 
         field = "prompt" if obs.get("instruction") is None and obs.get("prompt") is not None else "instruction"
         instruction = obs.get(field)
-        if isinstance(instruction, np.ndarray) and instruction.dtype.kind == "U" and instruction.ndim <= 1:
-            instruction = instruction.tolist()  # numpy strings (`np.asarray(prompt)`), as the server takes them
+        instruction = python_strings(instruction)  # as the server takes them
         if isinstance(instruction, str):  # one instruction for the whole batch, as the server takes it
             self.processor.check_instruction(instruction, field)
             instruction = [instruction] * batch_size

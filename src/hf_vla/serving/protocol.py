@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..normalization import describe_action_mode, finite_float32, is_relative, numeric_array
+from ..normalization import describe_action_mode, finite_float32, is_relative, numeric_array, python_strings
 
 FLAT_IMAGE_PREFIXES = ("", "observation/", "observation/images/", "observation.images.")
 # openpi's LIBERO clients send `observation/image` (the main view) and `observation/wrist_image`: the main view's
@@ -318,8 +318,7 @@ class RequestParser:
         if value is None:
             raise ValueError(f"{name}: missing; send the instruction as `prompt` or `instruction`"
                              if name in ("prompt", "instruction") else f"{name}: missing instruction")
-        if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.ndim <= 1:
-            value = value.tolist()  # numpy strings (`np.asarray(prompt)`), which openpi's own server also takes
+        value = python_strings(value)  # as openpi's own server takes them
         texts = {name: value} if isinstance(value, str) else None
         if texts is None:
             if not isinstance(value, (list, tuple)) or len(value) != batch or not all(isinstance(v, str) for v in value):
