@@ -22,6 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 from hf_vla import AutoModelForVLA, VLAProcessor
 from hf_vla.action_tokenizers import FASTTokenizer
 from hf_vla.auto import VARIANTS
+from hf_vla.hub import convert_starvla as convert_starvla_module
 from hf_vla.hub.convert_starvla import (
     StarVLAConversionError,
     build_config,
@@ -44,6 +45,10 @@ COT = ("Your task is {instruction}. To identify the key objects for your task. "
 H, A, S = 4, 7, 5  # horizon, action dim, state dim
 STATE = np.array([[0.0, 0.5, -1.0, 1.0, -0.25]])  # with q01 = -1, q99 = 1 normalised = raw: bins 128 192 0 255 96
 STATE_TEXT = "[STATE] 128 192 0 255 96 [ACTION]"
+
+
+def unexpected_call(*args, **kwargs):
+    raise AssertionError("called where it should not be")
 
 
 def pads(n):
@@ -295,7 +300,7 @@ def test_which_checkpoint_a_run_directory_gives(tmp_path):
         locate_files(empty)
 
 
-def test_statistics_of_several_embodiments_and_not_finite_ones(vlms, tmp_path):
+def test_statistics_of_several_embodiments_and_not_finite_ones(vlms, tmp_path, monkeypatch):
     """Every embodiment of dataset_statistics.json is kept under its own key (none is a default: the policy names
     one), with its own modes; a state of another width than the model's is left out with a note, an entry without
     'action' statistics is skipped, and a NaN anywhere is refused, naming where, before anything is written."""
@@ -324,6 +329,7 @@ def test_statistics_of_several_embodiments_and_not_finite_ones(vlms, tmp_path):
     stats = statistics()
     stats["franka"]["state"]["q99"][3] = float("nan")  # json writes NaN, and reads it back
     (run / "dataset_statistics.json").write_text(json.dumps(stats))
+    monkeypatch.setattr(convert_starvla_module, "build_model", unexpected_call)  # refused before the model is built
     with pytest.raises(StarVLAConversionError, match=r"dataset_statistics\.json: norm_stats\['franka'\]\['state'\]"
                                                      r"\.q99: not finite at dimension\(s\) \[3\]"):
         convert_starvla(run, tmp_path / "nan")

@@ -773,11 +773,12 @@ def convert_starvla(
 
     model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention,
                                              statistics, condition_mask)  # fmt: skip
+    # the statistics are checked before the weights are built into a model: minutes at 3B
+    processor, processor_info, notes = build_processor(
+        base_vlm, model_config, config, statistics, action_modes, state_modes, cameras, relative_actions
+    )
     torch_dtype = _resolve_dtype(dtype, state)
     model, key_counts = build_model(VARIANTS[f"vla_{variant}"][1], model_config, state, variant, torch_dtype)
-    processor, processor_info, notes = build_processor(
-        base_vlm, model.config, config, statistics, action_modes, state_modes, cameras, relative_actions
-    )
     include_state = bool(_get(config, "datasets.vla_data.include_state", False))
     if prefixes:
         notes.append(f"the checkpoint's keys carried the wrapper prefixes {prefixes} (DDP / DeepSpeed 'module.', "
