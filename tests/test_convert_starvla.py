@@ -8,6 +8,7 @@ StarVLA's prompt text (written out by hand), and the same losses and predictions
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -262,6 +263,27 @@ def test_checkpoints_saved_through_ddp_or_torch_compile_convert(vlms, tmp_path, 
     removed = {"module.": ["module."], "module._orig_mod.": ["module.", "_orig_mod."]}.get(wrapper, ["_orig_mod."])
     assert any(note.startswith(f"the checkpoint's keys carried the wrapper prefixes {removed}")
                for note in report["notes"]), report["notes"]  # fmt: skip
+
+
+def test_steps_written_after_final_model_are_named_in_the_report(vlms, tmp_path):
+    """final_model/ is converted even when a resumed run later wrote newer steps beside it, and the report names
+    those steps (by modification time, as the step numbers of two runs say nothing about which came last)."""
+    original, run = tiny_oft_run(vlms, tmp_path / "run")
+    checkpoints = run / "checkpoints"
+    (run / "final_model").mkdir()
+    final = (checkpoints / "steps_10_pytorch_model.pt").rename(run / "final_model" / "pytorch_model.pt")
+    torch.save({"resumed": torch.zeros(1)}, checkpoints / "steps_12_pytorch_model.pt")
+    written = final.stat().st_mtime
+    os.utime(checkpoints / "steps_5_pytorch_model.pt", (written - 60, written - 60))
+    os.utime(checkpoints / "steps_12_pytorch_model.pt", (written + 60, written + 60))
+    report = json.loads((convert_starvla(run, tmp_path / "out") / "conversion_report.json").read_text())
+    assert report["sources"]["checkpoint"] == str(final)
+    assert ("checkpoints/ holds steps written after final_model/ (steps_12_pytorch_model.pt); final_model/ was "
+            "converted, pass --checkpoint to convert one of those instead") in report["notes"]
+    assert_same_weights(original, AutoModelForVLA.from_pretrained(tmp_path / "out"))
+    os.utime(checkpoints / "steps_12_pytorch_model.pt", (written - 30, written - 30))
+    report = json.loads((convert_starvla(run, tmp_path / "out_2") / "conversion_report.json").read_text())
+    assert not [note for note in report["notes"] if "final_model" in note], report["notes"]
 
 
 def test_which_checkpoint_a_run_directory_gives(tmp_path):

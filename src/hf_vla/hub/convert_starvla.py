@@ -107,22 +107,35 @@ class RunFiles:
     checkpoint: Path
 
 
-def find_checkpoint(run_dir: Path) -> Path:
-    """`final_model/` (written when training ends) if present, else the highest `checkpoints/steps_N_*`."""
-    for name in ("model.safetensors", "pytorch_model.pt"):
-        if (run_dir / "final_model" / name).is_file():
-            return run_dir / "final_model" / name
+def step_checkpoints(run_dir: Path) -> list[tuple[int, bool, Path]]:
+    """`checkpoints/steps_N_*` files as (N, is safetensors, path)."""
     steps = []
     for path in (run_dir / "checkpoints").glob("steps_*"):
         match = re.fullmatch(r"steps_(\d+)_(pytorch_model\.pt|model\.safetensors)", path.name)
         if match:
             steps.append((int(match[1]), path.suffix == ".safetensors", path))
+    return steps
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """`final_model/` (written when training ends) if present, else the highest `checkpoints/steps_N_*`."""
+    for name in ("model.safetensors", "pytorch_model.pt"):
+        if (run_dir / "final_model" / name).is_file():
+            return run_dir / "final_model" / name
+    steps = step_checkpoints(run_dir)
     if not steps:
         raise StarVLAConversionError(
             f"no checkpoint in {run_dir}: expected checkpoints/steps_N_pytorch_model.pt, "
             "checkpoints/steps_N_model.safetensors or final_model/pytorch_model.pt (or pass --checkpoint)"
         )
     return max(steps)[2]
+
+
+def later_step_checkpoints(run_dir: Path, final_model: Path) -> list[str]:
+    """`checkpoints/steps_N_*` files written after `final_model/`'s: a run resumed from that folder and stopped
+    before its own end leaves its newer steps there."""
+    written = final_model.stat().st_mtime
+    return [path.name for _, _, path in sorted(step_checkpoints(run_dir)) if path.stat().st_mtime > written]
 
 
 def locate_files(run_dir=None, config_path=None, statistics_path=None, checkpoint_path=None) -> RunFiles:
@@ -770,6 +783,9 @@ def convert_starvla(
     if not base_vlm:
         raise StarVLAConversionError("config.yaml has no framework.qwenvl.base_vlm; pass --base-vlm")
     state, prefixes = unwrap_keys(load_checkpoint(files.checkpoint))
+    later = []
+    if checkpoint_path is None and files.checkpoint.parent.name == "final_model":
+        later = later_step_checkpoints(files.run_dir, files.checkpoint)
 
     model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention,
                                              statistics, condition_mask)  # fmt: skip
@@ -780,6 +796,9 @@ def convert_starvla(
     torch_dtype = _resolve_dtype(dtype, state)
     model, key_counts = build_model(VARIANTS[f"vla_{variant}"][1], model_config, state, variant, torch_dtype)
     include_state = bool(_get(config, "datasets.vla_data.include_state", False))
+    if later:
+        notes.append(f"checkpoints/ holds steps written after final_model/ ({', '.join(later)}); final_model/ was "
+                     "converted, pass --checkpoint to convert one of those instead")  # fmt: skip
     if prefixes:
         notes.append(f"the checkpoint's keys carried the wrapper prefixes {prefixes} (DDP / DeepSpeed 'module.', "
                      "torch.compile '_orig_mod.'); they were removed")
@@ -819,7 +838,8 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", help="output model directory (new or empty; a non-empty one is refused)")
     parser.add_argument("--config", help="config.yaml (default: RUN_DIR/config.yaml)")
     parser.add_argument("--statistics", help="dataset_statistics.json (default: RUN_DIR/dataset_statistics.json)")
-    parser.add_argument("--checkpoint", help=".pt or .safetensors state dict (default: the newest in RUN_DIR)")
+    parser.add_argument("--checkpoint", help=".pt or .safetensors state dict (default: RUN_DIR/final_model/, else "
+                        "the highest checkpoints/steps_N)")
     parser.add_argument("--base-vlm", help="local directory or hub id of the base VLM (default: the config's)")
     parser.add_argument("--dtype", help="weights dtype, e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--action-modes", help=f"one mode, or one per dimension comma-separated, of {list(NORM_MODES)}")
@@ -848,7 +868,7 @@ def main(argv=None) -> int:
         return 1
     report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
     print(f"converted {report['framework']} -> {report['model_type']} ({report['backbone']}) into {out}")
-    print(f"checkpoint: {report['sources']['checkpoint']}")  # the newest one unless --checkpoint named it
+    print(f"checkpoint: {report['sources']['checkpoint']}")
     if report["attention_mode"]:
         print(f"attention mode: {report['attention_mode']} ({report['attention_mode_reason']})")
     if report["condition_mask"]:
