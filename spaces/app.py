@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 
 from hf_vla import VLAPolicy
 from hf_vla.defaults import DEFAULT_INSTRUCTION, EXAMPLE_TASKS, default_model_dir, metaworld_example
-from hf_vla.normalization import expand_action_modes, is_relative
+from hf_vla.normalization import expand_action_modes, is_relative, relative_state_width
 
 MAX_CAMERAS = 4
 MAX_STATE = 16
@@ -45,11 +45,20 @@ def load_policy(model: str) -> VLAPolicy:
     except (OSError, ValueError) as error:  # not a model directory, unknown hub id, malformed files
         raise gr.Error(f"Could not load the model {model!r}: {error}") from error
     processor = policy.processor
-    if len(processor.camera_names) > MAX_CAMERAS or processor.state_dim > MAX_STATE:
+    widest_state = max([state_width(processor, key) for key in processor.norm_stats] + [processor.state_dim])
+    if len(processor.camera_names) > MAX_CAMERAS or widest_state > MAX_STATE:
         raise gr.Error(f"This Space shows up to {MAX_CAMERAS} cameras and {MAX_STATE} state values; "
                        f"{model or 'the model'} takes {len(processor.camera_names)} cameras and a state of "
-                       f"{processor.state_dim}: serve it with `hf-vla serve` instead.")
+                       f"{widest_state}: serve it with `hf-vla serve` instead.")
     return policy
+
+
+def state_width(processor, key: str | None) -> int:
+    """The state values asked for: the model's, or for a model that reads none, those its relative actions are made
+    absolute from (action dimension i from state value i)."""
+    if processor.state_dim:
+        return processor.state_dim
+    return relative_state_width(processor.embodiment_action_mode(key), processor.action_dim)
 
 
 def dimension_names(action_dim: int) -> list[str]:
@@ -57,13 +66,14 @@ def dimension_names(action_dim: int) -> list[str]:
 
 
 def state_sliders(model: str, key: str | None) -> list[dict]:
-    """One slider per state dimension, over the range embodiment `key`'s statistics saw."""
+    """One slider per state value, over the range embodiment `key`'s statistics saw ([-1, 1] without statistics)."""
     processor = load_policy(model).processor
     stats = processor.norm_stats.get(key, {}).get("state") if key else None
+    width = state_width(processor, key)
     sliders = []
     for i in range(MAX_STATE):
-        if i < processor.state_dim and stats is not None:
-            low, high = float(stats["min"][i]), float(stats["max"][i])
+        if i < width:
+            low, high = (float(stats["min"][i]), float(stats["max"][i])) if stats is not None else (-1.0, 1.0)
             low, high = (low - 1.0, high + 1.0) if low == high else (low, high)
             sliders.append({"visible": True, "minimum": low, "maximum": high, "value": float(np.clip(0.0, low, high)),
                             "step": (high - low) / 100, "label": f"state[{i}]"})  # fmt: skip
@@ -139,9 +149,11 @@ def predict(model: str, loaded: str, unnorm_key: str | None, instruction: str, *
     if not instruction or not instruction.strip():
         raise gr.Error("Type an instruction.")
     obs = {"images": views, "instruction": instruction.strip()}
-    if processor.state_dim:
-        obs["state"] = np.asarray(state_values[: processor.state_dim], dtype=np.float32)
     try:
+        key = processor.embodiment_key(unnorm_key or policy.unnorm_key, "unnorm_key")
+        width = state_width(processor, key)
+        if width:
+            obs["state"] = np.asarray(state_values[:width], dtype=np.float32)
         actions = policy.predict(obs, unnorm_key=unnorm_key or None)
     except ValueError as error:
         raise gr.Error(str(error)) from error
@@ -154,7 +166,6 @@ def predict(model: str, loaded: str, unnorm_key: str | None, instruction: str, *
     table.to_csv(csv, index=False)
     summary = (f"{actions.shape[0]} steps × {actions.shape[1]} dims ({unnorm_key or 'default'} units); first step: "
                + ", ".join(f"{n}={v:+.4f}" for n, v in zip(names, actions[0])))  # fmt: skip
-    key = processor.embodiment_key(unnorm_key or policy.unnorm_key, "unnorm_key")
     positions = expand_action_modes(processor.embodiment_action_mode(key), processor.action_dim)[:3]
     return summary, long, end_effector_path(actions, absolute=is_relative(positions)), table.round(5), csv
 

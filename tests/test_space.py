@@ -127,3 +127,26 @@ def test_the_path_plot_reads_actions_made_absolute_as_positions(tmp_path):
         expected = actions[:, :3] if absolute else np.vstack([np.zeros(3), np.cumsum(actions[:, :3], axis=0)])
         np.testing.assert_allclose(xyz, expected, atol=1e-4)  # the table is rounded to 5 decimals
         assert figure.layout.title.text.endswith("(absolute xyz)" if absolute else "(cumulative xyz)")
+
+
+def test_a_model_without_state_asks_for_the_state_its_relative_actions_start_from(tmp_path):
+    import app
+
+    from hf_vla.testing import build_tiny_vla
+
+    model, processor = build_tiny_vla("oft", tmp_path / "build", state_dim=0)
+    stats = processor.compute_norm_stats("arm", np.random.default_rng(0).normal(size=(64, 7)))
+    processor.set_norm_stats("arm_rel", {**stats, "action_mode": ["rel"] * 6 + ["abs"]})
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    path = str(tmp_path / "model")
+    assert not [update for update in app.embodiment_controls(path, "arm") if update.get("visible")]
+    sliders = [update for update in app.embodiment_controls(path, "arm_rel") if update.get("visible")]
+    assert [(s["label"], s["minimum"], s["maximum"]) for s in sliders] == [(f"state[{i}]", -1.0, 1.0) for i in range(6)]
+
+    image = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    state = [0.25, -0.5, 0.75, 0.1, -0.2, 0.3] + [0.9] * 10  # the hidden sliders' values are not sent
+    tables = {key: app.predict(path, path, key, "go", image, image, None, None, *state)[3] for key in ("arm", "arm_rel")}
+    absolute, relative = (tables[key].drop(columns="step").to_numpy() for key in ("arm", "arm_rel"))
+    np.testing.assert_allclose(relative[:, :6], absolute[:, :6] + np.array(state[:6]), atol=2e-5)  # 5-decimal table
+    np.testing.assert_allclose(relative[:, 6], absolute[:, 6], atol=1e-5)
