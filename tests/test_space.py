@@ -146,7 +146,7 @@ def test_a_model_without_state_asks_for_the_state_its_relative_actions_start_fro
 
     image = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     state = [0.25, -0.5, 0.75, 0.1, -0.2, 0.3] + [0.9] * 10  # the hidden sliders' values are not sent
-    tables = {key: app.predict(path, path, key, "go", image, image, None, None, *state)[3] for key in ("arm", "arm_rel")}
-    absolute, relative = (tables[key].drop(columns="step").to_numpy() for key in ("arm", "arm_rel"))
+    absolute, relative = (app.predict(path, path, key, "go", image, image, None, None, *state)[3]
+                          .drop(columns="step").to_numpy() for key in ("arm", "arm_rel"))  # fmt: skip
     np.testing.assert_allclose(relative[:, :6], absolute[:, :6] + np.array(state[:6]), atol=2e-5)  # 5-decimal table
     np.testing.assert_allclose(relative[:, 6], absolute[:, 6], atol=1e-5)
