@@ -70,6 +70,10 @@ class VLAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+    # The VLA ties nothing itself: the backbone declares its tie (lm_head ↔ embed_tokens), which transformers finds
+    # either way. A mapping, not None, because PEFT reads the submodules' ties only under a mapping; under None it sees
+    # no tie, and trainable tokens (training/lora.py) would train a tied lm_head's rows apart from the embeddings'.
+    _tied_weights_keys = {}
     # The action loss is a per-batch mean: Trainer must divide it by the gradient-accumulation steps itself.
     accepts_loss_kwargs = False
     # True where that mean is over the valid entries of the chunk (action_mask): VLATrainer then weighs each
