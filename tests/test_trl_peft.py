@@ -119,7 +119,7 @@ def test_lora_adapter_folder_alone_reloads_the_trained_policy(vlm_dir, tmp_path,
     model = AutoModelForVLA.from_pretrained(tmp_path / "base")
     peft_model = add_lora(model, r=4, alpha=8, train_embeddings=variant == "bins")
 
-    trainable = {n.split(".modules_to_save")[0].removeprefix("base_model.model.")
+    trainable = {n.split(".modules_to_save")[0].split(".token_adapter")[0].removeprefix("base_model.model.")
                  for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n}  # fmt: skip
     expected = {"action_head"} if variant == "gr00t" else {"vlm.model.language_model.embed_tokens", "vlm.lm_head"}
     assert trainable == expected
@@ -152,6 +152,89 @@ def test_lora_adapter_folder_alone_reloads_the_trained_policy(vlm_dir, tmp_path,
         assert torch.equal(reloaded.predict_action(**observation), expected_actions)
         merged = peft_model.merge_and_unload()
         torch.testing.assert_close(merged.predict_action(**observation), expected_actions, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tied_vlm_dir(tmp_path_factory):
+    from hf_vla.testing import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tied") / "vlm", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_lora_train_embeddings_trains_the_action_token_rows_only(vlm_dir, tied_vlm_dir, tmp_path, tied):
+    # The published backbones tie lm_head to the input embeddings: the action rows train once for both, and the merged
+    # model stays tied through a save and a load. An untied backbone trains the rows of each matrix.
+    from safetensors.torch import load_file
+
+    from hf_vla import VLAProcessor
+    from hf_vla.testing import TINY_HEADS
+
+    backbone = tied_vlm_dir if tied else vlm_dir
+    torch.manual_seed(0)
+    model = AutoModelForVLA.from_vlm(backbone, variant="bins", action_dim=7, action_horizon=4, state_dim=6,
+                                     **TINY_HEADS["bins"])  # fmt: skip
+    processor = VLAProcessor.from_vlm(backbone, model.config, camera_names=["primary", "wrist"], image_size=[56, 56])
+    rng = np.random.default_rng(0)
+    processor.compute_norm_stats("bridge", rng.normal(size=(256, 7)), rng.normal(size=(256, 6)))
+    model.save_pretrained(tmp_path / "base")
+    base = AutoModelForVLA.from_pretrained(tmp_path / "base")
+    base_tied = base.vlm.lm_head.weight is base.get_input_embeddings().weight
+    assert base_tied == tied
+    peft_model = add_lora(AutoModelForVLA.from_pretrained(tmp_path / "base"), r=4, alpha=8, train_embeddings=True)
+
+    offset, count = model.config.action_token_offset, model.config.num_action_tokens
+    rows, hidden = set(range(offset, offset + count)), model.vlm_hidden_size
+    token_params = {n: p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert all("trainable_tokens_delta" in n for n in token_params), token_params
+    assert sum(token_params.values()) == (1 if tied else 2) * count * hidden  # not 2 × vocabulary × hidden
+
+    inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
+                       state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
+    # no weight decay: it would move every trainable row, whether the loss reaches it or not
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
+    peft_model.train()
+    for _ in range(2):
+        loss = peft_model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    peft_model.eval()
+    observation = {k: v for k, v in inputs.items() if k not in ("actions", "state")}
+    with torch.no_grad():
+        expected_loss = peft_model(**inputs).loss
+        expected_actions = peft_model.predict_action(**observation)
+
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    assert all(t.shape == (count, hidden) for k, t in saved.items() if "lora_" not in k)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForVLA.from_pretrained(adapter_dir).eval().predict_action(**observation),
+                           expected_actions)  # fmt: skip
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(**inputs).loss, expected_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(merged.predict_action(**observation), expected_actions, atol=1e-6, rtol=0)
+    for trained, original in ((merged.get_input_embeddings(), base.get_input_embeddings()),
+                              (merged.vlm.lm_head, base.vlm.lm_head)):  # fmt: skip
+        changed = set((trained.weight != original.weight).any(dim=1).nonzero().flatten().tolist())
+        assert changed and changed <= rows  # every other row bit-identical
+
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForVLA.from_pretrained(tmp_path / "merged").eval()
+    reloaded_tied = reloaded.vlm.lm_head.weight is reloaded.get_input_embeddings().weight
+    assert reloaded_tied == tied
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).loss, expected_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(reloaded.predict_action(**observation), expected_actions, atol=1e-6, rtol=0)
+
+
+def test_lora_train_embeddings_needs_action_tokens(vlm_dir):
+    model, _ = make_oft(vlm_dir)
+    with pytest.raises(ValueError, match="no action tokens"):
+        add_lora(model, train_embeddings=True, base_model_name_or_path=str(vlm_dir))
 
 
 def test_vla_trainer_trains_a_lora_model_with_learning_rate_groups(vlm_dir, tmp_path):

@@ -12,7 +12,10 @@
 tower and the merger stay frozen), "attention" (the attention projections only), or any regex PEFT matches with
 `re.fullmatch` against module names. Heads with parameters (OFT's MLP, GR00T's DiT, π's expert, …) become
 `modules_to_save` and train in full; token heads (FAST, bins) have none, so only the adapters train unless
-`train_embeddings=True` makes the input embeddings and `lm_head` (which hold the action-token rows) trainable too.
+`train_embeddings=True` also trains the action tokens' rows (`num_action_tokens` of them, from
+`action_token_offset`) of the input embeddings and of `lm_head`, through PEFT's `trainable_token_indices`: every
+other row stays as it was. A backbone with tied embeddings (Qwen2.5-VL-3B, Qwen3-VL-4B) trains those rows once, for
+both, and its merged model stays tied; an untied one trains them in each matrix.
 
 Note (PEFT): `adapter_config.json` records `base_model_name_or_path` from `model.name_or_path`. A model built with
 `from_vlm` / `from_config` has none, so the adapter cannot later resolve its base. `add_lora` warns; save the base
@@ -62,9 +65,28 @@ def lora_config(
     if modules_to_save is None and train_head:
         saved = head_modules(model)
     if train_embeddings:
-        saved += ["embed_tokens", "lm_head"]
+        kwargs["trainable_token_indices"] = trainable_action_tokens(model)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       modules_to_save=saved or None, **kwargs)  # fmt: skip
+
+
+def action_token_ids(model) -> list[int]:
+    """Ids of a token-head VLA's action tokens (the rows `from_vlm` reserved for them)."""
+    offset = getattr(model.config, "action_token_offset", None)
+    if offset is None:
+        raise ValueError(f"train_embeddings: {type(model).__name__} has no action tokens in its vocabulary (only the "
+                         "token heads FAST and bins do); to train whole embedding matrices, pass "
+                         "modules_to_save=[..., 'embed_tokens', 'lm_head']")  # fmt: skip
+    return list(range(offset, offset + model.config.num_action_tokens))
+
+
+def trainable_action_tokens(model) -> dict[str, list[int]]:
+    """`trainable_token_indices`: the action-token rows of the input embeddings and of the LM head, under their full
+    module names (PEFT recognises a tied LM head only by its full name, and then trains one copy of the rows)."""
+    ids = action_token_ids(model)
+    layers = (model.get_input_embeddings(), model.vlm.get_output_embeddings())
+    names = {module: name for name, module in model.named_modules()}
+    return {names[layer]: ids for layer in layers}
 
 
 def add_lora(
@@ -81,8 +103,9 @@ def add_lora(
 ):
     """Wraps a VLA (or a plain VLM, whose modules carry no `vlm.` prefix: pass a regex `target`) in a `PeftModel`.
 
-    Returns the `PeftModel`; `peft_model.print_trainable_parameters()` reports what trains. Extra keyword arguments
-    go to `LoraConfig` (e.g. `use_rslora=True`).
+    `train_embeddings=True` (FAST, bins) also trains the action tokens' rows of the input embeddings and `lm_head`,
+    and nothing else of them. Returns the `PeftModel`; `peft_model.print_trainable_parameters()` reports what trains.
+    Extra keyword arguments go to `LoraConfig` (e.g. `use_rslora=True`).
     """
     from peft import get_peft_model
 
@@ -111,7 +134,7 @@ def _lora_parameters(model):
     return (p for n, p in model.named_parameters() if "lora_" in n)
 
 
-__all__ = ["TARGETS", "add_lora", "head_modules", "lora_config"]
+__all__ = ["TARGETS", "action_token_ids", "add_lora", "head_modules", "lora_config", "trainable_action_tokens"]
 
 
 if __name__ == "__main__":
