@@ -18,7 +18,7 @@ import torch
 import yaml
 from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
 from test_starvla_reference_deployment import starvla_forward
-from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoTokenizer
 
 from hf_vla import AutoModelForVLA, VLAProcessor
 from hf_vla.action_tokenizers import FASTTokenizer
@@ -67,12 +67,6 @@ def vlms(tmp_path_factory):
     tokenizer.add_tokens(["🔍"])
     tokenizer.save_pretrained(q25)
     q3 = build_tiny_vlm(root / "Qwen3-VL-tiny-Instruct", family="qwen3_vl", tie_word_embeddings=True)
-    config = json.loads((root / "Qwen3-VL-tiny-Instruct" / "config.json").read_text())
-    config["tie_word_embeddings"] = True
-    (root / "Qwen3-VL-tiny-Instruct" / "config.json").write_text(json.dumps(config))
-    vlm = AutoModelForImageTextToText.from_pretrained(q3)  # lm_head was saved untied: tie it and save again
-    vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
-    vlm.save_pretrained(q3)
     return {"qwen2_5_vl": q25, "qwen3_vl": q3}
 
 

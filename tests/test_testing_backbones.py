@@ -25,6 +25,22 @@ def test_tiny_vlm_directory_loads_with_plain_from_pretrained(tiny_vlm_dirs, fami
     assert prompt.startswith("<|im_start|>system") == (family == "qwen2_5_vl")
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_tied_embeddings_are_tied_in_the_backbone_and_the_vla_says_so(tmp_path, family):
+    # transformers ties a Qwen-VL by its top-level flag; Qwen3-VL's text config does not carry it up
+    from hf_vla import AutoModelForVLA
+
+    for tied in (True, False):
+        path = build_tiny_vlm(tmp_path / f"{family}_{tied}", family=family, tie_word_embeddings=tied)
+        vlm = AutoModelForImageTextToText.from_pretrained(path)
+        assert (vlm.lm_head.weight is vlm.get_input_embeddings().weight) == tied
+        vla = AutoModelForVLA.from_vlm(path, variant="oft", action_dim=2, action_horizon=2)
+        vla.save_pretrained(tmp_path / f"vla_{family}_{tied}")
+        for model in (vla, AutoModelForVLA.from_pretrained(tmp_path / f"vla_{family}_{tied}")):
+            assert (model.vlm.lm_head.weight is model.get_input_embeddings().weight) == tied
+            assert model.config.tie_word_embeddings == tied
+
+
 def test_tiny_vlm_is_deterministic_for_a_seed(tmp_path):
     a = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "a", seed=3)).state_dict()
     b = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(tmp_path / "b", seed=3)).state_dict()

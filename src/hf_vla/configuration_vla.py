@@ -56,8 +56,9 @@ class VLAConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        # Weights tied inside the backbone (Qwen2.5-VL-3B, Qwen3-VL-4B) stay tied in the VLA.
-        self.tie_word_embeddings = bool(getattr(self.vlm_config.get_text_config(), "tie_word_embeddings", False))
+        # Weights tied inside the backbone (Qwen2.5-VL-3B, Qwen3-VL-4B) stay tied in the VLA. transformers ties them
+        # by the backbone's top-level flag: Qwen3-VL's text config may say otherwise (or nothing), and is not read.
+        self.tie_word_embeddings = bool(getattr(self.vlm_config, "tie_word_embeddings", False))
 
     def validate_architecture(self):
         check_at_least(self, action_dim=1, action_horizon=1, state_dim=0)

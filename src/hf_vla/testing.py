@@ -166,6 +166,8 @@ def tiny_vlm_config(
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )  # fmt: skip
+    # transformers ties a Qwen-VL's weights by its top-level flag (Qwen3-VL ignores the text config's): set both
+    tied = text_overrides.get("tie_word_embeddings", text["tie_word_embeddings"])
     half_head = hidden_size // heads // 2  # mrope sections split the rotary half of each head
     if family == "qwen2_5_vl":
         hw = half_head * 3 // 8  # Qwen2.5-VL splits [16, 24, 24] of 64
@@ -176,7 +178,7 @@ def tiny_vlm_config(
             out_hidden_size=hidden_size, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
         )  # fmt: skip
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied, **token_ids)
     text["head_dim"] = hidden_size // heads
     hw = half_head * 5 // 16  # Qwen3-VL splits [24, 20, 20] of 64
     text["rope_parameters"] = {
@@ -188,7 +190,7 @@ def tiny_vlm_config(
         out_hidden_size=hidden_size, patch_size=16,
         spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
     )  # fmt: skip
-    return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied, **token_ids)
 
 
 def published_vlm_config(name: str):
