@@ -158,12 +158,13 @@ def test_lora_adapter_folder_alone_reloads_the_trained_policy(vlm_dir, tmp_path,
 def tied_vlm_dir(tmp_path_factory):
     from hf_vla.testing import build_tiny_vlm
 
-    return build_tiny_vlm(tmp_path_factory.mktemp("tied") / "vlm", tie_word_embeddings=True)
+    return {family: build_tiny_vlm(tmp_path_factory.mktemp("tied") / family, family=family, tie_word_embeddings=True)
+            for family in ("qwen2_5_vl", "qwen3_vl")}  # fmt: skip
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("backbone", ["qwen2_5_vl tied", "qwen3_vl tied", "qwen2_5_vl untied"])
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
-def test_lora_train_embeddings_trains_the_action_token_rows_only(vlm_dir, tied_vlm_dir, tmp_path, tied):
+def test_lora_train_embeddings_trains_the_action_token_rows_only(vlm_dir, tied_vlm_dir, tmp_path, backbone):
     # The published backbones tie lm_head to the input embeddings: the action rows train once for both, and the merged
     # model stays tied through a save and a load. An untied backbone trains the rows of each matrix.
     from safetensors.torch import load_file
@@ -171,7 +172,9 @@ def test_lora_train_embeddings_trains_the_action_token_rows_only(vlm_dir, tied_v
     from hf_vla import VLAProcessor
     from hf_vla.testing import TINY_HEADS
 
-    backbone = tied_vlm_dir if tied else vlm_dir
+    family, tie = backbone.split()
+    tied = tie == "tied"
+    backbone = tied_vlm_dir[family] if tied else vlm_dir
     torch.manual_seed(0)
     model = AutoModelForVLA.from_vlm(backbone, variant="bins", action_dim=7, action_horizon=4, state_dim=6,
                                      **TINY_HEADS["bins"])  # fmt: skip
