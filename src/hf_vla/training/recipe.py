@@ -12,6 +12,9 @@ plain `--trainer.learning_rate 3e-5` sets the base rate, keeping the per-module 
 The `trainer` section holds `TrainingArguments` fields, except three that VLATrainer takes itself:
 `learning_rate` (a number, or `{base: lr, <module path>: lr, ...}` where `base` is `TrainingArguments.learning_rate`),
 `freeze` (a list of module paths, or a comma-separated string) and `loss_scale` (`{vla: w, vlm: w}`).
+
+The optional `lora` section is null (or absent) or a mapping, so it may also be set whole: `--lora null`,
+`--lora "{r: 16}"`; `--lora.r 16` turns a null section into `{r: 16}`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import yaml
 
 from .param_groups import flatten_paths
 
-SECTIONS = ("model", "data", "trainer")
+SECTIONS = ("model", "data", "trainer", "lora")
+OPTIONAL_SECTIONS = ("lora",)  # null or a mapping: absent from a recipe unless its defaults or file name them
 PATH_KEYED = {("trainer", "learning_rate")}  # dicts whose keys are dotted module paths
 TRAINER_OWN_KEYS = ("learning_rate", "freeze", "loss_scale")
 
@@ -64,7 +68,7 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[list[str], object]]:
                 raise ValueError(f"overrides: {token} has no value")
             value, i = argv[i + 1], i + 1
         path = key.split(".")
-        if path[0] not in SECTIONS or len(path) < 2:
+        if path[0] not in SECTIONS or (len(path) < 2 and path[0] not in OPTIONAL_SECTIONS):
             raise ValueError(f"overrides: {token!r} must start with one of {[s + '.' for s in SECTIONS]}")
         overrides.append((path, read_yaml(value) if value != "" else ""))
         i += 1
@@ -103,7 +107,8 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), defaults
     for key_path, value in parse_overrides(list(overrides)):
         apply_override(recipe, key_path, value)
     for section in SECTIONS:
-        recipe.setdefault(section, {})
+        if section not in OPTIONAL_SECTIONS:
+            recipe.setdefault(section, {})
     lr = recipe["trainer"].get("learning_rate")
     if isinstance(lr, Mapping):
         recipe["trainer"]["learning_rate"] = flatten_paths(lr)
