@@ -672,6 +672,11 @@ def test_recipe_overrides():
     assert fields == {"max_grad_norm": 10.0, "weight_decay": 0.05}
     assert all(type(value) is float for value in fields.values())
 
+    # the optional lora section: null, set whole, or key by key (a null section becomes a mapping)
+    assert load_recipe(None, ["--lora.r", "16"])["lora"] == {"r": 16} and "lora" not in load_recipe(None)
+    assert load_recipe(None, ["--lora", "null"], defaults={"lora": {"r": 8}})["lora"] is None
+    assert load_recipe(None, ["--lora.alpha", "32"], defaults={"lora": None})["lora"] == {"alpha": 32}
+
     for override, message in [(["--trainer.learning_rate.action_head", "abc"], r"learning_rate\.action_head: .*'abc'"),
                               (["--trainer.learning_rate.action_head", "null"], r"learning_rate\.action_head: .*None"),
                               (["--trainer.learning_rate", "fast"], r"trainer\.learning_rate: expected a number"),
@@ -732,7 +737,7 @@ def test_train_vla_script_end_to_end(train_vla, tmp_path, dataset_root, caplog):
     train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "resumed"), "--trainer.resume_from_checkpoint",
                     str(out / "checkpoint-2"), "--data.embodiment", "toy2", "--data.eval_split", "0"])  # fmt: skip
     assert "\"data.embodiment: 'toy' -> 'toy2'\", 'data.eval_split: 0.2 -> 0']" in caplog.text
-    assert "with model/data settings other than its run's" in caplog.text and "model.vlm" not in caplog.text
+    assert "with model/data/lora settings other than its run's" in caplog.text and "model.vlm" not in caplog.text
     # the synthetic set's cameras are named for the recipes; selecting one of them keeps its name
     train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), "--trainer.output_dir", str(tmp_path / "one"),
                     "--trainer.max_steps", "1", "--data.cameras", "[observation.images.front]",
@@ -828,6 +833,18 @@ def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
         (["--model.head", "[4]"], r"model\.head: expected \{field: value\} of the variant's config"),
         (["--data.augment.random_shfit", "4"], r"data\.augment: unknown key\(s\) \['random_shfit'\] \(closest known: "
                                                r"random_shfit → random_shift\)"),
+        (["--lora.aplha", "32"], r"lora: unknown key\(s\) \['aplha'\] \(closest known: aplha → alpha\); expected "
+                                 r"\['alpha', 'dropout', 'modules_to_save', 'r', 'target', 'train_embeddings', "
+                                 r"'train_head'\] \(add_lora's settings\)"),
+        (["--lora", "16"], r"lora: expected null \(full fine-tuning\) or \{key: value\} of \['alpha', "),
+        (["--lora.r", "0"], r"lora\.r: expected a positive integer, got 0"),
+        (["--lora.r", "8.5"], r"lora\.r: expected a positive integer, got 8\.5"),
+        (["--lora.dropout", "1"], r"lora\.dropout: expected a fraction in \[0, 1\), got 1"),
+        (["--lora.train_head", "yes"], r"lora\.train_head: expected true or false, got 'yes'"),
+        (["--lora.modules_to_save", "action_head"], r"lora\.modules_to_save: expected null or a list of module names, "
+                                                    r"got 'action_head'"),
+        (["--lora.train_embeddings", "true"], r"lora\.train_embeddings: only the token heads \(fast, bins\) have "
+                                              r"action-token rows to train; model\.variant is oft"),
     ]
     for override, message in [*checked_early,
                               (["--model.action_horizn", "16"], r"model: unknown key\(s\) \['action_horizn'\]"),
@@ -840,6 +857,7 @@ def test_train_vla_refuses_keys_it_would_not_read(train_vla, tmp_path):
         with pytest.raises(ValueError, match=message):
             train_vla.main([recipe, "--trainer.output_dir", str(tmp_path), *override])
     assert not any(tmp_path.iterdir())  # refused before anything was written
+    assert set(train_vla.LORA_VALUES) == set(train_vla.LORA_DEFAULTS)  # every add_lora setting has its value check
 
 
 def test_train_vla_head_overrides_reach_the_model_and_the_saved_recipe(train_vla, tmp_path):
@@ -1325,6 +1343,126 @@ def test_train_vla_resume_true_continues_the_latest_checkpoint(train_vla, tmp_pa
     # the saved recipe says how the model trains, not how this run started: run again elsewhere, it starts afresh
     for folder in (out, out / "checkpoint-3"):
         assert "resume_from_checkpoint" not in yaml.safe_load((folder / "training_recipe.yaml").read_text())["trainer"]
+
+
+TINY_LORA_RUN = ["--trainer.disable_tqdm", "true", "--trainer.logging_steps", "1", "--data.eval_split", "0",
+                 "--model.image_size", "[28, 28]", "--model.action_horizon", "4", "--data.synthetic.num_episodes", "2",
+                 "--data.synthetic.length", "8", "--trainer.warmup_steps", "0",
+                 "--lora.r", "4", "--lora.alpha", "8"]  # fmt: skip
+
+
+def synthetic_inputs(train_vla, out: Path, processor, count=3) -> dict:
+    samples = load_lerobot(out / "synthetic_dataset", action_horizon=4, camera_rename=train_vla.SYNTHETIC_CAMERA_RENAME)
+    batch = VLACollator(processor)([samples[i] for i in range(count)])
+    return {k: v for k, v in batch.items() if k not in ("raw_actions", "embodiment", "actions", "action_mask")}
+
+
+def changed_weights(model, base) -> dict[str, torch.Tensor]:
+    """{name: rows that differ} for every tensor of `model` that differs from `base`'s."""
+    before = base.state_dict()
+    differs = {name: torch.atleast_1d(value != before[name]) for name, value in model.state_dict().items()}
+    return {name: rows.reshape(len(rows), -1).any(dim=1).nonzero().flatten() for name, rows in differs.items()
+            if rows.any()}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_train_vla_lora_run_merges_into_the_output_directory_and_keeps_its_adapter(train_vla, tmp_path, caplog):
+    """`--lora.r` trains adapters on the built VLA saved as lora_base/ (its head is new, so the hub VLM is no base);
+    the output directory holds the merged model (a plain model directory to load, serve and push), lora_adapter/
+    the adapter with the processor, which reloads to the same policy through PEFT."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from hf_vla.hub.push import release_files
+    from hf_vla.training.lora import head_modules
+
+    out = tmp_path / "run"
+    train_vla.main([str(REPO / "trainers" / "recipes" / "oft.yaml"), *TINY_LORA_RUN, "--trainer.output_dir", str(out),
+                    "--trainer.max_steps", "3", "--trainer.save_strategy", "no",
+                    "--trainer.learning_rate", "1e-2"])  # fmt: skip
+    base_dir, adapter_dir = out / "lora_base", out / "lora_adapter"
+    assert load_recipe(out / "training_recipe.yaml")["lora"] == {**train_vla.LORA_DEFAULTS, "r": 4, "alpha": 8}
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir.resolve())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (4, 8)
+    merged, base = AutoModelForVLA.from_pretrained(out).eval(), AutoModelForVLA.from_pretrained(base_dir).eval()
+    assert type(merged) is type(base) and not (out / "adapter_config.json").exists()
+    # the language model's projections (through the adapters) and the head trained; nothing else moved
+    changed = changed_weights(merged, base)
+    adapted = {name for name in changed if name.startswith("vlm.")}
+    assert adapted and all(re.fullmatch(r"vlm\.model\.language_model\.layers\.\d+\.(self_attn|mlp)\."
+                                        r"(q|k|v|o|gate|up|down)_proj\.weight", name) for name in adapted), adapted
+    assert "action_head" in {name.split(".")[0] for name in set(changed) - adapted} <= set(head_modules(base))
+    # the logged count is what trains: the adapters and the head's copy, the tensors the adapter file holds
+    trainable = sum(tensor.numel() for tensor in load_file(adapter_dir / "adapter_model.safetensors").values())
+    assert re.search(rf"VLAOFTForActionPrediction with LoRA r=4: [\d,]+ parameters, {trainable:,} trainable",
+                     caplog.text)  # fmt: skip
+
+    processor = AutoProcessor.from_pretrained(out)
+    assert AutoProcessor.from_pretrained(adapter_dir).norm_stats == processor.norm_stats
+    inputs = synthetic_inputs(train_vla, out, processor)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForVLA.from_pretrained(base_dir), adapter_dir).merge_and_unload()
+        expected = expected.eval().predict_action(**inputs)
+        assert torch.equal(merged.predict_action(**inputs), expected)
+        torch.testing.assert_close(AutoModelForVLA.from_pretrained(adapter_dir).eval().predict_action(**inputs),
+                                   expected, atol=1e-5, rtol=1e-5)  # fmt: skip
+        assert not torch.allclose(base.predict_action(**inputs), expected, atol=1e-3)
+    assert VLAPolicy.from_pretrained(str(out)).model.config.to_dict() == merged.config.to_dict()
+    # a release is the merged model: neither the base (a whole second model) nor the adapter goes to the Hub
+    assert "model.safetensors" in release_files(out) and all("/" not in name for name in release_files(out))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_train_vla_lora_train_embeddings_trains_only_the_action_token_rows(train_vla, tmp_path):
+    out = tmp_path / "bins"
+    train_vla.main([str(REPO / "trainers" / "recipes" / "bins.yaml"), *TINY_LORA_RUN, "--trainer.output_dir", str(out),
+                    "--trainer.max_steps", "2", "--trainer.save_strategy", "no",
+                    "--lora.train_embeddings", "true"])  # fmt: skip
+    merged = AutoModelForVLA.from_pretrained(out)
+    base = AutoModelForVLA.from_pretrained(out / "lora_base")
+    offset, count = merged.config.action_token_offset, merged.config.num_action_tokens
+    changed = changed_weights(merged, base)
+    embeddings = {"vlm.model.language_model.embed_tokens.weight", "vlm.lm_head.weight"}
+    assert embeddings <= set(changed) and merged.vlm.lm_head.weight is not merged.get_input_embeddings().weight
+    for name in embeddings:  # rows of the action tokens only (those the batches reached), every other row unchanged
+        assert len(changed[name]) and all(offset <= row < offset + count for row in changed[name].tolist()), name
+    assert all(".layers." in name and name.endswith("_proj.weight") for name in set(changed) - embeddings), changed
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_train_vla_lora_resumed_run_continues_exactly(train_vla, tmp_path):
+    """A LoRA run's checkpoint-N holds the adapter (its base stays lora_base/); resuming it logs the uninterrupted run's
+    losses and ends on the same merged weights. A checkpoint is resumed only with the kind of training it came from."""
+    from safetensors.torch import load_file
+
+    def losses(out: Path) -> dict:
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), *TINY_LORA_RUN, "--trainer.max_steps", "4",
+           "--trainer.save_steps", "2", "--data.augment.random_shift", "2", "--lora.dropout", "0.1"]  # fmt: skip
+    train_vla.main([*run, "--trainer.output_dir", str(full)])
+    checkpoint = full / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=re.escape(f"lora: {checkpoint} holds a LoRA adapter; resume it with the lora "
+                                                   "section of its run")):
+        train_vla.main([*run, "--trainer.output_dir", str(resumed), "--trainer.resume_from_checkpoint", str(checkpoint),
+                        "--lora", "null"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"lora: .* is a checkpoint of full fine-tuning \(no adapter_config\.json\)"):
+        train_vla.main([*run, "--trainer.output_dir", str(resumed), "--trainer.resume_from_checkpoint",
+                        str(tmp_path)])  # fmt: skip
+    assert not resumed.exists()
+    train_vla.main([*run, "--trainer.output_dir", str(resumed), "--trainer.resume_from_checkpoint", str(checkpoint)])
+    full_losses, resumed_losses = losses(full), losses(resumed)
+    assert sorted(full_losses) == [1, 2, 3, 4] and len(set(full_losses.values())) == 4
+    assert resumed_losses[3] == full_losses[3] and resumed_losses[4] == full_losses[4]
+    assert json.loads((resumed / "lora_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((full / "lora_base").resolve())  # fmt: skip
+    merged, merged_after_resume = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert merged.keys() == merged_after_resume.keys()
+    assert all(torch.equal(merged[name], merged_after_resume[name]) for name in merged)
 
 
 def test_trainers_readme_from_python_snippets_run_as_written(vlm_dir, tmp_path):

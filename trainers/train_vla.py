@@ -14,15 +14,22 @@ Recipe sections (every key and its default: DEFAULTS below; trainers/recipes/ sh
            co-training
   trainer: TrainingArguments fields, plus learning_rate (number or {base: ..., <module path>: ...}), freeze (module
            paths) and loss_scale ({vla, vlm})
+  lora:    null (full fine-tuning) or hf_vla.training.add_lora's settings: r, alpha, dropout, target, train_head,
+           train_embeddings (FAST, bins: the action tokens' rows of the embeddings and lm_head), modules_to_save;
+           `--lora.r 16` turns it on, the keys left out take add_lora's defaults
 
 The output directory ends up as a model directory ready to push: weights + config, processor files, and the
-resolved recipe as training_recipe.yaml (beside Trainer's checkpoint-N folders, logs and metrics).
+resolved recipe as training_recipe.yaml (beside Trainer's checkpoint-N folders, logs and metrics). A LoRA run trains
+adapters on a base saved first into <output_dir>/lora_base (the built VLA: its head and action-token rows are new, so
+the hub VLM is no base for them), keeps the adapter (+ processor) in <output_dir>/lora_adapter and writes the merged
+model into the output directory itself; its checkpoint-N folders hold adapters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import logging
 import os
@@ -38,6 +45,7 @@ import transformers
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import ADAPTER_CONFIG_NAME
 
 from hf_vla import AutoModelForVLA, VLAProcessor
 from hf_vla.auto import VARIANTS
@@ -47,11 +55,16 @@ from hf_vla.data.lerobot import compute_union_stats, load_lerobot
 from hf_vla.modeling_vla import config_field_names
 from hf_vla.normalization import normalize
 from hf_vla.training import VLATrainer
+from hf_vla.training.lora import add_lora
 from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
 
 logger = logging.getLogger("train_vla")
 RECIPE_FILE = "training_recipe.yaml"
 BUILT_WITH_FILE = "hf_vla_built_with.json"  # the settings a generated folder (tiny backbone, synthetic data) was made with
+LORA_BASE_DIR, LORA_ADAPTER_DIR = "lora_base", "lora_adapter"
+# the lora section's keys: add_lora's settings, with its defaults (the base's path is the script's to set)
+LORA_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(add_lora).parameters.items()
+                 if parameter.default is not inspect.Parameter.empty and name != "base_model_name_or_path"}  # fmt: skip
 
 DEFAULTS = {
     "model": {
@@ -85,6 +98,7 @@ DEFAULTS = {
         "chat_max_length": None,
     },
     "trainer": {"output_dir": "outputs/vla", "report_to": "none"},
+    "lora": None,
 }
 
 
@@ -277,12 +291,14 @@ def check_recipe_keys(recipe: dict) -> None:
                     raise ValueError(f"{unknown_keys_message(f'{section}.{key}', unknown, default)}; expected "
                                      f"{sorted(default)}")
     check_recipe_values(recipe["model"], recipe["data"])
+    check_lora_section(recipe["lora"], recipe["model"]["variant"])
+
+
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_recipe_values(model: dict, data: dict) -> None:
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     check_model_head(model)
     horizon = model["action_horizon"]
     if not (isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0):
@@ -326,6 +342,39 @@ def check_model_head(model: dict) -> None:
                    "with --model.head null)" if others else ""
         raise ValueError(f"{unknown_keys_message('model.head', unknown, known)}; expected {config_class.__name__} "
                          f"fields{switched}")
+
+
+LORA_VALUES = {  # key: (what it takes, whether a value is one)
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "alpha": ("a positive number", lambda v: number(v) and v > 0),
+    "dropout": ("a fraction in [0, 1)", lambda v: number(v) and 0 <= v < 1),
+    "target": ("language_model, attention or a regex of module names", lambda v: isinstance(v, str) and v != ""),
+    "train_head": ("true or false", lambda v: isinstance(v, bool)),
+    "train_embeddings": ("true or false", lambda v: isinstance(v, bool)),
+    "modules_to_save": ("null or a list of module names", lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(name, str) for name in v))),
+}  # fmt: skip
+
+
+def check_lora_section(lora, variant: str) -> None:
+    """The `lora` section: null, or add_lora's settings with values of their types; train_embeddings only for a
+    variant with action tokens (add_lora would refuse it only after the data and the model are loaded)."""
+    if lora is None:
+        return
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora: expected null (full fine-tuning) or {{key: value}} of {sorted(LORA_DEFAULTS)}, got "
+                         f"{lora!r}")
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{unknown_keys_message('lora', unknown, LORA_DEFAULTS)}; expected {sorted(LORA_DEFAULTS)} "
+                         "(add_lora's settings)")
+    for key, value in lora.items():
+        expected, accepts = LORA_VALUES[key]
+        if not accepts(value):
+            raise ValueError(f"lora.{key}: expected {expected}, got {value!r}")
+    if lora.get("train_embeddings") and "action_token_offset" not in config_field_names(VARIANTS[f"vla_{variant}"][0]):
+        raise ValueError(f"lora.train_embeddings: only the token heads (fast, bins) have action-token rows to train; "
+                         f"model.variant is {variant}")
 
 
 NUMBER_TYPES = {int: "an integer", float: "a number", bool: "true or false"}
@@ -421,11 +470,11 @@ def fit_fast_tokenizer(fast: dict, stats: dict, action_only, train_dataset, seed
 
 
 def checkpoint_tokenizer(resume) -> str | None:
-    """The FAST tokenizer folder of the checkpoint a run resumes: its weights learned those token ids, so a refit
-    (from another seed, or a dataset that changed since) must not replace it."""
+    """The FAST tokenizer folder of the checkpoint a run resumes (a LoRA checkpoint's is its base's): its weights
+    learned those token ids, so a refit (from another seed, or a dataset that changed since) must not replace it."""
     from hf_vla.models.fast.modeling_fast import ACTION_TOKENIZER_DIR
 
-    folder = Path(resume) / ACTION_TOKENIZER_DIR if resume else None
+    folder = (lora_base_of(Path(resume)) or Path(resume)) / ACTION_TOKENIZER_DIR if resume else None
     if folder is None or not folder.is_dir():
         return None
     logger.info(f"continuing with the FAST tokenizer of {resume}")
@@ -458,6 +507,54 @@ def build_model(model: dict, vlm: str, action_dim: int, state_dim: int, action_t
     return AutoModelForVLA.from_vlm(vlm, variant=model["variant"], dtype=dtype, **kwargs)
 
 
+def lora_base_of(checkpoint: Path) -> Path | None:
+    """The base a LoRA checkpoint's adapter was trained on; None for a checkpoint of a whole model."""
+    config = checkpoint / ADAPTER_CONFIG_NAME
+    return Path(json.loads(config.read_text())["base_model_name_or_path"]) if config.is_file() else None
+
+
+def check_resumed_kind(checkpoint: Path, lora) -> None:
+    """A LoRA checkpoint resumes with a lora section and a whole model's without: Trainer would load either into the
+    other model without a word about the weights it could not place."""
+    base = lora_base_of(checkpoint)
+    if lora is not None and base is None:
+        raise ValueError(f"lora: {checkpoint} is a checkpoint of full fine-tuning (no {ADAPTER_CONFIG_NAME}); resume "
+                         "it without lora (--lora null)")
+    if lora is None and base is not None:
+        raise ValueError(f"lora: {checkpoint} holds a LoRA adapter; resume it with the lora section of its run (its "
+                         f"{RECIPE_FILE})")
+    if base is not None and not (base / "config.json").is_file():
+        raise ValueError(f"trainer.resume_from_checkpoint: the base of {checkpoint}'s adapter, {base}, is gone")
+
+
+def with_lora(model, processor, lora: dict, output_dir: Path, resume, built_with: dict):
+    """`model` wrapped in LoRA adapters on a base read from disk: the adapter records where its base lives, and the VLA
+    built here (a fresh head, new action-token rows) exists nowhere else, so it is saved to <output_dir>/lora_base
+    first (each process loads that copy back: every rank then trains the same base). A resumed run continues on its
+    checkpoint's base."""
+    base = lora_base_of(Path(resume)) if resume else None
+    if base is None:
+        def save(path):
+            model.save_pretrained(path)
+            processor.save_pretrained(path)  # the base is an untrained policy directory too
+
+        base = build_once(output_dir / LORA_BASE_DIR, save, "model, trainer.seed (the LoRA base)", built_with).resolve()
+    peft_model = add_lora(AutoModelForVLA.from_pretrained(base, dtype=model.dtype), **lora,
+                          base_model_name_or_path=str(base))  # fmt: skip
+    logger.info(f"LoRA on {base}: {lora}")
+    return peft_model
+
+
+def save_trained_model(trainer, output_dir: Path, lora) -> None:
+    """The trained model into the output directory. A LoRA run's adapter (+ processor files) goes to
+    <output_dir>/lora_adapter and the merged model into the output directory itself: a plain model directory, which
+    from_pretrained, evaluation, serving and `hf-vla push` take as it is."""
+    if lora is not None:
+        trainer.save_model(str(output_dir / LORA_ADAPTER_DIR))
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model(str(output_dir))
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -475,7 +572,7 @@ class RecipeIntoCheckpoints(TrainerCallback):
 
 
 def warn_about_changed_settings(recipe: dict, saved_file: Path) -> None:
-    """A resumed run continues the checkpoint's run: model and data settings that differ from its recipe (other
+    """A resumed run continues the checkpoint's run: model, data and LoRA settings that differ from its recipe (other
     statistics, another action mode, ...) are most likely a mistake, so they are listed."""
     if not saved_file.is_file():
         return
@@ -483,15 +580,16 @@ def warn_about_changed_settings(recipe: dict, saved_file: Path) -> None:
     # a tiny backbone built into each run's own output directory is the same backbone
     built = {str(Path(r["trainer"].get("output_dir", "")) / "tiny_vlm") for r in (saved, recipe) if "trainer" in r}
     changed = []
-    for section in ("model", "data"):
+    for section in ("model", "data", "lora"):
         if section not in saved:
             continue
-        for key in sorted(set(saved[section]) | set(recipe[section])):
-            before, after = saved[section].get(key), recipe[section].get(key)
+        saved_section, section_now = saved[section] or {}, recipe[section] or {}  # lora: null without LoRA
+        for key in sorted(set(saved_section) | set(section_now)):
+            before, after = saved_section.get(key), section_now.get(key)
             if before != after and not ((section, key) == ("model", "vlm") and {before, after} <= built):
                 changed.append(f"{section}.{key}: {before!r} -> {after!r}")
     if changed:
-        logger.warning(f"resuming {saved_file.parent} with model/data settings other than its run's: {changed}")
+        logger.warning(f"resuming {saved_file.parent} with model/data/lora settings other than its run's: {changed}")
 
 
 def training_arguments(fields: dict) -> TrainingArguments:
@@ -528,7 +626,9 @@ def main(argv: list[str] | None = None) -> dict:
     recipe_path = argv[0] if argv and not argv[0].startswith("--") else None
     recipe = load_recipe(recipe_path, argv[1:] if recipe_path else argv, defaults=DEFAULTS)
     check_recipe_keys(recipe)
-    model_cfg, data, trainer_cfg = recipe["model"], recipe["data"], recipe["trainer"]
+    if recipe["lora"] is not None:  # the saved recipe records every setting the adapter was trained with
+        recipe["lora"] = {**LORA_DEFAULTS, **recipe["lora"]}
+    model_cfg, data, trainer_cfg, lora = recipe["model"], recipe["data"], recipe["trainer"], recipe["lora"]
 
     fields, learning_rates, freeze, loss_scale = split_trainer_section(trainer_cfg)
     resume = fields.pop("resume_from_checkpoint", None)
@@ -547,6 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"checkpoint folder, got {resume!r}, which is not a folder")
     if resume:
         check_steps_left(Path(resume), fields.get("max_steps"))
+        check_resumed_kind(Path(resume), lora)
     is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -580,6 +681,8 @@ def main(argv: list[str] | None = None) -> dict:
         if state_dim == 0:
             embodiment_stats = {k: v for k, v in embodiment_stats.items() if k != "state"}
         processor.set_norm_stats(key, embodiment_stats)
+    if lora is not None:
+        model = with_lora(model, processor, lora, output_dir, resume, built_with={"model": model_cfg, "seed": seed})
 
     args = training_arguments(fields)
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
@@ -603,11 +706,12 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[RecipeIntoCheckpoints(output_dir / RECIPE_FILE)],
     )  # fmt: skip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters, {trainable:,} trainable; "
+    name = type(model).__name__ if lora is None else f"{type(model.get_base_model()).__name__} with LoRA r={lora['r']}"
+    logger.info(f"{name}: {model.num_parameters():,} parameters, {trainable:,} trainable; "
                 f"{len(train)} training samples; world size {args.world_size}{sharding(trainer)}")
 
     result = trainer.train(resume_from_checkpoint=resume or None)
-    trainer.save_model(args.output_dir)
+    save_trained_model(trainer, output_dir, lora)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

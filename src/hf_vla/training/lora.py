@@ -20,6 +20,8 @@ both, and its merged model stays tied; an untied one trains them in each matrix.
 Note (PEFT): `adapter_config.json` records `base_model_name_or_path` from `model.name_or_path`. A model built with
 `from_vlm` / `from_config` has none, so the adapter cannot later resolve its base. `add_lora` warns; save the base
 with `save_pretrained` and load it back (or pass `base_model_name_or_path=`) before adding the adapter.
+
+`trainers/train_vla.py` does all of this from a recipe's `lora:` section (see trainers/README.md, "LoRA").
 """
 
 from __future__ import annotations
