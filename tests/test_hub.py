@@ -508,3 +508,14 @@ def test_release_files_are_the_top_level_ones_and_the_fast_tokenizer(tmp_path):
         (tmp_path / name).write_text("x")
     assert release_files(tmp_path) == ["action_tokenizer/processor_config.json", "action_tokenizer/tokenizer.json",
                                        "config.json", "model.safetensors"]  # fmt: skip
+
+
+def test_a_lora_adapter_folder_is_not_pushed(tmp_path):
+    from hf_vla.hub.push import push_model
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/runs/x/lora_base"}))
+    with pytest.raises(ValueError, match=r"a LoRA adapter, not a model; push the merged model"):
+        push_model(tmp_path, "tester/adapter")
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json; expected a directory written by save_pretrained"):
+        push_model(tmp_path, "tester/adapter")

@@ -71,6 +71,10 @@ def push_model(
     `license` (with `license_name` / `license_link` for "other"): None takes the base VLM's, read from its card on
     the Hub (a fine-tune of Qwen2.5-VL-3B is under its qwen-research licence), else apache-2.0."""
     model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
+        # an adapter's base is a folder of the run (lora_base/), which a Hub user could not resolve
+        raise ValueError(f"{model_dir}: a LoRA adapter, not a model; push the merged model train_vla writes into the "
+                         "run's output directory")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a directory written by save_pretrained")
     if (model_dir / "model.safetensors").is_file() and (model_dir / "model.safetensors.index.json").is_file():
