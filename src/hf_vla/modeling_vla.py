@@ -106,6 +106,14 @@ class VLAPreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.vlm.set_input_embeddings(value)
 
+    def get_output_embeddings(self):
+        """The backbone's LM head. accelerate's FSDP2 preparation reads it: a head tied to the input embeddings (as in
+        Qwen2.5-VL-3B) goes into their shard unit, where torch requires it (it refuses one parameter in two units)."""
+        return self.vlm.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.vlm.set_output_embeddings(new_embeddings)
+
     def resize_token_embeddings(self, *args, **kwargs) -> torch.nn.Embedding:
         """The backbone's own resize: input embeddings, LM head and the vocabulary size in `config.vlm_config`."""
         return self.vlm.resize_token_embeddings(*args, **kwargs)
