@@ -246,11 +246,14 @@ class BasicTransformerBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        modulation: tuple[torch.Tensor, torch.Tensor],
+        modulation: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         encoder_hidden_states: torch.Tensor | tuple | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`modulation` is `norm1.modulation(temb)`; `attention_mask` as in `Attention.forward`."""
+        """`modulation` is the timestep embedding `temb` `[B, D]`, or `norm1.modulation(temb)` computed already;
+        `attention_mask` as in `Attention.forward`."""
+        if isinstance(modulation, torch.Tensor):
+            modulation = self.norm1.modulation(modulation)
         attn_output = self.attn1(self.norm1(hidden_states, modulation=modulation), encoder_hidden_states, attention_mask)
         if self.final_dropout is not None and self.training:
             attn_output = self.final_dropout(attn_output)
@@ -334,8 +337,12 @@ class DiT(nn.Module):
         all steps at once (see `FlowMatchingActionHead.sample`)."""
         temb = self.timestep_encoder(timestep)
         modulations = [block.norm1.modulation(temb) for block in self.transformer_blocks]
+        return modulations + [self.output_modulation(temb)]
+
+    def output_modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output layer's `(1 + scale, shift)`, each `[B, 1, D]`, of timestep embeddings `temb` `[B, D]`."""
         shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=-1)
-        return modulations + [(1 + scale[:, None], shift[:, None])]
+        return 1 + scale[:, None], shift[:, None]
 
     def forward(
         self,
@@ -357,7 +364,8 @@ class DiT(nn.Module):
                 every cross-attention block, or its SDPA form `[B, 1, 1, L]` (`attention_mask_from_key_padding`).
             project_output: apply the timestep-modulated output norm and `proj_out_2` (`[B, T, output_dim]`); when
                 False return the last block's hidden states `[B, T, D]` (layer-wise heads decode those).
-            modulations: `timestep_modulations(timestep)`, when the caller has computed them already.
+            modulations: `timestep_modulations(timestep)`, when the caller has computed them already (sampling, on a
+                whole model: a block's modulation computed outside its forward).
         """
         per_block = isinstance(encoder_hidden_states, (list, tuple))
         if per_block and len(encoder_hidden_states) != self.num_layers:
@@ -366,7 +374,9 @@ class DiT(nn.Module):
                 f"{self.num_layers} blocks."
             )
         if modulations is None:
-            modulations = self.timestep_modulations(timestep)
+            # Each block modulates inside its own forward: FSDP gathers a sharded block's parameters there only.
+            temb = self.timestep_encoder(timestep)
+            modulations = [temb] * self.num_layers + [self.output_modulation(temb)]
         attention_mask = encoder_attention_mask
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = attention_mask_from_key_padding(attention_mask, hidden_states.dtype)

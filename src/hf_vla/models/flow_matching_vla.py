@@ -12,6 +12,9 @@ from ..modeling_vla import VLAOutput, VLAPreTrainedModel
 
 
 class VLAFlowMatchingModel(VLAPreTrainedModel):
+    # Units that device_map="auto" keeps whole and FSDP's TRANSFORMER_BASED_WRAP shards one by one; `post_init` adds
+    # the backbone's (its decoder layers and vision blocks).
+    _no_split_modules = ["BasicTransformerBlock"]
     layerwise = False  # True: block i of the DiT reads VLM layer i
     loss_averages_action_entries = True  # the flow-matching MSE is a mean over the valid (action_mask) entries
 
