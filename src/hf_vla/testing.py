@@ -299,12 +299,14 @@ def build_tiny_vla(
     action_horizon: int = 4,
     state_dim: int = 6,
     seed: int = 0,
+    vlm_overrides: dict | None = None,
     **overrides,
 ):
     """A tiny random VLA of `variant` around a tiny backbone written to `out_dir` (a temporary directory removed at
     exit when None), and its processor: two cameras ("primary", "wrist") at 56 × 56, statistics of random data under
     the key "demo" (a FAST model also gets a FAST tokenizer fitted to random smooth chunks). Returns
-    `(model, processor)`; what the modules' smoke runs start from."""
+    `(model, processor)`; what the modules' smoke runs start from. `vlm_overrides` go to the backbone's text config
+    (`tie_word_embeddings=True`, as the published backbones), `overrides` to the VLA's config."""
     import numpy as np
 
     from .auto import AutoModelForVLA
@@ -313,7 +315,7 @@ def build_tiny_vla(
     if variant not in TINY_HEADS:
         raise ValueError(f"variant: expected one of {sorted(TINY_HEADS)}, got {variant!r}")
     out_dir = scratch_dir(f"hf_vla_tiny_{variant}_") if out_dir is None else Path(out_dir)
-    vlm_dir = build_tiny_vlm(out_dir / "vlm", family=family, seed=seed)
+    vlm_dir = build_tiny_vlm(out_dir / "vlm", family=family, seed=seed, **(vlm_overrides or {}))
     rng = np.random.default_rng(seed)
     kwargs = dict(action_dim=action_dim, action_horizon=action_horizon, state_dim=state_dim, **TINY_HEADS[variant])
     if variant == "fast":
