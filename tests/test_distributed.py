@@ -48,12 +48,16 @@ def launch(launcher: str, output_dir: Path, *overrides: str, recipe: str = "oft"
     port = ["--main_process_port" if launcher == "accelerate" else "--master_port", str(free_port())]
     command = [*LAUNCHERS[launcher], *port, str(REPO / "trainers" / "train_vla.py"), str(RECIPES / f"{recipe}.yaml"),
                "--trainer.output_dir", str(output_dir), *TINY_RUN, *overrides]  # fmt: skip
-    marker = f"{os.getpid()}-{output_dir}"
+    return run_bounded(command, output_dir.parent / f"{launcher}.log", timeout)
+
+
+def run_bounded(command: list[str], log_path: Path, timeout: int) -> str:
+    """Runs a launcher command to its end or `timeout`, then kills whatever it left running; returns its output."""
+    marker = f"{os.getpid()}-{log_path}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_VLA_TEST_LAUNCH=marker,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))  # fmt: skip
     # Output goes to a file, not a pipe: a worker that outlives its launcher would keep a pipe open and block the read.
-    log_path = output_dir.parent / f"{launcher}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
@@ -61,7 +65,7 @@ def launch(launcher: str, output_dir: Path, *overrides: str, recipe: str = "oft"
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_launch(process, marker)
-            pytest.fail(f"{launcher} run did not finish within {timeout} s:\n{log_path.read_text()[-6000:]}")
+            pytest.fail(f"{log_path.stem} run did not finish within {timeout} s:\n{log_path.read_text()[-6000:]}")
         finally:
             kill_launch(process, marker)  # workers left behind by a launcher that exited
     output = log_path.read_text()
@@ -151,3 +155,127 @@ def test_deepspeed_zero3_gathers_the_trained_weights_on_save(tmp_path):
     frozen = [name for name in final if ".proj_out_" in name or ".state_encoder." in name]
     assert frozen and all(torch.equal(final[name], step2[name]) for name in frozen)
     assert_loadable(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ FSDP2 (accelerate's sharding, on CPU processes)
+
+FSDP_CONFIG = REPO / "trainers" / "accelerate" / "fsdp.yaml"
+FSDP_CASES = {  # variant: (family, backbone text-config overrides)
+    "oft": ("qwen2_5_vl", {"tie_word_embeddings": True}),  # LM head tied to the input embeddings, as Qwen2.5-VL-3B's
+    "pi": ("qwen3_vl", {}),  # the head cross-attends to every VLM layer's hidden states
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("variant", ["oft", "fast", "gr00t", "pi", "pi_v3", "bins"])
+def test_fsdp_config_wraps_each_layer_of_either_backbone_and_head(variant, family, monkeypatch):
+    """fsdp.yaml names no layer class: accelerate then wraps the model's `_no_split_modules`, which `post_init`
+    gathers from the backbone (decoder layers, vision blocks) and the flow heads declare (DiT blocks)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from fsdp_worker import launch_environment
+    from transformers import AutoConfig
+
+    from hf_vla.testing import TINY_HEADS, build_tiny_tokenizer, tiny_vlm_config
+
+    for name, value in launch_environment(str(FSDP_CONFIG)).items():
+        monkeypatch.setenv(name, value)
+    vlm_config = tiny_vlm_config(family, build_tiny_tokenizer(family))
+    config = AutoConfig.for_model(f"vla_{variant}", vlm_config=vlm_config.to_dict(), action_dim=7, action_horizon=4,
+                                  **TINY_HEADS[variant])  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForVLA.from_config(config)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(model)  # what fsdp2_prepare_model does first
+    wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    units = [name for name, module in model.named_modules() if name and wraps(module)]
+    layers = [f"vlm.model.language_model.layers.{i}" for i in range(vlm_config.text_config.num_hidden_layers)]
+    blocks = [f"vlm.model.visual.blocks.{i}" for i in range(vlm_config.vision_config.depth)]
+    head = getattr(model, "action_head", None)
+    dit = [] if head is None or not hasattr(head, "model") else [
+        f"action_head.model.transformer_blocks.{i}" for i in range(head.num_layers)
+    ]  # fmt: skip
+    assert sorted(units) == sorted(layers + blocks + dit)
+    assert bool(dit) == (variant in ("gr00t", "pi", "pi_v3"))
+
+
+def split_batch(batch: dict, start: int, stop: int) -> dict:
+    """Samples `start:stop` of a processor batch: their rows of every tensor, their views' patches, and their copies
+    in flow matching's `noise` / `time` (copy r of sample b is row r · batch + b)."""
+    size = len(batch["input_ids"])
+    views = len(batch["image_grid_thw"]) // size  # each sample's views are consecutive
+    patch_offsets = torch.cat([torch.zeros(1, dtype=torch.long), batch["image_grid_thw"].prod(-1).cumsum(0)])
+    part = {name: value[start:stop] for name, value in batch.items()}
+    part["image_grid_thw"] = batch["image_grid_thw"][start * views : stop * views]
+    part["pixel_values"] = batch["pixel_values"][patch_offsets[start * views] : patch_offsets[stop * views]]
+    for name in ("noise", "time"):
+        if name in batch:
+            part[name] = batch[name].unflatten(0, (-1, size))[:, start:stop].flatten(0, 1)
+    return part
+
+
+def prepare_fsdp_case(case: Path, variant: str, family: str, vlm_overrides: dict) -> dict:
+    """A tiny VLA saved in `case/initial`, a batch of 4 and each rank's half of it; returns the batch."""
+    from hf_vla.testing import build_tiny_vla, random_observation
+
+    model, processor = build_tiny_vla(variant, case / "build", family=family, vlm_overrides=vlm_overrides,
+                                      **({} if variant == "oft" else {"dropout": 0.0}))  # fmt: skip
+    model.save_pretrained(case / "initial")
+    batch = dict(processor(**random_observation(processor, batch_size=4, with_actions=True)))
+    if variant != "oft":  # the flow-matching sample fixed, so that both runs draw the same
+        generator = torch.Generator().manual_seed(0)
+        copies = 4 * model.config.repeated_diffusion_steps
+        batch["noise"] = torch.randn(copies, 4, 7, generator=generator)
+        batch["time"] = torch.rand(copies, generator=generator)
+    for rank in (0, 1):
+        torch.save(split_batch(batch, 2 * rank, 2 * rank + 2), case / f"rank{rank}.pt")
+    return batch
+
+
+def sgd_step(model, batch: dict) -> float:
+    """The step the FSDP worker takes, on one process."""
+    loss = model(**batch).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    return loss.item()
+
+
+def predicted_actions(model, batch: dict) -> torch.Tensor:
+    inputs = {name: value for name, value in batch.items() if name not in ("actions", "noise", "time")}
+    if "noise" in batch:  # a flow head's starting noise, fixed
+        inputs["noise"] = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.eval().predict_action(**inputs)
+
+
+def test_fsdp2_training_step_equals_the_one_process_step(tmp_path):
+    """Two gloo processes, each with half the batch, sharded as fsdp.yaml asks (accelerate's own FSDP2 code): one SGD
+    step gives the loss and weights one process gives on the whole batch, and the gathered weights save and load as a
+    model that predicts what that one-process model predicts."""
+    batches = {variant: prepare_fsdp_case(tmp_path / variant, variant, family, overrides)
+               for variant, (family, overrides) in FSDP_CASES.items()}  # fmt: skip
+    worker = str(Path(__file__).with_name("fsdp_worker.py"))
+    command = [*LAUNCHERS["torchrun"], "--master_port", str(free_port()), worker, str(FSDP_CONFIG),
+               *(str(tmp_path / variant) for variant in batches)]  # fmt: skip
+    run_bounded(command, tmp_path / "fsdp.log", timeout=240)
+
+    accelerates_own_units = {"vlm.model.language_model.embed_tokens", "vlm.lm_head"}  # one unit when tied (OFT's)
+    for variant, batch in batches.items():
+        case = tmp_path / variant
+        run = json.loads((case / "fsdp" / "run.json").read_text())
+        reference = AutoModelForVLA.from_pretrained(case / "initial")
+        assert run["wrapped"] == sorted(reference._no_split_modules)
+        dit_blocks = {f"action_head.model.transformer_blocks.{i}" for i in range(2)} if variant == "pi" else set()
+        assert accelerates_own_units | dit_blocks <= set(run["units"])
+        initial = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
+        assert run["loss"] == pytest.approx(sgd_step(reference, batch), abs=1e-5)
+
+        gathered = AutoModelForVLA.from_pretrained(case / "fsdp")
+        weights, expected = gathered.state_dict(), reference.state_dict()
+        assert weights.keys() == expected.keys()
+        assert max((weights[name] - expected[name]).abs().max().item() for name in expected) < 1e-5
+        trained = {name for name in expected if not torch.equal(expected[name], initial[name])}
+        assert {"vlm.model.language_model.layers.0.mlp.up_proj.weight", "vlm.model.visual.blocks.0.attn.qkv.weight",
+                "vlm.model.language_model.embed_tokens.weight"} <= trained  # fmt: skip
+        torch.testing.assert_close(predicted_actions(gathered, batch), predicted_actions(reference, batch),
+                                   atol=1e-4, rtol=0)  # fmt: skip

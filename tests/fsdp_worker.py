@@ -1,0 +1,74 @@
+"""One FSDP2 training step per case folder, sharded by accelerate's own FSDP2 code with the settings
+`accelerate launch --config_file <config>` gives a process. Run under `torch.distributed.run` by
+tests/test_distributed.py: accelerate enables FSDP for GPU process groups only, so this calls its sharding directly on
+a CPU (gloo) group, in float32 (the config's bf16 mixed precision is the Trainer's, not applied here).
+
+A case folder holds `initial/` (a saved VLA) and `rank{r}.pt` (this process's half of the batch). Rank 0 writes
+`fsdp/`: the gathered model, saved from the sharded one as Trainer saves it, and `run.json` (the loss over both halves,
+the shard units, the wrapped classes)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+
+def launch_environment(config_file: str) -> dict:
+    """The FSDP_* variables `accelerate launch --config_file config_file` sets in each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", config_file, "--num_processes", "2", "train.py"])
+    environment = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {name: value for name, value in environment.items() if name.startswith("FSDP_")}
+
+
+def shard(model: torch.nn.Module):
+    """What `Accelerator.prepare` does to the model under FSDP2, with the plugin read from the environment."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin()
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                  is_main_process=dist.get_rank() == 0, device=torch.device("cpu"))  # fmt: skip
+    return fsdp2_prepare_model(accelerator, model), plugin.transformer_cls_names_to_wrap
+
+
+def train_step(case: Path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    from hf_vla import AutoModelForVLA
+
+    model, wrapped = shard(AutoModelForVLA.from_pretrained(case / "initial"))
+    units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model(**torch.load(case / f"rank{dist.get_rank()}.pt")).loss
+    loss.backward()
+    optimizer.step()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    if dist.get_rank() == 0:
+        model.save_pretrained(case / "fsdp", state_dict=state)
+        run = {"loss": total.item() / dist.get_world_size(), "units": units, "wrapped": sorted(wrapped)}
+        (case / "fsdp" / "run.json").write_text(json.dumps(run))
+    dist.barrier()
+
+
+def main(config_file: str, *cases: str):
+    os.environ.update(launch_environment(config_file))
+    dist.init_process_group("gloo")
+    try:
+        for case in cases:
+            train_step(Path(case))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
