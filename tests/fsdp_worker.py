@@ -5,7 +5,7 @@ a CPU (gloo) group, in float32 (the config's bf16 mixed precision is the Trainer
 
 A case folder holds `initial/` (a saved VLA) and `rank{r}.pt` (this process's half of the batch). Rank 0 writes
 `fsdp/`: the gathered model, saved from the sharded one as Trainer saves it, and `run.json` (the loss over both halves,
-the shard units, the wrapped classes)."""
+the shard units, the wrapped classes, and each rank's VLM loss and predicted actions after the step)."""
 
 import json
 import os
@@ -38,24 +38,52 @@ def shard(model: torch.nn.Module):
     return fsdp2_prepare_model(accelerator, model), plugin.transformer_cls_names_to_wrap
 
 
+def prediction_inputs(batch: dict, seed: int) -> dict:
+    """`predict_action`'s inputs from a training batch; a flow head's starting noise drawn with `seed`."""
+    inputs = {name: value for name, value in batch.items() if name not in ("actions", "noise", "time")}
+    if "noise" in batch:
+        inputs["noise"] = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(seed))
+    return inputs
+
+
+def chat_batch(batch: dict) -> dict:
+    """A co-training chat batch from a training batch: the prompt tokens as their own labels."""
+    chat = {name: batch[name] for name in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                           "mm_token_type_ids")}  # fmt: skip
+    return {**chat, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
+
+
 def train_step(case: Path):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
     from hf_vla import AutoModelForVLA
+    from hf_vla.modeling_vla import register_fsdp_forward_methods
 
+    rank = dist.get_rank()
     model, wrapped = shard(AutoModelForVLA.from_pretrained(case / "initial"))
     units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
+    batch = torch.load(case / f"rank{rank}.pt")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    loss = model(**torch.load(case / f"rank{dist.get_rank()}.pt")).loss
+    loss = model(**batch).loss
     loss.backward()
     optimizer.step()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     total = loss.detach().clone()
     dist.all_reduce(total)
-    if dist.get_rank() == 0:
+    # what VLATrainer runs outside forward, on the sharded model: co-training's VLM loss (first, so that no forward
+    # has gathered the root unit's parameters since the backward) and evaluation's prediction
+    register_fsdp_forward_methods(model)
+    with torch.no_grad():
+        vlm_loss = model.vlm_loss(**chat_batch(batch)).item()
+        actions = model.eval().predict_action(**prediction_inputs(batch, seed=rank)).tolist()
+    outside_forward = {"vlm_loss": vlm_loss, "actions": actions}
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, outside_forward)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
         model.save_pretrained(case / "fsdp", state_dict=state)
-        run = {"loss": total.item() / dist.get_world_size(), "units": units, "wrapped": sorted(wrapped)}
+        run = {"loss": total.item() / dist.get_world_size(), "units": units, "wrapped": sorted(wrapped),
+               "per_rank": per_rank}  # fmt: skip
         (case / "fsdp" / "run.json").write_text(json.dumps(run))
     dist.barrier()
 

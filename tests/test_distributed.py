@@ -240,18 +240,25 @@ def sgd_step(model, batch: dict) -> float:
     return loss.item()
 
 
-def predicted_actions(model, batch: dict) -> torch.Tensor:
-    inputs = {name: value for name, value in batch.items() if name not in ("actions", "noise", "time")}
-    if "noise" in batch:  # a flow head's starting noise, fixed
-        inputs["noise"] = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(1))
+def predicted_actions(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model.eval().predict_action(**inputs)
 
 
+def vlm_loss(model, batch: dict) -> float:
+    from fsdp_worker import chat_batch
+
+    with torch.no_grad():
+        return model.vlm_loss(**chat_batch(batch)).item()
+
+
 def test_fsdp2_training_step_equals_the_one_process_step(tmp_path):
     """Two gloo processes, each with half the batch, sharded as fsdp.yaml asks (accelerate's own FSDP2 code): one SGD
-    step gives the loss and weights one process gives on the whole batch, and the gathered weights save and load as a
-    model that predicts what that one-process model predicts."""
+    step gives the loss and weights one process gives on the whole batch; the gathered weights save and load as a
+    model that predicts what that one-process model predicts, and so does the sharded model itself (its VLM loss
+    too), where VLATrainer runs it outside forward."""
+    from fsdp_worker import prediction_inputs
+
     batches = {variant: prepare_fsdp_case(tmp_path / variant, variant, family, overrides)
                for variant, (family, overrides) in FSDP_CASES.items()}  # fmt: skip
     worker = str(Path(__file__).with_name("fsdp_worker.py"))
@@ -277,5 +284,11 @@ def test_fsdp2_training_step_equals_the_one_process_step(tmp_path):
         trained = {name for name in expected if not torch.equal(expected[name], initial[name])}
         assert {"vlm.model.language_model.layers.0.mlp.up_proj.weight", "vlm.model.visual.blocks.0.attn.qkv.weight",
                 "vlm.model.language_model.embed_tokens.weight"} <= trained  # fmt: skip
-        torch.testing.assert_close(predicted_actions(gathered, batch), predicted_actions(reference, batch),
+        inputs = prediction_inputs(batch, seed=0)
+        torch.testing.assert_close(predicted_actions(gathered, inputs), predicted_actions(reference, inputs),
                                    atol=1e-4, rtol=0)  # fmt: skip
+        for rank, sharded in enumerate(run["per_rank"]):  # each rank's half
+            half = torch.load(case / f"rank{rank}.pt")
+            assert sharded["vlm_loss"] == pytest.approx(vlm_loss(reference, half), abs=1e-5)
+            expected_actions = predicted_actions(reference, prediction_inputs(half, seed=rank))
+            torch.testing.assert_close(torch.tensor(sharded["actions"]), expected_actions, atol=1e-4, rtol=0)

@@ -60,6 +60,22 @@ def base_vlm_reference(vlm_name_or_path) -> str:
     return os.path.abspath(vlm_name_or_path) if os.path.isdir(vlm_name_or_path) else str(vlm_name_or_path)
 
 
+def register_fsdp_forward_methods(model: torch.nn.Module) -> None:
+    """Once FSDP2 has sharded `model` (`fully_shard`, as accelerate's preparation does): makes the methods that run
+    modules outside their `forward` gather and free the parameters as `forward` does. They are what each module names
+    in `fsdp_forward_methods`: a VLA's `predict_action` and `vlm_loss`, and the DiT blocks' sampling precomputations;
+    without this they fail on the sharded parameters (or read those a preceding `forward` left gathered). Does
+    nothing for a module FSDP2 has not sharded, and for a method already registered."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for module in model.modules():
+        for name in getattr(module, "fsdp_forward_methods", ()):
+            if name not in vars(module):  # registering patches the instance
+                register_fsdp_forward_method(module, name)
+
+
 class VLAPreTrainedModel(PreTrainedModel):
     config_class = VLAConfig
     base_model_prefix = "vla"
@@ -79,6 +95,8 @@ class VLAPreTrainedModel(PreTrainedModel):
     # True where that mean is over the valid entries of the chunk (action_mask): VLATrainer then weighs each
     # micro-batch by its share of the valid entries of the optimizer step, as one large batch would.
     loss_averages_action_entries = False
+    # Run the model outside `forward` (see `register_fsdp_forward_methods`).
+    fsdp_forward_methods = ("predict_action", "vlm_loss")
 
     def __init__(self, config: VLAConfig):
         super().__init__(config)

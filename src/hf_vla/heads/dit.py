@@ -223,6 +223,10 @@ class BasicTransformerBlock(GradientCheckpointingLayer):
     the backward pass too.
     """
 
+    # Run outside `forward` (by sampling): FSDP2 gathers the block's parameters for them too once
+    # `modeling_vla.register_fsdp_forward_methods` has run.
+    fsdp_forward_methods = ("modulation", "project_context")
+
     def __init__(
         self,
         dim: int,
@@ -259,6 +263,14 @@ class BasicTransformerBlock(GradientCheckpointingLayer):
             attn_output = self.final_dropout(attn_output)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.ff(self.norm3(hidden_states))
+
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`norm1.modulation(temb)`: what sampling computes for every step ahead of the block's `forward`."""
+        return self.norm1.modulation(temb)
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attn1.project_context(context)`: the keys and values sampling computes once, ahead of `forward`."""
+        return self.attn1.project_context(context)
 
 
 class DiT(nn.Module):
@@ -325,7 +337,7 @@ class DiT(nn.Module):
         across denoising steps, so `forward` can take this list in place of `encoder_hidden_states`."""
         per_block = isinstance(encoder_hidden_states, (list, tuple))
         return [
-            block.attn1.project_context(encoder_hidden_states[index] if per_block else encoder_hidden_states)
+            block.project_context(encoder_hidden_states[index] if per_block else encoder_hidden_states)
             if self.block_cross_attends(index)
             else None
             for index, block in enumerate(self.transformer_blocks)
@@ -336,7 +348,7 @@ class DiT(nn.Module):
         each `[B, 1, D]` for timesteps `[B]`. Sampling knows every step's timestep in advance and computes these for
         all steps at once (see `FlowMatchingActionHead.sample`)."""
         temb = self.timestep_encoder(timestep)
-        modulations = [block.norm1.modulation(temb) for block in self.transformer_blocks]
+        modulations = [block.modulation(temb) for block in self.transformer_blocks]
         return modulations + [self.output_modulation(temb)]
 
     def output_modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

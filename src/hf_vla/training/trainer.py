@@ -39,6 +39,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 
 from ..data.collators import METADATA_KEYS, VLM_BATCH_KEY, CoTrainingCollator, VLACollator
 from ..heads.flow_matching import FlowMatchingActionHead
+from ..modeling_vla import register_fsdp_forward_methods
 from .param_groups import build_param_groups, check_paths, freeze_modules
 
 logger = logging.get_logger(__name__)
@@ -302,6 +303,7 @@ class VLATrainer(Trainer):
         loss = self.loss_scale["vla"] * vla_term
         vlm_loss = chat_share = None
         if vlm_batch is not None and model.training:
+            self._register_fsdp_forward_methods(model)
             with self.accelerator.autocast():  # accelerate patches only forward() with autocast
                 vlm_loss = self.accelerator.unwrap_model(model).vlm_loss(**vlm_batch)
             if share is not None and self._reply_tokens_in_step is not None:  # the action term's weighting, in tokens
@@ -311,6 +313,12 @@ class VLATrainer(Trainer):
         if model.training:
             self._record_loss_parts(action_loss, vlm_loss, share, chat_share)
         return (loss, outputs) if return_outputs else loss
+
+    def _register_fsdp_forward_methods(self, model) -> None:
+        """`vlm_loss` and `predict_action` run the sharded model outside `forward` (see
+        `modeling_vla.register_fsdp_forward_methods`); a no-op without FSDP, and once done."""
+        if self.is_fsdp_enabled:
+            register_fsdp_forward_methods(model)
 
     def _step_scale(self) -> float:
         """Undoes what Trainer and DDP do to a micro-batch's loss (divide by the accumulation steps, average over
@@ -451,6 +459,7 @@ class VLATrainer(Trainer):
             if prediction_loss_only or inputs.get("raw_actions") is None:
                 return loss, None, None
             model_inputs = {k: v for k, v in inputs.items() if k not in METADATA_KEYS}
+            self._register_fsdp_forward_methods(model)
             with self.accelerator.autocast():
                 predicted = self.accelerator.unwrap_model(model).predict_action(**model_inputs)
         decoded = self._decode(predicted, inputs["embodiment"])
