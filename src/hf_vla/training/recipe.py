@@ -194,7 +194,7 @@ if __name__ == "__main__":
     )
     overrides = ["--trainer.max_steps", "100", "--trainer.learning_rate.vlm.model.visual", "1e-5",
                  "--trainer.freeze=vlm.model.visual,vlm.model.language_model.embed_tokens",
-                 "--trainer.save_strategy", "no", "--model.variant", "gr00t"]  # fmt: skip
+                 "--trainer.save_strategy", "no", "--model.variant", "gr00t", "--lora.r", "16"]  # fmt: skip
     # Values are YAML as RecipeLoader reads it: 1e-5 is a float and `no` stays the string "no" (YAML 1.1: False).
     print("overrides:", " ".join(overrides))
     recipe = load_recipe(work_dir / "oft.yaml", overrides)
