@@ -40,6 +40,21 @@ def oft_samples(rng, n, state_dim=6, action_dim=7, horizon=4):
              "actions": rng.normal(size=(horizon, action_dim)).astype(np.float32)} for _ in range(n)]  # fmt: skip
 
 
+def train_steps(model, inputs, steps: int, lr: float, **adamw) -> list[float]:
+    """AdamW steps of `model`'s trainable parameters on one batch; the losses, and the model left in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **adamw)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 # ------------------------------------------------------------------------------------------------ PEFT LoRA
 
 
@@ -65,16 +80,7 @@ def test_lora_on_oft_trains_saves_reloads_and_merges(vlm_dir, tmp_path):
     inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
                        state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
     frozen_before = peft_model.base_model.model.vlm.model.visual.state_dict()
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    peft_model.train()
-    losses = []
-    for _ in range(3):
-        loss = peft_model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    peft_model.eval()
+    losses = train_steps(peft_model, inputs, steps=3, lr=1e-3)
     assert losses[-1] < losses[0], losses
     lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n}
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values())  # zero when added: every adapter trained
@@ -125,14 +131,7 @@ def test_lora_adapter_folder_alone_reloads_the_trained_policy(vlm_dir, tmp_path,
     assert trainable == expected
     inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
                        state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    for _ in range(2):
-        loss = peft_model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    peft_model.eval()
+    train_steps(peft_model, inputs, steps=2, lr=1e-2)
     observation = {k: v for k, v in inputs.items() if k not in ("actions", "state")}
     if variant == "gr00t":
         observation.update(state=inputs["state"], noise=torch.randn(2, 4, 7))
@@ -196,14 +195,7 @@ def test_lora_train_embeddings_trains_the_action_token_rows_only(vlm_dir, tied_v
     inputs = processor(images=random_views(rng, 2), text=["open the drawer", "close the door"],
                        state=rng.normal(size=(2, 6)), actions=rng.normal(size=(2, 4, 7)))  # fmt: skip
     # no weight decay: it would move every trainable row, whether the loss reaches it or not
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    peft_model.train()
-    for _ in range(2):
-        loss = peft_model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    peft_model.eval()
+    train_steps(peft_model, inputs, steps=2, lr=1e-2, weight_decay=0)
     observation = {k: v for k, v in inputs.items() if k not in ("actions", "state")}
     with torch.no_grad():
         expected_loss = peft_model(**inputs).loss
