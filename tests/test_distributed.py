@@ -157,6 +157,67 @@ def test_deepspeed_zero3_gathers_the_trained_weights_on_save(tmp_path):
     assert_loadable(tmp_path / "run")
 
 
+# ------------------------------------------------------------------ LoRA (trainers/README.md, "LoRA")
+
+LORA_RUN = ["--lora.r", "4", "--trainer.learning_rate", "1e-2"]
+
+
+def assert_merged_is_base_plus_adapter(output_dir: Path) -> dict:
+    """The output directory holds the plain model PEFT makes of lora_base/ + lora_adapter/ in one process (same keys,
+    equal tensors) and the adapter moved the base; returns the adapter's tensors."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base_dir, adapter_dir = output_dir / "lora_base", output_dir / "lora_adapter"
+    base = AutoModelForVLA.from_pretrained(base_dir)
+    base_weights = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    expected = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().state_dict()
+    merged = load_file(output_dir / "model.safetensors")
+    assert merged.keys() == load_file(base_dir / "model.safetensors").keys()  # a plain model's names, no PEFT prefix
+    reloaded = AutoModelForVLA.from_pretrained(output_dir).state_dict()
+    assert reloaded.keys() == expected.keys()
+    assert max((reloaded[name] - expected[name]).abs().max().item() for name in expected) == 0
+    assert not torch.equal(expected["vlm.model.language_model.layers.0.self_attn.q_proj.weight"],
+                           base_weights["vlm.model.language_model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert not list(output_dir.glob("*.tmp-*"))  # every rank's private build renamed or removed
+    assert_loadable(output_dir)
+    return load_file(adapter_dir / "adapter_model.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_ddp_accelerate_launch_lora_with_activation_checkpointing(tmp_path):
+    # PEFT + checkpointing + DDP: the case that fails with "Expected to mark a variable ready only once" when
+    # checkpointing is reentrant
+    output = launch("accelerate", tmp_path / "run", *LORA_RUN, "--trainer.activation_checkpointing", "true")
+    assert "with LoRA r=4" in output and "world size 2" in output
+    assert len(trained_steps(tmp_path / "run")) == 3
+    assert_merged_is_base_plus_adapter(tmp_path / "run")
+
+
+@pytest.mark.deepspeed
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_lora_merges_the_gathered_adapter(stage, tmp_path):
+    """Under ZeRO-3 each rank holds half of every tensor: the adapter is saved whole (the engine gathers it) and the
+    merged model is made from it and the base on the main process, not from the engine's (prefixed) weights."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 avoids building its ops)")
+    from peft import get_peft_model_state_dict
+
+    from hf_vla.training import add_lora
+
+    deepspeed_config = str(REPO / "trainers" / "deepspeed" / f"zero{stage}.json")
+    output = launch("torchrun", tmp_path / "run", *LORA_RUN, "--trainer.deepspeed", deepspeed_config, timeout=480)
+    assert f"world size 2; DeepSpeed ZeRO-{stage}" in output
+    assert len(trained_steps(tmp_path / "run")) == 3
+    adapter = assert_merged_is_base_plus_adapter(tmp_path / "run")
+    one_process = get_peft_model_state_dict(add_lora(AutoModelForVLA.from_pretrained(tmp_path / "run" / "lora_base"),
+                                                     r=4))  # fmt: skip
+    assert {name: tensor.shape for name, tensor in adapter.items()} == \
+        {name: tensor.shape for name, tensor in one_process.items()}  # fmt: skip
+    assert all(tensor.abs().max() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # trained from zero
+
+
 # ------------------------------------------------------------------ FSDP2 (accelerate's sharding, on CPU processes)
 
 FSDP_CONFIG = REPO / "trainers" / "accelerate" / "fsdp.yaml"

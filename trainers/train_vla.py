@@ -45,6 +45,7 @@ import transformers
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import ADAPTER_CONFIG_NAME
 
 from hf_vla import AutoModelForVLA, VLAProcessor
@@ -548,11 +549,36 @@ def with_lora(model, processor, lora: dict, output_dir: Path, resume, built_with
 def save_trained_model(trainer, output_dir: Path, lora) -> None:
     """The trained model into the output directory. A LoRA run's adapter (+ processor files) goes to
     <output_dir>/lora_adapter and the merged model into the output directory itself: a plain model directory, which
-    from_pretrained, evaluation, serving and `hf-vla push` take as it is."""
-    if lora is not None:
-        trainer.save_model(str(output_dir / LORA_ADAPTER_DIR))
-        trainer.model = trainer.model.merge_and_unload()
-    trainer.save_model(str(output_dir))
+    from_pretrained, evaluation, serving and `hf-vla push` take as it is.
+
+    The merge is made from the saved adapter and its base on the main process, not from the trained model: under
+    DeepSpeed, Trainer saves the engine's weights (PEFT's `base_model.model.` names, which from_pretrained would drop
+    for a random model), and under ZeRO-3 each rank holds only part of every tensor to merge."""
+    if lora is None:
+        trainer.save_model(str(output_dir))
+        return
+    adapter_dir = output_dir / LORA_ADAPTER_DIR
+    trainer.save_model(str(adapter_dir))  # every rank: under ZeRO-3 the engine gathers the adapter's partitions
+    if trainer.args.should_save:
+        merged_lora_model(adapter_dir).save_pretrained(output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
+        torch.save(trainer.args, output_dir / TRAINING_ARGS_NAME)
+    trainer.accelerator.wait_for_everyone()
+
+
+def merged_lora_model(adapter_dir: Path):
+    """The base of the adapter in `adapter_dir` with the adapter merged into its weights, loaded whole in this process
+    (a ZeRO-3 run's model construction would otherwise go through deepspeed.zero.Init, which waits for every rank)."""
+    from peft import PeftModel
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    zero3_config = hf_deepspeed._hf_deepspeed_config_weak_ref  # what is_deepspeed_zero3_enabled() reads
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        base = AutoModelForVLA.from_pretrained(lora_base_of(adapter_dir))
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3_config
 
 
 # ---------------------------------------------------------------------------------------------------- main
