@@ -43,16 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, output_dir: Path, *overrides: str, recipe: str = "oft", timeout: int = 300) -> str:
+def launch(launcher: str, output_dir: Path, *overrides: str, recipe: str = "oft", timeout: int = 300,
+           succeeds: bool = True) -> str:
     # a fresh rendezvous port per run: a default port still held by an earlier run would hang the new one
     port = ["--main_process_port" if launcher == "accelerate" else "--master_port", str(free_port())]
     command = [*LAUNCHERS[launcher], *port, str(REPO / "trainers" / "train_vla.py"), str(RECIPES / f"{recipe}.yaml"),
                "--trainer.output_dir", str(output_dir), *TINY_RUN, *overrides]  # fmt: skip
-    return run_bounded(command, output_dir.parent / f"{launcher}.log", timeout)
+    return run_bounded(command, output_dir.parent / f"{launcher}.log", timeout, succeeds)
 
 
-def run_bounded(command: list[str], log_path: Path, timeout: int) -> str:
-    """Runs a launcher command to its end or `timeout`, then kills whatever it left running; returns its output."""
+def run_bounded(command: list[str], log_path: Path, timeout: int, succeeds: bool = True) -> str:
+    """Runs a launcher command to its end or `timeout`, then kills whatever it left running; returns its output
+    (and fails the test unless the command exited with 0, or with an error when `succeeds` is False)."""
     marker = f"{os.getpid()}-{log_path}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_VLA_TEST_LAUNCH=marker,
@@ -69,7 +71,7 @@ def run_bounded(command: list[str], log_path: Path, timeout: int) -> str:
         finally:
             kill_launch(process, marker)  # workers left behind by a launcher that exited
     output = log_path.read_text()
-    assert process.returncode == 0, output[-6000:]
+    assert (process.returncode == 0) == succeeds, output[-6000:]
     return output
 
 
@@ -192,6 +194,14 @@ def test_ddp_accelerate_launch_lora_with_activation_checkpointing(tmp_path):
     assert "with LoRA r=4" in output and "world size 2" in output
     assert len(trained_steps(tmp_path / "run")) == 3
     assert_merged_is_base_plus_adapter(tmp_path / "run")
+
+
+def test_ddp_refuses_reentrant_activation_checkpointing_before_training(tmp_path):
+    # without the check, both ranks fail at the first backward: "Expected to mark a variable ready only once"
+    output = launch("accelerate", tmp_path / "run", *LORA_RUN, "--trainer.activation_checkpointing", "true",
+                    "--trainer.activation_checkpointing_kwargs", "{use_reentrant: true}", succeeds=False)  # fmt: skip
+    assert "activation_checkpointing_kwargs: use_reentrant=True does not work under DDP" in output
+    assert "mark a variable ready only once" not in output and not (tmp_path / "run" / "checkpoint-2").exists()
 
 
 @pytest.mark.deepspeed

@@ -207,10 +207,23 @@ class VLATrainer(Trainer):
             compute_metrics=compute_metrics or action_error_metrics,
             **kwargs,
         )
+        self._check_checkpointing_under_ddp()
         self.add_callback(DatasetEpochCallback)
         self._rates_at_last_step: dict[str, float] = {}
         self.add_callback(GroupRatesAtStep(self))
         self.add_callback(ChatStreamResume)
+
+    def _check_checkpointing_under_ddp(self) -> None:
+        """Reentrant activation checkpointing under DDP with find_unused_parameters fails at the first backward
+        ("Expected to mark a variable ready only once": each checkpointed layer's reentrant backward marks its
+        parameters again); the default non-reentrant checkpointing works."""
+        args = self.args
+        reentrant = (args.activation_checkpointing_kwargs or {}).get("use_reentrant", False)
+        ddp = args.world_size > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if args.activation_checkpointing and reentrant and ddp and args.ddp_find_unused_parameters:
+            raise ValueError("activation_checkpointing_kwargs: use_reentrant=True does not work under DDP with "
+                             "ddp_find_unused_parameters=True (which VLA training needs: the regression and flow "
+                             "heads leave the VLM's lm_head unused); leave use_reentrant out (non-reentrant)")
 
     def _check_and_freeze(self, model) -> None:
         check_paths(model, self.learning_rates, "learning_rates")
