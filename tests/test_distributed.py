@@ -187,13 +187,26 @@ def assert_merged_is_base_plus_adapter(output_dir: Path) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
-def test_ddp_accelerate_launch_lora_with_activation_checkpointing(tmp_path):
-    # PEFT + checkpointing + DDP: the case that fails with "Expected to mark a variable ready only once" when
-    # checkpointing is reentrant
-    output = launch("accelerate", tmp_path / "run", *LORA_RUN, "--trainer.activation_checkpointing", "true")
+def test_ddp_lora_with_activation_checkpointing_merges_and_resumes_exactly(tmp_path):
+    """PEFT + checkpointing + DDP (the case that fails with "Expected to mark a variable ready only once" when
+    checkpointing is reentrant); its checkpoint-2 adapter, resumed under torchrun, ends on the same losses and
+    merged weights."""
+    from safetensors.torch import load_file
+
+    run = [*LORA_RUN, "--trainer.activation_checkpointing", "true"]
+    output = launch("accelerate", tmp_path / "run", *run)
     assert "with LoRA r=4" in output and "world size 2" in output
-    assert len(trained_steps(tmp_path / "run")) == 3
+    steps = trained_steps(tmp_path / "run")
+    assert len(steps) == 3
     assert_merged_is_base_plus_adapter(tmp_path / "run")
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    launch("torchrun", tmp_path / "resumed", *run, "--trainer.resume_from_checkpoint", str(checkpoint))
+    assert [entry["loss"] for entry in trained_steps(tmp_path / "resumed")] == [entry["loss"] for entry in steps]
+    assert not (tmp_path / "resumed" / "lora_base").exists()  # the checkpoint's base, not a new one
+    merged, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("run", "resumed"))
+    assert merged.keys() == resumed.keys() and all(torch.equal(merged[name], resumed[name]) for name in merged)
 
 
 def test_ddp_refuses_reentrant_activation_checkpointing_before_training(tmp_path):
