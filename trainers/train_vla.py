@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import types
 from collections.abc import Callable
@@ -148,7 +149,8 @@ def build_once(target: Path, build: Callable[[Path], object], field: str, settin
             raise ValueError(f"{field}: expected {built_with} (the settings {target} was built with; remove that folder "
                              f"or use another trainer.output_dir to build it anew), got {settings}")
     if not target.exists():
-        private = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        # the host too: ranks on other nodes of a shared filesystem may have the same process id
+        private = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(private, ignore_errors=True)
         build(private)
         (private / BUILT_WITH_FILE).write_text(json.dumps(settings) + "\n")
