@@ -96,6 +96,12 @@ def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
+def logged_losses(output_dir: Path) -> dict:
+    """{step: loss} of a train_vla run, from the trainer_state.json it saved."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -1299,10 +1305,6 @@ def test_fitted_fast_tokenizer_travels_with_the_model_and_a_resumed_run_keeps_it
 def test_train_vla_resumed_run_continues_exactly(variant, train_vla, tmp_path):
     """A run resumed from checkpoint-2 logs the uninterrupted run's losses at steps 3 and 4, for a regression head and
     a flow head (whose noise and timesteps come from the restored RNG), with random image shifts drawn in between."""
-    def losses(out: Path) -> dict:
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
     run = [str(REPO / "trainers" / "recipes" / f"{variant}.yaml"), "--trainer.max_steps", "4", "--trainer.save_steps",
            "2", "--trainer.logging_steps", "1", "--trainer.disable_tqdm", "true", "--data.eval_split", "0",
            "--model.image_size", "[28, 28]", "--model.action_horizon", "4", "--data.augment.random_shift", "2",
@@ -1310,7 +1312,7 @@ def test_train_vla_resumed_run_continues_exactly(variant, train_vla, tmp_path):
     train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "full")])
     train_vla.main([*run, "--trainer.output_dir", str(tmp_path / "resumed"), "--trainer.resume_from_checkpoint",
                     str(tmp_path / "full" / "checkpoint-2")])  # fmt: skip
-    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    full, resumed = logged_losses(tmp_path / "full"), logged_losses(tmp_path / "resumed")
     assert sorted(full) == [1, 2, 3, 4] and len(set(full.values())) == 4
     assert resumed[3] == full[3] and resumed[4] == full[4]
 
@@ -1436,10 +1438,6 @@ def test_train_vla_lora_resumed_run_continues_exactly(train_vla, tmp_path):
     losses and ends on the same merged weights. A checkpoint is resumed only with the kind of training it came from."""
     from safetensors.torch import load_file
 
-    def losses(out: Path) -> dict:
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run = [str(REPO / "trainers" / "recipes" / "oft.yaml"), *TINY_LORA_RUN, "--trainer.max_steps", "4",
            "--trainer.save_steps", "2", "--data.augment.random_shift", "2", "--lora.dropout", "0.1"]  # fmt: skip
@@ -1455,7 +1453,7 @@ def test_train_vla_lora_resumed_run_continues_exactly(train_vla, tmp_path):
                         str(tmp_path)])  # fmt: skip
     assert not resumed.exists()
     train_vla.main([*run, "--trainer.output_dir", str(resumed), "--trainer.resume_from_checkpoint", str(checkpoint)])
-    full_losses, resumed_losses = losses(full), losses(resumed)
+    full_losses, resumed_losses = logged_losses(full), logged_losses(resumed)
     assert sorted(full_losses) == [1, 2, 3, 4] and len(set(full_losses.values())) == 4
     assert resumed_losses[3] == full_losses[3] and resumed_losses[4] == full_losses[4]
     assert json.loads((resumed / "lora_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
