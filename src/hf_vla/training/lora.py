@@ -86,7 +86,7 @@ def trainable_action_tokens(model) -> dict[str, list[int]]:
     """`trainable_token_indices`: the action-token rows of the input embeddings and of the LM head, under their full
     module names (PEFT recognises a tied LM head only by its full name, and then trains one copy of the rows)."""
     ids = action_token_ids(model)
-    layers = (model.get_input_embeddings(), model.vlm.get_output_embeddings())
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
     names = {module: name for name, module in model.named_modules()}
     return {names[layer]: ids for layer in layers}
 
