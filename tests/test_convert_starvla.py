@@ -275,8 +275,12 @@ def test_steps_written_after_final_model_are_named_in_the_report(vlms, tmp_path)
     assert ("checkpoints/ holds steps written after final_model/ (steps_12_pytorch_model.pt); final_model/ was "
             "converted, pass --checkpoint to convert one of those instead") in report["notes"]
     assert_same_weights(original, AutoModelForVLA.from_pretrained(tmp_path / "out"))
+    for named in ({"run_dir": final}, {"run_dir": run, "checkpoint_path": final}):  # named, not chosen here
+        report = json.loads((convert_starvla(out_dir=tmp_path / f"out_{len(named)}", **named)
+                             / "conversion_report.json").read_text())  # fmt: skip
+        assert not [note for note in report["notes"] if "final_model" in note], report["notes"]
     os.utime(checkpoints / "steps_12_pytorch_model.pt", (written - 30, written - 30))
-    report = json.loads((convert_starvla(run, tmp_path / "out_2") / "conversion_report.json").read_text())
+    report = json.loads((convert_starvla(run, tmp_path / "out_3") / "conversion_report.json").read_text())
     assert not [note for note in report["notes"] if "final_model" in note], report["notes"]
 
 

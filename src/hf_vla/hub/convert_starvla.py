@@ -784,7 +784,8 @@ def convert_starvla(
         raise StarVLAConversionError("config.yaml has no framework.qwenvl.base_vlm; pass --base-vlm")
     state, prefixes = unwrap_keys(load_checkpoint(files.checkpoint))
     later = []
-    if checkpoint_path is None and files.checkpoint.parent.name == "final_model":
+    chosen_here = checkpoint_path is None and not Path(run_dir).is_file()  # not named by --checkpoint or as the run
+    if chosen_here and files.checkpoint.parent.name == "final_model":
         later = later_step_checkpoints(files.run_dir, files.checkpoint)
 
     model_config, config_info = build_config(variant, config, state, base_vlm, files.run_dir, interleave_self_attention,
