@@ -3,9 +3,11 @@
 tests/test_distributed.py: accelerate enables FSDP for GPU process groups only, so this calls its sharding directly on
 a CPU (gloo) group, in float32 (the config's bf16 mixed precision is the Trainer's, not applied here).
 
-A case folder holds `initial/` (a saved VLA) and `rank{r}.pt` (this process's half of the batch). Rank 0 writes
-`fsdp/`: the gathered model, saved from the sharded one as Trainer saves it, and `run.json` (the loss over both halves,
-the shard units, the wrapped classes, and each rank's VLM loss and predicted actions after the step)."""
+A case folder holds `initial/` (a saved VLA), `rank{r}.pt` (this process's half of the batch) and, for a LoRA case,
+`lora.json` (add_lora's settings: the PeftModel is sharded, as Trainer hands it to accelerate). Rank 0 writes `fsdp/`:
+the gathered model (a LoRA case: its adapter), saved from the sharded one as Trainer saves it, and `run.json` (the loss
+over both halves, the shard units, the wrapped classes, and each rank's VLM loss and predicted actions after the
+step)."""
 
 import json
 import os
@@ -53,15 +55,27 @@ def chat_batch(batch: dict) -> dict:
     return {**chat, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
 
 
+def initial_model(case: Path):
+    """The case's saved VLA; with `lora.json` (add_lora's settings), wrapped in LoRA adapters initialised from seed 0,
+    as the one-process run initialises them."""
+    from hf_vla import AutoModelForVLA
+    from hf_vla.training import add_lora
+
+    model = AutoModelForVLA.from_pretrained(case / "initial")
+    if not (case / "lora.json").is_file():
+        return model
+    torch.manual_seed(0)
+    return add_lora(model, **json.loads((case / "lora.json").read_text()))
+
+
 def train_step(case: Path):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    from hf_vla import AutoModelForVLA
     from hf_vla.modeling_vla import register_fsdp_forward_methods
 
     rank = dist.get_rank()
-    model, wrapped = shard(AutoModelForVLA.from_pretrained(case / "initial"))
+    model, wrapped = shard(initial_model(case))
     units = sorted(name for name, module in model.named_modules() if isinstance(module, FSDPModule))
     batch = torch.load(case / f"rank{rank}.pt")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -248,6 +248,11 @@ FSDP_CASES = {  # variant: (family, backbone text-config overrides)
     "oft": ("qwen2_5_vl", {"tie_word_embeddings": True}),  # LM head tied to the input embeddings, as Qwen2.5-VL-3B's
     "pi": ("qwen3_vl", {}),  # the head cross-attends to every VLM layer's hidden states
 }
+FSDP_LORA_CASES = {  # case: (variant, backbone text-config overrides, add_lora settings), on Qwen2.5-VL
+    "oft_lora": ("oft", {"tie_word_embeddings": True}, {"r": 4}),  # the head in modules_to_save, a tied backbone
+    "bins_lora": ("bins", {}, {"r": 4, "train_embeddings": True}),  # the action-token rows of both matrices
+}
+FLOW_VARIANTS = ("gr00t", "pi", "pi_v3")
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -298,15 +303,18 @@ def split_batch(batch: dict, start: int, stop: int) -> dict:
     return part
 
 
-def prepare_fsdp_case(case: Path, variant: str, family: str, vlm_overrides: dict) -> dict:
-    """A tiny VLA saved in `case/initial`, a batch of 4 and each rank's half of it; returns the batch."""
+def prepare_fsdp_case(case: Path, variant: str, family: str, vlm_overrides: dict, lora: dict | None = None) -> dict:
+    """A tiny VLA saved in `case/initial` (with `lora`: add_lora's settings in `case/lora.json`), a batch of 4 and
+    each rank's half of it; returns the batch."""
     from hf_vla.testing import build_tiny_vla, random_observation
 
     model, processor = build_tiny_vla(variant, case / "build", family=family, vlm_overrides=vlm_overrides,
-                                      **({} if variant == "oft" else {"dropout": 0.0}))  # fmt: skip
+                                      **({"dropout": 0.0} if variant in FLOW_VARIANTS else {}))  # fmt: skip
     model.save_pretrained(case / "initial")
+    if lora is not None:
+        (case / "lora.json").write_text(json.dumps(lora))
     batch = dict(processor(**random_observation(processor, batch_size=4, with_actions=True)))
-    if variant != "oft":  # the flow-matching sample fixed, so that both runs draw the same
+    if variant in FLOW_VARIANTS:  # the flow-matching sample fixed, so that both runs draw the same
         generator = torch.Generator().manual_seed(0)
         copies = 4 * model.config.repeated_diffusion_steps
         batch["noise"] = torch.randn(copies, 4, 7, generator=generator)
@@ -336,6 +344,13 @@ def vlm_loss(model, batch: dict) -> float:
         return model.vlm_loss(**chat_batch(batch)).item()
 
 
+def run_fsdp_worker(tmp_path: Path, cases) -> None:
+    worker = str(Path(__file__).with_name("fsdp_worker.py"))
+    command = [*LAUNCHERS["torchrun"], "--master_port", str(free_port()), worker, str(FSDP_CONFIG),
+               *(str(tmp_path / case) for case in cases)]  # fmt: skip
+    run_bounded(command, tmp_path / "fsdp.log", timeout=240)
+
+
 def test_fsdp2_training_step_equals_the_one_process_step(tmp_path):
     """Two gloo processes, each with half the batch, sharded as fsdp.yaml asks (accelerate's own FSDP2 code): one SGD
     step gives the loss and weights one process gives on the whole batch; the gathered weights save and load as a
@@ -345,10 +360,7 @@ def test_fsdp2_training_step_equals_the_one_process_step(tmp_path):
 
     batches = {variant: prepare_fsdp_case(tmp_path / variant, variant, family, overrides)
                for variant, (family, overrides) in FSDP_CASES.items()}  # fmt: skip
-    worker = str(Path(__file__).with_name("fsdp_worker.py"))
-    command = [*LAUNCHERS["torchrun"], "--master_port", str(free_port()), worker, str(FSDP_CONFIG),
-               *(str(tmp_path / variant) for variant in batches)]  # fmt: skip
-    run_bounded(command, tmp_path / "fsdp.log", timeout=240)
+    run_fsdp_worker(tmp_path, batches)
 
     accelerates_own_units = {"vlm.model.language_model.embed_tokens", "vlm.lm_head"}  # one unit when tied (OFT's)
     for variant, batch in batches.items():
@@ -376,3 +388,57 @@ def test_fsdp2_training_step_equals_the_one_process_step(tmp_path):
             assert sharded["vlm_loss"] == pytest.approx(vlm_loss(reference, half), abs=1e-5)
             expected_actions = predicted_actions(reference, prediction_inputs(half, seed=rank))
             torch.testing.assert_close(torch.tensor(sharded["actions"]), expected_actions, atol=1e-4, rtol=0)
+
+
+def test_fsdp2_lora_step_and_its_saved_adapter_equal_the_one_process_ones(tmp_path):
+    """The PeftModel sharded as accelerate shards it under fsdp.yaml (LoRA and frozen base weights in the layers'
+    units, OFT's head in modules_to_save, bins' trainable action-token rows in the embeddings' and LM head's units):
+    one SGD step on two processes gives the one-process loss and trained parameters, the sharded model runs outside
+    forward, and the adapter saved from the gathered state dict, merged into its base in one process, is the
+    one-process trained model merged."""
+    from fsdp_worker import prediction_inputs
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from hf_vla.training import add_lora
+    from hf_vla.training.lora import action_token_ids
+
+    batches = {case: prepare_fsdp_case(tmp_path / case, variant, "qwen2_5_vl", overrides, lora)
+               for case, (variant, overrides, lora) in FSDP_LORA_CASES.items()}  # fmt: skip
+    run_fsdp_worker(tmp_path, batches)
+
+    for case_name, batch in batches.items():
+        case, lora = tmp_path / case_name, FSDP_LORA_CASES[case_name][2]
+        run = json.loads((case / "fsdp" / "run.json").read_text())
+        layer_and_head = {"base_model.model.vlm.model.language_model.layers.0", "base_model.model.vlm.lm_head"}
+        assert layer_and_head <= set(run["units"])
+        torch.manual_seed(0)  # the worker's adapter initialisation
+        reference = add_lora(AutoModelForVLA.from_pretrained(case / "initial"), **lora)
+        assert run["loss"] == pytest.approx(sgd_step(reference, batch), abs=1e-5)
+
+        adapter, expected = load_file(case / "fsdp" / "adapter_model.safetensors"), get_peft_model_state_dict(reference)
+        assert adapter.keys() == expected.keys()
+        assert max((adapter[name] - expected[name]).abs().max().item() for name in expected) < 1e-5
+        assert all(adapter[name].abs().max() > 0 for name in adapter if "lora_B" in name)  # trained from zero
+        for rank, sharded in enumerate(run["per_rank"]):
+            half = torch.load(case / f"rank{rank}.pt")
+            assert sharded["vlm_loss"] == pytest.approx(vlm_loss(reference, half), abs=1e-5)
+            expected_actions = predicted_actions(reference, prediction_inputs(half, seed=rank))
+            torch.testing.assert_close(torch.tensor(sharded["actions"]), expected_actions, atol=1e-4, rtol=0)
+
+        base = AutoModelForVLA.from_pretrained(case / "initial")
+        initial = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+        merged = PeftModel.from_pretrained(base, case / "fsdp").merge_and_unload().state_dict()
+        one_process = reference.merge_and_unload().state_dict()
+        assert merged.keys() == one_process.keys()
+        assert max((merged[name] - one_process[name]).abs().max().item() for name in one_process) < 1e-5
+        trained = {name for name in merged if not torch.equal(merged[name], initial[name])}
+        assert "vlm.model.language_model.layers.0.self_attn.q_proj.weight" in trained
+        assert not any("visual" in name for name in trained)  # the vision tower stays frozen
+        if case_name == "oft_lora":
+            assert any(name.startswith("action_head.") for name in trained)
+        else:  # action tokens' rows (those the batch holds, for the input embeddings) and no other
+            rows = set(action_token_ids(base))
+            for name in ("vlm.model.language_model.embed_tokens.weight", "vlm.lm_head.weight"):
+                changed = set((merged[name] != initial[name]).any(-1).nonzero().flatten().tolist())
+                assert changed and changed <= rows
