@@ -1433,6 +1433,32 @@ def test_train_vla_lora_train_embeddings_trains_only_the_action_token_rows(train
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_train_vla_refuses_fsdp2_for_trainable_tokens_on_tied_embeddings(train_vla, tmp_path):
+    """accelerate's FSDP2 finds tied embeddings by the identity of the two modules' `weight`, which PEFT's
+    trainable-tokens wrappers make anew on each read: it would shard their one weight twice (torch fails). train_vla
+    refuses that before training; the untied backbone (checked under FSDP2 in test_distributed.py) and LoRA without
+    train_embeddings go on, and so does the tied one without FSDP2."""
+    from hf_vla.testing import build_tiny_vla
+    from hf_vla.training import add_lora
+
+    lora = {**train_vla.LORA_DEFAULTS, "train_embeddings": True}
+    for tied in (True, False):
+        model, _ = build_tiny_vla("bins", tmp_path / str(tied), vlm_overrides={"tie_word_embeddings": tied})
+        peft_model = add_lora(model, r=4, train_embeddings=True)
+        # what accelerate compares to tell tied embeddings: never the same tensor, tied or not
+        assert peft_model.get_input_embeddings().weight is not peft_model.get_output_embeddings().weight
+        fsdp2 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+        trainer = SimpleNamespace(model=peft_model, is_fsdp_enabled=True, accelerator=fsdp2)
+        for settings in (lora, {**lora, "train_embeddings": False}, None):
+            if tied and settings is lora:
+                with pytest.raises(ValueError, match="lora.train_embeddings: the backbone ties its LM head"):
+                    train_vla.check_lora_sharding(trainer, settings)
+            else:
+                train_vla.check_lora_sharding(trainer, settings)
+        train_vla.check_lora_sharding(SimpleNamespace(model=peft_model, is_fsdp_enabled=False), lora)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
 def test_train_vla_lora_resumed_run_continues_exactly(train_vla, tmp_path):
     """A LoRA run's checkpoint-N holds the adapter (its base stays lora_base/); resuming it logs the uninterrupted run's
     losses and ends on the same merged weights. A checkpoint is resumed only with the kind of training it came from."""

@@ -57,7 +57,7 @@ from hf_vla.data.lerobot import compute_union_stats, load_lerobot
 from hf_vla.modeling_vla import config_field_names
 from hf_vla.normalization import normalize
 from hf_vla.training import VLATrainer
-from hf_vla.training.lora import add_lora
+from hf_vla.training.lora import add_lora, trains_tied_token_rows
 from hf_vla.training.recipe import dump_recipe, load_recipe, split_trainer_section
 
 logger = logging.getLogger("train_vla")
@@ -646,6 +646,20 @@ def sharding(trainer) -> str:
     return ""
 
 
+def check_lora_sharding(trainer, lora) -> None:
+    """Refuses, before training, the LoRA setting FSDP2 cannot shard: train_embeddings on tied embeddings. accelerate
+    (1.15) tells tied embeddings by `get_input_embeddings().weight is get_output_embeddings().weight`, but PEFT's
+    trainable-tokens wrappers return a newly merged tensor as `weight`: accelerate then shards the embeddings and the
+    LM head as two units over one weight, and torch refuses the second ("TypeError: Invariant encountered: value was
+    None when it should not be")."""
+    fsdp2 = trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2
+    if fsdp2 and lora is not None and lora["train_embeddings"] and trains_tied_token_rows(trainer.model):
+        raise ValueError("lora.train_embeddings: the backbone ties its LM head to the input embeddings, and "
+                         "accelerate's FSDP2 cannot shard PEFT's trainable tokens on a tied pair (it takes them for "
+                         "untied and shards their one weight twice); train it under DDP or DeepSpeed ZeRO-3 "
+                         "(trainers/deepspeed/zero3.json), or without train_embeddings")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if {"-h", "--help"} & set(argv):
@@ -733,6 +747,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor, learning_rates=learning_rates, freeze=freeze, loss_scale=loss_scale,
         callbacks=[RecipeIntoCheckpoints(output_dir / RECIPE_FILE)],
     )  # fmt: skip
+    check_lora_sharding(trainer, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     name = type(model).__name__ if lora is None else f"{type(model.get_base_model()).__name__} with LoRA r={lora['r']}"
     logger.info(f"{name}: {model.num_parameters():,} parameters, {trainable:,} trainable; "

@@ -91,6 +91,13 @@ def trainable_action_tokens(model) -> dict[str, list[int]]:
     return {names[layer]: ids for layer in layers}
 
 
+def trains_tied_token_rows(peft_model) -> bool:
+    """Whether `peft_model` (from `add_lora`) trains action-token rows that tied input embeddings and LM head share:
+    PEFT then wraps both in trainable-tokens layers over one weight and one set of rows."""
+    adapter = getattr(peft_model.get_base_model().get_output_embeddings(), "token_adapter", None)
+    return adapter is not None and adapter.tied_adapter is not None
+
+
 def add_lora(
     model,
     r: int = 8,
@@ -136,7 +143,8 @@ def _lora_parameters(model):
     return (p for n, p in model.named_parameters() if "lora_" in n)
 
 
-__all__ = ["TARGETS", "action_token_ids", "add_lora", "head_modules", "lora_config", "trainable_action_tokens"]
+__all__ = ["TARGETS", "action_token_ids", "add_lora", "head_modules", "lora_config", "trainable_action_tokens",
+           "trains_tied_token_rows"]
 
 
 if __name__ == "__main__":
