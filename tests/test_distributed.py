@@ -241,6 +241,27 @@ def test_deepspeed_lora_merges_the_gathered_adapter(stage, tmp_path):
     assert all(tensor.abs().max() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # trained from zero
 
 
+@pytest.mark.deepspeed
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_deepspeed_zero3_trains_tied_action_token_rows(tmp_path):
+    """What FSDP2 refuses (trainable tokens on tied embeddings, see train_vla.check_lora_sharding) ZeRO-3 trains: the
+    merged model is base + adapter, still tied, with the action tokens' rows trained and no other row changed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 avoids building its ops)")
+    output = launch("torchrun", tmp_path / "run", *LORA_RUN, "--lora.train_embeddings", "true",
+                    "--model.tiny_vlm.tie_word_embeddings", "true", "--trainer.deepspeed",
+                    str(REPO / "trainers" / "deepspeed" / "zero3.json"), recipe="bins", timeout=480)  # fmt: skip
+    assert "world size 2; DeepSpeed ZeRO-3" in output
+    adapter = assert_merged_is_base_plus_adapter(tmp_path / "run")
+    merged, base = (AutoModelForVLA.from_pretrained(tmp_path / "run" / name) for name in (".", "lora_base"))
+    assert all(model.vlm.lm_head.weight is model.get_input_embeddings().weight for model in (merged, base))
+    rows = (merged.get_input_embeddings().weight != base.get_input_embeddings().weight).any(dim=1).nonzero().flatten()
+    offset, count = merged.config.action_token_offset, merged.config.num_action_tokens
+    assert rows.tolist() == list(range(offset, offset + count))
+    deltas = [tensor for name, tensor in adapter.items() if "trainable_tokens_delta" in name]
+    assert [tuple(delta.shape) for delta in deltas] == [(count, merged.config.vlm_config.text_config.hidden_size)]
+
+
 # ------------------------------------------------------------------ FSDP2 (accelerate's sharding, on CPU processes)
 
 FSDP_CONFIG = REPO / "trainers" / "accelerate" / "fsdp.yaml"
