@@ -11,7 +11,7 @@ from test_published_configs import QWEN2_5_VL_3B, QWEN3_VL_4B
 from transformers import AutoConfig, AutoModel
 
 from hf_vla import AutoModelForVLA, VLAPolicy, VLAProcessor
-from hf_vla.testing import TINY_HEADS
+from hf_vla.testing import TINY_HEADS, train_steps
 
 VARIANTS = ["gr00t", "pi", "pi_v3"]
 
@@ -166,15 +166,7 @@ def test_overfitting_a_batch(tiny_vlm_dirs, family, variant):
     inputs = batch_for(processor, seed=3, actions=True)
     generator = torch.Generator().manual_seed(0)
     noise, time = torch.randn(4, 4, 7, generator=generator), torch.rand(4, generator=generator)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(150):
-        loss = model(**inputs, noise=noise, time=time).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, {**inputs, "noise": noise, "time": time}, steps=150, lr=3e-3)
     assert losses[-1] < losses[0] / 10, (variant, losses[0], losses[-1])
 
 

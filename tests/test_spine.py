@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from hf_vla import AutoModelForVLA, VLAOFTConfig, VLAOFTForActionPrediction, VLAPolicy, VLAProcessor
+from hf_vla.testing import train_steps
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -178,16 +179,7 @@ def test_overfitting_a_batch_distinguishes_images_and_instructions(tiny_vlm_dirs
         actions=raw_targets,
         return_tensors="pt",
     )
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(200):  # bicubic-resized noise views: ~0.08 at 150 steps, ~0.03 at 200
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = train_steps(model, batch, steps=200, lr=2e-3)  # bicubic-resized noise views: ~0.08 at 150, ~0.03 at 200
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
     predicted = model.predict_action(**{k: v for k, v in batch.items() if k != "actions"})
     assert torch.allclose(predicted, batch["actions"], atol=0.3)

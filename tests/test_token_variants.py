@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from hf_vla import AutoModelForVLA, VLABinsForActionPrediction, VLAFASTForActionPrediction, VLAProcessor
 from hf_vla.action_tokenizers import FASTTokenizer
 from hf_vla.auto import VARIANTS
+from hf_vla.testing import train_steps
 
 T, D = 4, 3
 
@@ -102,16 +103,7 @@ def test_overfit_then_decode_through_the_kv_cache(tiny_vlm_dirs, fast_tokenizer)
         model, processor = make_token_model(tiny_vlm_dirs[family], variant, fast_tokenizer, seed=1)
         targets = smooth_chunks(rng, 2)
         inputs = batch(processor, rng, actions=targets)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(120):
-            loss = model(**inputs).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        model.eval()
+        losses = train_steps(model, inputs, steps=120, lr=3e-3)
         assert losses[-1] < losses[0] / 10, (variant, losses[0], losses[-1])
         cached = model.generate_actions(**inputs)
         uncached = model.generate_actions(**inputs, use_cache=False)

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 from hf_vla import AutoModelForVLA
 from hf_vla.data.vlm_chat import load_vlm_chat
 from hf_vla.training import VLATrainer
+from hf_vla.testing import train_steps
 from hf_vla.training.lora import add_lora
 from hf_vla.training.trl import (
     action_generation_kwargs,
@@ -38,21 +39,6 @@ def oft_samples(rng, n, state_dim=6, action_dim=7, horizon=4):
     return [{"images": dict(zip(["primary", "wrist"], random_views(rng, 1)[0])), "instruction": "open the drawer",
              "state": rng.normal(size=state_dim).astype(np.float32),
              "actions": rng.normal(size=(horizon, action_dim)).astype(np.float32)} for _ in range(n)]  # fmt: skip
-
-
-def train_steps(model, inputs, steps: int, lr: float, **adamw) -> list[float]:
-    """AdamW steps of `model`'s trainable parameters on one batch; the losses, and the model left in eval mode."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **adamw)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 # ------------------------------------------------------------------------------------------------ PEFT LoRA

@@ -351,6 +351,22 @@ def random_observation(processor, batch_size: int = 2, seed: int = 0, with_actio
     return batch
 
 
+def train_steps(model, inputs: dict, steps: int, lr: float, **adamw) -> list[float]:
+    """AdamW steps of `model`'s trainable parameters on one batch (`model(**inputs).loss`): the losses, with the model
+    left in eval mode. What the overfitting tests and the smoke runs train with."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **adamw)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def smoke_run(variant: str, family: str = "qwen2_5_vl") -> dict:
     """Builds a tiny `variant`, computes its training loss on a random batch, predicts an action chunk, and prints
     both; returns `{"loss": float, "actions": np.ndarray}` (robot units)."""

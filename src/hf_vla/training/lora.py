@@ -152,7 +152,7 @@ if __name__ == "__main__":
     import torch
 
     from ..auto import AutoModelForVLA
-    from ..testing import build_tiny_vla, random_observation, scratch_dir
+    from ..testing import build_tiny_vla, random_observation, scratch_dir, train_steps
 
     torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a shared CPU
     work_dir = scratch_dir("lora_demo_")
@@ -168,14 +168,7 @@ if __name__ == "__main__":
     print(f"trainable {sum(trainable.values()):,} of {total:,} base parameters: {adapters:,} in LoRA adapters, "
           f"{sum(trainable.values()) - adapters:,} in the fully trained head {head_modules(model)}")
     inputs = processor(**random_observation(processor, with_actions=True))
-    optimizer = torch.optim.AdamW([param for param in peft_model.parameters() if param.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(8):
-        loss = peft_model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(round(loss.item(), 4))
-    print("training losses (one batch):", losses)
+    losses = train_steps(peft_model, inputs, steps=8, lr=2e-3)
+    print("training losses (one batch):", [round(loss, 4) for loss in losses])
     peft_model.save_pretrained(work_dir / "adapter")
     print("adapter files:", sorted(path.name for path in (work_dir / "adapter").iterdir()))
