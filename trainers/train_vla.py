@@ -301,10 +301,14 @@ def number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def positive_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def check_recipe_values(model: dict, data: dict) -> None:
     check_model_head(model)
     horizon = model["action_horizon"]
-    if not (isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0):
+    if not positive_integer(horizon):
         raise ValueError(f"model.action_horizon: expected a positive integer, got {horizon!r}")
     size = model["image_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
@@ -348,7 +352,7 @@ def check_model_head(model: dict) -> None:
 
 
 LORA_VALUES = {  # key: (what it takes, whether a value is one)
-    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "r": ("a positive integer", positive_integer),
     "alpha": ("a positive number", lambda v: number(v) and v > 0),
     "dropout": ("a fraction in [0, 1)", lambda v: number(v) and 0 <= v < 1),
     "target": ("language_model, attention or a regex of module names", lambda v: isinstance(v, str) and v != ""),
